@@ -328,3 +328,90 @@ def error_stats(target: np.ndarray, recon: np.ndarray) -> dict:
     per_chunk = np.mean(err ** 2, axis=(1, 2))
     return {"mse": float(per_chunk.mean()), "mse_std": float(per_chunk.std()),
             "max_abs_err": float(np.abs(err).max())}
+
+
+def compression_ratios(chunk_shape, tokens_per_chunk: float, bits_per_chunk: float) -> dict:
+    """Both compression-ratio definitions for a chunk of shape (T, D):
+    ratio_bits = raw float32 bits (32 * T * D) / token bits per chunk;
+    ratio_tokens = 256-bin tokens per chunk (T * D, one per value) / tokens per chunk (FAST's)."""
+    n = int(np.prod(chunk_shape))
+    return {"compression_ratio_bits": 32.0 * n / bits_per_chunk,
+            "compression_ratio_tokens": n / tokens_per_chunk}
+
+
+def evaluate_codec(codec, test_norm: np.ndarray, test_raw: np.ndarray, denormalize) -> dict:
+    """Encode and decode held-out chunks with a fitted codec and measure the error.
+
+    test_norm: [B, T, D] normalized chunks (what the codec sees); test_raw: [B, T, D] the same
+    chunks in raw action units; denormalize: maps normalized [B, T, D] arrays to raw units.
+    Returns one rate-distortion point: tokens_per_chunk, bits_per_chunk, both compression
+    ratios, mse / mse_std / max_abs_err (normalized units, over the chunks that decoded),
+    mse_raw, decode_failures (chunks whose tokens did not decode; left out of the errors)
+    and clipped_values (values outside the codec's range, clipped at encode).
+    """
+    tokens = codec.encode(test_norm)
+    recon, failed = codec.decode(tokens)
+    ok = ~failed
+    if not ok.any():
+        raise RuntimeError(f"{codec.name}: every one of {len(failed)} chunks failed to decode")
+    budget = codec.budget(tokens)
+    stats = error_stats(test_norm[ok], recon[ok])
+    raw = error_stats(test_raw[ok], np.asarray(denormalize(recon[ok])))
+    return {"method": codec.name, "tokens_per_chunk": budget.tokens_per_chunk,
+            "bits_per_chunk": budget.bits_per_chunk,
+            **compression_ratios(test_norm.shape[1:], budget.tokens_per_chunk, budget.bits_per_chunk),
+            **stats, "mse_raw": raw["mse"], "max_abs_err_raw": raw["max_abs_err"],
+            "decode_failures": int(failed.sum()), "num_chunks": int(len(failed)),
+            "clipped_values": int(codec.last_clipped)}
+
+
+@dataclass
+class BaselineConfig:
+    """Which operating points of each baseline to measure.
+
+    dct_keeps: coefficients kept per dimension (None -> 1..T); fast_scales: FAST scales (each
+    trains its own BPE); bin_counts: bins per value for per-dimension binning (256 is the
+    OpenVLA setting, fewer bins trace its rate-distortion curve).
+    """
+
+    dct_keeps: tuple[int, ...] | None = None
+    dct_bins: int = DEFAULT_NUM_BINS
+    fast_scales: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+    fast_vocab_size: int = FAST_DEFAULT_VOCAB
+    bin_counts: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+
+    def __post_init__(self):
+        if self.dct_keeps is not None and (not self.dct_keeps or min(self.dct_keeps) < 1):
+            raise ValueError(f"dct_keeps must be positive integers, got {self.dct_keeps}")
+        if not self.fast_scales or min(self.fast_scales) <= 0:
+            raise ValueError(f"fast_scales must be positive, got {self.fast_scales}")
+        if not self.bin_counts or min(self.bin_counts) < 2:
+            raise ValueError(f"bin_counts must be >= 2, got {self.bin_counts}")
+
+
+def baseline_curves(train_norm, test_norm, test_raw, denormalize, config: BaselineConfig | None = None,
+                    progress=None) -> dict:
+    """Fit every baseline on training chunks and measure it on held-out chunks.
+
+    train_norm: [M, T, D] normalized training chunks (fits DCT ranges and the FAST BPE);
+    test_norm / test_raw: [B, T, D] held-out chunks, normalized and raw.
+    Returns {"dct": [point, ...], "fast": [...], "binning": [...]} with points from
+    `evaluate_codec` plus the operating parameter ("keep", "scale" or "bins"), each list
+    sorted by bits per chunk.
+    """
+    config = config or BaselineConfig()
+    t = test_norm.shape[1]
+    keeps = config.dct_keeps or tuple(range(1, t + 1))
+    jobs = [("dct", "keep", k, DCTKeepK(k, config.dct_bins)) for k in keeps if k <= t]
+    jobs += [("fast", "scale", s, FASTTokenizer(s, config.fast_vocab_size)) for s in config.fast_scales]
+    jobs += [("binning", "bins", n, PerDimBinning(n)) for n in config.bin_counts]
+    curves = {"dct": [], "fast": [], "binning": []}
+    for family, param, value, codec in (progress(jobs) if progress else jobs):
+        codec.fit(train_norm)
+        point = {param: value, **evaluate_codec(codec, test_norm, test_raw, denormalize)}
+        if family == "fast":
+            point["vocab_size"] = codec.trained_vocab_size
+        curves[family].append(point)
+    for points in curves.values():
+        points.sort(key=lambda p: p["bits_per_chunk"])
+    return curves
