@@ -1,0 +1,298 @@
+"""Tokenizer benchmark: speed and reconstruction error of our RVQ / RFSQ against
+vector-quantize-pytorch's ResidualVQ / ResidualFSQ in the same configuration, and FAST.
+
+    python bench_tokenizer.py --data data/spatial_t0.hdf5 --json runs/bench.json
+    python bench_tokenizer.py --synthetic 60 --steps 300     # quick run on synthetic chunks
+
+Same configuration: every torch tokenizer is our RVQTokenizer's normalizer, encoder and
+decoder (same dims, latent steps, layers, codebook size / FSQ levels) around a residual
+quantizer, ours or the peer's; all four are trained by the same loop (Adam, same lr, same
+batches from the same seed, same number of steps) on the training episodes, and measured on
+held-out episodes (split by episode). The peers use their own EMA / k-means / dead-code
+machinery with our decay, commitment weight and dead-code threshold, and quantize dropout
+(so that, like ours, every prefix of layers decodes).
+
+Measured on this CPU (torch threads: --threads): encode and decode throughput at batch
+--batch (chunks/s, median over repeats; `chunks_per_s` is the encode+decode round trip),
+batch-1 encode+decode latency (median µs), and full-depth reconstruction MSE of normalized
+actions. Encode starts from raw actions and decode ends in raw actions for every method
+(normalization included). FAST (scale --fast_scale, BPE on the training chunks) is timed
+the same way; it runs in numpy/Python on one core.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import collect_actions as ca
+from compression_baselines import FASTTokenizer
+from rvq_tokenizer import RVQConfig, RVQTokenizer, synthetic_episodes
+
+log = logging.getLogger("bench_tokenizer")
+
+# Bars of the tokenizer benchmark (issue 4).
+MSE_RATIO_BAR = 1.1          # our MSE <= 1.1x vector-quantize-pytorch's
+THROUGHPUT_RATIO_BAR = 1.5   # our encode+decode throughput >= 1.5x theirs
+LATENCY_BAR_US = 1000.0      # batch-1 encode+decode median <= 1 ms
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # data
+    p.add_argument("--data", nargs="+", default=None, help="demo files (data/demo_*/actions)")
+    p.add_argument("--synthetic", type=int, default=0, help="use N synthetic episodes instead of --data")
+    p.add_argument("--val_fraction", type=float, default=0.2)
+    p.add_argument("--chunk_size", type=int, default=10)
+    # configuration shared by every torch tokenizer
+    p.add_argument("--num_layers", type=int, default=8)
+    p.add_argument("--codebook_size", type=int, default=256)
+    p.add_argument("--latent_steps", type=int, default=RVQConfig.latent_steps)
+    p.add_argument("--hidden_dim", type=int, default=64)
+    p.add_argument("--fsq_levels", type=int, nargs="+", default=list(RVQConfig().fsq_levels))
+    # training (identical for every method)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    # timing
+    p.add_argument("--batch", type=int, default=1024, help="batch size of the throughput measurement")
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats at --batch")
+    p.add_argument("--latency_repeats", type=int, default=300, help="timed batch-1 round trips")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--fast_scale", type=float, default=10.0)
+    p.add_argument("--methods", nargs="+", default=["rvq", "rfsq", "vqpytorch_rvq", "vqpytorch_rfsq", "fast"])
+    p.add_argument("--json", default=None)
+    return p
+
+
+class PeerTokenizer(nn.Module):
+    """vector-quantize-pytorch's ResidualVQ or ResidualFSQ inside our normalizer, encoder and
+    decoder (taken from an RVQTokenizer of the same config). actions [B, T, D] <-> codes [B, T', L]."""
+
+    def __init__(self, config: RVQConfig, kind: str, dead_code_threshold: float):
+        super().__init__()
+        from vector_quantize_pytorch import ResidualFSQ, ResidualVQ
+
+        self.config = c = config
+        base = RVQTokenizer(config)
+        self.normalizer, self.encoder, self.decoder = base.normalizer, base.encoder, base.decoder
+        if kind == "rvq":
+            self.quantizer = ResidualVQ(dim=c.quantizer_dim, num_quantizers=c.num_layers,
+                                        codebook_size=c.codebook_size, decay=c.ema_decay,
+                                        commitment_weight=c.commitment_weight, kmeans_init=True,
+                                        kmeans_iters=10, threshold_ema_dead_code=dead_code_threshold,
+                                        quantize_dropout=c.num_layers > 1)
+        elif kind == "rfsq":
+            self.quantizer = ResidualFSQ(levels=list(c.fsq_levels), num_quantizers=c.num_layers,
+                                         dim=c.quantizer_dim, quantize_dropout=c.num_layers > 1)
+        else:
+            raise ValueError(f"unknown peer quantizer {kind!r} (rvq | rfsq)")
+        self.kind = kind
+
+    def _latent(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] normalized -> z [B, T', C]."""
+        return self.encoder(x.flatten(1)).view(x.shape[0], self.config.latent_steps, -1)
+
+    def _decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent [B, T', C] -> [B, T, D] normalized."""
+        c = self.config
+        return self.decoder(latent.flatten(1)).view(-1, c.chunk_size, c.action_dim)
+
+    def loss(self, actions: torch.Tensor) -> torch.Tensor:
+        """Training loss on raw actions [B, T, D]: reconstruction MSE + the peer's commitment loss."""
+        x = self.normalizer.normalize(actions)
+        out = self.quantizer(self._latent(x))
+        commit = out[2].sum() if self.kind == "rvq" else x.new_zeros(())
+        return F.mse_loss(self._decode_latent(out[0]), x) + commit
+
+    @torch.no_grad()
+    def encode(self, actions) -> torch.Tensor:
+        x = self.normalizer.normalize(torch.as_tensor(actions, dtype=torch.float32))
+        return self.quantizer(self._latent(x))[1]
+
+    @torch.no_grad()
+    def decode(self, codes) -> torch.Tensor:
+        return self.normalizer.denormalize(self._decode_latent(self.quantizer.get_output_from_indices(codes)))
+
+
+def load_chunks(args) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Raw train / held-out chunks [M, T, D], split by episode."""
+    if bool(args.data) == bool(args.synthetic):
+        raise ValueError("give exactly one of --data PATH... or --synthetic N")
+    if args.data:
+        episodes = ca.load_episodes(args.data)
+        train_eps, val_eps = ca.split_by_episode(episodes, args.val_fraction, seed=args.seed)
+        train_a, val_a = [e.actions for e in train_eps], [e.actions for e in val_eps]
+        info = {"source": "files", "files": list(args.data)}
+    else:
+        eps = synthetic_episodes(args.synthetic, seed=args.seed)
+        n_val = max(1, int(round(args.val_fraction * len(eps))))
+        train_a, val_a = eps[n_val:], eps[:n_val]
+        info = {"source": "synthetic", "episodes": args.synthetic}
+    cut = lambda eps: ca.chunk_actions([ca.Episode(a, {}, True, "", 0, "", -1, -1) for a in eps], args.chunk_size)
+    train, val = cut(train_a), cut(val_a)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"not enough chunks of {args.chunk_size} steps (train {len(train)}, held-out {len(val)})")
+    info.update(train_episodes=len(train_a), val_episodes=len(val_a), train_chunks=len(train), val_chunks=len(val))
+    return train, val, info
+
+
+def train(model: nn.Module, loss_fn, train_chunks: torch.Tensor, args, name: str) -> float:
+    """The one training loop for every method: Adam, constant lr, same batches. Returns seconds."""
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    model.train()
+    t0 = time.perf_counter()
+    for _ in tqdm(range(args.steps), desc=f"train {name}", leave=False):
+        idx = torch.randint(len(train_chunks), (args.batch_size,), generator=gen)
+        loss = loss_fn(train_chunks[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return time.perf_counter() - t0
+
+
+def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, args):
+    """A trained tokenizer exposing encode(raw) -> codes and decode(codes) -> raw."""
+    quantizer = "rfsq" if name.endswith("rfsq") else "rvq"
+    cfg = RVQConfig(**{**config.__dict__, "quantizer": quantizer})
+    if name.startswith("vqpytorch"):
+        # our dead-code rule (EMA usage < fraction x mean usage) as an absolute count per batch
+        threshold = cfg.dead_code_fraction * args.batch_size * cfg.latent_steps / cfg.codebook_size
+        model = PeerTokenizer(cfg, quantizer, threshold)
+        model.normalizer.fit(train_raw)
+        seconds = train(model, model.loss, train_raw, args, name)
+    else:
+        model = RVQTokenizer(cfg)
+        model.normalizer.fit(train_raw)
+        model.init_codebooks(train_raw)
+        seconds = train(model, lambda b: model(b).loss, train_raw, args, name)
+    return model, seconds
+
+
+def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def measure(encode, decode, batch, single, args) -> dict:
+    """Timing of encode(raw) / decode(codes) at batch --batch and batch 1."""
+    codes = encode(batch)
+    t_enc = median_seconds(lambda: encode(batch), args.repeats)
+    t_dec = median_seconds(lambda: decode(codes), args.repeats)
+    t_rt1 = median_seconds(lambda: decode(encode(single)), args.latency_repeats, warmup=20)
+    n = len(batch)
+    return {"chunks_per_s": n / (t_enc + t_dec), "encode_chunks_per_s": n / t_enc,
+            "decode_chunks_per_s": n / t_dec, "batch1_latency_us": 1e6 * t_rt1}
+
+
+def bench_torch(model, val_raw: torch.Tensor, batch: torch.Tensor, args) -> dict:
+    with torch.inference_mode():
+        recon = model.decode(model.encode(val_raw))
+        norm = model.normalizer.normalize
+        mse = float(F.mse_loss(norm(recon), norm(val_raw)))
+        return {"mse": mse, **measure(model.encode, model.decode, batch, batch[:1], args)}
+
+
+def bench_fast(train_raw: np.ndarray, val_raw: np.ndarray, batch: np.ndarray, args) -> dict:
+    """FAST on the same normalization (q01/q99 of the training chunks, as our tokenizer's)."""
+    from rvq_tokenizer import ActionNormalizer
+
+    normalizer = ActionNormalizer(train_raw.shape[-1]).fit(train_raw)
+    low, high = normalizer.low.numpy().astype(np.float64), normalizer.high.numpy().astype(np.float64)
+    norm = lambda a: 2 * (a - low) / (high - low) - 1
+    denorm = lambda x: (x + 1) / 2 * (high - low) + low
+    fast = FASTTokenizer(scale=args.fast_scale).fit(norm(train_raw))
+    tokens = fast.encode(norm(val_raw))
+    recon, failed = fast.decode(tokens)
+    if failed.any():
+        raise RuntimeError(f"FAST failed to decode {failed.sum()} of its own encodings")
+    encode = lambda a: fast.encode(norm(a))
+    decode = lambda t: denorm(fast.decode(t)[0])
+    return {"mse": float(np.mean((recon - norm(val_raw)) ** 2)),
+            "tokens_per_chunk": fast.budget(tokens).tokens_per_chunk,
+            **measure(encode, decode, batch, batch[:1], args)}
+
+
+def bars(methods: dict) -> dict:
+    """The benchmark's bars from the measured numbers (None where a method was not run)."""
+    out = {}
+    for ours, theirs in (("rvq", "vqpytorch_rvq"), ("rfsq", "vqpytorch_rfsq")):
+        if ours in methods and theirs in methods:
+            a, b = methods[ours], methods[theirs]
+            out[f"{ours}_mse_ratio"] = a["mse"] / b["mse"]
+            out[f"{ours}_mse_ok"] = a["mse"] <= MSE_RATIO_BAR * b["mse"]
+            out[f"{ours}_throughput_ratio"] = a["chunks_per_s"] / b["chunks_per_s"]
+            out[f"{ours}_throughput_ok"] = out[f"{ours}_throughput_ratio"] >= THROUGHPUT_RATIO_BAR
+    for ours in ("rvq", "rfsq"):
+        if ours in methods:
+            out[f"{ours}_batch1_latency_ok"] = methods[ours]["batch1_latency_us"] <= LATENCY_BAR_US
+    return out
+
+
+def main(args) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log.info("config: %s", vars(args))
+    unknown = set(args.methods) - {"rvq", "rfsq", "vqpytorch_rvq", "vqpytorch_rfsq", "fast"}
+    if unknown:
+        raise ValueError(f"unknown --methods {sorted(unknown)}")
+    torch.set_num_threads(args.threads)
+    train_np, val_np, data = load_chunks(args)
+    config = RVQConfig(action_dim=train_np.shape[-1], chunk_size=args.chunk_size, latent_steps=args.latent_steps,
+                       hidden_dim=args.hidden_dim, num_layers=args.num_layers, codebook_size=args.codebook_size,
+                       fsq_levels=tuple(args.fsq_levels))
+    rng = np.random.default_rng(args.seed)
+    batch_np = val_np[rng.integers(len(val_np), size=args.batch)]
+    train_t, val_t, batch_t = (torch.as_tensor(a) for a in (train_np, val_np, batch_np))
+    methods = {}
+    for name in args.methods:
+        if name == "fast":
+            methods[name] = bench_fast(train_np, val_np, batch_np, args)
+        else:
+            model, seconds = build_torch_method(name, config, train_t, args)
+            methods[name] = {**bench_torch(model, val_t, batch_t, args), "train_seconds": seconds}
+        log.info("%s: %s", name, {k: round(v, 6) for k, v in methods[name].items()})
+    result = {"data": data, "config": {**config.__dict__, "fsq_levels": list(config.fsq_levels)},
+              "settings": {"threads": args.threads, "batch": args.batch, "steps": args.steps,
+                           "batch_size": args.batch_size, "lr": args.lr, "fast_scale": args.fast_scale},
+              "methods": methods, "bars": bars(methods)}
+    print_table(result)
+    if args.json:
+        ca.write_json(args.json, result)
+        log.info("wrote %s", args.json)
+    return result
+
+
+def print_table(r: dict) -> None:
+    s = r["settings"]
+    print(f"\nTokenizer benchmark ({s['threads']} thread(s), batch {s['batch']}, {s['steps']} training steps, "
+          f"{r['data']['val_chunks']} held-out chunks)")
+    print(f"{'method':>15} {'rt chunks/s':>12} {'enc chunks/s':>13} {'dec chunks/s':>13} {'b1 rt µs':>9} {'MSE':>10}")
+    for name, m in r["methods"].items():
+        print(f"{name:>15} {m['chunks_per_s']:>12.0f} {m['encode_chunks_per_s']:>13.0f} {m['decode_chunks_per_s']:>13.0f} "
+              f"{m['batch1_latency_us']:>9.0f} {m['mse']:>10.6f}")
+    for k, v in r["bars"].items():
+        print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except (ValueError, ca.DemoFileError) as exc:
+        sys.exit(f"error: {exc}")
