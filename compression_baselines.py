@@ -376,9 +376,9 @@ class BaselineConfig:
 
     dct_keeps: tuple[int, ...] | None = None
     dct_bins: int = DEFAULT_NUM_BINS
-    fast_scales: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+    fast_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
     fast_vocab_size: int = FAST_DEFAULT_VOCAB
-    bin_counts: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+    bin_counts: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)
 
     def __post_init__(self):
         if self.dct_keeps is not None and (not self.dct_keeps or min(self.dct_keeps) < 1):
@@ -395,9 +395,10 @@ def baseline_curves(train_norm, test_norm, test_raw, denormalize, config: Baseli
 
     train_norm: [M, T, D] normalized training chunks (fits DCT ranges and the FAST BPE);
     test_norm / test_raw: [B, T, D] held-out chunks, normalized and raw.
-    Returns {"dct": [point, ...], "fast": [...], "binning": [...]} with points from
-    `evaluate_codec` plus the operating parameter ("keep", "scale" or "bins"), each list
-    sorted by bits per chunk.
+    Returns (curves, skipped): curves = {"dct": [point, ...], "fast": [...], "binning": [...]}
+    with points from `evaluate_codec` plus the operating parameter ("keep", "scale" or
+    "bins"), each list sorted by bits per chunk; skipped = operating points that could not be
+    fit (with the reason), reported rather than dropped silently.
     """
     config = config or BaselineConfig()
     t = test_norm.shape[1]
@@ -406,12 +407,17 @@ def baseline_curves(train_norm, test_norm, test_raw, denormalize, config: Baseli
     jobs += [("fast", "scale", s, FASTTokenizer(s, config.fast_vocab_size)) for s in config.fast_scales]
     jobs += [("binning", "bins", n, PerDimBinning(n)) for n in config.bin_counts]
     curves = {"dct": [], "fast": [], "binning": []}
+    skipped = []
     for family, param, value, codec in (progress(jobs) if progress else jobs):
-        codec.fit(train_norm)
+        try:
+            codec.fit(train_norm)
+        except ValueError as exc:  # e.g. a FAST scale whose alphabet exceeds the vocabulary
+            skipped.append({"method": codec.name, param: value, "reason": str(exc)})
+            continue
         point = {param: value, **evaluate_codec(codec, test_norm, test_raw, denormalize)}
         if family == "fast":
             point["vocab_size"] = codec.trained_vocab_size
         curves[family].append(point)
     for points in curves.values():
         points.sort(key=lambda p: p["bits_per_chunk"])
-    return curves
+    return curves, skipped

@@ -111,12 +111,13 @@ def main(args) -> dict:
     train_n, test_n, test_raw, denorm, split = prepare_chunks(episodes, args)
     data.update(split, chunk_size=args.chunk_size, action_dim=int(test_raw.shape[-1]))
     cfg = BaselineConfig(fast_scales=tuple(args.fast_scales), bin_counts=(256,))
-    curves = baseline_curves(train_n, test_n, test_raw, denorm, cfg, progress=lambda j: tqdm(j, desc="codecs"))
+    curves, skipped = baseline_curves(train_n, test_n, test_raw, denorm, cfg, progress=lambda j: tqdm(j, desc="codecs"))
     for point in curves["dct"]:
         point["mse_truncation_only"] = truncation_mse(test_n, point["keep"])
     k_max = min(args.energy_coeffs, args.chunk_size)
     energy = energy_fractions(test_n, k_max)
     result = {"data": data, "keep_k": curves["dct"], "fast": curves["fast"], "binning": curves["binning"],
+              "skipped": skipped,
               "energy_first_coeffs": {f"k{k + 1}": energy[k].tolist() for k in range(k_max)},
               "reference_keep_k_mse_pi05": REFERENCE_KEEP_K_MSE}
     print_report(result)
@@ -142,6 +143,8 @@ def print_report(r: dict) -> None:
     for p in r["fast"] + r["binning"]:
         print(f"{p['method']:>12} {p['tokens_per_chunk']:>7.1f} {p['bits_per_chunk']:>7.1f} {p['mse']:>10.6f} "
               f"{p['decode_failures']:>12} {p['clipped_values']:>8}")
+    for p in r["skipped"]:
+        print(f"{p['method']:>12} skipped: {p['reason']}")
     print("\nShare of each dimension's energy in the first k DCT coefficients:")
     dims = len(next(iter(r["energy_first_coeffs"].values())))
     print(f"{'k':>4} " + " ".join(f"{'dim ' + str(i):>7}" for i in range(dims)))
