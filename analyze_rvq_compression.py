@@ -213,7 +213,7 @@ def bar1_check(rvq: list, baselines: dict, threshold: float = FINE_MSE_THRESHOLD
     pairs = {}
 
     def compare(r, family, p, budget):
-        key = (r["layers"], p["method"])
+        key = (r["layers"], p["method"], budget)
         if key not in pairs:
             pairs[key] = {"budget_bits": budget, "rvq_layers": r["layers"], "rvq_bits": r["bits_per_chunk"],
                           "rvq_mse": r["mse"], "baseline": p["method"], "family": family,

@@ -376,7 +376,8 @@ class BaselineConfig:
 
     dct_keeps: tuple[int, ...] | None = None
     dct_bins: int = DEFAULT_NUM_BINS
-    fast_scales: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+    # a dense grid (x1.5 steps) so that every budget has a FAST point close above it
+    fast_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.5, 7.0, 10.0, 15.0, 22.0, 33.0, 50.0, 75.0, 100.0)
     fast_vocab_size: int = FAST_DEFAULT_VOCAB
     bin_counts: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)
 
