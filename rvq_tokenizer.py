@@ -1,0 +1,653 @@
+"""Residual tokenizers for robot action chunks: RVQ and residual FSQ.
+
+An action chunk ``[T, D]`` (T steps of a D-dim action) is normalized per dimension, mixed
+across time by an MLP encoder into ``T'`` latent vectors, and quantized by L residual layers:
+layer l quantizes what layers 0..l-1 left over, so the first layers carry the coarse motion
+and later layers refine it. Any prefix of the L layers is a valid code that decodes to a
+chunk (quantizer dropout and a prefix loss train every prefix; SoundStream, Zeghidour et al.
+2021, sec. 3.3).
+
+Two quantizer families share one residual loop (``ResidualQuantizer``):
+
+- ``VectorQuantizer`` (RVQ): a K-entry codebook per layer, updated by exponential moving
+  averages (van den Oord et al. 2017, appendix A.1), never by the optimizer; k-means
+  initialisation from data; dead codes re-seeded from current residuals; commitment loss.
+- ``ScalarQuantizer`` (RFSQ): finite scalar quantization (Mentzer et al. 2023) of the
+  residual after a fixed per-layer scaling by ``levels ** l``. Each layer uses a mid-rise grid
+  of step 2/levels on [-1, 1], so the residual left by layer l fills exactly [-1, 1] after the
+  next scaling and the L layers together form a uniform ``levels ** L`` grid: deeper layers
+  see full-range inputs (an earlier attempt scaled too little and its deeper layers always
+  picked the middle level), and codes decode without per-sample side information.
+
+Shapes: actions ``[B, T, D]``, latents ``[B, T', C]``, codes ``[B, T', L]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "rvq_tokenizer"
+CHECKPOINT_VERSION = 1
+QUANTIZERS = ("rvq", "rfsq")
+# A dimension whose q01..q99 range is narrower than this is treated as constant (e.g. a
+# rotation axis the expert never uses): it is centred but not scaled, so noise is not blown up.
+MIN_NORMALIZER_RANGE = 1e-6
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class RVQConfig:
+    """Everything needed to rebuild an ``RVQTokenizer``; stored in every checkpoint."""
+
+    # data
+    action_dim: int = 7
+    chunk_size: int = 10
+    # architecture
+    latent_steps: int = 2          # T': latent vectors per chunk (one code per layer each)
+    hidden_dim: int = 64           # width of the encoder / decoder MLPs
+    num_blocks: int = 2            # residual MLP blocks in the encoder and in the decoder
+    code_dim: int = 16             # RVQ code vector size C (RFSQ uses C = len(fsq_levels))
+    # quantizer
+    quantizer: str = "rvq"         # "rvq" | "rfsq"
+    num_layers: int = 8            # L residual layers
+    codebook_size: int = 256       # K per RVQ layer (RFSQ: prod(fsq_levels))
+    fsq_levels: tuple[int, ...] = (4, 4, 4, 4)
+    # training
+    residual_dropout: float = 0.1  # probability that a sample's layers are cut after a random depth
+    prefix_loss_weight: float = 1.0  # weight of the mean reconstruction loss over all prefixes
+    commitment_weight: float = 0.25
+    ema_decay: float = 0.99
+    dead_code_fraction: float = 0.03  # a code is dead when its EMA usage < this x the mean usage
+
+    def __post_init__(self):
+        self.fsq_levels = tuple(int(v) for v in self.fsq_levels)
+        for name in ("action_dim", "chunk_size", "latent_steps", "hidden_dim", "code_dim",
+                     "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2 (one code carries no information), "
+                             f"got {self.codebook_size!r}")
+        if not self.fsq_levels or any(v < 2 for v in self.fsq_levels):
+            raise ValueError(f"fsq_levels must be a non-empty list of integers >= 2, "
+                             f"got {list(self.fsq_levels)!r}")
+        if not 0.0 <= self.residual_dropout < 1.0:
+            raise ValueError(f"residual_dropout must be in [0, 1), got {self.residual_dropout!r}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        for name in ("prefix_loss_weight", "commitment_weight", "dead_code_fraction"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def quantizer_dim(self) -> int:
+        """C: size of each latent vector the quantizer sees."""
+        return self.code_dim if self.quantizer == "rvq" else len(self.fsq_levels)
+
+
+# --------------------------------------------------------------------------- normalizer
+
+
+class ActionNormalizer(nn.Module):
+    """Per-dimension affine map of the q01..q99 range onto [-1, 1].
+
+    Stored as buffers so it travels in the state dict. Values outside q01..q99 map slightly
+    outside [-1, 1]; nothing is clipped, so denormalize(normalize(x)) == x up to rounding.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("low", -torch.ones(dim))
+        self.register_buffer("high", torch.ones(dim))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @torch.no_grad()
+    def fit(self, actions) -> "ActionNormalizer":
+        """actions: [..., D] raw training actions (numpy or tensor)."""
+        flat = torch.as_tensor(np.asarray(actions), dtype=torch.float32).reshape(-1, self.low.numel())
+        if flat.shape[0] == 0:
+            raise ValueError("cannot fit the action normalizer on zero actions")
+        q = torch.quantile(flat.double(), torch.tensor([0.01, 0.99], dtype=torch.float64), dim=0)
+        low, high = q[0].float(), q[1].float()
+        constant = (high - low) < MIN_NORMALIZER_RANGE
+        centre = (low + high) / 2
+        # a constant dimension maps to x - centre: 0 for the constant, unit scale otherwise
+        self.low.copy_(torch.where(constant, centre - 1, low))
+        self.high.copy_(torch.where(constant, centre + 1, high))
+        self.fitted.fill_(True)
+        return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * (x - self.low) / (self.high - self.low) - 1
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 1) / 2 * (self.high - self.low) + self.low
+
+    def stats(self) -> dict:
+        """Readable copy for the checkpoint: low / high are q01 / q99 (constant dims: value -+ 1)."""
+        return {"low": self.low.tolist(), "high": self.high.tolist(), "fitted": bool(self.fitted)}
+
+
+# --------------------------------------------------------------------------- quantizer layers
+
+
+class VectorQuantizer(nn.Module):
+    """One codebook of K vectors of size C, learned by EMA k-means (never by the optimizer).
+
+    The codebook, its EMA counts and sums are buffers, so no optimizer can touch them;
+    ``update`` is the only way they change during training.
+    """
+
+    has_codebook = True
+
+    def __init__(self, dim: int, codebook_size: int, decay: float = 0.99,
+                 dead_code_fraction: float = 0.03, eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.codebook_size = dim, codebook_size
+        self.decay, self.dead_code_fraction, self.eps = decay, dead_code_fraction, eps
+        self.register_buffer("codebook", torch.randn(codebook_size, dim) * 0.01)
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("embed_sum", self.codebook.clone())
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, C] -> codes [N] (nearest codebook entry, squared Euclidean distance)."""
+        cb = self.codebook
+        dist = (x * x).sum(1, keepdim=True) - 2 * x @ cb.t() + (cb * cb).sum(1)
+        return dist.argmin(1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [...] -> vectors [..., C]."""
+        return F.embedding(codes, self.codebook)
+
+    @torch.no_grad()
+    def kmeans_init(self, x: torch.Tensor, iters: int = 10) -> None:
+        """Lloyd's k-means on x [N, C]; empty clusters keep their starting point."""
+        n = x.shape[0]
+        start = torch.randperm(n, device=x.device)[: self.codebook_size]
+        if n < self.codebook_size:  # too few vectors: repeat some (dead-code replacement fixes it)
+            start = torch.randint(n, (self.codebook_size,), device=x.device)
+        centroids = x[start].clone()
+        counts = torch.zeros(self.codebook_size, device=x.device)
+        for _ in range(iters):
+            self.codebook.copy_(centroids)
+            codes = self.quantize(x)
+            counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            sums = torch.zeros_like(centroids).index_add_(0, codes, x)
+            filled = counts > 0
+            centroids[filled] = sums[filled] / counts[filled, None]
+        self.codebook.copy_(centroids)
+        self.cluster_size.copy_(counts.clamp(min=1.0))
+        self.embed_sum.copy_(centroids * self.cluster_size[:, None])
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, codes: torch.Tensor) -> int:
+        """EMA step on the batch x [N, C] assigned to codes [N]; returns how many dead codes
+        were re-seeded from x."""
+        if x.shape[0] == 0:
+            return 0
+        if not bool(self.initialized):
+            self.kmeans_init(x)
+        counts = torch.bincount(codes, minlength=self.codebook_size).to(x.dtype)
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, x)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = self.cluster_size.sum()
+        # Laplace smoothing keeps rarely used codes from dividing by ~0
+        smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
+        self.codebook.copy_(self.embed_sum / smoothed[:, None])
+        return self._replace_dead_codes(x)
+
+    def _replace_dead_codes(self, x: torch.Tensor) -> int:
+        """Codes used far less than average take the place of random current inputs."""
+        mean = self.cluster_size.mean()
+        dead = torch.nonzero(self.cluster_size < self.dead_code_fraction * mean).squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        dead = dead[torch.randperm(dead.numel(), device=x.device)[: x.shape[0]]]
+        picks = x[torch.randperm(x.shape[0], device=x.device)[: dead.numel()]]
+        self.codebook[dead] = picks
+        self.cluster_size[dead] = mean
+        self.embed_sum[dead] = picks * mean
+        return int(dead.numel())
+
+
+class ScalarQuantizer(nn.Module):
+    """Layer ``layer`` of a residual FSQ: round each of C dims to ``levels[c]`` values.
+
+    The input is scaled by ``levels ** layer`` and rounded on the mid-rise grid
+    ``(k - (n-1)/2) * 2/n, k = 0..n-1``, which tiles [-1, 1] with cells of width 2/n. The
+    residual a layer leaves lies in [-1/n, 1/n] times its own scale, so the next layer's
+    input again fills [-1, 1]. Nothing is learned; the buffers are derived and not saved.
+    """
+
+    has_codebook = False
+
+    def __init__(self, levels: tuple[int, ...], layer: int):
+        super().__init__()
+        lv = torch.tensor(levels, dtype=torch.long)
+        self.codebook_size = int(torch.prod(lv))
+        basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), lv[:-1]]), 0)
+        self.register_buffer("levels", lv, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("scale", lv.double().pow(layer).float(), persistent=False)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, C] -> codes [N] in [0, prod(levels))."""
+        n = self.levels.to(x.dtype)
+        digits = torch.round(x * self.scale * n / 2 + (n - 1) / 2)
+        digits = torch.minimum(digits.clamp(min=0), n - 1).long()
+        return (digits * self.basis).sum(-1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [...] -> vectors [..., C]."""
+        digits = torch.div(codes[..., None], self.basis, rounding_mode="floor") % self.levels
+        n = self.levels.float()
+        return (digits.float() - (n - 1) / 2) * (2 / n) / self.scale
+
+
+@dataclass
+class QuantizerOutput:
+    """Result of the residual loop over z: [B, T', C]."""
+
+    quantized: torch.Tensor        # [B, T', C] sum of each sample's kept layers (straight-through in training)
+    codes: torch.Tensor            # [B, T', L] all layers' codes
+    prefix_latents: torch.Tensor   # [L, B, T', C] running sums after 1..L layers (no gradient path)
+    commit_loss: torch.Tensor      # scalar, summed over layers, averaged over kept samples
+    dead_codes_replaced: list[int] = field(default_factory=list)
+
+
+class ResidualQuantizer(nn.Module):
+    """L quantizer layers applied to successive residuals; shared by RVQ and RFSQ."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def forward(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> QuantizerOutput:
+        """z: [B, T', C]; keep: [B] number of layers each sample keeps (None: all).
+
+        Layers past a sample's ``keep`` neither reach its output nor update codebooks with it.
+        """
+        B, Tp, C = z.shape
+        L = self.num_layers
+        residual = z.reshape(B * Tp, C)
+        keep_rows = None if keep is None else keep.repeat_interleave(Tp)  # [B*T']
+        running = torch.zeros_like(residual)
+        kept_sum = torch.zeros_like(residual)
+        codes, prefixes, replaced = [], [], []
+        commit = z.new_zeros(())
+        for l, layer in enumerate(self.layers):
+            with torch.no_grad():
+                code = layer.quantize(residual.detach())
+            q = layer.lookup(code)  # codebook vectors carry no gradient (buffers)
+            active = None if keep_rows is None else keep_rows > l
+            if self.training and layer.has_codebook:
+                x_act = residual.detach() if active is None else residual.detach()[active]
+                c_act = code if active is None else code[active]
+                replaced.append(layer.update(x_act, c_act))
+                err = ((residual - q) ** 2).mean(1)
+                commit = commit + (err.mean() if active is None
+                                   else (err * active).sum() / active.sum().clamp(min=1))
+            running = running + q
+            kept_sum = running if active is None else torch.where(active[:, None], running, kept_sum)
+            residual = residual - q
+            codes.append(code)
+            prefixes.append(running)
+        flat_z = z.reshape(B * Tp, C)
+        quantized = flat_z + (kept_sum - flat_z).detach() if self.training else kept_sum
+        return QuantizerOutput(
+            quantized=quantized.reshape(B, Tp, C),
+            codes=torch.stack(codes, -1).reshape(B, Tp, L),
+            prefix_latents=torch.stack(prefixes, 0).reshape(L, B, Tp, C),
+            commit_loss=commit,
+            dead_codes_replaced=replaced,
+        )
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, T', l] (l <= L) -> latent [B, T', C], summed in the forward's order."""
+        running = self.layers[0].lookup(codes[..., 0])
+        for l in range(1, codes.shape[-1]):
+            running = running + self.layers[l].lookup(codes[..., l])
+        return running
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class MLPBlock(nn.Module):
+    """Pre-norm residual MLP block: x + W2 gelu(W1 LN(x)).  x: [B, H]."""
+
+    def __init__(self, dim: int, expansion: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim * expansion)
+        self.fc2 = nn.Linear(dim * expansion, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int, blocks: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), *[MLPBlock(hidden) for _ in range(blocks)],
+                         nn.LayerNorm(hidden), nn.Linear(hidden, out_dim))
+
+
+@dataclass
+class TokenizerOutput:
+    """Training / evaluation forward of ``RVQTokenizer`` (normalized units unless noted)."""
+
+    recon: torch.Tensor           # [B, T, D] reconstruction from each sample's kept layers
+    target: torch.Tensor          # [B, T, D] normalized input
+    codes: torch.Tensor           # [B, T', L]
+    recon_loss: torch.Tensor      # MSE of recon
+    prefix_loss: torch.Tensor     # mean over l of the MSE with layers 1..l (0 if not computed)
+    commit_loss: torch.Tensor
+    loss: torch.Tensor            # what the optimizer minimizes
+    dead_codes_replaced: list[int]
+
+
+class RVQTokenizer(nn.Module):
+    """Action chunk [B, T, D] (raw units) <-> codes [B, T', L]; any prefix of layers decodes."""
+
+    def __init__(self, config: RVQConfig):
+        super().__init__()
+        self.config = c = config
+        self.normalizer = ActionNormalizer(c.action_dim)
+        C = c.quantizer_dim
+        self.encoder = _mlp(c.chunk_size * c.action_dim, c.hidden_dim, c.latent_steps * C, c.num_blocks)
+        self.decoder = _mlp(c.latent_steps * C, c.hidden_dim, c.chunk_size * c.action_dim, c.num_blocks)
+        if c.quantizer == "rvq":
+            layers = [VectorQuantizer(C, c.codebook_size, c.ema_decay, c.dead_code_fraction)
+                      for _ in range(c.num_layers)]
+        else:
+            layers = [ScalarQuantizer(c.fsq_levels, l) for l in range(c.num_layers)]
+        self.quantizer = ResidualQuantizer(layers)
+
+    # ---- units
+    def normalize(self, actions: torch.Tensor) -> torch.Tensor:
+        return self.normalizer.normalize(actions)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalizer.denormalize(x)
+
+    # ---- pieces
+    def _check_actions(self, actions) -> torch.Tensor:
+        actions = torch.as_tensor(actions, dtype=torch.float32, device=self.normalizer.low.device)
+        c = self.config
+        if actions.ndim != 3 or tuple(actions.shape[1:]) != (c.chunk_size, c.action_dim):
+            raise ValueError(f"actions must have shape [B, {c.chunk_size}, {c.action_dim}] "
+                             f"(chunk_size, action_dim of this tokenizer), got {tuple(actions.shape)}")
+        return actions
+
+    def _encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] normalized -> z [B, T', C]."""
+        z = self.encoder(x.flatten(1)).view(x.shape[0], self.config.latent_steps, -1)
+        # RFSQ needs its first layer's input inside the grid's range [-1, 1]
+        return torch.tanh(z) if self.config.quantizer == "rfsq" else z
+
+    def _decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent: [..., T', C] -> [..., T, D] normalized."""
+        c = self.config
+        lead = latent.shape[:-2]
+        out = self.decoder(latent.reshape(-1, latent.shape[-2] * latent.shape[-1]))
+        return out.view(*lead, c.chunk_size, c.action_dim)
+
+    def sample_keep(self, batch: int, device=None) -> torch.Tensor:
+        """Quantizer dropout: [B] layers kept per sample; with probability residual_dropout a
+        sample keeps a uniform 1..L-1 layers, otherwise all L (the first is always kept)."""
+        L = self.config.num_layers
+        keep = torch.full((batch,), L, dtype=torch.long, device=device)
+        if L > 1 and self.config.residual_dropout > 0:
+            cut = torch.rand(batch, device=device) < self.config.residual_dropout
+            keep = torch.where(cut, torch.randint(1, L, (batch,), device=device), keep)
+        return keep
+
+    # ---- training / evaluation forward
+    def forward(self, actions: torch.Tensor, keep: torch.Tensor | None = None) -> TokenizerOutput:
+        """actions: [B, T, D] raw. In training, quantizer dropout is applied unless ``keep``
+        ([B] layers per sample) is given; in eval all layers are used."""
+        x = self.normalize(self._check_actions(actions))
+        z = self._encode_latent(x)
+        if self.training and keep is None:
+            keep = self.sample_keep(x.shape[0], x.device)
+        q = self.quantizer(z, keep if self.training else None)
+        recon = self._decode_latent(q.quantized)
+        recon_loss = F.mse_loss(recon, x)
+        prefix_loss = x.new_zeros(())
+        c = self.config
+        if self.training and c.prefix_loss_weight > 0:
+            # every prefix decoded in one batched decoder pass: [L, B, T', C] -> [L, B, T, D]
+            st = z.unsqueeze(0) + (q.prefix_latents - z.unsqueeze(0)).detach()
+            prefix_loss = F.mse_loss(self._decode_latent(st), x.unsqueeze(0).expand(c.num_layers, *x.shape))
+        loss = recon_loss + c.prefix_loss_weight * prefix_loss + c.commitment_weight * q.commit_loss
+        return TokenizerOutput(recon=recon, target=x, codes=q.codes, recon_loss=recon_loss,
+                               prefix_loss=prefix_loss, commit_loss=q.commit_loss, loss=loss,
+                               dead_codes_replaced=q.dead_codes_replaced)
+
+    # ---- public API (raw action units)
+    @torch.no_grad()
+    def encode(self, actions) -> torch.Tensor:
+        """actions: [B, T, D] raw units -> codes LongTensor [B, T', L]."""
+        x = self.normalize(self._check_actions(actions))
+        was_training = self.training
+        self.quantizer.eval()  # encoding must never update codebooks
+        try:
+            return self.quantizer(self._encode_latent(x)).codes
+        finally:
+            self.quantizer.train(was_training)
+
+    def check_codes(self, codes) -> torch.Tensor:
+        """Validate codes [B, T', l] with 1 <= l <= L and every value inside its layer."""
+        codes = torch.as_tensor(codes, device=self.normalizer.low.device)
+        c = self.config
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
+            raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+        if codes.ndim != 3 or codes.shape[1] != c.latent_steps:
+            raise ValueError(f"codes must have shape [B, {c.latent_steps}, l] (latent_steps of this "
+                             f"tokenizer), got {tuple(codes.shape)}")
+        l = codes.shape[2]
+        if not 1 <= l <= c.num_layers:
+            raise ValueError(f"prefix of {l} layers requested, but this tokenizer has "
+                             f"num_layers={c.num_layers} (valid prefixes: 1..{c.num_layers})")
+        codes = codes.long()
+        for i, size in enumerate(self.layer_codebook_sizes()[:l]):
+            lo, hi = int(codes[..., i].min()), int(codes[..., i].max())
+            if lo < 0 or hi >= size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"code {bad} in layer {i} is out of range [0, {size - 1}]")
+        return codes
+
+    @torch.no_grad()
+    def decode(self, codes) -> torch.Tensor:
+        """codes: [B, T', l] (the first l <= L layers) -> actions [B, T, D] raw units."""
+        codes = self.check_codes(codes)
+        return self.denormalize(self._decode_latent(self.quantizer.decode_codes(codes)))
+
+    @torch.no_grad()
+    def prefix_mse(self, actions, batch_size: int = 4096) -> torch.Tensor:
+        """Normalized-action MSE with layers 1..l for every l: actions [N, T, D] -> [L]."""
+        actions = self._check_actions(actions)
+        total = torch.zeros(self.config.num_layers, dtype=torch.float64)
+        for start in range(0, actions.shape[0], batch_size):
+            a = actions[start:start + batch_size]
+            x, codes = self.normalize(a), self.encode(a)
+            latents = torch.stack([self.quantizer.decode_codes(codes[..., :l])
+                                   for l in range(1, self.config.num_layers + 1)])
+            err = (self._decode_latent(latents) - x.unsqueeze(0)) ** 2  # [L, B, T, D]
+            total += err.double().sum(dim=(1, 2, 3)).cpu()
+        return (total / actions.numel()).float()
+
+    @torch.no_grad()
+    def init_codebooks(self, actions) -> None:
+        """k-means initialise every RVQ layer, in order, on the residuals of actions [N, T, D]."""
+        x = self.normalize(self._check_actions(actions))
+        residual = self._encode_latent(x).reshape(-1, self.config.quantizer_dim)
+        for layer in self.quantizer.layers:
+            if layer.has_codebook:
+                layer.kmeans_init(residual)
+            residual = residual - layer.lookup(layer.quantize(residual))
+
+    # ---- bookkeeping
+    def layer_codebook_sizes(self) -> list[int]:
+        return [layer.codebook_size for layer in self.quantizer.layers]
+
+    def bits_per_chunk(self, num_layers: int) -> float:
+        """T' * sum_{l < num_layers} log2 K_l."""
+        if not 0 <= num_layers <= self.config.num_layers:
+            raise ValueError(f"num_layers must be in 0..{self.config.num_layers}, got {num_layers}")
+        sizes = self.layer_codebook_sizes()[:num_layers]
+        return float(self.config.latent_steps * sum(math.log2(k) for k in sizes))
+
+
+def code_usage(codes: torch.Tensor, sizes: list[int]) -> list[dict]:
+    """Per-layer code usage of codes [..., L]: used codes, their share of the codebook, and the
+    perplexity exp(H) of the code distribution (K for uniform use, 1 for a dead layer)."""
+    flat = torch.as_tensor(codes).reshape(-1, codes.shape[-1])
+    stats = []
+    for l, size in enumerate(sizes[: flat.shape[1]]):
+        counts = torch.bincount(flat[:, l].long(), minlength=size).double()
+        p = counts / counts.sum().clamp(min=1)
+        entropy = -(p[p > 0] * p[p > 0].log()).sum()
+        used = int((counts > 0).sum())
+        stats.append({"layer": l + 1, "used": used, "used_fraction": used / size,
+                      "perplexity": float(entropy.exp())})
+    return stats
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_tokenizer(model: RVQTokenizer, path: str, provenance: dict) -> None:
+    """Write one self-describing checkpoint atomically (temporary file, then rename)."""
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": asdict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "normalizer": model.normalizer.stats(),
+        "provenance": provenance,
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_tokenizer(path: str, map_location="cpu") -> tuple[RVQTokenizer, dict]:
+    """Rebuild a tokenizer from the file alone; returns (model in eval mode, checkpoint dict).
+
+    Raises FileNotFoundError for a missing file and ValueError naming the file for a
+    truncated, foreign or incompatible one.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, unpickling refused, ...
+        raise ValueError(f"{path}: cannot read as a tokenizer checkpoint (truncated or not a "
+                         f"torch file?): {type(exc).__name__}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a tokenizer checkpoint (format tag {found!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')!r} is not supported "
+                         f"(this code reads version {CHECKPOINT_VERSION})")
+    for key in ("config", "state_dict", "provenance"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: checkpoint has no {key!r} entry")
+    try:
+        config = RVQConfig(**ckpt["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid tokenizer config: {exc}") from exc
+    model = RVQTokenizer(config)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: state dict does not match its config: {exc}") from exc
+    return model.to(map_location).eval(), ckpt
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def synthetic_episodes(num_episodes: int, seed: int = 0, action_dim: int = 7,
+                       noise: float = 0.002) -> list[np.ndarray]:
+    """Smooth pick-and-place-like action sequences for self-checks and tests, no simulator.
+
+    Each episode [N, action_dim] (N ~ 100-150): a clipped proportional controller moves the end
+    effector through approach / grasp / lift / carry / release phases towards random targets
+    (dims 0-2, in [-1, 1]); the middle dims turn towards a new random orientation in each
+    phase; the last dim is a binary gripper (-1 open, +1 closed) switching between phases.
+    Gaussian noise of std ``noise`` is added to all but the gripper.
+    """
+    if action_dim < 4:
+        raise ValueError(f"synthetic actions need action_dim >= 4 (xyz + gripper), got {action_dim}")
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for _ in range(num_episodes):
+        pos, rot = np.zeros(3), np.zeros(action_dim - 4)
+        phases = [  # (target position, gripper, steps to hold still)
+            (rng.uniform([-0.3, -0.3, -0.25], [0.3, 0.3, -0.1]), -1.0, 0),
+            (None, 1.0, int(rng.integers(8, 12))),
+            (rng.uniform([-0.1, -0.1, 0.05], [0.1, 0.1, 0.15]), 1.0, 0),
+            (rng.uniform([-0.3, -0.3, 0.0], [0.3, 0.3, 0.1]), 1.0, 0),
+            (None, -1.0, int(rng.integers(6, 10))),
+        ]
+        gain = rng.uniform(6, 10)
+        actions = []
+        for target, grip, hold in phases:
+            rot_target = rng.uniform(-0.5, 0.5, rot.shape)
+            for steps in range(1, 81):
+                step = np.zeros(action_dim)
+                if target is not None:
+                    step[:3] = np.clip(gain * (target - pos), -1, 1)
+                    pos = pos + step[:3] * 0.012  # ~1.2 cm per unit action (OSC_POSE)
+                step[3:-1] = np.clip(2 * (rot_target - rot), -0.5, 0.5)
+                rot = rot + step[3:-1] * 0.15
+                step[-1] = grip
+                actions.append(step)
+                if (np.abs(target - pos).max() < 0.01) if target is not None else steps >= hold:
+                    break
+        a = np.asarray(actions, dtype=np.float32)
+        a[:, :-1] += rng.normal(0, noise, a[:, :-1].shape).astype(np.float32)
+        episodes.append(a)
+    return episodes
+
+
+def sliding_chunks(episodes: list[np.ndarray], chunk_size: int) -> np.ndarray:
+    """Every window of chunk_size steps inside each episode: [M, chunk_size, D] float32."""
+    windows = [np.lib.stride_tricks.sliding_window_view(e, chunk_size, axis=0).transpose(0, 2, 1)
+               for e in episodes if len(e) >= chunk_size]
+    return np.ascontiguousarray(np.concatenate(windows), dtype=np.float32)
