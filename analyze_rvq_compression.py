@@ -131,7 +131,11 @@ def fresh_test_episodes(args, seen: list[dict], provenance: dict) -> tuple[list,
     if got_seeds & seen_seeds or got_states & used_states:
         raise RuntimeError(f"fresh episodes in {output} overlap the tokenizer's data "
                            f"(seeds {sorted(got_seeds & seen_seeds)}, init states {sorted(got_states & used_states)})")
+    if not episodes:
+        raise RuntimeError(f"none of the {summary['episodes']} fresh episodes in {output} succeeded")
+    # like training, the test uses successful demonstrations only; the failures are counted
     info = {"source": "fresh_collection", "files": [output], "collection_seed": seed,
+            "collected_episodes": summary["episodes"], "failed_episodes_excluded": summary["episodes"] - len(episodes),
             "init_states": init_states, "episode_seeds": ep_seeds,
             "seeds_disjoint_from_checkpoint": True, "init_states_disjoint_from_checkpoint": True,
             "checkpoint_init_states": sorted(used_states), "collection": summary}
@@ -331,6 +335,9 @@ def print_report(r: dict) -> None:
            if d["source"] == "fresh_collection" else f"the given files (minus {d['excluded_seen_episodes']} seen episodes)")
     print(f"\nTest data: {src}: {d['episodes']} episodes, {d['chunks']} chunks of {d['chunk_size']} steps "
           f"from {', '.join(d['files'])}")
+    if d.get("failed_episodes_excluded"):
+        print(f"  ({d['failed_episodes_excluded']} of {d['collected_episodes']} collected episodes failed "
+              "the task and are not used, as in training)")
     print(f"\n{'layers':>6} {'tokens':>6} {'bits':>6} {'MSE':>10} {'MSE std':>10} {'MSE raw':>10} "
           f"{'max|err|':>9} {'ratio bits':>10} {'ratio tok':>9} {'usage':>6}")
     for p, u in zip(r["rvq"], r["code_usage"]):
