@@ -1,0 +1,459 @@
+"""Token policies over residual action codes: the main policy and the draft model.
+
+The main policy predicts the codes of an action chunk, ``codes[B, T', L]`` from a phase-1
+tokenizer, layer by layer, coarse to fine. Its transformer sees one sequence:
+
+    [ctx tokens (observation, instruction)] [block 0: T' tokens] [block 1] ... [block L-1]
+
+Block l's tokens carry the codes of layer l-1 (block 0 carries a start embedding) and
+predict layer l's codes at every latent position. The attention mask is block-causal: a
+token of block l sees the ctx and blocks 0..l, so layer l's prediction conditions on the
+observation and on all codes of layers < l, at every position. Hence
+
+- one teacher-forced forward predicts every layer at once (training, and verification of a
+  draft's proposal), and
+- dense decoding runs one pass per layer, each adding one block to a key/value cache.
+
+The ``parallel`` variant is the one-pass baseline: block l carries no codes and sees only the
+ctx and itself, so all layers come out of one pass, independently.
+
+The draft model predicts the first k layers in one cheap pass from the main policy's
+observation embedding (before the transformer) through a trained projection.
+
+Shapes: obs ``[B, obs_dim]``, task ``[B]`` (instruction index), codes ``[B, T', L]``,
+logits ``[B, T', L, K]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+POLICY_FORMAT = "rsd_token_policy"
+DRAFT_FORMAT = "rsd_draft_model"
+CHECKPOINT_VERSION = 1
+VARIANTS = ("ar", "parallel")
+# Low-dim observations: robot proprioception (joint pos/cos/sin/vel, EEF pose, gripper) and
+# the object state LIBERO builds from every object's pose. Both have a fixed size per suite.
+DEFAULT_OBS_KEYS = ("robot0_proprio-state", "object-state")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild a ``TokenPolicy``; stored in its checkpoint."""
+
+    obs_dim: int
+    instructions: tuple[str, ...]          # the instruction vocabulary (index = task token)
+    latent_steps: int                      # T' of the tokenizer
+    num_layers: int                        # L of the tokenizer
+    codebook_sizes: tuple[int, ...]        # K_l of each tokenizer layer
+    obs_keys: tuple[str, ...] = DEFAULT_OBS_KEYS
+    variant: str = "ar"                    # "ar" (block-causal over layers) | "parallel"
+    d_model: int = 128
+    n_heads: int = 4
+    n_blocks: int = 4
+    obs_tokens: int = 4                    # the observation becomes this many ctx tokens
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        self.instructions = tuple(self.instructions)
+        self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
+        self.obs_keys = tuple(self.obs_keys)
+        for name in ("obs_dim", "latent_steps", "num_layers", "d_model", "n_heads", "n_blocks",
+                     "obs_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if len(self.codebook_sizes) != self.num_layers or min(self.codebook_sizes) < 2:
+            raise ValueError(f"codebook_sizes must list {self.num_layers} sizes >= 2, "
+                             f"got {self.codebook_sizes}")
+        if not self.instructions:
+            raise ValueError("instructions must not be empty")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def vocab(self) -> int:
+        """Output size of every layer head (the largest codebook; smaller layers are masked)."""
+        return max(self.codebook_sizes)
+
+
+@dataclass
+class DraftConfig:
+    """Everything needed to rebuild a ``DraftModel``; stored in its checkpoint."""
+
+    in_dim: int              # size of its input features (main embedding or raw observation)
+    latent_steps: int
+    num_layers: int          # k: the draft proposes layers 0..k-1
+    codebook_sizes: tuple[int, ...]
+    source: str = "embedding"  # "embedding": main policy's obs embedding; "obs": raw normalized obs
+    hidden: int = 256
+    depth: int = 2
+
+    def __post_init__(self):
+        self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
+        if self.source not in ("embedding", "obs"):
+            raise ValueError(f"draft source must be 'embedding' or 'obs', got {self.source!r}")
+        for name in ("in_dim", "latent_steps", "num_layers", "hidden", "depth"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if len(self.codebook_sizes) != self.num_layers:
+            raise ValueError(f"codebook_sizes must list {self.num_layers} sizes, got {self.codebook_sizes}")
+
+
+# --------------------------------------------------------------------------- normalizer
+
+
+class ObsNormalizer(nn.Module):
+    """Per-dimension standardization of observations, stored as buffers."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, obs: np.ndarray) -> "ObsNormalizer":
+        obs = torch.as_tensor(obs, dtype=torch.float32)
+        self.mean.copy_(obs.mean(0))
+        # constant dimensions (a fixture that never moves) keep unit scale
+        self.std.copy_(obs.std(0).clamp(min=1e-3))
+        return self
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.mean) / self.std
+
+
+# --------------------------------------------------------------------------- transformer
+
+
+class KVCache:
+    """Keys and values of every transformer block for the tokens processed so far.
+
+    k[i], v[i]: [B, H, S, hd]; ``blocks`` holds the block id of each cached token
+    (-1 for ctx tokens, l for the tokens of code block l).
+    """
+
+    def __init__(self, n_blocks: int):
+        self.k: list[torch.Tensor | None] = [None] * n_blocks
+        self.v: list[torch.Tensor | None] = [None] * n_blocks
+        self.blocks = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def length(self) -> int:
+        return int(self.blocks.numel())
+
+    def truncate(self, length: int) -> None:
+        for i in range(len(self.k)):
+            if self.k[i] is not None:
+                self.k[i] = self.k[i][:, :, :length]
+                self.v[i] = self.v[i][:, :, :length]
+        self.blocks = self.blocks[:length]
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with an explicit attention mask and an optional KV cache."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x, mask, cache: KVCache | None = None, index: int = 0):
+        """x: [B, N, d]; mask: [N, S] bool (True = may attend), S = cached + N tokens."""
+        B, N, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            if cache.k[index] is not None:
+                k = torch.cat([cache.k[index], k], 2)
+                v = torch.cat([cache.v[index], v], 2)
+            cache.k[index], cache.v[index] = k, v
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(B, N, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class ObsEncoder(nn.Module):
+    """Observation and instruction -> ctx embedding [B, obs_tokens + 1, d]."""
+
+    def __init__(self, c: PolicyConfig):
+        super().__init__()
+        self.c = c
+        self.normalizer = ObsNormalizer(c.obs_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(c.obs_dim, 2 * c.d_model), nn.GELU(),
+            nn.Linear(2 * c.d_model, c.obs_tokens * c.d_model))
+        self.task = nn.Embedding(len(c.instructions), c.d_model)
+
+    def forward(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        B = obs.shape[0]
+        tokens = self.mlp(self.normalizer(obs)).view(B, self.c.obs_tokens, self.c.d_model)
+        return torch.cat([tokens, self.task(task)[:, None]], 1)
+
+
+class TokenPolicy(nn.Module):
+    """Main policy: observation -> codes [B, T', L], autoregressive over layers (variant ar)
+    or all layers in one pass (variant parallel)."""
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.config = c = config
+        self.obs_encoder = ObsEncoder(c)
+        L, Tp, d = c.num_layers, c.latent_steps, c.d_model
+        self.n_ctx = c.obs_tokens + 1
+        self.start = nn.Parameter(torch.zeros(1, 1, d))
+        # one embedding table per layer: code c of layer l is row offset[l] + c
+        self.register_buffer("offsets", torch.tensor([0, *np.cumsum(c.codebook_sizes)[:-1]]),
+                             persistent=False)
+        self.code_emb = nn.Embedding(sum(c.codebook_sizes), d)
+        self.pos_emb = nn.Parameter(torch.zeros(1, Tp, d))
+        self.layer_emb = nn.Parameter(torch.zeros(L, 1, d))
+        self.ctx_pos = nn.Parameter(torch.zeros(1, self.n_ctx, d))
+        self.blocks = nn.ModuleList(Block(d, c.n_heads, c.dropout) for _ in range(c.n_blocks))
+        self.ln_f = nn.LayerNorm(d)
+        self.head_w = nn.Parameter(torch.empty(L, c.vocab, d))
+        self.head_b = nn.Parameter(torch.zeros(L, c.vocab))
+        nn.init.normal_(self.head_w, std=0.02)
+        for p in (self.start, self.pos_emb, self.layer_emb, self.ctx_pos):
+            nn.init.normal_(p, std=0.02)
+        # codes a layer cannot emit (its codebook is smaller than vocab) get -inf logits
+        invalid = torch.zeros(L, c.vocab, dtype=torch.bool)
+        for l, k in enumerate(c.codebook_sizes):
+            invalid[l, k:] = True
+        self.register_buffer("invalid", invalid, persistent=False)
+
+    # ---- pieces
+    def embed_obs(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """The observation embedding (before the transformer): [B, n_ctx, d]. The draft reads it."""
+        return self.obs_encoder(obs, task) + self.ctx_pos
+
+    def _block_inputs(self, prev_codes: torch.Tensor | None, first: int, n: int, B: int) -> torch.Tensor:
+        """Input tokens of code blocks first..first+n-1: [B, n*T', d].
+
+        prev_codes[..., j] must hold layer (first - 1 + j)'s codes (only read for layers >= 0).
+        """
+        c = self.config
+        out = []
+        for j, l in enumerate(range(first, first + n)):
+            if l == 0 or c.variant == "parallel":
+                x = self.start.expand(B, c.latent_steps, -1)
+            else:
+                x = self.code_emb(prev_codes[..., j] + self.offsets[l - 1])
+            out.append(x + self.pos_emb + self.layer_emb[l])
+        return torch.cat(out, 1)
+
+    def _mask(self, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
+        """[N, S] bool: block-causal (ar) or ctx + own block (parallel)."""
+        qb, kb = q_blocks[:, None], k_blocks[None, :]
+        if self.config.variant == "parallel":
+            return (kb == -1) | (kb == qb)
+        return kb <= qb
+
+    def _heads(self, h: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """h: [B, n*T', d] for code blocks ``layers`` -> logits [B, T', n, vocab]."""
+        B, Tp = h.shape[0], self.config.latent_steps
+        h = self.ln_f(h).view(B, len(layers), Tp, -1)
+        idx = torch.as_tensor(layers, device=h.device)
+        logits = torch.einsum("bntd,nkd->btnk", h, self.head_w[idx]) + self.head_b[idx][None, None]
+        return logits.masked_fill(self.invalid[idx][None, None], float("-inf"))
+
+    def _run(self, x, q_blocks, cache: KVCache | None):
+        k_blocks = q_blocks if cache is None else torch.cat([cache.blocks, q_blocks])
+        mask = self._mask(q_blocks, k_blocks)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask, cache, i)
+        if cache is not None:
+            cache.blocks = k_blocks
+        return x
+
+    # ---- training / verification: all layers in one pass
+    def forward(self, obs: torch.Tensor, task: torch.Tensor, codes: torch.Tensor | None = None,
+                num_layers: int | None = None) -> torch.Tensor:
+        """Teacher-forced logits for layers 0..n-1: [B, T', n, vocab] (n = num_layers or L).
+
+        codes: [B, T', >= n-1] ground-truth (or proposed) codes; block l reads codes[..., l-1].
+        Needed for the ar variant when n > 1.
+        """
+        c = self.config
+        n = num_layers or c.num_layers
+        B = obs.shape[0]
+        ctx = self.embed_obs(obs, task)
+        prev = None if n == 1 or c.variant == "parallel" else codes[..., : n - 1]
+        if prev is not None:
+            prev = torch.cat([torch.zeros_like(prev[..., :1]), prev], -1)  # slot for layer -1
+        x = torch.cat([ctx, self._block_inputs(prev, 0, n, B)], 1)
+        q_blocks = self.token_blocks(0, n)
+        h = self._run(x, q_blocks, None)
+        return self._heads(h[:, self.n_ctx:], list(range(n)))
+
+    def token_blocks(self, first: int, n: int, with_ctx: bool = True) -> torch.Tensor:
+        Tp = self.config.latent_steps
+        blocks = torch.arange(first, first + n).repeat_interleave(Tp)
+        if with_ctx:
+            blocks = torch.cat([torch.full((self.n_ctx,), -1), blocks])
+        return blocks.to(self.start.device)
+
+    # ---- decoding with a cache: one call = one main pass
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.blocks))
+
+    def extend(self, cache: KVCache, first: int, n: int, prev_codes: torch.Tensor | None,
+               ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """One main pass: append code blocks first..first+n-1 to the cache (and the ctx tokens
+        when the cache is empty) and return their logits [B, T', n, vocab].
+
+        prev_codes[..., j] holds layer (first - 1 + j)'s codes, j = 0..n-1 (ignored for layer -1).
+        The cache must hold exactly the ctx and blocks 0..first-1.
+        """
+        if ctx is None and cache.length == 0:
+            raise ValueError("the first pass needs the ctx embedding")
+        B = (ctx if ctx is not None else cache.k[0]).shape[0]
+        x = self._block_inputs(prev_codes, first, n, B)
+        q_blocks = self.token_blocks(first, n, with_ctx=ctx is not None)
+        if ctx is not None:
+            x = torch.cat([ctx, x], 1)
+        h = self._run(x, q_blocks, cache)
+        return self._heads(h[:, -n * self.config.latent_steps:], list(range(first, first + n)))
+
+    def keep_blocks(self, cache: KVCache, n_blocks: int) -> None:
+        """Drop cached code blocks >= n_blocks (their inputs were rejected proposals)."""
+        cache.truncate(self.n_ctx + n_blocks * self.config.latent_steps)
+
+
+class DraftModel(nn.Module):
+    """Predicts layers 0..k-1 in one pass: input features -> logits [B, T', k, vocab].
+
+    ``source == "embedding"``: input = the main policy's observation embedding [B, n_ctx, d]
+    flattened (computed anyway before the main's first pass), through a trained projection.
+    ``source == "obs"``: input = the normalized raw observation and a task embedding.
+    """
+
+    def __init__(self, config: DraftConfig, num_tasks: int = 1):
+        super().__init__()
+        self.config = c = config
+        self.vocab = max(c.codebook_sizes)
+        layers: list[nn.Module] = [nn.Linear(c.in_dim, c.hidden), nn.GELU()]
+        for _ in range(c.depth - 1):
+            layers += [nn.Linear(c.hidden, c.hidden), nn.GELU()]
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(c.hidden, c.latent_steps * c.num_layers * self.vocab)
+        if c.source == "obs":
+            self.task = nn.Embedding(num_tasks, 32)
+        invalid = torch.zeros(c.num_layers, self.vocab, dtype=torch.bool)
+        for l, k in enumerate(c.codebook_sizes):
+            invalid[l, k:] = True
+        self.register_buffer("invalid", invalid, persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: [B, in_dim] -> logits [B, T', k, vocab]."""
+        c = self.config
+        logits = self.head(self.trunk(features)).view(-1, c.latent_steps, c.num_layers, self.vocab)
+        return logits.masked_fill(self.invalid[None, None], float("-inf"))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_save(obj: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_policy(model: TokenPolicy, path: str, tokenizer_sha256: str, provenance: dict) -> None:
+    _atomic_save({
+        "format": POLICY_FORMAT, "version": CHECKPOINT_VERSION,
+        "config": asdict(model.config), "state_dict": model.state_dict(),
+        "tokenizer_sha256": tokenizer_sha256, "provenance": provenance,
+    }, path)
+
+
+def save_draft(model: DraftModel, path: str, policy_sha256: str, num_tasks: int,
+               provenance: dict) -> None:
+    _atomic_save({
+        "format": DRAFT_FORMAT, "version": CHECKPOINT_VERSION,
+        "config": asdict(model.config), "num_tasks": num_tasks, "state_dict": model.state_dict(),
+        "policy_sha256": policy_sha256, "provenance": provenance,
+    }, path)
+
+
+def _load_checkpoint(path: str, fmt: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or not a torch file at all
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path!r} is not a {fmt} checkpoint (format tag: {found!r})")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path!r} has {fmt} version {ckpt.get('version')!r}; "
+                         f"this code reads version {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def load_policy(path: str, tokenizer_path: str | None = None) -> tuple[TokenPolicy, dict]:
+    """Rebuild a main policy from its file alone (eval mode). With ``tokenizer_path``, refuse a
+    tokenizer other than the one the policy was trained with."""
+    ckpt = _load_checkpoint(path, POLICY_FORMAT)
+    if tokenizer_path is not None:
+        got = file_sha256(tokenizer_path)
+        if got != ckpt["tokenizer_sha256"]:
+            raise ValueError(f"policy {path!r} was trained with a different tokenizer than "
+                             f"{tokenizer_path!r} (sha256 {ckpt['tokenizer_sha256'][:12]}... vs {got[:12]}...)")
+    model = TokenPolicy(PolicyConfig(**ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path!r}: weights do not match the stored config: {exc}") from exc
+    return model.eval(), ckpt
+
+
+def load_draft(path: str, policy_path: str | None = None) -> tuple[DraftModel, dict]:
+    """Rebuild a draft model (eval mode); with ``policy_path``, refuse a different main policy."""
+    ckpt = _load_checkpoint(path, DRAFT_FORMAT)
+    if policy_path is not None:
+        got = file_sha256(policy_path)
+        if got != ckpt["policy_sha256"]:
+            raise ValueError(f"draft {path!r} was trained against a different main policy than "
+                             f"{policy_path!r} (sha256 {ckpt['policy_sha256'][:12]}... vs {got[:12]}...)")
+    model = DraftModel(DraftConfig(**ckpt["config"]), ckpt["num_tasks"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path!r}: weights do not match the stored config: {exc}") from exc
+    return model.eval(), ckpt

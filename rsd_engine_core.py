@@ -1,0 +1,260 @@
+"""Residual speculative decoding (RSD) over a layer-autoregressive token policy.
+
+Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into actions):
+
+- ``dense``: one main pass per layer, L passes.
+- ``parallel``: the one-pass baseline policy (variant "parallel") predicts every layer at once.
+- ``rsd``: the draft proposes layers 0..k-1 in one cheap pass; ONE main pass over the ctx and
+  code blocks 0..k verifies them all and yields the main policy's own prediction for the
+  first rejected layer (or for layer k when all are accepted); the remaining layers are
+  decoded densely, reusing the verified part of the key/value cache.
+- ``adaptive``: dense, but stops adding layers once the main policy expects the next
+  refinement to be small (see ``expected_refinement``).
+- ``rsd+adaptive``: both.
+
+Acceptance rules for proposed layers:
+
+- ``exact``: greedy; a layer is accepted when the draft's codes equal the main policy's
+  argmax at every latent position. The output equals dense greedy decoding exactly.
+- ``sample``: speculative sampling (Leviathan et al. 2023; Chen et al. 2023) per latent
+  position: accept d with probability min(1, p(d)/q(d)), otherwise resample from
+  norm(max(0, p - q)). A layer whose positions are all accepted lets the next proposed layer
+  be checked; the output is distributed exactly as sampling the main policy layer by layer.
+- ``relaxed``: a proposed layer is accepted when the actions decoded with it differ from
+  those decoded with the main policy's argmax for that layer by at most ``tolerance``
+  (max abs, normalized action units).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from policy_models import DraftModel, TokenPolicy
+
+MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
+ACCEPTANCE = ("exact", "sample", "relaxed")
+
+
+@dataclass
+class ChunkStats:
+    """What decoding one chunk cost and what the draft contributed."""
+
+    main_passes: int = 0
+    draft_passes: int = 0
+    proposed: int = 0        # layers proposed by the draft
+    accepted: int = 0        # of those, accepted
+    layers: int = 0          # layers in the output code (< L when adaptive stops early)
+    seconds: float = 0.0     # wall time of decoding + tokenizer decode
+
+
+@dataclass
+class EngineConfig:
+    mode: str = "dense"
+    acceptance: str = "exact"
+    k: int | None = None               # layers the draft proposes (default: all it predicts)
+    adaptive_threshold: float = 0.0    # stop when the expected refinement falls below this
+    min_layers: int = 1                # adaptive never stops before this many layers
+    tolerance: float = 0.05            # relaxed acceptance, normalized action units
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.acceptance not in ACCEPTANCE:
+            raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {self.acceptance!r}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.min_layers < 1:
+            raise ValueError(f"min_layers must be >= 1, got {self.min_layers}")
+        if self.tolerance < 0 or self.adaptive_threshold < 0:
+            raise ValueError("tolerance and adaptive_threshold must be >= 0")
+
+    @property
+    def speculative(self) -> bool:
+        return self.mode in ("rsd", "rsd+adaptive")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.mode in ("adaptive", "rsd+adaptive")
+
+    @property
+    def sampling(self) -> bool:
+        return self.acceptance == "sample"
+
+
+class RSDEngine:
+    """Decodes action chunks with a main policy, an optional draft and a tokenizer (batch 1)."""
+
+    def __init__(self, policy: TokenPolicy, tokenizer, draft: DraftModel | None = None,
+                 parallel_policy: TokenPolicy | None = None):
+        self.policy = policy.eval()
+        self.tokenizer = tokenizer.eval()
+        self.draft = None if draft is None else draft.eval()
+        self.parallel_policy = None if parallel_policy is None else parallel_policy.eval()
+        c = policy.config
+        if policy.config.variant != "ar":
+            raise ValueError("the main policy must be the layer-autoregressive variant 'ar'")
+        tc = tokenizer.config
+        if (tc.latent_steps, tc.num_layers) != (c.latent_steps, c.num_layers):
+            raise ValueError(f"tokenizer (T'={tc.latent_steps}, L={tc.num_layers}) does not match "
+                             f"the policy (T'={c.latent_steps}, L={c.num_layers})")
+        if draft is not None and draft.config.num_layers > c.num_layers:
+            raise ValueError(f"draft predicts {draft.config.num_layers} layers, policy has {c.num_layers}")
+        # ||code vector|| per layer and code, in the quantizer's latent space: [L, vocab]
+        norms = torch.zeros(c.num_layers, c.vocab)
+        for l, layer in enumerate(tokenizer.quantizer.layers):
+            with torch.no_grad():
+                vecs = layer.lookup(torch.arange(layer.codebook_size))
+            norms[l, : layer.codebook_size] = vecs.norm(dim=-1)
+        self.code_norms = norms
+
+    # ------------------------------------------------------------------ helpers
+    def expected_refinement(self, logits: torch.Tensor, layer: int) -> float:
+        """The main policy's expected size of layer ``layer``'s refinement:
+        max over positions of E_{c ~ p}[||e_layer(c)||], p = softmax(logits [1, T', vocab]).
+
+        Residual layers shrink with depth, so once the refinement a layer adds is expected
+        to be small, the layers after it change the action less still.
+        """
+        p = torch.softmax(logits.float(), -1)
+        return float((p * self.code_norms[layer]).sum(-1).max())
+
+    def _pick(self, logits: torch.Tensor, cfg: EngineConfig, gen) -> torch.Tensor:
+        """logits [1, T', vocab] -> codes [1, T']: argmax, or a sample when sampling."""
+        if cfg.sampling:
+            p = torch.softmax(logits.float(), -1)
+            return torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
+        return logits.argmax(-1)
+
+    def _draft_features(self, obs, task, ctx) -> torch.Tensor:
+        if self.draft.config.source == "embedding":
+            return ctx.flatten(1)
+        x = self.policy.obs_encoder.normalizer(obs)
+        return torch.cat([x, self.draft.task(task)], -1)
+
+    def _stop(self, cfg: EngineConfig, logits: torch.Tensor, layer: int) -> bool:
+        return (cfg.adaptive and layer + 1 >= cfg.min_layers
+                and self.expected_refinement(logits, layer) <= cfg.adaptive_threshold)
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def decode_codes(self, obs: torch.Tensor, task: torch.Tensor, cfg: EngineConfig,
+                     gen: torch.Generator | None = None) -> tuple[torch.Tensor, ChunkStats]:
+        """obs [1, obs_dim], task [1] -> codes [1, T', l] and the chunk's statistics."""
+        if obs.shape[0] != 1:
+            raise ValueError(f"the engine decodes one chunk at a time (batch 1), got batch {obs.shape[0]}")
+        stats = ChunkStats()
+        if cfg.mode == "parallel":
+            if self.parallel_policy is None:
+                raise ValueError("mode 'parallel' needs a parallel-variant policy checkpoint")
+            logits = self.parallel_policy(obs, task)  # [1, T', L, vocab]
+            stats.main_passes = 1
+            codes = torch.stack([self._pick(logits[:, :, l], cfg, gen)
+                                 for l in range(logits.shape[2])], -1)
+            stats.layers = codes.shape[-1]
+            return codes, stats
+
+        L = self.policy.config.num_layers
+        ctx = self.policy.embed_obs(obs, task)
+        cache = self.policy.new_cache()
+        codes: list[torch.Tensor] = []   # each [1, T']
+        next_layer = 0
+        stopped = False
+        if cfg.speculative:
+            codes, stopped = self._speculate(obs, task, ctx, cache, cfg, gen, stats)
+            next_layer = len(codes)
+            ctx = None  # the ctx is in the cache now
+        while next_layer < L and not stopped:
+            prev = codes[-1][..., None] if next_layer > 0 else None
+            logits = self.policy.extend(cache, next_layer, 1, prev, ctx)[:, :, 0]
+            ctx = None
+            stats.main_passes += 1
+            codes.append(self._pick(logits, cfg, gen))
+            stopped = self._stop(cfg, logits, next_layer)
+            next_layer += 1
+        stats.layers = len(codes)
+        return torch.stack(codes, -1), stats
+
+    def _speculate(self, obs, task, ctx, cache, cfg, gen, stats):
+        """Draft pass + one verifying main pass. Returns (codes of layers 0..j, stop flag)."""
+        if self.draft is None:
+            raise ValueError(f"mode {cfg.mode!r} needs a draft model")
+        L = self.policy.config.num_layers
+        k = min(cfg.k or self.draft.config.num_layers, self.draft.config.num_layers, L)
+        q_logits = self.draft(self._draft_features(obs, task, ctx))[:, :, :k]  # [1, T', k, V]
+        stats.draft_passes += 1
+        proposal = torch.stack([self._pick(q_logits[:, :, l], cfg, gen) for l in range(k)], -1)
+        n_verify = min(k + 1, L)
+        prev = torch.cat([torch.zeros_like(proposal[..., :1]), proposal[..., : n_verify - 1]], -1)
+        p_logits = self.policy.extend(cache, 0, n_verify, prev, ctx)  # [1, T', n_verify, V]
+        stats.main_passes += 1
+        stats.proposed = k
+
+        codes: list[torch.Tensor] = []
+        for l in range(n_verify):
+            p_l = p_logits[:, :, l]
+            if l == k:  # every proposal accepted: the verify pass predicted layer k for free
+                codes.append(self._pick(p_l, cfg, gen))
+                break
+            ok, chosen = self._accept(p_l, q_logits[:, :, l], proposal[..., l], codes, cfg, gen)
+            codes.append(chosen)
+            if not ok:
+                break
+            stats.accepted += 1
+            if self._stop(cfg, p_l, l):
+                break
+        # blocks 0..len(codes)-1 had accepted inputs; later blocks read rejected proposals
+        self.policy.keep_blocks(cache, len(codes))
+        stopped = self._stop(cfg, p_logits[:, :, len(codes) - 1], len(codes) - 1)
+        return codes, stopped
+
+    def _accept(self, p_logits, q_logits, d, prefix, cfg, gen):
+        """Decide on proposed codes d [1, T'] for one layer -> (accepted?, codes for the layer)."""
+        if cfg.acceptance == "exact":
+            main = p_logits.argmax(-1)
+            ok = bool(torch.equal(main, d))
+            return ok, d if ok else main
+        if cfg.acceptance == "relaxed":
+            main = p_logits.argmax(-1)
+            if torch.equal(main, d):
+                return True, d
+            ok = self.action_gap(prefix, d, main) <= cfg.tolerance
+            return ok, d if ok else main
+        # speculative sampling, independently at each latent position
+        p = torch.softmax(p_logits.float(), -1)[0]  # [T', V]
+        q = torch.softmax(q_logits.float(), -1)[0]
+        idx = d[0][:, None]
+        ratio = (p.gather(1, idx) / q.gather(1, idx).clamp(min=1e-30)).squeeze(1)
+        u = torch.rand(ratio.shape, generator=gen)
+        keep = u < ratio
+        if bool(keep.all()):
+            return True, d
+        residual = (p - q).clamp(min=0)
+        residual = residual / residual.sum(-1, keepdim=True).clamp(min=1e-30)
+        resampled = torch.multinomial(residual, 1, generator=gen).squeeze(1)
+        return False, torch.where(keep, d[0], resampled)[None]
+
+    @torch.no_grad()
+    def action_gap(self, prefix: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> float:
+        """Max abs difference (normalized action units) between decoding prefix+a and prefix+b."""
+        both = torch.cat([torch.stack([*prefix, a], -1), torch.stack([*prefix, b], -1)])  # [2, T', l]
+        actions = self.tokenizer.normalize(self.tokenizer.decode(both))
+        return float((actions[0] - actions[1]).abs().max())
+
+    # ------------------------------------------------------------------ actions
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, task: int, cfg: EngineConfig,
+            gen: torch.Generator | None = None) -> tuple[np.ndarray, ChunkStats, torch.Tensor]:
+        """obs [obs_dim] -> (actions [T, D] raw units, stats, codes [1, T', l]); the wall time
+        covers the policy passes, the draft and the tokenizer decode."""
+        t0 = time.perf_counter()
+        o = torch.as_tensor(obs, dtype=torch.float32)[None]
+        t = torch.tensor([task])
+        codes, stats = self.decode_codes(o, t, cfg, gen)
+        actions = self.tokenizer.decode(codes)[0].numpy()
+        stats.seconds = time.perf_counter() - t0
+        return actions, stats, codes

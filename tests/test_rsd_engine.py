@@ -1,0 +1,258 @@
+"""Token policy masks, checkpoints and the RSD engine's guarantees, on random models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import policy_models as pm
+from rsd_engine_core import EngineConfig, RSDEngine
+from rvq_tokenizer import RVQConfig, RVQTokenizer
+
+OBS_DIM = 9
+
+
+def make_tokenizer(K=4, L=4, Tp=2, seed=0):
+    torch.manual_seed(seed)
+    tok = RVQTokenizer(RVQConfig(action_dim=3, chunk_size=4, latent_steps=Tp, num_layers=L,
+                                 codebook_size=K, hidden_dim=16, code_dim=4))
+    for layer in tok.quantizer.layers:  # spread the codebooks so layers differ in size
+        layer.codebook.normal_(0, 1.0 / (1 + list(tok.quantizer.layers).index(layer)))
+    return tok.eval()
+
+
+def make_policy(tok, variant="ar", seed=0, d=32):
+    torch.manual_seed(seed)
+    c = tok.config
+    cfg = pm.PolicyConfig(obs_dim=OBS_DIM, instructions=("a", "b"), latent_steps=c.latent_steps,
+                          num_layers=c.num_layers, codebook_sizes=tok.layer_codebook_sizes(),
+                          variant=variant, d_model=d, n_heads=2, n_blocks=2, obs_tokens=2,
+                          dropout=0.0)
+    model = pm.TokenPolicy(cfg)
+    with torch.no_grad():  # sharper random distributions than the init gives
+        model.head_w.normal_(0, 0.5)
+    return model.eval()
+
+
+def make_draft(policy, k=3, seed=0, source="embedding"):
+    torch.manual_seed(seed)
+    c = policy.config
+    in_dim = policy.n_ctx * c.d_model if source == "embedding" else c.obs_dim + 32
+    cfg = pm.DraftConfig(in_dim=in_dim, latent_steps=c.latent_steps, num_layers=k,
+                         codebook_sizes=c.codebook_sizes[:k], source=source, hidden=32)
+    return pm.DraftModel(cfg, num_tasks=len(c.instructions)).eval()
+
+
+def random_obs(gen):
+    return torch.randn(1, OBS_DIM, generator=gen), torch.randint(0, 2, (1,), generator=gen)
+
+
+# ---------------------------------------------------------------- the policy's mask
+
+def test_teacher_forced_pass_equals_layer_by_layer_cached_passes():
+    tok = make_tokenizer(K=8, L=4)
+    policy = make_policy(tok)
+    gen = torch.Generator().manual_seed(1)
+    obs = torch.randn(3, OBS_DIM, generator=gen)
+    task = torch.tensor([0, 1, 0])
+    codes = torch.randint(0, 8, (3, 2, 4), generator=gen)
+    full = policy(obs, task, codes)  # [B, T', L, V]
+    cache = policy.new_cache()
+    ctx = policy.embed_obs(obs, task)
+    for l in range(4):
+        prev = codes[..., l - 1: l] if l else None
+        step = policy.extend(cache, l, 1, prev, ctx if l == 0 else None)[:, :, 0]
+        torch.testing.assert_close(step, full[:, :, l], atol=1e-5, rtol=1e-5)
+
+
+def test_layer_l_sees_lower_layers_only():
+    tok = make_tokenizer(K=8, L=4)
+    policy = make_policy(tok)
+    gen = torch.Generator().manual_seed(2)
+    obs, task = torch.randn(2, OBS_DIM, generator=gen), torch.tensor([0, 1])
+    codes = torch.randint(0, 8, (2, 2, 4), generator=gen)
+    changed = codes.clone()
+    changed[..., 1] = (changed[..., 1] + 1) % 8
+    a, b = policy(obs, task, codes), policy(obs, task, changed)
+    torch.testing.assert_close(a[:, :, :2], b[:, :, :2])      # layers 0, 1 do not read layer 1
+    assert (a[:, :, 2] - b[:, :, 2]).abs().max() > 1e-4      # layer 2 does
+    par = make_policy(tok, variant="parallel")
+    torch.testing.assert_close(par(obs, task, codes), par(obs, task, changed))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_policy_and_draft_save_reload_exact_and_mismatch_refused(tmp_path):
+    tok = make_tokenizer()
+    tok_a, tok_b = tmp_path / "tok_a.pt", tmp_path / "tok_b.pt"
+    tok_a.write_bytes(b"tokenizer a")
+    tok_b.write_bytes(b"tokenizer b")
+    policy = make_policy(tok)
+    pol_path = str(tmp_path / "policy.pt")
+    pm.save_policy(policy, pol_path, pm.file_sha256(str(tok_a)), {"seed": 0})
+    loaded, _ = pm.load_policy(pol_path, str(tok_a))
+    for (k, v), (k2, v2) in zip(policy.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        pm.load_policy(pol_path, str(tok_b))
+    draft = make_draft(policy)
+    draft_path = str(tmp_path / "draft.pt")
+    pm.save_draft(draft, draft_path, pm.file_sha256(pol_path), 2, {})
+    d2, _ = pm.load_draft(draft_path, pol_path)
+    x = torch.randn(4, draft.config.in_dim)
+    assert torch.equal(draft(x), d2(x))
+    with pytest.raises(ValueError, match="different main policy"):
+        pm.load_draft(draft_path, str(tok_a))
+    with pytest.raises(ValueError, match="not a rsd_token_policy checkpoint"):
+        pm.load_policy(draft_path)
+    (tmp_path / "trunc.pt").write_bytes(open(pol_path, "rb").read()[:100])
+    with pytest.raises(ValueError, match="trunc.pt"):
+        pm.load_policy(str(tmp_path / "trunc.pt"))
+
+
+# ---------------------------------------------------------------- exact speculation
+
+@pytest.mark.parametrize("K, Tp, source", [(3, 1, "embedding"), (4, 1, "obs"), (16, 2, "embedding")])
+def test_rsd_exact_equals_dense_greedy(K, Tp, source):
+    """Random models: the draft is right sometimes (small vocab) and wrong often."""
+    tok = make_tokenizer(K=K, L=4, Tp=Tp)
+    accepted_total, proposed_total = 0, 0
+    for seed in range(40):
+        policy = make_policy(tok, seed=seed)
+        engine = RSDEngine(policy, tok, make_draft(policy, k=3, seed=seed, source=source))
+        gen = torch.Generator().manual_seed(seed)
+        obs, task = random_obs(gen)
+        dense, ds = engine.decode_codes(obs, task, EngineConfig("dense"))
+        spec, ss = engine.decode_codes(obs, task, EngineConfig("rsd", "exact"))
+        assert torch.equal(dense, spec), f"seed {seed}"
+        assert ds.main_passes == 4 and ss.draft_passes == 1
+        # statistics add up: one verify pass, then one pass per layer past the verified ones
+        verified = min(ss.accepted + 1, 4)
+        assert ss.main_passes == 1 + (4 - verified)
+        assert ss.proposed == 3 and 0 <= ss.accepted <= 3 and ss.layers == 4
+        accepted_total += ss.accepted
+        proposed_total += ss.proposed
+    assert accepted_total < proposed_total
+    if K <= 4:  # a random draft is right often enough that acceptance was exercised too
+        assert accepted_total > 0
+
+
+def test_rsd_with_a_perfect_draft_accepts_everything():
+    tok = make_tokenizer(K=8, L=5)
+    policy = make_policy(tok, seed=3)
+    draft = make_draft(policy, k=3)
+    engine = RSDEngine(policy, tok, draft)
+    gen = torch.Generator().manual_seed(0)
+    obs, task = random_obs(gen)
+    dense, _ = engine.decode_codes(obs, task, EngineConfig("dense"))
+    with torch.no_grad():  # make the draft output the dense codes
+        draft.head.weight.zero_()
+        bias = torch.full((2, 3, draft.vocab), -10.0)
+        for l in range(3):
+            bias[torch.arange(2), l, dense[0, :, l]] = 10.0
+        draft.head.bias.copy_(bias.flatten())
+    codes, st = engine.decode_codes(obs, task, EngineConfig("rsd", "exact"))
+    assert torch.equal(codes, dense)
+    assert (st.accepted, st.main_passes) == (3, 1 + (5 - 4))
+
+
+# ---------------------------------------------------------------- speculative sampling
+
+def exact_distribution(policy, obs, task, K):
+    """p(c0, c1) of sampling the main policy layer by layer (T' = 1, L = 2)."""
+    with torch.no_grad():
+        p0 = torch.softmax(policy(obs, task, None, num_layers=1)[0, 0, 0], -1)
+        joint = torch.zeros(K, K)
+        for c0 in range(K):
+            codes = torch.tensor([[[c0, 0]]])
+            p1 = torch.softmax(policy(obs, task, codes)[0, 0, 1], -1)
+            joint[c0] = p0[c0] * p1
+    return joint
+
+
+def test_speculative_sampling_reproduces_the_main_distribution():
+    K, n = 3, 3000
+    tok = make_tokenizer(K=K, L=2, Tp=1)
+    policy = make_policy(tok, seed=5)
+    draft = make_draft(policy, k=2, seed=7)
+    engine = RSDEngine(policy, tok, draft)
+    obs, task = random_obs(torch.Generator().manual_seed(3))
+    target = exact_distribution(policy, obs, task, K)
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.zeros(K, K)
+    accepted = 0
+    for _ in range(n):
+        codes, st = engine.decode_codes(obs, task, EngineConfig("rsd", "sample"), gen)
+        counts[codes[0, 0, 0], codes[0, 0, 1]] += 1
+        accepted += st.accepted
+    assert 0 < accepted < 2 * n  # the draft differs from the main model: both paths ran
+    # chi-square goodness of fit, 8 degrees of freedom: p = 0.001 at 26.1
+    expected = target * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 26.1, (chi2, counts / n, target)
+    # and the draft's own distribution is clearly rejected by the same test
+    with torch.no_grad():
+        q = torch.softmax(draft(engine._draft_features(obs, task, policy.embed_obs(obs, task))), -1)[0, 0]
+    q_joint = q[0][:, None] * q[1][None, :]
+    assert float(((counts - q_joint * n) ** 2 / (q_joint * n)).sum()) > 26.1
+
+
+# ---------------------------------------------------------------- relaxed acceptance
+
+def test_relaxed_never_accepts_beyond_tolerance():
+    tok = make_tokenizer(K=16, L=4)
+    seen_relaxed = rejected = 0
+    for seed in range(30):
+        policy = make_policy(tok, seed=seed)
+        engine = RSDEngine(policy, tok, make_draft(policy, k=3, seed=seed))
+        obs, task = random_obs(torch.Generator().manual_seed(seed))
+        tol = 0.8  # about the median gap between two codes of these random models
+        codes, st = engine.decode_codes(obs, task, EngineConfig("rsd", "relaxed", tolerance=tol))
+        rejected += st.accepted < st.proposed
+        # re-derive each accepted layer's gap against the main policy's argmax for it
+        with torch.no_grad():
+            logits = policy(obs, task, codes)
+        for l in range(st.accepted):
+            main = logits[:, :, l].argmax(-1)
+            if not torch.equal(main, codes[..., l]):
+                seen_relaxed += 1
+                prefix = [codes[..., i] for i in range(l)]
+                assert engine.action_gap(prefix, codes[..., l], main) <= tol
+    assert seen_relaxed > 0
+    assert rejected > 0  # the tolerance bound was exercised from both sides
+
+
+# ---------------------------------------------------------------- adaptive depth
+
+def test_adaptive_stops_early_and_decodes_a_prefix():
+    tok = make_tokenizer(K=8, L=4)
+    policy = make_policy(tok, seed=1)
+    engine = RSDEngine(policy, tok, make_draft(policy))
+    obs, task = random_obs(torch.Generator().manual_seed(0))
+    dense, _ = engine.decode_codes(obs, task, EngineConfig("dense"))
+    always = EngineConfig("adaptive", adaptive_threshold=1e9, min_layers=2)
+    codes, st = engine.decode_codes(obs, task, always)
+    assert codes.shape[-1] == 2 and st.main_passes == 2
+    assert torch.equal(codes, dense[..., :2])
+    never = EngineConfig("adaptive", adaptive_threshold=0.0)
+    assert torch.equal(engine.decode_codes(obs, task, never)[0], dense)
+    spec, _ = engine.decode_codes(obs, task, EngineConfig("rsd+adaptive", adaptive_threshold=1e9,
+                                                          min_layers=2))
+    assert torch.equal(spec, dense[..., :2])
+    actions, st, _ = engine.act(obs[0].numpy(), int(task), always)
+    assert actions.shape == (4, 3) and st.seconds > 0
+
+
+def test_engine_refuses_bad_setups():
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match="autoregressive"):
+        RSDEngine(make_policy(tok, variant="parallel"), tok)
+    engine = RSDEngine(make_policy(tok), tok)
+    obs, task = random_obs(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="needs a draft"):
+        engine.decode_codes(obs, task, EngineConfig("rsd"))
+    with pytest.raises(ValueError, match="parallel-variant"):
+        engine.decode_codes(obs, task, EngineConfig("parallel"))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        EngineConfig("turbo")
