@@ -7,7 +7,7 @@ vector-quantize-pytorch's ResidualVQ / ResidualFSQ in the same configuration, an
 Same configuration: every torch tokenizer is our RVQTokenizer's normalizer, encoder and
 decoder (same dims, latent steps, layers, codebook size / FSQ levels) around a residual
 quantizer, ours or the peer's; all four are trained by the same loop (Adam, same lr, same
-batches from the same seed, same number of steps) on the training episodes, and measured on
+batches from the same seed, same number of steps, one-cycle lr) on the training episodes, and measured on
 held-out episodes (split by episode). The peers use their own EMA / k-means / dead-code
 machinery with our decay, commitment weight and dead-code threshold, and quantize dropout
 (so that, like ours, every prefix of layers decodes).
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden_dim", type=int, default=64)
     p.add_argument("--fsq_levels", type=int, nargs="+", default=list(RVQConfig().fsq_levels))
     # training (identical for every method)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -146,10 +146,12 @@ def load_chunks(args) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def train(model: nn.Module, loss_fn, train_chunks: torch.Tensor, args, name: str) -> float:
-    """The one training loop for every method: Adam, constant lr, same batches. Returns seconds."""
+    """The one training loop for every method: Adam with train_rvq_tokenizer.py's one-cycle
+    schedule, the same batches in the same order. Returns seconds."""
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     model.train()
     t0 = time.perf_counter()
     for _ in tqdm(range(args.steps), desc=f"train {name}", leave=False):
@@ -158,6 +160,7 @@ def train(model: nn.Module, loss_fn, train_chunks: torch.Tensor, args, name: str
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
     model.eval()
     return time.perf_counter() - t0
 
