@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="rvq_tokenizer.pt", help="tokenizer checkpoint")
     # test data
     p.add_argument("--data", nargs="+", default=None, help="test demo files; else collect fresh episodes")
-    p.add_argument("--task_suite", default="libero_spatial")
-    p.add_argument("--task_id", type=int, default=0)
+    p.add_argument("--task_suite", default=None, help="task to collect (default: the checkpoint's, else libero_spatial)")
+    p.add_argument("--task_id", type=int, default=None, help="task id to collect (default: the checkpoint's, else 0)")
     p.add_argument("--num_episodes", type=int, default=20, help="fresh episodes to collect")
     p.add_argument("--seed", type=int, default=None,
                    help="collection seed (default: the first one disjoint from the checkpoint's)")
@@ -154,10 +154,16 @@ def file_test_episodes(args, seen: list[dict]) -> tuple[list, dict]:
     if not kept:
         raise ValueError(f"every episode in {args.data} was seen by the tokenizer in training; "
                          "give held-out episodes or omit --data to collect fresh ones")
+    seen_states = {(e["task_suite"], int(e["task_id"]), int(e["init_state_id"])) for e in seen}
+    kept_states = {(e.task_suite, e.task_id, e.init_state_id) for e in kept if e.init_state_id >= 0}
     info = {"source": "files", "files": list(args.data), "excluded_seen_episodes": dropped,
             "seeds_disjoint_from_checkpoint": not ({e.seed for e in kept if e.seed >= 0}
                                                    & {int(e["seed"]) for e in seen}),
+            "init_states_disjoint_from_checkpoint": not (kept_states & seen_states),
             "init_states": sorted({e.init_state_id for e in kept})}
+    if kept_states & seen_states:
+        log.warning("some test episodes start from init states the tokenizer trained on (other seeds): %s",
+                    sorted(kept_states & seen_states)[:10])
     return kept, info
 
 
@@ -383,6 +389,9 @@ def main(args) -> dict:
     if args.data:
         episodes, data = file_test_episodes(args, all_seen)
     else:
+        prov_args = ckpt["provenance"].get("args") or {}
+        args.task_suite = args.task_suite or prov_args.get("task_suite") or "libero_spatial"
+        args.task_id = args.task_id if args.task_id is not None else int(prov_args.get("task_id") or 0)
         episodes, data = fresh_test_episodes(args, all_seen, ckpt["provenance"])
     t_collect = time.perf_counter() - t0
     test_raw = ca.chunk_actions(episodes, c.chunk_size)
