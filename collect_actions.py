@@ -841,6 +841,7 @@ def print_summary(s: dict) -> None:
 
 def main(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("OpenGL").setLevel(logging.WARNING)
     log.info("config: %s", vars(args))
     summary = collect(args.task_suite, args.task_id, args.num_episodes, args.output,
                       policy=args.policy, noise=args.noise, seed=args.seed, workers=args.workers,

@@ -114,12 +114,13 @@ class DraftConfig:
     source: str = "embedding"  # "embedding": main policy's obs embedding; "obs": raw normalized obs
     hidden: int = 256
     depth: int = 2
+    rank: int = 32           # size of the factorized output head's vectors
 
     def __post_init__(self):
         self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
         if self.source not in ("embedding", "obs"):
             raise ValueError(f"draft source must be 'embedding' or 'obs', got {self.source!r}")
-        for name in ("in_dim", "latent_steps", "num_layers", "hidden", "depth"):
+        for name in ("in_dim", "latent_steps", "num_layers", "hidden", "depth", "rank"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -347,6 +348,18 @@ class TokenPolicy(nn.Module):
         h = self._run(x, q_blocks, cache)
         return self._heads(h[:, -n * self.config.latent_steps:], list(range(first, first + n)))
 
+    @torch.no_grad()
+    def greedy_decode(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Dense greedy decoding of a batch: codes [B, T', L] (ar: one pass per layer)."""
+        if self.config.variant == "parallel":
+            return self(obs, task).argmax(-1)
+        cache, ctx = self.new_cache(), self.embed_obs(obs, task)
+        codes = []
+        for l in range(self.config.num_layers):
+            prev = codes[-1][..., None] if l else None
+            codes.append(self.extend(cache, l, 1, prev, ctx if l == 0 else None)[:, :, 0].argmax(-1))
+        return torch.stack(codes, -1)
+
     def keep_blocks(self, cache: KVCache, n_blocks: int) -> None:
         """Drop cached code blocks >= n_blocks (their inputs were rejected proposals)."""
         cache.truncate(self.n_ctx + n_blocks * self.config.latent_steps)
@@ -358,6 +371,10 @@ class DraftModel(nn.Module):
     ``source == "embedding"``: input = the main policy's observation embedding [B, n_ctx, d]
     flattened (computed anyway before the main's first pass), through a trained projection.
     ``source == "obs"``: input = the normalized raw observation and a task embedding.
+
+    The output head is factorized (hidden -> T'*k vectors of size ``rank`` -> a shared
+    rank -> vocab projection): a full hidden -> T'*k*vocab matrix would cost as much as a
+    main pass.
     """
 
     def __init__(self, config: DraftConfig, num_tasks: int = 1):
@@ -368,19 +385,27 @@ class DraftModel(nn.Module):
         for _ in range(c.depth - 1):
             layers += [nn.Linear(c.hidden, c.hidden), nn.GELU()]
         self.trunk = nn.Sequential(*layers)
-        self.head = nn.Linear(c.hidden, c.latent_steps * c.num_layers * self.vocab)
+        self.proj = nn.Linear(c.hidden, c.latent_steps * c.num_layers * c.rank)
+        # one output embedding shared by all layers and positions (the projection already
+        # gives each (position, layer) its own vector); a bias per layer
+        self.out_w = nn.Parameter(torch.randn(c.rank, self.vocab) / math.sqrt(c.rank))
+        self.out_b = nn.Parameter(torch.zeros(c.num_layers, self.vocab))
         if c.source == "obs":
             self.task = nn.Embedding(num_tasks, 32)
         invalid = torch.zeros(c.num_layers, self.vocab, dtype=torch.bool)
         for l, k in enumerate(c.codebook_sizes):
             invalid[l, k:] = True
         self.register_buffer("invalid", invalid, persistent=False)
+        self.mask_needed = bool(invalid.any())
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features: [B, in_dim] -> logits [B, T', k, vocab]."""
+    def forward(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
+        """features: [B, in_dim] (source "obs": [B, obs_dim] and task [B]) -> logits [B, T', k, vocab]."""
         c = self.config
-        logits = self.head(self.trunk(features)).view(-1, c.latent_steps, c.num_layers, self.vocab)
-        return logits.masked_fill(self.invalid[None, None], float("-inf"))
+        if c.source == "obs":
+            features = torch.cat([features, self.task(task)], -1)
+        h = self.proj(self.trunk(features)).view(-1, c.latent_steps, c.num_layers, c.rank)
+        logits = h @ self.out_w + self.out_b
+        return logits.masked_fill(self.invalid, float("-inf")) if self.mask_needed else logits
 
 
 # --------------------------------------------------------------------------- checkpoints

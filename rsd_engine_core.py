@@ -130,11 +130,12 @@ class RSDEngine:
             return torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
         return logits.argmax(-1)
 
-    def _draft_features(self, obs, task, ctx) -> torch.Tensor:
+    def draft_logits(self, obs, task, ctx) -> torch.Tensor:
+        """One draft pass: [1, T', k, vocab]. The embedding draft reads the ctx embedding the
+        main policy needs anyway; the obs draft reads the normalized observation."""
         if self.draft.config.source == "embedding":
-            return ctx.flatten(1)
-        x = self.policy.obs_encoder.normalizer(obs)
-        return torch.cat([x, self.draft.task(task)], -1)
+            return self.draft(ctx.flatten(1))
+        return self.draft(self.policy.obs_encoder.normalizer(obs), task)
 
     def _stop(self, cfg: EngineConfig, logits: torch.Tensor, layer: int) -> bool:
         return (cfg.adaptive and layer + 1 >= cfg.min_layers
@@ -185,7 +186,7 @@ class RSDEngine:
             raise ValueError(f"mode {cfg.mode!r} needs a draft model")
         L = self.policy.config.num_layers
         k = min(cfg.k or self.draft.config.num_layers, self.draft.config.num_layers, L)
-        q_logits = self.draft(self._draft_features(obs, task, ctx))[:, :, :k]  # [1, T', k, V]
+        q_logits = self.draft_logits(obs, task, ctx)[:, :, :k]  # [1, T', k, V]
         stats.draft_passes += 1
         proposal = torch.stack([self._pick(q_logits[:, :, l], cfg, gen) for l in range(k)], -1)
         n_verify = min(k + 1, L)

@@ -146,12 +146,14 @@ def test_rsd_with_a_perfect_draft_accepts_everything():
     gen = torch.Generator().manual_seed(0)
     obs, task = random_obs(gen)
     dense, _ = engine.decode_codes(obs, task, EngineConfig("dense"))
-    with torch.no_grad():  # make the draft output the dense codes
-        draft.head.weight.zero_()
-        bias = torch.full((2, 3, draft.vocab), -10.0)
-        for l in range(3):
-            bias[torch.arange(2), l, dense[0, :, l]] = 10.0
-        draft.head.bias.copy_(bias.flatten())
+    with torch.no_grad():  # make the draft output the dense codes: position t, layer l -> unit vector
+        draft.proj.weight.zero_()
+        draft.proj.bias.copy_(torch.eye(draft.config.rank)[:6].flatten())  # T'*k = 6 <= rank
+        draft.out_b.zero_()
+        draft.out_w.zero_()
+        for t in range(2):
+            for l in range(3):
+                draft.out_w[t * 3 + l, dense[0, t, l]] = 10.0
     codes, st = engine.decode_codes(obs, task, EngineConfig("rsd", "exact"))
     assert torch.equal(codes, dense)
     assert (st.accepted, st.main_passes) == (3, 1 + (5 - 4))
@@ -193,7 +195,7 @@ def test_speculative_sampling_reproduces_the_main_distribution():
     assert chi2 < 26.1, (chi2, counts / n, target)
     # and the draft's own distribution is clearly rejected by the same test
     with torch.no_grad():
-        q = torch.softmax(draft(engine._draft_features(obs, task, policy.embed_obs(obs, task))), -1)[0, 0]
+        q = torch.softmax(engine.draft_logits(obs, task, policy.embed_obs(obs, task)), -1)[0, 0]
     q_joint = q[0][:, None] * q[1][None, :]
     assert float(((counts - q_joint * n) ** 2 / (q_joint * n)).sum()) > 26.1
 

@@ -1,0 +1,80 @@
+"""Datasets for the token policies: (observation, instruction, target codes) per chunk.
+
+Shared by ``train_policy.py`` and ``train_draft.py``. A chunk starts at every step of a demo
+(the policy re-plans), lies inside the demo, and is paired with the observation at its first
+step; its target codes come from the frozen phase-1 tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from collect_actions import Episode, chunk_actions
+
+log = logging.getLogger(__name__)
+
+
+def obs_vector(obs: dict, keys, step: int | slice | None = None) -> np.ndarray:
+    """Concatenate low-dim observation keys: an episode's obs [N, ...] -> [N, obs_dim] (or one
+    step's obs dict -> [obs_dim]). Raises naming the missing key."""
+    missing = [k for k in keys if k not in obs]
+    if missing:
+        raise KeyError(f"observation keys {missing} are missing (have: {sorted(obs)[:12]}...)")
+    parts = [np.asarray(obs[k], dtype=np.float32) for k in keys]
+    if step is not None:
+        parts = [p[step] for p in parts]
+    lead = parts[0].shape[:-1] if parts[0].ndim > 1 else ()
+    return np.concatenate([p.reshape(*lead, -1) if lead else p.reshape(-1) for p in parts], -1)
+
+
+@dataclass
+class ChunkDataset:
+    """obs [M, obs_dim] float32, task [M] long, codes [M, T', L] long, actions [M, T, D] raw."""
+
+    obs: torch.Tensor
+    task: torch.Tensor
+    codes: torch.Tensor
+    actions: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.obs.shape[0])
+
+
+def instruction_vocab(episodes: list[Episode]) -> tuple[str, ...]:
+    return tuple(sorted({e.instruction for e in episodes}))
+
+
+def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
+                  batch_size: int = 4096) -> ChunkDataset:
+    """Cut every in-demo chunk, encode it with the tokenizer, pair it with its first observation."""
+    T = tokenizer.config.chunk_size
+    index = {s: i for i, s in enumerate(instructions)}
+    obs, task, actions = [], [], []
+    for ep in episodes:
+        n = len(ep.actions) - T + 1
+        if n <= 0:
+            continue
+        if ep.instruction not in index:
+            raise ValueError(f"instruction {ep.instruction!r} of {ep.source}:{ep.key} is not in "
+                             f"the policy's instruction vocabulary")
+        obs.append(obs_vector(ep.obs, obs_keys)[:n])
+        task.append(np.full(n, index[ep.instruction]))
+        actions.append(chunk_actions([ep], T, 1))
+    if not obs:
+        raise ValueError(f"no episode is longer than the chunk size {T}")
+    actions_t = torch.from_numpy(np.concatenate(actions))
+    with torch.no_grad():
+        codes = torch.cat([tokenizer.encode(actions_t[i:i + batch_size])
+                           for i in range(0, len(actions_t), batch_size)])
+    return ChunkDataset(torch.from_numpy(np.concatenate(obs)), torch.from_numpy(np.concatenate(task)).long(),
+                        codes, actions_t)
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator | None = None, shuffle: bool = True):
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]

@@ -1,0 +1,264 @@
+"""Phase 2: train the draft model that proposes the first k code layers in one cheap pass.
+
+    python train_draft.py --policy policy.pt --data data/spatial_train.hdf5 \\
+        --output draft.pt --json draft.json [--k 3] [--source embedding|obs|both]
+
+The draft is distilled from the main policy: its targets are the main policy's own dense
+greedy codes (what exact speculative acceptance compares against), mixed with the ground-truth
+codes. It reads either the main policy's observation embedding (before the transformer, so it
+costs nothing extra) through a trained projection (``embedding``), or the normalized raw
+observation and a task embedding (``obs``); ``both`` trains the two and keeps the one with the
+higher validation agreement. It uses the main policy's own train / validation episodes.
+
+Reports per-layer agreement with the main policy's argmax on validation episodes (per latent
+position, and per whole layer of a chunk, which is what exact acceptance needs) and the cost
+of a draft pass against a main pass (median wall time at batch 1, same run, and FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import collect_actions as ca
+import policy_models as pm
+from policy_data import ChunkDataset, batches, build_dataset
+from rvq_tokenizer import load_tokenizer
+
+log = logging.getLogger("train_draft")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train the draft model (phase 2).")
+    p.add_argument("--policy", required=True, help="main policy checkpoint (variant ar)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="demo files; default: the files the policy was trained on")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer checkpoint; default: the one recorded in the policy (hash-checked)")
+    p.add_argument("--k", type=int, default=3, help="layers the draft proposes")
+    p.add_argument("--source", choices=["embedding", "obs", "both"], default="both")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--rank", type=int, default=32, help="size of the factorized output head's vectors")
+    p.add_argument("--gt_weight", type=float, default=0.2,
+                   help="weight of the ground-truth codes next to the main policy's (weight 1)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output", default="draft.pt")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def split_like_policy(episodes, policy_ckpt) -> tuple[list, list]:
+    """The policy's validation episodes stay validation episodes for the draft."""
+    val_ids = {(os.path.abspath(e["source"]) if e["source"] else "", e["key"])
+               for e in policy_ckpt["provenance"]["data"]["val_episodes"]}
+    val = [e for e in episodes if (os.path.abspath(e.source), e.key) in val_ids]
+    train = [e for e in episodes if (os.path.abspath(e.source), e.key) not in val_ids]
+    if not val:
+        raise ValueError("none of the policy's validation episodes is in the given --data files")
+    return train, val
+
+
+@torch.no_grad()
+def features(policy: pm.TokenPolicy, draft_source: str, obs, task) -> torch.Tensor:
+    """What the draft reads: [B, in_dim]."""
+    if draft_source == "embedding":
+        return policy.embed_obs(obs, task).flatten(1)
+    return policy.obs_encoder.normalizer(obs)
+
+
+@torch.no_grad()
+def main_targets(policy, data: ChunkDataset, k: int, batch_size: int = 1024) -> torch.Tensor:
+    """The main policy's dense greedy codes for layers 0..k-1: [M, T', k]."""
+    out = [policy.greedy_decode(data.obs[i], data.task[i])[..., :k]
+           for i in batches(len(data), batch_size, shuffle=False)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def agreement(draft: pm.DraftModel, feats, task, targets) -> tuple[list[float], list[float]]:
+    """Per-layer agreement with the main policy's argmax: per position and per whole layer."""
+    draft.eval()
+    pred = torch.cat([draft(feats[i], task[i]).argmax(-1)
+                      for i in batches(len(feats), 2048, shuffle=False)])
+    match = pred == targets  # [M, T', k]
+    return match.float().mean((0, 1)).tolist(), match.all(1).float().mean(0).tolist()
+
+
+def train_one(source, policy, train, val, t_train, t_val, args, n_tasks):
+    c = policy.config
+    f_train, f_val = features(policy, source, train.obs, train.task), features(policy, source, val.obs, val.task)
+    in_dim = f_train.shape[1] + (32 if source == "obs" else 0)  # + the task embedding
+    cfg = pm.DraftConfig(in_dim=in_dim, latent_steps=c.latent_steps, num_layers=args.k,
+                         codebook_sizes=c.codebook_sizes[: args.k], source=source,
+                         hidden=args.hidden, depth=args.depth, rank=args.rank)
+    torch.manual_seed(args.seed)
+    draft = pm.DraftModel(cfg, num_tasks=n_tasks)
+    opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.01)
+    steps = args.epochs * math.ceil(len(train) / args.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(args.seed)
+    gt_train = train.codes[..., : args.k]
+    best, history = None, []
+    for epoch in tqdm(range(1, args.epochs + 1), desc=f"draft ({source})", unit="epoch"):
+        draft.train()
+        for idx in batches(len(train), args.batch_size, gen):
+            logits = draft(f_train[idx], train.task[idx]).flatten(0, 2)
+            loss = F.cross_entropy(logits, t_train[idx].flatten())
+            if args.gt_weight > 0:
+                loss = loss + args.gt_weight * F.cross_entropy(logits, gt_train[idx].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        per_pos, per_layer = agreement(draft, f_val, val.task, t_val)
+        history.append({"epoch": epoch, "agreement": per_pos, "layer_agreement": per_layer})
+        if best is None or sum(per_pos) > sum(best["agreement"]):
+            best = {**history[-1], "state": {k: v.clone() for k, v in draft.state_dict().items()}}
+    draft.load_state_dict(best.pop("state"))
+    return draft.eval(), best, history
+
+
+def median_seconds(fn, repeats: int = 300, warmup: int = 30) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset) -> dict:
+    """Median batch-1 wall time of a draft pass and of a main pass (one dense decoding step,
+    with the cache holding the ctx and the layers before it), plus FLOPs of each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    obs, task = data.obs[:1], data.task[:1]
+    L = policy.config.num_layers
+    mid = L // 2
+    codes = policy.greedy_decode(obs, task)
+
+    def prepared_cache():
+        cache = policy.new_cache()
+        prev = torch.cat([torch.zeros_like(codes[..., :1]), codes[..., : mid - 1]], -1)
+        policy.extend(cache, 0, mid, prev, policy.embed_obs(obs, task))
+        return cache
+
+    cache = prepared_cache()
+    base = cache.length
+
+    def main_pass():
+        policy.extend(cache, mid, 1, codes[..., mid - 1: mid])
+        cache.truncate(base)
+
+    # The embedding draft reads the ctx embedding the main policy computes anyway for its
+    # first pass, so only the draft's own layers are its cost; the obs draft pays for
+    # normalizing the observation too.
+    ctx_flat = policy.embed_obs(obs, task).flatten(1)
+    if draft.config.source == "embedding":
+        def draft_pass():
+            draft(ctx_flat)
+    else:
+        def draft_pass():
+            draft(policy.obs_encoder.normalizer(obs), task)
+
+    t_main, t_draft = median_seconds(main_pass), median_seconds(draft_pass)
+    with FlopCounterMode(display=False) as fc:
+        main_pass()
+    f_main = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        draft_pass()
+    f_draft = fc.get_total_flops()
+    return {"main_pass_us": t_main * 1e6, "draft_pass_us": t_draft * 1e6,
+            "draft_main_cost_ratio": t_draft / t_main,
+            "main_pass_flops": f_main, "draft_pass_flops": f_draft,
+            "draft_main_flops_ratio": f_draft / max(f_main, 1)}
+
+
+def main(args) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log.info("config: %s", vars(args))
+    torch.set_num_threads(args.threads)
+    policy, pckpt = pm.load_policy(args.policy)
+    if policy.config.variant != "ar":
+        raise ValueError(f"{args.policy} is a {policy.config.variant!r} policy; the draft serves the 'ar' policy")
+    if not 1 <= args.k <= policy.config.num_layers:
+        raise ValueError(f"--k must be in 1..{policy.config.num_layers}, got {args.k}")
+    tok_path = args.tokenizer or pckpt["provenance"]["tokenizer"]
+    pm.load_policy(args.policy, tok_path)  # refuses a tokenizer other than the policy's
+    tokenizer, _ = load_tokenizer(tok_path)
+    data_files = args.data or pckpt["provenance"]["data"]["files"]
+    episodes = ca.load_episodes(data_files, action_dim=tokenizer.config.action_dim)
+    train_eps, val_eps = split_like_policy(episodes, pckpt)
+    instr = policy.config.instructions
+    train = build_dataset(train_eps, tokenizer, policy.config.obs_keys, instr)
+    val = build_dataset(val_eps, tokenizer, policy.config.obs_keys, instr)
+    log.info("%d train chunks, %d validation chunks; computing the main policy's codes",
+             len(train), len(val))
+    t0 = time.perf_counter()
+    t_train, t_val = main_targets(policy, train, args.k), main_targets(policy, val, args.k)
+
+    sources = ["embedding", "obs"] if args.source == "both" else [args.source]
+    results = {}
+    for source in sources:
+        draft, best, history = train_one(source, policy, train, val, t_train, t_val, args, len(instr))
+        results[source] = {"draft": draft, "best": best, "history": history,
+                           "cost": cost_ratio(policy, draft, val)}
+        log.info("%s draft: agreement %s, cost ratio %.3f", source,
+                 [f"{a:.3f}" for a in best["agreement"]], results[source]["cost"]["draft_main_cost_ratio"])
+    chosen = max(sources, key=lambda s: sum(results[s]["best"]["agreement"]))
+    r = results[chosen]
+    wall = time.perf_counter() - t0
+    provenance = {"args": vars(args), "seed": args.seed, "policy": os.path.abspath(args.policy),
+                  "tokenizer": os.path.abspath(tok_path),
+                  "data": {"files": [os.path.abspath(p) for p in data_files]},
+                  "metrics": {k: v for k, v in r["best"].items()}}
+    pm.save_draft(r["draft"], args.output, pm.file_sha256(args.policy), len(instr), provenance)
+
+    result = {
+        "source": chosen,
+        "k": args.k,
+        "agreement": r["best"]["agreement"],
+        "layer_agreement": r["best"]["layer_agreement"],
+        "best_epoch": r["best"]["epoch"],
+        **r["cost"],
+        "candidates": {s: {"agreement": v["best"]["agreement"],
+                           "layer_agreement": v["best"]["layer_agreement"], **v["cost"]}
+                       for s, v in results.items()},
+        "train_seconds": wall,
+        "output": args.output,
+    }
+    print(f"\n{'source':>10} | " + " | ".join(f"layer {l + 1} agree (chunk)" for l in range(args.k))
+          + " | draft/main time | draft/main FLOPs")
+    for s, v in result["candidates"].items():
+        cells = " | ".join(f"{a:6.3f} ({b:5.3f})      " for a, b in zip(v["agreement"], v["layer_agreement"]))
+        mark = "  <- kept" if s == chosen else ""
+        print(f"{s:>10} | {cells} | {v['draft_main_cost_ratio']:15.3f} | {v['draft_main_flops_ratio']:.3f}{mark}")
+    print(f"main pass {r['cost']['main_pass_us']:.0f} us, draft pass {r['cost']['draft_pass_us']:.0f} us "
+          f"(median, batch 1); wrote {args.output}")
+    if args.json:
+        ca.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        sys.exit(f"error: {exc}")
