@@ -1,0 +1,309 @@
+"""Phase 3: closed-loop evaluation of the token policies in LIBERO, dense against speculative.
+
+    python eval_libero.py --task_suite libero_spatial --policy policy.pt --draft draft.pt \\
+        --mode rsd --num_trials 20 --json results.json
+    python eval_libero.py ... --parallel_policy policy_parallel.pt --mode all   # one table
+
+Trial i of a task starts from the benchmark's init state i (the first 20 are never used for
+training data), runs the settle steps, and gets the suite's standard step limit; the policy
+re-plans every ``--replan_steps``. Success comes only from ``env.check_success()``. An
+exception inside a trial is counted and reported as an error (never as a success), and the
+evaluation goes on. Every mode runs on the same init states, task by task, in one process,
+so latencies are comparable within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import collect_actions as ca
+import policy_models as pm
+from policy_data import obs_vector
+from rsd_engine_core import ACCEPTANCE, ChunkStats, EngineConfig, RSDEngine
+from rvq_tokenizer import load_tokenizer
+
+log = logging.getLogger("eval_libero")
+
+POLICY_MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
+ALL_MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Closed-loop LIBERO evaluation (phase 3).")
+    # what to evaluate
+    p.add_argument("--task_suite", default="libero_spatial", choices=ca.SUITES)
+    p.add_argument("--task_id", type=ca.parse_task_ids, default="all", help="an id, a comma list, or 'all'")
+    p.add_argument("--num_trials", type=int, default=20, help="trials per task; trial i uses init state i")
+    p.add_argument("--mode", default="rsd", choices=[*POLICY_MODES, "all", "expert"])
+    # models
+    p.add_argument("--policy", help="main policy checkpoint (variant ar)")
+    p.add_argument("--draft", help="draft checkpoint (modes rsd, rsd+adaptive)")
+    p.add_argument("--parallel_policy", help="parallel-variant policy checkpoint (mode parallel)")
+    p.add_argument("--tokenizer", help="default: the tokenizer recorded in the policy (hash-checked)")
+    # decoding
+    p.add_argument("--acceptance", default="exact", choices=ACCEPTANCE)
+    p.add_argument("--k", type=int, default=None, help="layers the draft proposes (default: all it predicts)")
+    p.add_argument("--adaptive_threshold", type=float, default=0.05,
+                   help="adaptive modes stop once the expected refinement of a layer is below this")
+    p.add_argument("--min_layers", type=int, default=2)
+    p.add_argument("--tolerance", type=float, default=0.05, help="relaxed acceptance, normalized units")
+    p.add_argument("--replan_steps", type=int, default=5)
+    p.add_argument("--expert_noise", type=float, default=1.0, help="scripted expert variation (mode expert)")
+    # run
+    p.add_argument("--max_steps", type=int, default=None, help="default: the suite's standard limit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at batch 1)")
+    p.add_argument("--video", action="store_true", help="render cameras and write one video per trial")
+    p.add_argument("--video_dir", default="videos")
+    p.add_argument("--json", default=None)
+    return p
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+class EnginePolicy(ca.Policy):
+    """The RSD engine behind collect_actions' policy interface; keeps per-chunk statistics."""
+
+    def __init__(self, engine: RSDEngine, cfg: EngineConfig, replan_steps: int, seed: int):
+        self.engine, self.cfg, self.replan_steps = engine, cfg, replan_steps
+        self.keys = engine.policy.config.obs_keys
+        self.instructions = engine.policy.config.instructions
+        self.gen = torch.Generator().manual_seed(seed)
+        self.stats: list[ChunkStats] = []
+        self.task_index = 0
+
+    def reset(self, task: ca.TaskInfo, rng: np.random.Generator) -> None:
+        if task.instruction not in self.instructions:
+            raise ValueError(f"the policy was not trained on the instruction {task.instruction!r}")
+        self.task_index = self.instructions.index(task.instruction)
+        self.gen.manual_seed(int(rng.integers(2**31)))
+
+    def act(self, obs: dict) -> np.ndarray:
+        actions, stats, _ = self.engine.act(obs_vector(obs, self.keys), self.task_index, self.cfg, self.gen)
+        self.stats.append(stats)
+        return actions[: self.replan_steps]
+
+
+@dataclass
+class ModeResult:
+    trials: int = 0
+    successes: int = 0
+    errors: int = 0
+    error_messages: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    chunks: list = field(default_factory=list)   # ChunkStats of every chunk
+
+    def add(self, other: "ModeResult") -> None:
+        self.trials += other.trials
+        self.successes += other.successes
+        self.errors += other.errors
+        self.error_messages += other.error_messages
+        self.steps += other.steps
+        self.chunks += other.chunks
+
+    def summary(self) -> dict:
+        c = self.chunks
+        proposed = sum(s.proposed for s in c)
+        out = {
+            "success_rate": self.successes / self.trials if self.trials else 0.0,
+            "successes": self.successes,
+            "trials": self.trials,
+            "errors": self.errors,
+            "mean_episode_steps": float(np.mean(self.steps)) if self.steps else None,
+            "chunks": len(c),
+        }
+        if c:
+            out.update({
+                "latency_ms_median": 1e3 * statistics.median(s.seconds for s in c),
+                "latency_ms_p90": 1e3 * float(np.percentile([s.seconds for s in c], 90)),
+                "main_passes_per_chunk": float(np.mean([s.main_passes for s in c])),
+                "draft_passes_per_chunk": float(np.mean([s.draft_passes for s in c])),
+                "layers_per_chunk": float(np.mean([s.layers for s in c])),
+                "proposed_layers_per_chunk": proposed / len(c),
+                "accepted_layers_per_chunk": float(np.mean([s.accepted for s in c])),
+                "acceptance_rate": sum(s.accepted for s in c) / proposed if proposed else None,
+            })
+        if self.error_messages:
+            out["error_messages"] = self.error_messages[:10]
+        return out
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+def write_video(ep: ca.Episode, path: str, fps: int = 20) -> None:
+    import cv2
+
+    frames = ep.obs.get("agentview_image")
+    if frames is None or len(frames) == 0:
+        raise ValueError("no camera frames recorded; --video needs cameras")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    h, w = frames.shape[1:3]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for f in frames:
+        # IMPORTANT: robosuite renders upside down; flip to the usual view, RGB -> BGR
+        writer.write(np.ascontiguousarray(f[::-1, ::-1, ::-1]))
+    writer.release()
+
+
+def run_trials(env: ca.LiberoEnv, policy: ca.Policy, mode: str, args) -> ModeResult:
+    """Trials 0..num_trials-1 of one task with one policy."""
+    res = ModeResult()
+    for trial in range(args.num_trials):
+        seed = ca.episode_seed(args.seed, env.task.task_id, trial)
+        n_chunks = len(getattr(policy, "stats", []))
+        try:
+            ep = ca.run_episode(env, policy, trial, seed, keep_images=args.video, max_steps=args.max_steps)
+        except Exception as exc:  # counted and reported, never a success
+            res.trials += 1
+            res.errors += 1
+            msg = f"task {env.task.task_id} trial {trial} mode {mode}: {type(exc).__name__}: {exc}"
+            res.error_messages.append(msg)
+            log.warning("error in %s\n%s", msg, traceback.format_exc(limit=3))
+            continue
+        res.trials += 1
+        res.successes += int(ep.success)
+        res.steps.append(len(ep))
+        if args.video:
+            outcome = "success" if ep.success else "failure"
+            write_video(ep, os.path.join(args.video_dir, f"{env.task.suite}_task{env.task.task_id}_"
+                                         f"trial{trial}_{mode.replace('+', '_')}_{outcome}.mp4"))
+        if hasattr(policy, "stats"):
+            res.chunks += policy.stats[n_chunks:]
+    return res
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def mode_list(args) -> list[str]:
+    if args.mode == "all":
+        return [m for m in ALL_MODES if m != "parallel" or args.parallel_policy]
+    return [args.mode]
+
+
+def load_engine(args, modes) -> RSDEngine | None:
+    if modes == ["expert"]:
+        return None
+    if not args.policy:
+        raise ValueError(f"--mode {args.mode} needs --policy")
+    policy, ckpt = pm.load_policy(args.policy)
+    tok_path = args.tokenizer or ckpt["provenance"]["tokenizer"]
+    pm.load_policy(args.policy, tok_path)  # refuses a different tokenizer
+    tokenizer, _ = load_tokenizer(tok_path)
+    draft = parallel = None
+    if any(m in ("rsd", "rsd+adaptive") for m in modes):
+        if not args.draft:
+            raise ValueError("modes rsd and rsd+adaptive need --draft")
+        draft, _ = pm.load_draft(args.draft, args.policy)
+    if "parallel" in modes:
+        if not args.parallel_policy:
+            raise ValueError("mode parallel needs --parallel_policy")
+        parallel, _ = pm.load_policy(args.parallel_policy, tok_path)
+        if parallel.config.variant != "parallel":
+            raise ValueError(f"{args.parallel_policy} is not a parallel-variant policy")
+    return RSDEngine(policy, tokenizer, draft, parallel)
+
+
+def engine_config(mode: str, args) -> EngineConfig:
+    return EngineConfig(mode=mode, acceptance=args.acceptance, k=args.k,
+                        adaptive_threshold=args.adaptive_threshold, min_layers=args.min_layers,
+                        tolerance=args.tolerance)
+
+
+def make_policy(mode: str, engine, args) -> ca.Policy:
+    if mode == "expert":
+        return ca.make_policy("scripted", noise=args.expert_noise)
+    return EnginePolicy(engine, engine_config(mode, args), args.replan_steps, args.seed)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(totals: dict, per_task: dict) -> dict:
+    modes = {m: r.summary() for m, r in totals.items()}
+    dense = modes.get("dense", {}).get("latency_ms_median")
+    for m, s in modes.items():
+        lat = s.get("latency_ms_median")
+        s["speedup_vs_dense"] = dense / lat if dense and lat else None
+    return {"modes": modes,
+            "per_task": {str(t): {m: r.summary() for m, r in rows.items()} for t, rows in per_task.items()}}
+
+
+def print_table(result: dict) -> None:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    print(f"\n{'mode':>13} | {'success':>14} | {'errors':>6} | {'latency ms':>10} | {'speedup':>7} | "
+          f"{'main passes':>11} | {'layers':>6} | {'accepted':>8} | {'acceptance':>10}")
+    for m, s in result["modes"].items():
+        print(f"{m:>13} | {s['successes']:>4}/{s['trials']:<4} {100 * s['success_rate']:5.1f}% | "
+              f"{s['errors']:>6} | {f(s.get('latency_ms_median'), '10.2f')} | "
+              f"{f(s.get('speedup_vs_dense'), '6.2f')}x | {f(s.get('main_passes_per_chunk'), '11.2f')} | "
+              f"{f(s.get('layers_per_chunk'), '6.2f')} | {f(s.get('accepted_layers_per_chunk'), '8.2f')} | "
+              f"{f(s.get('acceptance_rate'), '10.3f')}")
+
+
+def main(args) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("OpenGL").setLevel(logging.WARNING)
+    log.info("config: %s", vars(args))
+    torch.set_num_threads(args.threads)
+    if args.num_trials < 1 or args.num_trials > ca.NUM_INIT_STATES:
+        raise ValueError(f"--num_trials must be in 1..{ca.NUM_INIT_STATES}, got {args.num_trials}")
+    if args.replan_steps < 1:
+        raise ValueError(f"--replan_steps must be >= 1, got {args.replan_steps}")
+    modes = mode_list(args)
+    if "expert" in modes:
+        ca.check_policy_supports("scripted", args.task_suite)
+    engine = load_engine(args, modes)
+    if engine is not None and args.replan_steps > engine.tokenizer.config.chunk_size:
+        raise ValueError(f"--replan_steps {args.replan_steps} exceeds the chunk size "
+                         f"{engine.tokenizer.config.chunk_size}")
+    task_ids = list(range(ca.num_tasks(args.task_suite))) if args.task_id == "all" else args.task_id
+    for t in task_ids:
+        ca.get_task(args.task_suite, t)
+    totals = {m: ModeResult() for m in modes}
+    per_task: dict = {}
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(task_ids) * len(modes) * args.num_trials, desc="eval", unit="trial")
+    for t in task_ids:
+        env = ca.LiberoEnv(args.task_suite, t, cameras=args.video)
+        per_task[t] = {}
+        try:
+            for m in modes:
+                res = run_trials(env, make_policy(m, engine, args), m, args)
+                per_task[t][m] = res
+                totals[m].add(res)
+                bar.update(res.trials)
+                bar.set_postfix({mm: f"{r.successes}/{r.trials}" for mm, r in totals.items()})
+        finally:
+            env.close()
+    bar.close()
+    result = summarize(totals, per_task)
+    result["config"] = {**vars(args), "modes": modes, "task_ids": task_ids,
+                        "wall_seconds": time.perf_counter() - t0}
+    print_table(result)
+    if args.json:
+        ca.write_json(args.json, result)
+        log.info("wrote %s", args.json)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
