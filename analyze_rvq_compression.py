@@ -344,17 +344,17 @@ def print_report(r: dict) -> None:
     if d.get("failed_episodes_excluded"):
         print(f"  ({d['failed_episodes_excluded']} of {d['collected_episodes']} collected episodes failed "
               "the task and are not used, as in training)")
-    print(f"\n{'layers':>6} {'tokens':>6} {'bits':>6} {'MSE':>10} {'MSE std':>10} {'MSE raw':>10} "
+    print(f"\n{'layers':>6} {'tokens':>6} {'bits':>6} {'MSE':>10} {'MSE std':>10} {'median':>10} {'MSE raw':>10} "
           f"{'max|err|':>9} {'ratio bits':>10} {'ratio tok':>9} {'usage':>6}")
     for p, u in zip(r["rvq"], r["code_usage"]):
         print(f"{p['layers']:>6} {p['tokens_per_chunk']:>6.0f} {p['bits_per_chunk']:>6.0f} {p['mse']:>10.6f} "
-              f"{p['mse_std']:>10.6f} {p['mse_raw']:>10.3g} {p['max_abs_err']:>9.4f} "
+              f"{p['mse_std']:>10.6f} {p['mse_median']:>10.6f} {p['mse_raw']:>10.3g} {p['max_abs_err']:>9.4f} "
               f"{p['compression_ratio_bits']:>10.1f} {p['compression_ratio_tokens']:>9.2f} {u['used_fraction']:>6.2f}")
-    print(f"\n{'baseline':>12} {'tokens':>7} {'bits':>7} {'MSE':>10} {'MSE raw':>10} {'fails':>6} {'clipped':>8}")
+    print(f"\n{'baseline':>12} {'tokens':>7} {'bits':>7} {'MSE':>10} {'median':>10} {'MSE raw':>10} {'fails':>6} {'clipped':>8}")
     for family in ("dct", "fast", "binning"):
         for p in r["baselines"][family]:
             print(f"{p['method']:>12} {p['tokens_per_chunk']:>7.1f} {p['bits_per_chunk']:>7.1f} {p['mse']:>10.6f} "
-                  f"{p['mse_raw']:>10.3g} {p['decode_failures']:>6} {p['clipped_values']:>8}")
+                  f"{p['mse_median']:>10.6f} {p['mse_raw']:>10.3g} {p['decode_failures']:>6} {p['clipped_values']:>8}")
     for s in r["baselines_skipped"]:
         print(f"{s['method']:>12} skipped: {s['reason']}")
     h, b = r["hypothesis"], r["bar1"]

@@ -317,7 +317,9 @@ def error_stats(target: np.ndarray, recon: np.ndarray) -> dict:
     """Per-chunk MSE statistics. target, recon: [B, T, D] in the same units.
 
     Returns {"mse": mean over chunks of the per-chunk MSE (mean over T * D), "mse_std": its
-    standard deviation over chunks, "max_abs_err": max |error| over every element}.
+    standard deviation over chunks, "mse_median" / "mse_p99": percentiles of the per-chunk MSE
+    (a mean driven by a few badly reconstructed chunks shows as mse >> mse_median),
+    "max_abs_err": max |error| over every element}.
     Rows of `recon` with NaN (decode failures) must be removed by the caller first.
     """
     if target.shape != recon.shape:
@@ -327,6 +329,7 @@ def error_stats(target: np.ndarray, recon: np.ndarray) -> dict:
     err = np.asarray(recon, np.float64) - np.asarray(target, np.float64)
     per_chunk = np.mean(err ** 2, axis=(1, 2))
     return {"mse": float(per_chunk.mean()), "mse_std": float(per_chunk.std()),
+            "mse_median": float(np.median(per_chunk)), "mse_p99": float(np.percentile(per_chunk, 99)),
             "max_abs_err": float(np.abs(err).max())}
 
 

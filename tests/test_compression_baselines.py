@@ -192,4 +192,5 @@ def test_error_stats():
     target = np.zeros((2, 2, 1))
     recon = np.array([[[1.0], [1.0]], [[0.0], [0.0]]])
     s = error_stats(target, recon)
-    assert s == {"mse": 0.5, "mse_std": 0.5, "max_abs_err": 1.0}
+    assert s["mse"] == 0.5 and s["mse_std"] == 0.5 and s["max_abs_err"] == 1.0
+    assert s["mse_median"] == 0.5 and s["mse_p99"] == pytest.approx(0.99)
