@@ -274,7 +274,10 @@ def main(args) -> dict:
                          f"{engine.tokenizer.config.chunk_size}")
     task_ids = list(range(ca.num_tasks(args.task_suite))) if args.task_id == "all" else args.task_id
     for t in task_ids:
-        ca.get_task(args.task_suite, t)
+        instruction = ca.get_task(args.task_suite, t).instruction
+        if engine is not None and instruction not in engine.policy.config.instructions:
+            raise ValueError(f"the policy was not trained on the instruction {instruction!r} "
+                             f"({args.task_suite} task {t}); it knows: {list(engine.policy.config.instructions)}")
     totals = {m: ModeResult() for m in modes}
     per_task: dict = {}
     t0 = time.perf_counter()

@@ -1,0 +1,212 @@
+"""train_policy.py, train_draft.py and eval_libero.py on a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import collect_actions as ca
+import eval_libero
+import policy_models as pm
+import train_draft
+import train_policy
+from rsd_engine_core import EngineConfig, RSDEngine
+from rvq_tokenizer import RVQConfig, RVQTokenizer, load_tokenizer, save_tokenizer, synthetic_episodes
+
+INSTRUCTIONS = ("put the bowl on the plate", "put the bowl on the stove")
+
+
+def synthetic_demo_file(path, n_episodes=12, seed=0, instructions=INSTRUCTIONS, obs_dims=(8, 6)):
+    """Episodes whose actions follow their observations, so a policy can learn them."""
+    rng = np.random.default_rng(seed)
+    w = ca.DemoWriter(str(path), {"suite": "libero_spatial"})
+    for i, actions in enumerate(synthetic_episodes(n_episodes, seed=seed)):
+        n = len(actions)
+        # proprio: the cumulative motion so far (a state the actions depend on) + phase clock
+        proprio = np.concatenate([np.cumsum(actions, 0), np.linspace(0, 1, n)[:, None]], 1)
+        proprio = np.pad(proprio, ((0, 0), (0, obs_dims[0] - 8)))
+        objects = np.repeat(rng.normal(size=(1, obs_dims[1])), n, 0)
+        ep = ca.Episode(actions=actions, obs={"robot0_proprio-state": proprio, "object-state": objects},
+                        success=True, task_suite="libero_spatial", task_id=i % len(instructions),
+                        instruction=instructions[i % len(instructions)], init_state_id=20 + i, seed=i)
+        w.add(ep)
+    return w.finish()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("policy")
+    demos = synthetic_demo_file(d / "demos.hdf5")
+    torch.manual_seed(0)
+    tok = RVQTokenizer(RVQConfig(chunk_size=10, latent_steps=2, num_layers=3, codebook_size=16,
+                                 hidden_dim=32))
+    chunks = ca.chunk_actions(ca.load_episodes(demos), 10)
+    tok.normalizer.fit(torch.from_numpy(chunks).reshape(-1, 7))
+    tok.init_codebooks(torch.from_numpy(chunks))
+    save_tokenizer(tok.eval(), str(d / "tok.pt"), {"test": True})
+    return d, demos
+
+
+def policy_args(d, demos, **over):
+    args = train_policy.build_parser().parse_args([
+        "--data", demos, "--tokenizer", str(d / "tok.pt"), "--output", str(d / "policy.pt"),
+        "--json", str(d / "policy.json"), "--epochs", "25", "--d_model", "32", "--n_blocks", "2",
+        "--n_heads", "2", "--obs_tokens", "2", "--batch_size", "64", "--val_fraction", "0.2",
+        "--threads", "1", "--dropout", "0.0"])
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    d, demos = workdir
+    result = train_policy.main(policy_args(d, demos))
+    return d, demos, result
+
+
+def test_policy_training_drives_loss_down_and_saves_best(trained):
+    d, _, result = trained
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < 0.8 * losses[0]
+    assert len(result["val_token_accuracy"]) == 3
+    saved = json.loads((d / "policy.json").read_text())
+    assert saved["val_action_mse"] == min(h["val"]["action_mse"] for h in result["history"])
+    assert (d / "policy_history.png").exists()
+    policy, ckpt = pm.load_policy(str(d / "policy.pt"), str(d / "tok.pt"))
+    assert ckpt["provenance"]["metrics"]["best_epoch"] == result["best_epoch"]
+    val_keys = {e["key"] for e in ckpt["provenance"]["data"]["val_episodes"]}
+    train_keys = {e["key"] for e in ckpt["provenance"]["data"]["train_episodes"]}
+    assert val_keys and not val_keys & train_keys  # split by episode
+
+
+def test_batched_greedy_decode_equals_engine_dense(trained):
+    d, demos, _ = trained
+    policy, _ = pm.load_policy(str(d / "policy.pt"))
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    engine = RSDEngine(policy, tok)
+    obs = torch.randn(5, policy.config.obs_dim)
+    task = torch.tensor([0, 1, 0, 1, 1])
+    batch = policy.greedy_decode(obs, task)
+    for i in range(5):
+        codes, stats = engine.decode_codes(obs[i:i + 1], task[i:i + 1], EngineConfig("dense"))
+        assert torch.equal(codes, batch[i:i + 1]) and stats.main_passes == 3
+
+
+def test_draft_training_reports_agreement_and_refuses_other_policy(trained, tmp_path):
+    d, demos, _ = trained
+    args = train_draft.build_parser().parse_args([
+        "--policy", str(d / "policy.pt"), "--output", str(d / "draft.pt"), "--json", str(d / "draft.json"),
+        "--k", "2", "--epochs", "8", "--hidden", "64", "--threads", "1"])
+    result = train_draft.main(args)
+    assert len(result["agreement"]) == 2 and set(result["candidates"]) == {"embedding", "obs"}
+    assert result["source"] in ("embedding", "obs")
+    # distillation learned something: better than always predicting the most common code
+    assert min(result["agreement"]) > 0.3
+    assert result["draft_main_cost_ratio"] > 0 and result["draft_pass_flops"] > 0
+    draft, _ = pm.load_draft(str(d / "draft.pt"), str(d / "policy.pt"))
+    # a policy retrained with another seed is another policy: the pair is refused
+    other = policy_args(d, demos, output=str(tmp_path / "other.pt"), json=None, epochs=1, seed=1)
+    train_policy.main(other)
+    with pytest.raises(ValueError, match="different main policy"):
+        pm.load_draft(str(d / "draft.pt"), str(tmp_path / "other.pt"))
+
+
+def test_policy_refuses_wrong_tokenizer(trained, tmp_path):
+    d, _, _ = trained
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    save_tokenizer(tok, str(tmp_path / "tok2.pt"), {"another": "run"})
+    with pytest.raises(ValueError, match="different tokenizer"):
+        pm.load_policy(str(d / "policy.pt"), str(tmp_path / "tok2.pt"))
+
+
+# ---------------------------------------------------------------- eval loop without a simulator
+
+class FakeEnv:
+    """Just enough of LiberoEnv for run_trials: succeeds after 12 steps; obs have the keys."""
+
+    def __init__(self, obs_dims=(7, 6)):
+        self.task = ca.TaskInfo("libero_spatial", 0, "t", INSTRUCTIONS[0], "", 40)
+        self.dims = obs_dims
+        self.t = 0
+
+    def _obs(self):
+        return {"robot0_proprio-state": np.full(self.dims[0], self.t * 0.1, np.float32),
+                "object-state": np.zeros(self.dims[1], np.float32)}
+
+    def reset(self, init_state_id):
+        self.t = 0
+        return self._obs()
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), self.t >= 12
+
+
+class Exploding(ca.Policy):
+    def reset(self, task, rng):
+        pass
+
+    def act(self, obs):
+        raise RuntimeError("simulated policy crash")
+
+
+def eval_args(**over):
+    args = eval_libero.build_parser().parse_args(["--num_trials", "3"])
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_trial_errors_are_counted_not_successes():
+    res = eval_libero.run_trials(FakeEnv(), Exploding(), "dense", eval_args())
+    s = res.summary()
+    assert (s["trials"], s["errors"], s["successes"], s["success_rate"]) == (3, 3, 0, 0.0)
+    assert "simulated policy crash" in s["error_messages"][0]
+
+
+def test_engine_policy_statistics_add_up(trained):
+    d, _, _ = trained
+    policy, _ = pm.load_policy(str(d / "policy.pt"))
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    engine = RSDEngine(policy, tok)
+    env = FakeEnv((policy.config.obs_dim - 6, 6))
+    ep_policy = eval_libero.EnginePolicy(engine, EngineConfig("dense"), replan_steps=5, seed=0)
+    res = eval_libero.run_trials(env, ep_policy, "dense", eval_args())
+    s = res.summary()
+    assert s["successes"] == 3 and s["errors"] == 0
+    assert s["chunks"] == 3 * 3  # 12 steps at 5 per chunk
+    assert s["main_passes_per_chunk"] == 3 and s["acceptance_rate"] is None
+
+
+@pytest.mark.integration
+def test_eval_runs_closed_loop_in_libero(workdir, tmp_path):
+    """Real LIBERO env, tiny models trained on synthetic demos with libero_spatial task 0's
+    instruction and observation sizes: every mode runs on the same init state and reports."""
+    d, _ = workdir
+    instruction = ca.get_task("libero_spatial", 0).instruction
+    demos = synthetic_demo_file(tmp_path / "demos.hdf5", 6, instructions=(instruction,), obs_dims=(39, 70))
+    pol = policy_args(d, demos, output=str(tmp_path / "policy.pt"), json=None, epochs=1)
+    train_policy.main(pol)
+    wrong = eval_args(policy=str(d / "policy.pt"), mode="dense", task_id=[0])
+    with pytest.raises(ValueError, match="not trained on the instruction"):
+        eval_libero.main(wrong)
+    train_draft.main(train_draft.build_parser().parse_args([
+        "--policy", str(tmp_path / "policy.pt"), "--output", str(tmp_path / "draft.pt"), "--k", "2",
+        "--epochs", "1", "--hidden", "32", "--source", "obs", "--threads", "1"]))
+    ev = eval_args(policy=str(tmp_path / "policy.pt"), draft=str(tmp_path / "draft.pt"), mode="all",
+                   task_id=[0], num_trials=1, max_steps=15, json=str(tmp_path / "e.json"))
+    out = eval_libero.main(ev)
+    assert list(out["modes"]) == ["dense", "rsd", "adaptive", "rsd+adaptive"]
+    for m, s in out["modes"].items():
+        assert s["trials"] == 1 and s["errors"] == 0, s
+        assert s["chunks"] == 3  # 15 steps, a new chunk every 5
+    assert out["modes"]["dense"]["main_passes_per_chunk"] == 3
+    assert out["modes"]["rsd"]["draft_passes_per_chunk"] == 1
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["per_task"]["0"]["rsd"]["trials"] == 1
+    expert = eval_libero.main(eval_args(mode="expert", task_id=[0], num_trials=1))
+    assert expert["modes"]["expert"]["successes"] == 1
