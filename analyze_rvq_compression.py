@@ -203,6 +203,9 @@ def rvq_layer_points(model, test_raw: np.ndarray, test_norm: np.ndarray, device)
                        **compression_ratios(test_raw.shape[1:], tokens, bits), **stats,
                        "mse_raw": raw_stats["mse"], "max_abs_err_raw": raw_stats["max_abs_err"]})
         recons.append(norm)
+        # what this layer adds: a layer that uses its codes but gains ~0 is dead in effect
+        prev = points[-2]["mse"] if l > 1 else None
+        points[-1]["layer_gain_relative"] = None if prev is None else (prev - stats["mse"]) / prev
     return points, codes.cpu(), recons
 
 
@@ -345,11 +348,13 @@ def print_report(r: dict) -> None:
         print(f"  ({d['failed_episodes_excluded']} of {d['collected_episodes']} collected episodes failed "
               "the task and are not used, as in training)")
     print(f"\n{'layers':>6} {'tokens':>6} {'bits':>6} {'MSE':>10} {'MSE std':>10} {'median':>10} {'MSE raw':>10} "
-          f"{'max|err|':>9} {'ratio bits':>10} {'ratio tok':>9} {'usage':>6}")
+          f"{'max|err|':>9} {'ratio bits':>10} {'ratio tok':>9} {'usage':>6} {'gain':>6}")
     for p, u in zip(r["rvq"], r["code_usage"]):
+        gain = "" if p["layer_gain_relative"] is None else f"{100 * p['layer_gain_relative']:.1f}%"
         print(f"{p['layers']:>6} {p['tokens_per_chunk']:>6.0f} {p['bits_per_chunk']:>6.0f} {p['mse']:>10.6f} "
               f"{p['mse_std']:>10.6f} {p['mse_median']:>10.6f} {p['mse_raw']:>10.3g} {p['max_abs_err']:>9.4f} "
-              f"{p['compression_ratio_bits']:>10.1f} {p['compression_ratio_tokens']:>9.2f} {u['used_fraction']:>6.2f}")
+              f"{p['compression_ratio_bits']:>10.1f} {p['compression_ratio_tokens']:>9.2f} {u['used_fraction']:>6.2f} "
+              f"{gain:>6}")
     print(f"\n{'baseline':>12} {'tokens':>7} {'bits':>7} {'MSE':>10} {'median':>10} {'MSE raw':>10} {'fails':>6} {'clipped':>8}")
     for family in ("dct", "fast", "binning"):
         for p in r["baselines"][family]:
