@@ -154,7 +154,7 @@ def train(model: nn.Module, loss_fn, train_chunks: torch.Tensor, args, name: str
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     model.train()
     t0 = time.perf_counter()
-    for _ in tqdm(range(args.steps), desc=f"train {name}", leave=False):
+    for _ in tqdm(range(args.steps), desc=f"train {name}", leave=False, disable=None):  # no bar off a terminal
         idx = torch.randint(len(train_chunks), (args.batch_size,), generator=gen)
         loss = loss_fn(train_chunks[idx])
         opt.zero_grad(set_to_none=True)
