@@ -130,3 +130,57 @@ def test_peer_tokenizer_round_trip_and_prefix_shapes():
             xn = peer.normalizer.normalize(x)
             expected = peer.normalizer.denormalize(peer._decode_latent(peer.quantizer(peer._latent(xn))[0]))
         torch.testing.assert_close(peer.decode(codes), expected, atol=1e-5, rtol=1e-5)
+
+
+def write_episode_file(path, episodes, seed0):
+    with h5py.File(path, "w") as f:
+        g = f.create_group("data")
+        for i, a in enumerate(episodes):
+            d = g.create_group(f"demo_{i}")
+            d.create_dataset("actions", data=a)
+            d.attrs.update(success=True, seed=seed0 + i, init_state_id=20 + i, task_id=0,
+                           task_suite="libero_spatial")
+
+
+def test_analysis_main_writes_every_field(tmp_path):
+    """End to end on synthetic demo files: a briefly trained tokenizer, --data test files,
+    JSON with every field the issue lists, and the plot."""
+    import json
+
+    from rvq_tokenizer import RVQConfig, RVQTokenizer, save_tokenizer, synthetic_episodes
+
+    torch.manual_seed(0)
+    train_path, test_path = str(tmp_path / "train.hdf5"), str(tmp_path / "test.hdf5")
+    write_episode_file(train_path, synthetic_episodes(12, seed=0), seed0=1000)
+    write_episode_file(test_path, synthetic_episodes(4, seed=1), seed0=5000)
+    train_eps = ca.load_episodes([train_path])
+    chunks = torch.as_tensor(ca.chunk_actions(train_eps, 10))
+    model = RVQTokenizer(RVQConfig(num_layers=4, codebook_size=32, hidden_dim=32))
+    model.normalizer.fit(chunks)
+    model.init_codebooks(chunks)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(30):
+        loss = model(chunks[torch.randint(len(chunks), (64,))]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ckpt = str(tmp_path / "tok.pt")
+    save_tokenizer(model, ckpt, {"args": {"seed": 0}, "seed": 0, "metrics": {}, "data": {
+        "files": [train_path], "train_episodes": [ca.episode_identity(e) for e in train_eps], "val_episodes": []}})
+    args = an.build_parser().parse_args(["--model", ckpt, "--data", test_path, "--device", "cpu",
+                                         "--json", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png"),
+                                         "--fast_scales", "2", "10", "--bin_counts", "16", "256"])
+    result = an.main(args)
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["data"]["source"] == "files" and saved["data"]["excluded_seen_episodes"] == 0
+    fields = {"layers", "tokens_per_chunk", "bits_per_chunk", "mse", "mse_std", "mse_raw", "max_abs_err"}
+    assert [p["layers"] for p in saved["rvq"]] == [1, 2, 3, 4]
+    assert all(fields <= set(p) for p in saved["rvq"])
+    assert saved["rvq"][0]["bits_per_chunk"] == model.bits_per_chunk(1)
+    for family in ("dct", "fast", "binning"):
+        assert saved["baselines"][family] and all(fields - {"layers"} <= set(p) for p in saved["baselines"][family])
+    assert {"fewest_layers_mse_below_0_01", "layers_1_2_below_0_01", "coarse_improvement"} <= set(saved["hypothesis"])
+    assert isinstance(saved["bar1"]["passed"], bool)
+    assert (tmp_path / "a.png").stat().st_size > 10_000
+    assert result["rvq"][-1]["mse"] < result["rvq"][0]["mse"]
