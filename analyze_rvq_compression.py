@@ -39,6 +39,9 @@ log = logging.getLogger("analyze_rvq")
 # Thresholds of the original guide's hypothesis (normalized actions).
 COARSE_MSE_THRESHOLD = 0.01   # "layers 1-2 alone reach MSE < 0.01"
 FINE_MSE_THRESHOLD = 0.001    # "all layers reach MSE < 0.001"; also where bar 1's budget range ends
+# A test value this far outside the normalizer's [-1, 1] (fit on the training data) means the
+# test actions leave the training distribution (another expert version, task or robot).
+OUT_OF_RANGE_NORMALIZED = 3.0
 # Fresh-collection seeds start here (plus an offset) so they are far from usual training seeds.
 FRESH_SEED_BASE = 100_000
 
@@ -183,6 +186,22 @@ def training_chunks(provenance: dict, train_seen: list[dict], chunk_size: int, p
 
 
 # ------------------------------------------------------------------------- measurements
+
+
+def test_range_report(test_norm: np.ndarray) -> dict:
+    """Per-dimension max |normalized test action| and share beyond [-1.1, 1.1]; warns when a
+    dimension goes far past the training range (then errors there dominate every mean)."""
+    absx = np.abs(test_norm).reshape(-1, test_norm.shape[-1])
+    report = {"max_abs_normalized": absx.max(0).tolist(),
+              "fraction_beyond_1_1": (absx > 1.1).mean(0).tolist()}
+    far = [d for d, v in enumerate(report["max_abs_normalized"]) if v > OUT_OF_RANGE_NORMALIZED]
+    report["dims_far_outside_training_range"] = far
+    if far:
+        log.warning("test actions of dimension(s) %s reach %s in normalized units (training q01..q99 = "
+                    "[-1, 1]): the test data is not from the training distribution", far,
+                    [round(report["max_abs_normalized"][d], 1) for d in far])
+    return report
+
 
 
 @torch.no_grad()
@@ -344,6 +363,10 @@ def print_report(r: dict) -> None:
            if d["source"] == "fresh_collection" else f"the given files (minus {d['excluded_seen_episodes']} seen episodes)")
     print(f"\nTest data: {src}: {d['episodes']} episodes, {d['chunks']} chunks of {d['chunk_size']} steps "
           f"from {', '.join(d['files'])}")
+    if d["test_range"]["dims_far_outside_training_range"]:
+        print(f"  WARNING: dimension(s) {d['test_range']['dims_far_outside_training_range']} of the test actions go "
+              f"far outside the training range (max |normalized| "
+              f"{max(d['test_range']['max_abs_normalized']):.1f}): not the training distribution")
     if d.get("failed_episodes_excluded"):
         print(f"  ({d['failed_episodes_excluded']} of {d['collected_episodes']} collected episodes failed "
               "the task and are not used, as in training)")
@@ -410,6 +433,7 @@ def main(args) -> dict:
     normalize = lambda a: model.normalize(torch.as_tensor(a, device=args.device)).cpu().numpy().astype(np.float64)
     denormalize = lambda a: model.denormalize(torch.as_tensor(a, dtype=torch.float32, device=args.device)).cpu().numpy()
     test_norm = normalize(test_raw)
+    data["test_range"] = test_range_report(test_norm)
     rvq, codes, recons = rvq_layer_points(model, test_raw, test_norm, args.device)
     usage = code_usage(codes, model.layer_codebook_sizes())
 
