@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--codebook_size", type=int, default=256, help="K per RVQ layer")
     g.add_argument("--fsq_levels", type=int, nargs="+", default=list(RVQConfig.fsq_levels),
                    help="RFSQ levels per latent dimension (codebook = their product)")
+    g.add_argument("--fsq_layer_scale", type=float, default=RVQConfig.fsq_layer_scale,
+                   help="RFSQ: residual magnification per layer, in (1, min level]; 0 = the levels "
+                        "(an exactly nested grid)")
     g.add_argument("--latent_steps", type=int, default=RVQConfig.latent_steps,
                    help="latent vectors per chunk; one layer costs latent_steps * log2(K) bits")
     g.add_argument("--hidden_dim", type=int, default=64)
@@ -84,7 +87,8 @@ def config_from_args(args, action_dim: int) -> RVQConfig:
         action_dim=action_dim, chunk_size=args.chunk_size, latent_steps=args.latent_steps,
         hidden_dim=args.hidden_dim, code_dim=args.code_dim, quantizer=args.quantizer,
         num_layers=args.num_layers, codebook_size=args.codebook_size,
-        fsq_levels=tuple(args.fsq_levels), residual_dropout=args.residual_dropout,
+        fsq_levels=tuple(args.fsq_levels), fsq_layer_scale=args.fsq_layer_scale or None,
+        residual_dropout=args.residual_dropout,
         prefix_loss_weight=args.prefix_loss_weight, commitment_weight=args.commitment_weight,
     )
 
@@ -162,9 +166,9 @@ def train_tokenizer(config: RVQConfig, train_chunks: np.ndarray, val_chunks: np.
             history[key].append(value)
         history["epoch"].append(epoch)
         history["dead_codes_replaced"].append(replaced)
-        history["train_usage"].append([u["used_fraction"] for u in train_usage])
+        history["train_usage"].append([u["used_of_possible"] for u in train_usage])
         history["val_prefix_mse"].append(ev["prefix_mse"])
-        history["val_usage"].append([u["used_fraction"] for u in ev["usage"]])
+        history["val_usage"].append([u["used_of_possible"] for u in ev["usage"]])
         history["val_score"].append(ev["score"])
         if ev["score"] < best["score"]:
             best = {"score": ev["score"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
@@ -226,7 +230,7 @@ def save_history_plot(history: dict, path: str) -> None:
     usage = np.array(history["train_usage"])
     for l in range(usage.shape[1]):
         ax[2].plot(epochs, usage[:, l], label=f"layer {l + 1}", color=plt.cm.viridis(l / max(1, usage.shape[1] - 1)))
-    ax[2].set(title="codebook share used per epoch (train)", xlabel="epoch", ylim=(0, 1.05))
+    ax[2].set(title="codes used per layer (share of min(K, samples), train)", xlabel="epoch", ylim=(0, 1.05))
     for a in ax:
         a.legend(fontsize=7)
         a.grid(alpha=0.3)
@@ -250,9 +254,14 @@ def print_table(result: dict) -> None:
     print(f"\n{result['config']['quantizer']} tokenizer | {m['train_chunks']} train / {m['val_chunks']} "
           f"val chunks ({m['train_episodes']} / {m['val_episodes']} episodes) | best epoch "
           f"{m['best_epoch']} | training {m['train_seconds']:.0f} s")
-    print(f"{'layers':>6} {'bits':>6} {'val MSE':>10} {'used':>6} {'perplexity':>10}")
+    print(f"{'layers':>6} {'bits':>6} {'val MSE':>10} {'gain':>6} | layer {'codes used':>10} "
+          f"{'of possible':>11} {'perplexity':>10}")
+    prev = None
     for l, (mse, bits, u) in enumerate(zip(m["val_prefix_mse"], m["bits_per_chunk"], m["val_usage"]), 1):
-        print(f"{'1-' + str(l):>6} {bits:>6.0f} {mse:>10.6f} {u['used_fraction']:>6.2f} {u['perplexity']:>10.1f}")
+        gain = "" if prev is None else f"{100 * (prev - mse) / prev:.0f}%"
+        print(f"{'1-' + str(l):>6} {bits:>6.0f} {mse:>10.6f} {gain:>6} | {l:>5} {u['used']:>10d} "
+              f"{u['used_of_possible']:>11.2f} {u['perplexity']:>10.1f}")
+        prev = mse
 
 
 def main(args) -> dict:
