@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 
@@ -42,6 +43,9 @@ log = logging.getLogger("bench_tokenizer")
 MSE_RATIO_BAR = 1.1          # our MSE <= 1.1x vector-quantize-pytorch's
 THROUGHPUT_RATIO_BAR = 1.5   # our encode+decode throughput >= 1.5x theirs
 LATENCY_BAR_US = 1000.0      # batch-1 encode+decode median <= 1 ms
+# vector-quantize-pytorch's FSQ materializes its whole implicit codebook ([prod(levels), C]
+# floats per layer); beyond this many codes that runs out of memory, so the peer is skipped.
+VQPYTORCH_FSQ_MAX_CODES = 2 ** 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,8 +267,14 @@ def main(args) -> dict:
     rng = np.random.default_rng(args.seed)
     batch_np = val_np[rng.integers(len(val_np), size=args.batch)]
     train_t, val_t, batch_t = (torch.as_tensor(a) for a in (train_np, val_np, batch_np))
-    methods = {}
+    methods, skipped = {}, {}
     for name in args.methods:
+        codes = math.prod(config.fsq_levels)
+        if name == "vqpytorch_rfsq" and codes > VQPYTORCH_FSQ_MAX_CODES:
+            skipped[name] = (f"fsq_levels {list(config.fsq_levels)} give {codes} codes per layer; "
+                             f"vector-quantize-pytorch's FSQ stores all of them (> {VQPYTORCH_FSQ_MAX_CODES})")
+            log.warning("skipping %s: %s", name, skipped[name])
+            continue
         if name == "fast":
             methods[name] = bench_fast(train_np, val_np, batch_np, args)
         else:
@@ -274,7 +284,7 @@ def main(args) -> dict:
     result = {"data": data, "config": {**config.__dict__, "fsq_levels": list(config.fsq_levels)},
               "settings": {"threads": args.threads, "batch": args.batch, "steps": args.steps,
                            "batch_size": args.batch_size, "lr": args.lr, "fast_scale": args.fast_scale},
-              "methods": methods, "bars": bars(methods)}
+              "methods": methods, "skipped": skipped, "bars": bars(methods)}
     print_table(result)
     if args.json:
         ca.write_json(args.json, result)
@@ -290,6 +300,8 @@ def print_table(r: dict) -> None:
     for name, m in r["methods"].items():
         print(f"{name:>15} {m['chunks_per_s']:>12.0f} {m['encode_chunks_per_s']:>13.0f} {m['decode_chunks_per_s']:>13.0f} "
               f"{m['batch1_latency_us']:>9.0f} {m['mse']:>10.6f}")
+    for name, reason in r["skipped"].items():
+        print(f"{name:>15} skipped: {reason}")
     for k, v in r["bars"].items():
         print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
 
