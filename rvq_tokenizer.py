@@ -195,11 +195,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def kmeans_init(self, x: torch.Tensor, iters: int = 10) -> None:
         """Lloyd's k-means on x [N, C]; empty clusters keep their starting point."""
-        n = x.shape[0]
-        start = torch.randperm(n, device=x.device)[: self.codebook_size]
-        if n < self.codebook_size:  # too few vectors: repeat some (dead-code replacement fixes it)
-            start = torch.randint(n, (self.codebook_size,), device=x.device)
-        centroids = x[start].clone()
+        centroids = self._kmeans_plus_plus(x)
         counts = torch.zeros(self.codebook_size, device=x.device)
         for _ in range(iters):
             self.codebook.copy_(centroids)
@@ -212,6 +208,21 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.copy_(counts.clamp(min=1.0))
         self.embed_sum.copy_(centroids * self.cluster_size[:, None])
         self.initialized.fill_(True)
+
+    def _kmeans_plus_plus(self, x: torch.Tensor) -> torch.Tensor:
+        """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre is drawn with
+        probability proportional to its squared distance from the centres so far, which
+        avoids the local minima of a uniform draw. x: [N, C] -> [K, C]."""
+        picks = [int(torch.randint(x.shape[0], (1,)))]
+        d2 = ((x - x[picks[0]]) ** 2).sum(1)
+        for _ in range(1, self.codebook_size):
+            total = d2.sum()
+            # all points already covered (fewer distinct vectors than codes): draw uniformly
+            weights = d2 if total > 0 else torch.ones_like(d2)
+            i = int(torch.multinomial(weights, 1))
+            picks.append(i)
+            d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
+        return x[picks].clone()
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, codes: torch.Tensor) -> int:

@@ -104,6 +104,7 @@ def check_args(args) -> None:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+    config_from_args(args, action_dim=1)  # model flags fail here, before any data is read
     if args.data is None and args.num_episodes < 2:
         raise ValueError(f"--num_episodes must be >= 2 to hold out episodes, got {args.num_episodes}")
 
@@ -126,6 +127,20 @@ def selection_score(prefix_mse: list[float]) -> float:
     return float(math.exp(np.mean(np.log(np.maximum(prefix_mse, 1e-12)))))
 
 
+def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
+    """LR factor per step: linear warm-up from 1/25 over the first 5% of steps, then cosine
+    decay to 0 (the one-cycle shape; the fine layers keep improving while the LR decays)."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.04 + 0.96 * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
 def train_tokenizer(config: RVQConfig, train_chunks: np.ndarray, val_chunks: np.ndarray, *,
                     epochs: int, batch_size: int, lr: float, device: str = "cpu",
                     progress: bool = True) -> tuple[RVQTokenizer, dict]:
@@ -139,8 +154,7 @@ def train_tokenizer(config: RVQConfig, train_chunks: np.ndarray, val_chunks: np.
     # buffers (codebooks, normalizer) are not parameters: the optimizer never touches them
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=device == "cpu")
     steps_per_epoch = math.ceil(len(train) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                                pct_start=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch))
     history = {"epoch": [], "recon_loss": [], "prefix_loss": [], "commit_loss": [],
                "dead_codes_replaced": [], "train_usage": [], "val_prefix_mse": [],
                "val_usage": [], "val_score": []}

@@ -17,7 +17,7 @@ LAYERS = 4  # enough to see a hierarchy, small enough to train in seconds
 
 def small_config(quantizer: str, **kw) -> rt.RVQConfig:
     base = dict(quantizer=quantizer, num_layers=LAYERS, hidden_dim=64, latent_steps=2,
-                codebook_size=64, code_dim=8, fsq_levels=(3, 3, 3, 3), fsq_layer_scale=1.75)
+                codebook_size=64, code_dim=8, fsq_levels=(3,) * 8, fsq_layer_scale=1.75)
     return rt.RVQConfig(**{**base, **kw})
 
 
@@ -71,7 +71,7 @@ def test_every_prefix_decodes_and_error_falls_with_layers(trained, data):
         assert out.shape == x.shape and torch.isfinite(out).all()
         errors.append(float(((model.normalize(out) - model.normalize(x)) ** 2).mean()))
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
-    assert errors[-1] < 0.7 * errors[0], errors  # the later layers add real detail
+    assert errors[-1] < 0.8 * errors[0], errors  # the later layers add real detail
     assert np.allclose(errors, model.prefix_mse(x).numpy(), rtol=1e-4)
 
 
@@ -223,7 +223,7 @@ def test_encode_does_not_change_codebooks_and_bits_are_counted(quantizer, data):
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     k = model.layer_codebook_sizes()[0]
-    assert k == (64 if quantizer == "rvq" else 81)
+    assert k == (64 if quantizer == "rvq" else 3 ** 8)
     assert model.bits_per_chunk(3) == pytest.approx(2 * 3 * np.log2(k))
 
 
