@@ -44,7 +44,8 @@ MSE_RATIO_BAR = 1.1          # our MSE <= 1.1x vector-quantize-pytorch's
 THROUGHPUT_RATIO_BAR = 1.5   # our encode+decode throughput >= 1.5x theirs
 LATENCY_BAR_US = 1000.0      # batch-1 encode+decode median <= 1 ms
 # vector-quantize-pytorch's FSQ materializes its whole implicit codebook ([prod(levels), C]
-# floats per layer); beyond this many codes that runs out of memory, so the peer is skipped.
+# floats per layer) and computes indices in float32 (exact only below 2**24); beyond this many
+# codes it runs out of memory or mis-decodes, so the peer is skipped.
 VQPYTORCH_FSQ_MAX_CODES = 2 ** 20
 
 

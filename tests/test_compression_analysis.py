@@ -112,7 +112,7 @@ def test_peer_tokenizer_round_trip_and_prefix_shapes():
     from rvq_tokenizer import RVQConfig
 
     torch.manual_seed(0)
-    cfg = RVQConfig(num_layers=3, codebook_size=16, hidden_dim=32)
+    cfg = RVQConfig(num_layers=3, codebook_size=16, hidden_dim=32, fsq_levels=(4, 4, 4, 4))  # 256 codes
     x = torch.randn(64, cfg.chunk_size, cfg.action_dim)
     for kind in ("rvq", "rfsq"):
         peer = PeerTokenizer(RVQConfig(**{**cfg.__dict__, "quantizer": kind}), kind, dead_code_threshold=0.1)
