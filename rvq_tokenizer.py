@@ -185,8 +185,9 @@ class VectorQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, C] -> codes [N] (nearest codebook entry, squared Euclidean distance)."""
         cb = self.codebook
-        dist = (x * x).sum(1, keepdim=True) - 2 * x @ cb.t() + (cb * cb).sum(1)
-        return dist.argmin(1)
+        # ||x||^2 is the same for every code, so argmin over ||c||^2 - 2 x.c picks the same
+        # code as the full distance; one fused addmm is several times faster at batch size.
+        return torch.addmm((cb * cb).sum(1), x, cb.t(), alpha=-2).argmin(1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [...] -> vectors [..., C]."""
