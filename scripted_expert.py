@@ -9,8 +9,16 @@ machine::
     approach above -> descend -> close -> lift (did the object rise?) -> carry above the
     target -> lower -> release -> retreat
 
-and goes back to ``approach`` (a regrasp) whenever a check fails: the object did not rise
-with the hand, it slipped out during the carry, or it did not end up on / in the target.
+and goes back to ``approach`` (a regrasp) whenever a check fails: the hand could not line
+up or was blocked on the way down, the object did not rise with the hand, it slipped out
+during the carry, or it did not end up on / in the target.
+
+The grasp is chosen from candidates (for a bowl, its rim every 22.5 degrees, the side facing
+the robot first; for other objects, the hand's yaw and a small shift along them) as the
+first whose open hand clears the neighbouring objects, the fixtures that the observation
+does not report (SCENE_FIXTURES: libero_spatial's cabinet) and the arm's reach; a failed grasp
+is tried again only after the others. A bowl in the cabinet's open drawer is taken with the
+fingers narrowed beforehand and slid out from under the cabinet's top before the lift.
 
 Each episode draws its own style from the ``rng`` passed to ``reset`` (approach and carry
 heights, speed and acceleration, small grasp / place offsets, smooth low-frequency wobble on the
@@ -55,6 +63,12 @@ GRASP_TOLERANCE = 0.006
 # reference is ahead is blocked (fingers on the table or the object): go on with the next phase.
 STALL_SPEED = 0.0008
 STALL_STEPS = 4
+# An approach that has not lined up after this many steps is given up for another grasp
+# (a typical approach takes 25-45 steps).
+APPROACH_TIMEOUT = 80
+DESCEND_TIMEOUT = 50  # typical descents take 15-25 steps
+# Blocked more than this (m) above the grasp point, the hand is on something else.
+BLOCKED_ABOVE = 0.01
 # Finger opening (m, sum of the two finger joints) below which the fingers closed on nothing:
 # ~0.078 open, ~0.0023 fully closed, ~0.006 on a bowl's rim.
 EMPTY_GRIPPER_WIDTH = 0.0035
@@ -75,7 +89,7 @@ class GraspGeometry:
         ~1 cm above the fingertips and the palm ~3 cm above the EEF, so tall objects are
         taken within the top ~3 cm).
     rim_offset: horizontal distance from the origin to the grasped wall (a bowl's rim,
-        taken from the side with most room, see RIM_CANDIDATES); 0 grasps the centre line.
+        taken from a side with room, see RIM_ANGLES); 0 grasps the centre line.
     rim_height: height of the grasped point above the origin in the object's own frame.
     bottom: height of the origin above the object's lowest point (upright object).
     yaws: centre grasps: hand yaws to try (0: fingers close along world y, pi/2: along x);
@@ -148,16 +162,43 @@ TARGET_GEOMETRY = {
 
 
 @dataclass(frozen=True)
+class Drawer:
+    """The inside of an open drawer: a box the open fingers do not fit into.
+
+    interior: [4, 2] corners (m, world xy) of its inner walls; floor: height of its floor.
+    width_axis: unit xy vector along its wider inner side, the only way the fingers fit.
+    out_axis: unit xy vector pointing out of the cabinet.
+    front_wall, overhang: inner front wall and the cabinet's front edge (whose top plank
+        overhangs the back of the drawer) as distances (m) along out_axis from the interior's
+        centre (the latter negative: behind it).
+    """
+
+    interior: np.ndarray
+    floor: float
+    width_axis: np.ndarray
+    out_axis: np.ndarray
+    front_wall: float
+    overhang: float
+
+    def centre(self) -> np.ndarray:
+        return self.interior.mean(axis=0)
+
+
+@dataclass(frozen=True)
 class Fixture:
     """A fixed piece of furniture that the observations do not report.
 
     footprint: [K, 2] corners (m, world xy) of its convex footprint.
     top: height (m, world z) of its highest surface.
+    drawer: where its drawer opens, if one can hold the object (only its top drawer, open in
+        "pick up the black bowl in the top drawer"; closed, that space is inside the cabinet,
+        so an object found there at the drawer's floor height is in the open drawer).
     """
 
     name: str
     footprint: np.ndarray
     top: float
+    drawer: Drawer | None = None
 
 
 # Fixtures per suite, measured from the collision geometry of every libero_spatial task (the
@@ -172,6 +213,19 @@ SCENE_FIXTURES = {
             name="wooden_cabinet",
             footprint=np.array([[-0.050, -0.125], [0.185, -0.238], [0.075, -0.465], [-0.162, -0.350]]),
             top=1.131,
+            # Top drawer pulled out: inner walls 15.8 cm deep (front to back) and 20.8 cm wide,
+            # walls 6 cm above its floor, so a bowl (10.7 cm) leaves ~2.5 cm in front and behind
+            # and ~5 cm at each side; the open fingers reach 11 cm out from the bowl's centre.
+            # The plank 1 cm above a bowl's rim reaches 4.2 cm over the back of the drawer: a
+            # bowl is slid forward before it is lifted.
+            drawer=Drawer(
+                interior=np.array([[0.210, -0.118], [0.023, -0.026], [-0.046, -0.168], [0.141, -0.260]]),
+                floor=1.063,
+                width_axis=np.array([0.9, -0.44]),
+                out_axis=np.array([0.44, 0.9]),
+                front_wall=0.079,
+                overhang=-0.042,
+            ),
         ),
         Fixture(
             name="wooden_cabinet_drawer_fronts",
@@ -185,11 +239,17 @@ SCENE_FIXTURES = {
     "libero_object": (),
 }
 
-# The arm's shoulder (robot base + 0.333 m) per suite, world xy. Measured: the hand stalls
-# beyond ~0.80-0.85 m horizontally from it, less with the hand turned, so grasps that would
-# put the hand further away (at the object or over the target) are not used.
-SHOULDER_XY = {"libero_spatial": np.array([-0.66, 0.0]), "libero_object": np.array([-0.60, 0.0])}
-REACH_LIMIT = 0.79
+# The arm's shoulder (robot base + 0.333 m) per suite, world xyz. The Panda's elbow straightens
+# (joint 4 at its -0.07 rad limit) when the wrist, ~WRIST_ABOVE_EEF above a downward-pointing
+# EEF, is ~0.77-0.79 m from the shoulder; the OSC then cannot move the hand at all (measured:
+# stuck at (0.04, -0.31, 1.17) over the cabinet and at (0.11, 0.17, 1.01) beyond the plate).
+# Grasps that need the wrist further than REACH_LIMIT away are avoided, and the reference
+# point is kept within REACH_GUARD (this crude model is only good to ~1 cm: a bowl whose
+# grasp point lies at 0.766 was reached, the hand stuck at 0.779).
+SHOULDER = {"libero_spatial": np.array([-0.66, 0.0, 1.245]), "libero_object": np.array([-0.60, 0.0, 0.333])}
+WRIST_ABOVE_EEF = 0.21
+REACH_LIMIT = 0.76
+REACH_GUARD = 0.772
 
 # Panda hand geometry relative to the EEF (measured from its collision meshes): the palm
 # spans +-HAND_HALF_LENGTH along the finger axis and starts PALM_HEIGHT above the EEF; open
@@ -199,19 +259,15 @@ HAND_HALF_WIDTH = 0.035
 PALM_HEIGHT = 0.03
 FINGER_OPEN_OFFSET = 0.045
 FINGERTIP_DEPTH = 0.01
-# Rim grasps to try, in order of preference: the angle (rad, world frame) of the direction
-# from the bowl's centre to the grasped rim; the fingers close along that direction. The rim
-# nearest the robot (-x, angle pi) comes first: the hand then stays closest to the robot at
-# both ends, and the arm cannot reach a hand held 5 cm beyond a plate at the far side.
-RIM_ANGLES = tuple(np.pi * a for a in (1.0, 0.75, -0.75, -0.5, 0.5, -0.25, 0.25, 0.0))
+# Rim grasps to try, every 22.5 degrees, in order of preference: the angle (rad, world frame)
+# of the direction from the bowl's centre to the grasped rim; the fingers close along that
+# direction. The rim nearest the robot (-x, angle pi) comes first, then its neighbours: the
+# hand then stays closest to the robot at both ends, and the arm cannot reach a hand held
+# 5 cm beyond a plate at the far side.
+RIM_ANGLES = tuple(sorted((np.pi * (1 - k / 8) for k in range(16)), key=lambda a: abs(np.pi - a % (2 * np.pi))))
 
-
-def finger_yaw(direction_angle: float) -> float:
-    """Hand yaw (rad, in (-pi/2, pi/2]) whose fingers close along direction_angle: at yaw 0 they
-    close along world y; the two fingers are alike, so yaw and yaw + pi are the same grasp."""
-    yaw = direction_angle - np.pi / 2
-    return float(np.pi / 2 - (np.pi / 2 - yaw) % np.pi)
-# A grasp whose open hand keeps this gap (m) to everything tall enough to touch it is taken.
+# A grasp whose open hand keeps this gap (m) to everything tall enough to touch it (and its
+# palm this far above a tilted bowl's rim) is taken.
 GRASP_CLEARANCE = 0.012
 # (radius, top above the origin) in m of objects that may stand next to the grasped one
 # (from the collision meshes; boxes get half their longer side); unknown kinds get a
@@ -234,12 +290,36 @@ NEIGHBOUR_SIZE = {
     "basket": (0.085, 0.151),
 }
 DEFAULT_NEIGHBOUR_SIZE = (0.05, 0.15)
+# A grasp inside a drawer pre-shapes the hand: with the fingers fully open, they close for
+# PRESHAPE_STEPS steps above it (to ~4.2 cm apart, measured), then hold that opening on the
+# way down (GRIPPER_HOLD: robosuite adds the sign of the gripper command to the fingers'
+# target each step, so 0 keeps it). The hand must be lined up within PRESHAPE_ALIGN (m) first:
+# the narrowed fingers leave ~1.5 cm either side of the rim.
+PRESHAPE_STEPS = 4
+PRESHAPE_ALIGN = 0.004
+GRIPPER_HOLD = 0.0
+FINGERS_OPEN_WIDTH = 0.075
+# A bowl lifted from a drawer drags along its floor: take 0.5 cm more of its rim. The palm,
+# 3 cm above the EEF and as long as the drawer is wide, must stay above the drawer's walls,
+# which allows at most ~0.6 cm (measured on task 4: 1.25 cm deeper put the palm on the wall).
+DRAWER_EXTRA_DEPTH = 0.005
+# Sliding the held bowl forward in its drawer, slowly (action units).
+SLIDE_SPEED = 0.25
+# Radius (m) of a bowl's footprint, for sliding it out from under the cabinet's plank.
+BOWL_RADIUS = 0.054
 # Horizontal radius (m) of a carried object's footprint when checking it against fixtures.
 CARRY_RADIUS = 0.06
 # Near where it was picked up, a carried object rises at least this much (m) before moving
 # away: bowls come out of the cabinet's drawer (walls 6 cm above its floor) and off the ramekin.
 START_CLEARANCE = 0.07
 START_ZONE = 0.10
+
+
+def finger_yaw(direction_angle: float) -> float:
+    """Hand yaw (rad, in (-pi/2, pi/2]) whose fingers close along direction_angle: at yaw 0 they
+    close along world y; the two fingers are alike, so yaw and yaw + pi are the same grasp."""
+    yaw = direction_angle - np.pi / 2
+    return float(np.pi / 2 - (np.pi / 2 - yaw) % np.pi)
 
 
 def polygon_distance(point: np.ndarray, polygon: np.ndarray) -> float:
@@ -393,13 +473,15 @@ class ScriptedExpert:
         self.ref_yaw = 0.0  # smooth yaw reference (rad) relative to the starting orientation
         self.ref_yaw_vel = 0.0  # rad per step
         self.ref_rotation = None  # orientation held for the episode, set at the first act()
-        self.grasp_choice = None  # ("rim", direction [2], yaw) or ("centre", offset [2], yaw)
+        self.grasp_choice = None  # see _grasp_candidates
+        self.failed_grasps = []  # choices that were blocked or did not lift the object
         self.grasp_yaw = 0.0  # hand yaw (rad, about world z) for the grasp; 0 = fingers along y
         self.hold_point = None  # grasp point frozen while the fingers close
         self.lift_start = None  # (eef z, object z) when the lift began
         self.hold_offset = None  # eef - object, measured once the object hangs in the hand
         self.start_bottom = None  # object's bottom height when it was grasped
         self.pick_xy = None  # object's xy when it was grasped [2]
+        self.slide_target = None  # where a bowl taken in a drawer is slid to before the lift [3]
         self.fixtures = SCENE_FIXTURES.get(task.suite, ())
         self.stall = 0
         self.prev_eef = None
@@ -409,19 +491,32 @@ class ScriptedExpert:
         return np.asarray(obs[f"{self.obj}_pos"], dtype=np.float64)
 
     def _grasp_candidates(self, obs):
-        """Yield (choice, grasp point [3], finger axis [2], outer finger points, far rim z).
+        """Yield (choice, grasp point [3], finger axis [2], outer finger points, rim top z under
+        the palm (None: not a rim grasp)).
 
-        choice = ("rim", direction, yaw) for a bowl's rim or ("centre", offset [2], yaw).
+        choice = ("rim", direction (x, y), yaw, hand) for a bowl's rim or ("centre", offset
+        (x, y), yaw, hand); hand is "open" or "preshape" (narrowed fingers, in a drawer).
         """
         g = self.grasp
+        drawer = self._drawer_holding_object(obs)
+        if g.rim_offset > 0 and drawer is not None:
+            # Only along the drawer's width is there room for a finger beside the bowl, and only
+            # the side nearer the robot is within reach.
+            for d in sorted((-drawer.width_axis, drawer.width_axis), key=lambda v: v[0])[:1]:
+                angle = float(np.arctan2(d[1], d[0]))
+                rim = self._rim_point(obs, d)
+                point = rim + np.array([0.0, 0.0, g.grasp_height - DRAWER_EXTRA_DEPTH])
+                yield ("rim", (d[0], d[1]), finger_yaw(angle), "preshape"), point, d, [], None
+            return
         if g.rim_offset > 0:
             for angle in RIM_ANGLES:
                 d, yaw = np.array([np.cos(angle), np.sin(angle)]), finger_yaw(angle)
                 rim = self._rim_point(obs, d)
                 point = rim + np.array([0.0, 0.0, g.grasp_height])
                 # The finger inside the bowl touches nothing; the palm spans the whole bowl,
-                # so a tilted bowl's far rim must stay below it.
-                yield ("rim", d, yaw), point, d, [rim[:2] + FINGER_OPEN_OFFSET * d], self._rim_point(obs, -d)[2]
+                # so a tilted bowl's rim must stay below it wherever the palm passes over it.
+                yield (("rim", (d[0], d[1]), yaw, "open"), point, d, [rim[:2] + FINGER_OPEN_OFFSET * d],
+                       self._rim_top_under_palm(obs, rim[:2], d))
             return
         p = self._obj_pos(obs)
         for yaw in g.yaws:
@@ -431,31 +526,52 @@ class ScriptedExpert:
                 offset = slide * across
                 point = p + np.array([offset[0], offset[1], g.grasp_height])
                 fingers = [point[:2] + FINGER_OPEN_OFFSET * axis, point[:2] - FINGER_OPEN_OFFSET * axis]
-                yield ("centre", offset, yaw), point, axis, fingers, None
+                yield ("centre", (offset[0], offset[1]), yaw, "open"), point, axis, fingers, None
 
     def _choose_grasp(self, obs) -> tuple:
-        """The first candidate grasp whose open hand keeps GRASP_CLEARANCE from fixtures and
-        neighbouring objects, else the one with the most clearance."""
-        best, best_clearance = None, -np.inf
-        for choice, point, axis, fingers, far_rim_z in self._grasp_candidates(obs):
-            clearance = self._grasp_clearance(obs, point[:2], axis, point[2], fingers)
-            clearance = min(clearance, self._reach_margin(obs, point))
-            if far_rim_z is not None:
-                clearance = min(clearance, point[2] + PALM_HEIGHT - far_rim_z - 0.005)
-            if clearance >= GRASP_CLEARANCE:
+        """The first candidate grasp that keeps the open hand GRASP_CLEARANCE from fixtures and
+        neighbouring objects, the palm above a tilted bowl's rim, and the arm within reach
+        at the object and over the target. Grasps that already failed in this episode come
+        after the untried ones; if none qualifies, the one that misses least."""
+        scored = []
+        for choice, point, axis, fingers, rim_top in self._grasp_candidates(obs):
+            slack = min(
+                self._grasp_clearance(obs, point[:2], axis, point[2], fingers) - GRASP_CLEARANCE,
+                self._reach_margin(obs, point),
+                np.inf if rim_top is None else point[2] + PALM_HEIGHT - rim_top - GRASP_CLEARANCE,
+            )
+            scored.append((choice, slack))
+        for choice, slack in scored:
+            if slack >= 0 and choice not in self.failed_grasps:
                 return choice
-            if clearance > best_clearance:
-                best, best_clearance = choice, clearance
-        return best
+        fits = [choice for choice, slack in scored if slack >= 0]
+        if fits:  # every good grasp failed once: retry the one that failed least often
+            return min(fits, key=self.failed_grasps.count)
+        return max(scored, key=lambda cs: cs[1])[0]
+
+    def _drawer_holding_object(self, obs):
+        """The open drawer the object lies in, or None."""
+        p = self._obj_pos(obs)
+        for fixture in self.fixtures:
+            d = fixture.drawer
+            if d is not None and abs(p[2] - d.floor) < 0.015 and polygon_distance(p[:2], d.interior) < 0:
+                return d
+        return None
 
     def _reach_margin(self, obs, point) -> float:
         """How far (m) inside the arm's reach the hand stays when grasping at point [3] and
         when holding the object the same way over the target's centre."""
-        shoulder = SHOULDER_XY.get(self.task.suite)
+        at_target = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64) + point - self._obj_pos(obs)
+        at_target[2] = point[2] - self._obj_pos(obs)[2] + float(obs[f"{self.target}_pos"][2]) + 0.03
+        return min(self._reach_left(point), self._reach_left(at_target))
+
+    def _reach_left(self, eef, limit: float = REACH_LIMIT) -> float:
+        """limit minus the wrist's distance (m) from the shoulder for the EEF at eef [3]."""
+        shoulder = SHOULDER.get(self.task.suite)
         if shoulder is None:
             return np.inf
-        at_target = np.asarray(obs[f"{self.target}_pos"][:2]) + point[:2] - self._obj_pos(obs)[:2]
-        return REACH_LIMIT - max(np.linalg.norm(point[:2] - shoulder), np.linalg.norm(at_target - shoulder))
+        wrist = np.asarray(eef, dtype=np.float64) + np.array([0.0, 0.0, WRIST_ABOVE_EEF])
+        return limit - float(np.linalg.norm(wrist - shoulder))
 
     def _grasp_clearance(self, obs, grasp_xy, d, eef_z, fingers) -> float:
         """Smallest horizontal gap (m) between the open hand (closing along d at grasp_xy,
@@ -471,7 +587,7 @@ class ScriptedExpert:
             if fixture.top > palm_z - 0.003:
                 gap = min(gap, min(polygon_distance(q, fixture.footprint) for q in palm))
             if fixture.top > finger_z:
-                gap = min(gap, min(polygon_distance(f, fixture.footprint) for f in fingers))
+                gap = min(gap, min((polygon_distance(f, fixture.footprint) for f in fingers), default=np.inf))
         for key, pos in obs.items():
             if not key.endswith("_pos") or "_to_" in key or key.startswith("robot0") or key == f"{self.obj}_pos":
                 continue
@@ -480,8 +596,15 @@ class ScriptedExpert:
             if top > palm_z:
                 gap = min(gap, min(float(np.linalg.norm(q - pos[:2])) for q in palm) - radius)
             if top > finger_z:
-                gap = min(gap, min(float(np.linalg.norm(f - pos[:2])) for f in fingers) - radius)
+                gap = min(gap, min((float(np.linalg.norm(f - pos[:2])) for f in fingers), default=np.inf) - radius)
         return gap
+
+    def _rim_top_under_palm(self, obs, grasp_xy, d) -> float:
+        """Highest point (world z) of the object's rim under a palm closing along d at grasp_xy."""
+        across = np.array([-d[1], d[0]])
+        tops = [self._rim_point(obs, (np.cos(a), np.sin(a))) for a in np.linspace(0, 2 * np.pi, 24, endpoint=False)]
+        under = [p[2] for p in tops if abs(np.dot(p[:2] - grasp_xy, across)) < HAND_HALF_WIDTH + 0.01]
+        return max(under, default=-np.inf)
 
     def _rim_point(self, obs, direction) -> np.ndarray:
         """Point [3] of the object's rim toward horizontal direction [2], following its tilt."""
@@ -496,12 +619,13 @@ class ScriptedExpert:
         """EEF position [3] at which the fingers close, from the object's current pose."""
         if self.grasp_choice is None:
             self.grasp_choice = self._choose_grasp(obs)
-        kind, where, self.grasp_yaw = self.grasp_choice
+        kind, where, self.grasp_yaw, _ = self.grasp_choice
         if kind == "rim":
             point = self._rim_point(obs, where)
         else:
             point = self._obj_pos(obs) + np.array([where[0], where[1], 0.0])
-        point = point + np.array([0.0, 0.0, self.grasp.grasp_height])
+        depth = DRAWER_EXTRA_DEPTH if self.grasp_choice[3] == "preshape" else 0.0
+        point = point + np.array([0.0, 0.0, self.grasp.grasp_height - depth])
         return point + self.style.grasp_offset
 
     def _carry_z(self, obs, goal_xy=None) -> float:
@@ -586,6 +710,13 @@ class ScriptedExpert:
             s.wobble_amp * np.sin(2 * np.pi * s.wobble_freq * self.t + s.wobble_phase), axis=0)
         self.ref_vel = self.ref_vel + _clip_norm(desired - self.ref_vel, s.accel * METERS_PER_ACTION)
         self.ref = self.ref + self.ref_vel
+        over = -self._reach_left(self.ref, REACH_GUARD)
+        if over > 0:  # keep the reference where the arm can follow without straightening
+            shoulder = SHOULDER[self.task.suite]
+            wrist = self.ref + np.array([0.0, 0.0, WRIST_ABOVE_EEF])
+            self.ref = shoulder + (wrist - shoulder) * (REACH_GUARD / (REACH_GUARD + over)) \
+                - np.array([0.0, 0.0, WRIST_ABOVE_EEF])
+            self.ref_vel = np.zeros(3)
         cmd = (self.ref_vel + FEEDBACK_GAIN * (self.ref - eef)) / METERS_PER_ACTION
         # Orientation: the episode's starting orientation turned by a smooth yaw reference
         # (same bounded-acceleration profile) toward the grasp's yaw. The error is a world-frame
@@ -613,25 +744,47 @@ class ScriptedExpert:
         return eef, 0.0, 0.0, GRIPPER_OPEN
 
     def _phase_approach(self, obs, eef):
+        if self.phase_t > APPROACH_TIMEOUT:  # the hand cannot get there: try another grasp
+            self._fail_grasp()
+            return eef, 0.0, 0.0, GRIPPER_OPEN
         gp = self._grasp_point(obs)
         xy_dist = float(np.linalg.norm(gp[:2] - eef[:2]))
         # Stay higher while far away so the fingers pass over neighbouring objects.
         z = gp[2] + self.style.approach_height + min(0.6 * max(xy_dist - 0.02, 0.0), 0.10)
         target = np.array([gp[0], gp[1], z])
-        if xy_dist < 0.01 and eef[2] > gp[2]:
+        if self.grasp_choice[3] == "preshape":
+            settled = self.ref_vel is not None and np.linalg.norm(self.ref_vel) < 0.1 * METERS_PER_ACTION
+            fingers_open = self._gripper_width(obs) > FINGERS_OPEN_WIDTH
+            if xy_dist < PRESHAPE_ALIGN and abs(eef[2] - z) < 0.01 and settled and fingers_open:
+                self._enter("preshape")
+        elif xy_dist < 0.01 and eef[2] > gp[2]:
             self._enter("descend")
         return target, self.style.speed, self._fade(np.linalg.norm(target - eef)), GRIPPER_OPEN
+
+    def _phase_preshape(self, obs, eef):
+        """Narrow the fingers above a grasp in a drawer, holding the hand still."""
+        if self.phase_t >= PRESHAPE_STEPS:
+            self._enter("descend")
+        gp = self._grasp_point(obs)
+        return np.array([gp[0], gp[1], eef[2]]), self.style.fine_speed, 0.0, GRIPPER_CLOSE
 
     def _phase_descend(self, obs, eef):
         gp = self._grasp_point(obs)
         err = gp - eef
+        if self.phase_t > DESCEND_TIMEOUT:  # neither there nor blocked: try another grasp
+            self._fail_grasp()
+            return eef, 0.0, 0.0, GRIPPER_OPEN
         if np.linalg.norm(err[:2]) > 0.025:  # the object moved away: line up again
             self._enter("approach")
-        elif np.linalg.norm(err) < GRASP_TOLERANCE or (self.stall >= STALL_STEPS and err[2] > -0.02):
+        elif np.linalg.norm(err) < GRASP_TOLERANCE or (self.stall >= STALL_STEPS and err[2] > -BLOCKED_ABOVE):
             self.hold_point = gp
             self._enter("close")
+        elif self.stall >= STALL_STEPS:  # the fingers sit on something above the grasp point
+            self._fail_grasp()
+            return eef, 0.0, 0.0, GRIPPER_OPEN
         vmax = self.style.fine_speed if abs(err[2]) < 0.04 else self.style.speed * 0.7
-        return gp, vmax, 0.0, GRIPPER_OPEN
+        gripper = GRIPPER_HOLD if self.grasp_choice[3] == "preshape" else GRIPPER_OPEN
+        return gp, vmax, 0.0, gripper
 
     def _phase_close(self, obs, eef):
         if self.phase_t >= self.style.close_steps:
@@ -640,8 +793,27 @@ class ScriptedExpert:
             self.start_bottom = float(obj[2]) - self.grasp.bottom
             self.pick_xy = obj[:2].copy()
             self.hold_offset = None
-            self._enter("lift")
+            self._enter("slide" if self.grasp_choice[3] == "preshape" else "lift")
         return self.hold_point, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_slide(self, obs, eef):
+        """In a drawer: slide the held bowl forward until no part of it is under the
+        cabinet's plank (without touching the drawer's front wall), then lift."""
+        if self.phase_t == 0:
+            drawer = self._drawer_holding_object(obs)
+            shift = 0.0
+            if drawer is not None:
+                along = float(np.dot(self._obj_pos(obs)[:2] - drawer.centre(), drawer.out_axis))
+                needed = drawer.overhang + BOWL_RADIUS + 0.008 - along
+                room = drawer.front_wall - 0.004 - BOWL_RADIUS - along
+                shift = float(np.clip(needed, 0.0, max(room, 0.0)))
+                self.slide_target = self.hold_point + np.r_[shift * drawer.out_axis, 0.003]
+            else:
+                self.slide_target = self.hold_point.copy()
+        if np.linalg.norm(self.slide_target - eef) < 0.004 or self.phase_t > 25:
+            self.hold_point = self.slide_target  # lift from where the bowl now is
+            self._enter("lift")
+        return self.slide_target, SLIDE_SPEED, 0.0, GRIPPER_CLOSE
 
     def _phase_lift(self, obs, eef):
         carry_z = self._carry_z(obs)
@@ -649,7 +821,7 @@ class ScriptedExpert:
         if self.hold_offset is None and eef[2] - self.lift_start[0] > LIFT_CHECK_RISE:
             rose = self._obj_pos(obs)[2] - self.lift_start[1]
             if rose < OBJECT_RISE_MIN or self._gripper_width(obs) < EMPTY_GRIPPER_WIDTH:
-                self._enter("regrasp")
+                self._fail_grasp()
                 return eef, 0.0, 0.0, GRIPPER_OPEN
             self.hold_offset = eef - self._obj_pos(obs)
         if self.hold_offset is not None and eef[2] > carry_z - 0.03:
@@ -705,6 +877,11 @@ class ScriptedExpert:
         if self.phase_t >= 6 and eef[2] > target[2] - 0.02:
             self._restart()
         return target, self.style.fine_speed, 0.0, GRIPPER_OPEN
+
+    def _fail_grasp(self) -> None:
+        """This way of grasping did not work here: back off and try the next candidate."""
+        self.failed_grasps.append(self.grasp_choice)
+        self._enter("regrasp")
 
     def _restart(self) -> None:
         self.attempts += 1

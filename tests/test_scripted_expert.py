@@ -122,7 +122,8 @@ def test_expert_places_object_in_toy_world(make_world):
     assert world.placed(), f"object ended at {world.obj_pos}, target {world.target_pos}"
     assert len(actions) < world.task.max_steps
     assert np.all(np.abs(actions) <= 1.0)
-    assert set(np.unique(actions[:, 6])) == {-1.0, 1.0}  # binary gripper, both used
+    # Binary gripper, both used (the hold command 0 is only for grasps inside a drawer).
+    assert set(np.unique(actions[:, 6])) == {-1.0, 1.0}
 
 
 def test_noise_zero_is_deterministic_whatever_the_rng():
@@ -190,31 +191,60 @@ def test_bad_noise_and_act_before_reset():
         se.ScriptedExpert().act(bowl_world().obs())
 
 
-def test_grasp_avoids_a_neighbour_on_the_preferred_side():
-    free = se.ScriptedExpert(noise=0.0)
-    free.reset(BOWL_TASK, np.random.default_rng(0))
-    kind, direction, _ = free._choose_grasp(bowl_world().obs())
-    assert kind == "rim" and direction[0] < -0.99  # robot side when nothing is in the way
-    # A ramekin just beyond the robot-side rim blocks the outer finger there.
-    crowded = bowl_world(neighbours={"glazed_rim_porcelain_ramekin_1": (-0.19, 0.20, 0.899)})
+def _chosen_grasp(world):
     expert = se.ScriptedExpert(noise=0.0)
-    expert.reset(BOWL_TASK, np.random.default_rng(0))
-    _, direction, _ = expert._choose_grasp(crowded.obs())
-    assert direction[0] > -0.9
+    expert.reset(world.task, np.random.default_rng(0))
+    return expert._choose_grasp(world.obs())
+
+
+def test_grasp_prefers_the_rim_nearest_the_robot():
+    kind, direction, yaw, hand = _chosen_grasp(bowl_world())
+    assert (kind, hand) == ("rim", "open")
+    np.testing.assert_allclose(direction, (-1.0, 0.0), atol=1e-9)  # robot side (-x)
+    assert yaw == pytest.approx(np.pi / 2)  # fingers close along x, across that rim
+
+
+def test_grasp_avoids_a_neighbour_on_the_preferred_side():
+    ramekin = np.array([-0.19, 0.20])  # just beyond the bowl's robot-side rim
+    world = bowl_world(neighbours={"glazed_rim_porcelain_ramekin_1": (*ramekin, 0.899)})
+    _, direction, _, _ = _chosen_grasp(world)
+    outer_finger = world.obj_pos[:2] + (0.047 + se.FINGER_OPEN_OFFSET) * np.asarray(direction)
+    radius = se.NEIGHBOUR_SIZE["glazed_rim_porcelain_ramekin"][0]
+    assert np.linalg.norm(outer_finger - ramekin) - radius >= se.GRASP_CLEARANCE
 
 
 def test_grasp_keeps_hand_off_the_cabinet():
-    # A bowl just in front of the cabinet (libero_spatial task 6): the -y rim would put the
-    # 21 cm hand over the cabinet.
+    # A bowl just in front of the cabinet (libero_spatial task 6): several rims would put
+    # the 21 cm hand over the cabinet.
     world = ToyWorld(BOWL_TASK, obj_pos=(0.13, -0.07, 0.898), target_pos=(0.05, 0.20, 0.903))
-    expert = se.ScriptedExpert(noise=0.0)
-    expert.reset(BOWL_TASK, np.random.default_rng(0))
-    _, direction, yaw = expert._choose_grasp(world.obs())
-    point = world.obj_pos[:2] + 0.047 * direction
+    _, direction, yaw, _ = _chosen_grasp(world)
+    point = world.obj_pos[:2] + 0.047 * np.asarray(direction)
     axis = np.array([-np.sin(yaw), np.cos(yaw)])
+    np.testing.assert_allclose(abs(axis @ direction), 1.0, atol=1e-9)  # fingers across the rim
     cabinet = se.SCENE_FIXTURES["libero_spatial"][0].footprint
     for a in np.linspace(-se.HAND_HALF_LENGTH, se.HAND_HALF_LENGTH, 9):
         assert se.polygon_distance(point + a * axis, cabinet) > 0
+
+
+def test_bowl_in_the_drawer_gets_a_preshaped_grasp_along_the_drawer():
+    # libero_spatial task 4: the bowl sits in the open top drawer of the cabinet.
+    world = ToyWorld(BOWL_TASK, obj_pos=(0.085, -0.13, 1.063), target_pos=(0.05, 0.20, 0.903))
+    _, direction, _, hand = _chosen_grasp(world)
+    drawer = se.SCENE_FIXTURES["libero_spatial"][0].drawer
+    assert hand == "preshape"
+    np.testing.assert_allclose(direction, -drawer.width_axis)  # the side nearer the robot
+    expert = se.ScriptedExpert(noise=0.0)
+    expert.reset(BOWL_TASK, np.random.default_rng(0))
+    grippers = []
+    for _ in range(120):
+        a = expert.act(world.obs())[0]
+        grippers.append(a[6])
+        world.step(a)
+        if expert.phase == "close":
+            break
+    # Fingers narrowed for a few steps, then held (0) on the way into the drawer.
+    assert expert.phase == "close"
+    assert grippers.count(se.GRIPPER_CLOSE) >= se.PRESHAPE_STEPS and se.GRIPPER_HOLD in grippers
 
 
 def test_polygon_distance():
