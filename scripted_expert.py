@@ -305,15 +305,10 @@ FINGERS_OPEN_WIDTH = 0.075
 DRAWER_EXTRA_DEPTH = 0.005
 # Sliding the held bowl forward in its drawer, slowly (action units).
 SLIDE_SPEED = 0.25
-# Speed factor while carrying a bowl taken in a drawer (narrower fingers hold it less well:
-# 1 of 200 held-out episodes dropped it mid-air at full speed).
-GENTLE_CARRY = 0.7
 # Radius (m) of a bowl's footprint, for sliding it out from under the cabinet's plank.
 BOWL_RADIUS = 0.054
-# Horizontal radius (m) of a carried object's footprint when checking it against fixtures,
-# and how far (m) above a fixture it passes.
+# Horizontal radius (m) of a carried object's footprint when checking it against fixtures.
 CARRY_RADIUS = 0.06
-FIXTURE_CLEARANCE = 0.02
 # Near where it was picked up, a carried object rises at least this much (m) before moving
 # away: bowls come out of the cabinet's drawer (walls 6 cm above its floor) and off the ramekin.
 START_CLEARANCE = 0.07
@@ -639,15 +634,15 @@ class ScriptedExpert:
         and, near where it was picked up, whatever it stood in or on."""
         here = self._obj_pos(obs)[:2]
         goal_xy = here if goal_xy is None else goal_xy
-        bottom_z = float(obs[f"{self.target}_pos"][2]) + self.place.clear_height + self.style.carry_margin
+        bottom_z = float(obs[f"{self.target}_pos"][2]) + self.place.clear_height
         for f in np.linspace(0.0, 1.0, 12):
             p = here + f * (goal_xy - here)
             for fixture in self.fixtures:
                 if polygon_distance(p, fixture.footprint) < CARRY_RADIUS:
-                    bottom_z = max(bottom_z, fixture.top + FIXTURE_CLEARANCE)
+                    bottom_z = max(bottom_z, fixture.top)
             if np.linalg.norm(p - self.pick_xy) < START_ZONE:
-                bottom_z = max(bottom_z, self.start_bottom + START_CLEARANCE)
-        return bottom_z + self._eef_above_bottom(obs)
+                bottom_z = max(bottom_z, self.start_bottom + START_CLEARANCE - self.style.carry_margin)
+        return bottom_z + self.style.carry_margin + self._eef_above_bottom(obs)
 
     def _eef_above_bottom(self, obs) -> float:
         hold = self.hold_offset if self.hold_offset is not None else (
@@ -843,8 +838,6 @@ class ScriptedExpert:
         xy_dist = float(np.linalg.norm(place[:2] - eef[:2]))
         if xy_dist < 0.012:
             self._enter("lower")
-        if self.grasp_choice[3] == "preshape":  # a shallower hold: carry gently, no wobble
-            return target, self.style.speed * GENTLE_CARRY, 0.0, GRIPPER_CLOSE
         return target, self.style.speed, self._fade(np.linalg.norm(target - eef)), GRIPPER_CLOSE
 
     def _phase_lower(self, obs, eef):
