@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import os
@@ -255,14 +254,6 @@ def save_history_plot(history: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def print_table(result: dict) -> None:
     m = result["metrics"]
     print(f"\n{result['config']['quantizer']} tokenizer | {m['train_chunks']} train / {m['val_chunks']} "
@@ -325,7 +316,7 @@ def main(args) -> dict:
     log.info("quick validation (normalized MSE, %d held-out episodes): %s", len(val_eps),
              " | ".join(f"L1-{l} {v:.5f}" for l, v in enumerate(final["prefix_mse"], 1)))
     if args.json:
-        write_json(args.json, result)
+        collect_actions.write_json(args.json, result)
         log.info("wrote %s", args.json)
     return result
 
