@@ -3,19 +3,26 @@
     python eval_libero.py --task_suite libero_spatial --policy policy.pt --draft draft.pt \\
         --mode rsd --num_trials 20 --json results.json
     python eval_libero.py ... --parallel_policy policy_parallel.pt --mode all   # one table
+    python eval_libero.py ... --mode dense,rsd,rsd+adaptive@relaxed --workers 2
+
+A mode spec is MODE or MODE@ACCEPTANCE (``rsd@relaxed``): the acceptance rule of that mode,
+overriding ``--acceptance``, so several rules can be compared in one run.
 
 Trial i of a task starts from the benchmark's init state i (the first 20 are never used for
 training data), runs the settle steps, and gets the suite's standard step limit; the policy
 re-plans every ``--replan_steps``. Success comes only from ``env.check_success()``. An
 exception inside a trial is counted and reported as an error (never as a success), and the
 evaluation goes on. Every mode runs on the same init states, task by task, in one process,
-so latencies are comparable within the run.
+so latencies are comparable within the run. With ``--workers N`` the tasks are shared among
+N processes (one torch thread each); every process runs every mode on its tasks, so the modes
+see the same load and their latency ratios stay comparable.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -39,13 +46,31 @@ POLICY_MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
 ALL_MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
 
 
+def parse_modes(value: str) -> list[str]:
+    """'all', 'expert', or a comma list of MODE[@ACCEPTANCE] specs."""
+    if value in ("all", "expert"):
+        return [value]
+    specs = [v.strip() for v in value.split(",") if v.strip()]
+    for spec in specs:
+        mode, _, acc = spec.partition("@")
+        if mode not in POLICY_MODES or (acc and acc not in ACCEPTANCE):
+            raise argparse.ArgumentTypeError(
+                f"--mode: {spec!r} is not MODE[@ACCEPTANCE] with MODE in {POLICY_MODES} and "
+                f"ACCEPTANCE in {ACCEPTANCE} (or 'all', 'expert')")
+    if not specs or len(set(specs)) != len(specs):
+        raise argparse.ArgumentTypeError(f"--mode: give distinct mode specs, got {value!r}")
+    return specs
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Closed-loop LIBERO evaluation (phase 3).")
     # what to evaluate
     p.add_argument("--task_suite", default="libero_spatial", choices=ca.SUITES)
     p.add_argument("--task_id", type=ca.parse_task_ids, default="all", help="an id, a comma list, or 'all'")
     p.add_argument("--num_trials", type=int, default=20, help="trials per task; trial i uses init state i")
-    p.add_argument("--mode", default="rsd", choices=[*POLICY_MODES, "all", "expert"])
+    p.add_argument("--mode", type=parse_modes, default=["rsd"],
+                   help=f"'all' ({', '.join(ALL_MODES)}), 'expert', or a comma list of "
+                        "MODE[@ACCEPTANCE], e.g. dense,rsd,rsd+adaptive@relaxed")
     # models
     p.add_argument("--policy", help="main policy checkpoint (variant ar)")
     p.add_argument("--draft", help="draft checkpoint (modes rsd, rsd+adaptive)")
@@ -64,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=int, default=None, help="default: the suite's standard limit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at batch 1)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the tasks")
     p.add_argument("--video", action="store_true", help="render cameras and write one video per trial")
     p.add_argument("--video_dir", default="videos")
     p.add_argument("--json", default=None)
@@ -189,9 +215,14 @@ def run_trials(env: ca.LiberoEnv, policy: ca.Policy, mode: str, args) -> ModeRes
 
 
 def mode_list(args) -> list[str]:
-    if args.mode == "all":
+    specs = parse_modes(args.mode) if isinstance(args.mode, str) else list(args.mode)
+    if specs == ["all"]:
         return [m for m in ALL_MODES if m != "parallel" or args.parallel_policy]
-    return [args.mode]
+    return specs
+
+
+def base_mode(spec: str) -> str:
+    return spec.partition("@")[0]
 
 
 def load_engine(args, modes) -> RSDEngine | None:
@@ -204,11 +235,11 @@ def load_engine(args, modes) -> RSDEngine | None:
     pm.load_policy(args.policy, tok_path)  # refuses a different tokenizer
     tokenizer, _ = load_tokenizer(tok_path)
     draft = parallel = None
-    if any(m in ("rsd", "rsd+adaptive") for m in modes):
+    if any(base_mode(m) in ("rsd", "rsd+adaptive") for m in modes):
         if not args.draft:
             raise ValueError("modes rsd and rsd+adaptive need --draft")
         draft, _ = pm.load_draft(args.draft, args.policy)
-    if "parallel" in modes:
+    if any(base_mode(m) == "parallel" for m in modes):
         if not args.parallel_policy:
             raise ValueError("mode parallel needs --parallel_policy")
         parallel, _ = pm.load_policy(args.parallel_policy, tok_path)
@@ -217,8 +248,9 @@ def load_engine(args, modes) -> RSDEngine | None:
     return RSDEngine(policy, tokenizer, draft, parallel)
 
 
-def engine_config(mode: str, args) -> EngineConfig:
-    return EngineConfig(mode=mode, acceptance=args.acceptance, k=args.k,
+def engine_config(spec: str, args) -> EngineConfig:
+    mode, _, acceptance = spec.partition("@")
+    return EngineConfig(mode=mode, acceptance=acceptance or args.acceptance, k=args.k,
                         adaptive_threshold=args.adaptive_threshold, min_layers=args.min_layers,
                         tolerance=args.tolerance)
 
@@ -227,6 +259,45 @@ def make_policy(mode: str, engine, args) -> ca.Policy:
     if mode == "expert":
         return ca.make_policy("scripted", noise=args.expert_noise)
     return EnginePolicy(engine, engine_config(mode, args), args.replan_steps, args.seed)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def evaluate_task(args, modes: list[str], task_id: int, engine) -> dict:
+    """Every mode on one task's trials, in one env: {mode: ModeResult}."""
+    env = ca.LiberoEnv(args.task_suite, task_id, cameras=args.video)
+    try:
+        return {m: run_trials(env, make_policy(m, engine, args), m, args) for m in modes}
+    finally:
+        env.close()
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(args, modes) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    _WORKER.update(args=args, modes=modes, engine=load_engine(args, modes))
+
+
+def _worker_task(task_id: int):
+    w = _WORKER
+    return task_id, evaluate_task(w["args"], w["modes"], task_id, w["engine"])
+
+
+def run_tasks(args, modes, task_ids, engine):
+    """Yield (task_id, {mode: ModeResult}) in task order, from this process or from
+    ``args.workers`` spawned processes (each loads its own copy of the models)."""
+    if args.workers <= 1 or len(task_ids) == 1:
+        for t in task_ids:
+            yield t, evaluate_task(args, modes, t, engine)
+        return
+    # spawn: each worker builds its own MuJoCo sim; forking a process that holds one is unsafe
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(min(args.workers, len(task_ids)), initializer=_worker_init, initargs=(args, modes)) as pool:
+        yield from pool.imap(_worker_task, task_ids)
 
 
 # ----------------------------------------------------------------------------- report
@@ -265,6 +336,8 @@ def main(args) -> dict:
         raise ValueError(f"--num_trials must be in 1..{ca.NUM_INIT_STATES}, got {args.num_trials}")
     if args.replan_steps < 1:
         raise ValueError(f"--replan_steps must be >= 1, got {args.replan_steps}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     modes = mode_list(args)
     if "expert" in modes:
         ca.check_policy_supports("scripted", args.task_suite)
@@ -282,18 +355,12 @@ def main(args) -> dict:
     per_task: dict = {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(task_ids) * len(modes) * args.num_trials, desc="eval", unit="trial")
-    for t in task_ids:
-        env = ca.LiberoEnv(args.task_suite, t, cameras=args.video)
-        per_task[t] = {}
-        try:
-            for m in modes:
-                res = run_trials(env, make_policy(m, engine, args), m, args)
-                per_task[t][m] = res
-                totals[m].add(res)
-                bar.update(res.trials)
-                bar.set_postfix({mm: f"{r.successes}/{r.trials}" for mm, r in totals.items()})
-        finally:
-            env.close()
+    for t, rows in run_tasks(args, modes, task_ids, engine):
+        per_task[t] = rows
+        for m, res in rows.items():
+            totals[m].add(res)
+            bar.update(res.trials)
+        bar.set_postfix({mm: f"{r.successes}/{r.trials}" for mm, r in totals.items()})
     bar.close()
     result = summarize(totals, per_task)
     result["config"] = {**vars(args), "modes": modes, "task_ids": task_ids,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -210,3 +211,17 @@ def test_eval_runs_closed_loop_in_libero(workdir, tmp_path):
     assert saved["per_task"]["0"]["rsd"]["trials"] == 1
     expert = eval_libero.main(eval_args(mode="expert", task_id=[0], num_trials=1))
     assert expert["modes"]["expert"]["successes"] == 1
+
+
+def test_mode_specs_parse_and_set_the_acceptance_rule():
+    args = eval_args(acceptance="exact")
+    assert eval_libero.parse_modes("dense,rsd@relaxed,rsd+adaptive@sample") == [
+        "dense", "rsd@relaxed", "rsd+adaptive@sample"]
+    assert eval_libero.engine_config("rsd@relaxed", args).acceptance == "relaxed"
+    assert eval_libero.engine_config("rsd", args).acceptance == "exact"
+    assert eval_libero.engine_config("rsd+adaptive@sample", args).mode == "rsd+adaptive"
+    for bad in ("turbo", "rsd@lenient", "dense,dense", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--mode"):
+            eval_libero.parse_modes(bad)
+    assert eval_libero.mode_list(eval_args(mode="all", parallel_policy=None)) == [
+        "dense", "rsd", "adaptive", "rsd+adaptive"]
