@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--obs_tokens", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.1)
     # optimisation
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--obs_noise", type=float, default=0.0,
                    help="std of Gaussian noise added to normalized observations in training")
