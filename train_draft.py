@@ -81,11 +81,21 @@ def features(policy: pm.TokenPolicy, draft_source: str, obs, task) -> torch.Tens
 
 
 @torch.no_grad()
-def main_targets(policy, data: ChunkDataset, k: int, batch_size: int = 1024) -> torch.Tensor:
-    """The main policy's dense greedy codes for layers 0..k-1: [M, T', k]."""
-    out = [policy.greedy_decode(data.obs[i], data.task[i])[..., :k]
-           for i in batches(len(data), batch_size, shuffle=False)]
-    return torch.cat(out)
+def main_targets(policy, data: ChunkDataset, k: int, confidence: bool = False,
+                 batch_size: int = 1024) -> tuple[torch.Tensor, list[float] | None]:
+    """The main policy's dense greedy codes for layers 0..k-1 [M, T', k], and its mean top-1
+    probability per layer along its own greedy path (all L layers; None unless ``confidence``).
+    A low top-1 probability means the argmax sits among near-tied codes, which a cheap draft
+    rarely reproduces."""
+    codes, top1 = [], torch.zeros(policy.config.num_layers)
+    for i in batches(len(data), batch_size, shuffle=False):
+        greedy = policy.greedy_decode(data.obs[i], data.task[i])
+        if confidence:
+            probs = policy(data.obs[i], data.task[i], greedy).softmax(-1)  # [B, T', L, V]
+            top1 += probs.max(-1).values.sum((0, 1))
+        codes.append(greedy[..., :k])
+    codes = torch.cat(codes)
+    return codes, (top1 / (codes.shape[0] * codes.shape[1])).tolist() if confidence else None
 
 
 @torch.no_grad()
@@ -212,7 +222,8 @@ def main(args) -> dict:
     log.info("%d train chunks, %d validation chunks; computing the main policy's codes",
              len(train), len(val))
     t0 = time.perf_counter()
-    t_train, t_val = main_targets(policy, train, args.k), main_targets(policy, val, args.k)
+    t_train, _ = main_targets(policy, train, args.k)
+    t_val, main_top1 = main_targets(policy, val, args.k, confidence=True)
 
     sources = ["embedding", "obs"] if args.source == "both" else [args.source]
     results = {}
@@ -237,6 +248,7 @@ def main(args) -> dict:
         "agreement": r["best"]["agreement"],
         "layer_agreement": r["best"]["layer_agreement"],
         "best_epoch": r["best"]["epoch"],
+        "main_top1_prob": main_top1,
         **r["cost"],
         "candidates": {s: {"agreement": v["best"]["agreement"],
                            "layer_agreement": v["best"]["layer_agreement"], **v["cost"]}
@@ -250,6 +262,8 @@ def main(args) -> dict:
         cells = " | ".join(f"{a:6.3f} ({b:5.3f})      " for a, b in zip(v["agreement"], v["layer_agreement"]))
         mark = "  <- kept" if s == chosen else ""
         print(f"{s:>10} | {cells} | {v['draft_main_cost_ratio']:15.3f} | {v['draft_main_flops_ratio']:.3f}{mark}")
+    print("main policy's mean top-1 probability on validation, per layer: "
+          + " ".join(f"L{l + 1} {p:.3f}" for l, p in enumerate(main_top1)))
     print(f"main pass {r['cost']['main_pass_us']:.0f} us, draft pass {r['cost']['draft_pass_us']:.0f} us "
           f"(median, batch 1); wrote {args.output}")
     if args.json:

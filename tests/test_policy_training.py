@@ -108,6 +108,8 @@ def test_draft_training_reports_agreement_and_refuses_other_policy(trained, tmp_
     # distillation learned something: better than always predicting the most common code
     assert min(result["agreement"]) > 0.3
     assert result["draft_main_cost_ratio"] > 0 and result["draft_pass_flops"] > 0
+    top1 = result["main_top1_prob"]  # the main policy's confidence along its greedy path
+    assert len(top1) == 3 and all(1 / 16 <= p <= 1 for p in top1)
     draft, _ = pm.load_draft(str(d / "draft.pt"), str(d / "policy.pt"))
     # a policy retrained with another seed is another policy: the pair is refused
     other = policy_args(d, demos, output=str(tmp_path / "other.pt"), json=None, epochs=1, seed=1)
