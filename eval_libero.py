@@ -47,12 +47,14 @@ ALL_MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
 
 
 def parse_modes(value: str) -> list[str]:
-    """'all', 'expert', or a comma list of MODE[@ACCEPTANCE] specs."""
+    """'all', or a comma list of MODE[@ACCEPTANCE] specs and 'expert' (the scripted expert)."""
     if value in ("all", "expert"):
         return [value]
     specs = [v.strip() for v in value.split(",") if v.strip()]
     for spec in specs:
         mode, _, acc = spec.partition("@")
+        if spec == "expert":
+            continue
         if mode not in POLICY_MODES or (acc and acc not in ACCEPTANCE):
             raise argparse.ArgumentTypeError(
                 f"--mode: {spec!r} is not MODE[@ACCEPTANCE] with MODE in {POLICY_MODES} and "
@@ -69,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task_id", type=ca.parse_task_ids, default="all", help="an id, a comma list, or 'all'")
     p.add_argument("--num_trials", type=int, default=20, help="trials per task; trial i uses init state i")
     p.add_argument("--mode", type=parse_modes, default=["rsd"],
-                   help=f"'all' ({', '.join(ALL_MODES)}), 'expert', or a comma list of "
-                        "MODE[@ACCEPTANCE], e.g. dense,rsd,rsd+adaptive@relaxed")
+                   help=f"'all' ({', '.join(ALL_MODES)}), or a comma list of MODE[@ACCEPTANCE] "
+                        "and 'expert', e.g. dense,rsd,rsd+adaptive@relaxed,expert")
     # models
     p.add_argument("--policy", help="main policy checkpoint (variant ar)")
     p.add_argument("--draft", help="draft checkpoint (modes rsd, rsd+adaptive)")

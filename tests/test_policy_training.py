@@ -217,12 +217,12 @@ def test_eval_runs_closed_loop_in_libero(workdir, tmp_path):
 
 def test_mode_specs_parse_and_set_the_acceptance_rule():
     args = eval_args(acceptance="exact")
-    assert eval_libero.parse_modes("dense,rsd@relaxed,rsd+adaptive@sample") == [
-        "dense", "rsd@relaxed", "rsd+adaptive@sample"]
+    assert eval_libero.parse_modes("dense,rsd@relaxed,rsd+adaptive@sample,expert") == [
+        "dense", "rsd@relaxed", "rsd+adaptive@sample", "expert"]
     assert eval_libero.engine_config("rsd@relaxed", args).acceptance == "relaxed"
     assert eval_libero.engine_config("rsd", args).acceptance == "exact"
     assert eval_libero.engine_config("rsd+adaptive@sample", args).mode == "rsd+adaptive"
-    for bad in ("turbo", "rsd@lenient", "dense,dense", ""):
+    for bad in ("turbo", "rsd@lenient", "dense,dense", "", "expert@exact"):
         with pytest.raises(argparse.ArgumentTypeError, match="--mode"):
             eval_libero.parse_modes(bad)
     assert eval_libero.mode_list(eval_args(mode="all", parallel_policy=None)) == [
