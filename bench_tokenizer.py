@@ -36,6 +36,7 @@ from tqdm import tqdm
 import collect_actions as ca
 from compression_baselines import FASTTokenizer
 from rvq_tokenizer import RVQConfig, RVQTokenizer, synthetic_episodes
+from timing import median_seconds
 
 log = logging.getLogger("bench_tokenizer")
 
@@ -186,17 +187,6 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
         model.init_codebooks(train_raw)
         seconds = train(model, lambda b: model(b).loss, train_raw, args, name)
     return model, seconds
-
-
-def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def measure(encode, decode, batch, single, args) -> dict:

@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -33,6 +32,7 @@ import collect_actions as ca
 import policy_models as pm
 from policy_data import ChunkDataset, batches, build_dataset
 from rvq_tokenizer import load_tokenizer
+from timing import median_seconds
 
 log = logging.getLogger("train_draft")
 
@@ -142,17 +142,6 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks):
     return draft.eval(), best, history
 
 
-def median_seconds(fn, repeats: int = 300, warmup: int = 30) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset) -> dict:
     """Median batch-1 wall time of a draft pass and of a main pass (one dense decoding step,
@@ -188,7 +177,8 @@ def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset)
         def draft_pass():
             draft(policy.obs_encoder.normalizer(obs), task)
 
-    t_main, t_draft = median_seconds(main_pass), median_seconds(draft_pass)
+    t_main = median_seconds(main_pass, repeats=300, warmup=30)
+    t_draft = median_seconds(draft_pass, repeats=300, warmup=30)
     with FlopCounterMode(display=False) as fc:
         main_pass()
     f_main = fc.get_total_flops()
