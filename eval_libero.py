@@ -319,12 +319,14 @@ def print_table(result: dict) -> None:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    print(f"\n{'mode':>13} | {'success':>14} | {'errors':>6} | {'latency ms':>10} | {'speedup':>7} | "
+    w = max(13, *(len(m) for m in result["modes"]))
+    print(f"\n{'mode':>{w}} | {'success':>14} | {'errors':>6} | {'latency ms':>10} | {'speedup':>7} | "
           f"{'main passes':>11} | {'layers':>6} | {'accepted':>8} | {'acceptance':>10}")
     for m, s in result["modes"].items():
-        print(f"{m:>13} | {s['successes']:>4}/{s['trials']:<4} {100 * s['success_rate']:5.1f}% | "
+        print(f"{m:>{w}} | {s['successes']:>4}/{s['trials']:<4} {100 * s['success_rate']:5.1f}% | "
               f"{s['errors']:>6} | {f(s.get('latency_ms_median'), '10.2f')} | "
-              f"{f(s.get('speedup_vs_dense'), '6.2f')}x | {f(s.get('main_passes_per_chunk'), '11.2f')} | "
+              f"{f(s.get('speedup_vs_dense'), '6.2f') + 'x' if s.get('speedup_vs_dense') else '-':>7} | "
+              f"{f(s.get('main_passes_per_chunk'), '11.2f')} | "
               f"{f(s.get('layers_per_chunk'), '6.2f')} | {f(s.get('accepted_layers_per_chunk'), '8.2f')} | "
               f"{f(s.get('acceptance_rate'), '10.3f')}")
 
