@@ -227,3 +227,17 @@ def test_mode_specs_parse_and_set_the_acceptance_rule():
             eval_libero.parse_modes(bad)
     assert eval_libero.mode_list(eval_args(mode="all", parallel_policy=None)) == [
         "dense", "rsd", "adaptive", "rsd+adaptive"]
+
+
+@pytest.mark.integration
+def test_eval_workers_give_the_same_trials_as_one_process():
+    """--workers 2 shares two tasks between spawned processes; every trial comes out as in one
+    process (same init states and seeds), in task order."""
+    runs = [eval_libero.main(eval_args(mode="expert", task_id=[0, 1], num_trials=1, workers=w))
+            for w in (1, 2)]
+    for out in runs:
+        assert list(out["per_task"]) == ["0", "1"] and out["modes"]["expert"]["trials"] == 2
+        assert out["modes"]["expert"]["errors"] == 0
+    one, two = ({t: (r["expert"]["successes"], r["expert"]["mean_episode_steps"])
+                 for t, r in out["per_task"].items()} for out in runs)
+    assert one == two
