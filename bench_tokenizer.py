@@ -259,8 +259,8 @@ def main(args) -> dict:
     batch_np = val_np[rng.integers(len(val_np), size=args.batch)]
     train_t, val_t, batch_t = (torch.as_tensor(a) for a in (train_np, val_np, batch_np))
     methods, skipped = {}, {}
+    codes = math.prod(config.fsq_levels)
     for name in args.methods:
-        codes = math.prod(config.fsq_levels)
         if name == "vqpytorch_rfsq" and codes > VQPYTORCH_FSQ_MAX_CODES:
             skipped[name] = (f"fsq_levels {list(config.fsq_levels)} give {codes} codes per layer; "
                              f"vector-quantize-pytorch's FSQ stores all of them (> {VQPYTORCH_FSQ_MAX_CODES})")
