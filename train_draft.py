@@ -207,8 +207,9 @@ def main(args) -> dict:
     episodes = ca.load_episodes(data_files, action_dim=tokenizer.config.action_dim)
     train_eps, val_eps = split_like_policy(episodes, pckpt)
     instr = policy.config.instructions
-    train = build_dataset(train_eps, tokenizer, policy.config.obs_keys, instr)
-    val = build_dataset(val_eps, tokenizer, policy.config.obs_keys, instr)
+    targets = pckpt["provenance"]["args"].get("targets", "actions")  # what the main policy imitated
+    train = build_dataset(train_eps, tokenizer, policy.config.obs_keys, instr, targets=targets)
+    val = build_dataset(val_eps, tokenizer, policy.config.obs_keys, instr, targets=targets)
     log.info("%d train chunks, %d validation chunks; computing the main policy's codes",
              len(train), len(val))
     t0 = time.perf_counter()

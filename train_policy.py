@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import collect_actions as ca
 import policy_models as pm
-from policy_data import ChunkDataset, batches, build_dataset, instruction_vocab
+from policy_data import TARGETS, ChunkDataset, batches, build_dataset, instruction_vocab
 from rvq_tokenizer import load_tokenizer
 
 log = logging.getLogger("train_policy")
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, help="demo files (HDF5, data/demo_*/...)")
     p.add_argument("--tokenizer", required=True, help="phase-1 tokenizer checkpoint")
     p.add_argument("--obs_keys", nargs="+", default=list(pm.DEFAULT_OBS_KEYS))
+    p.add_argument("--targets", choices=TARGETS, default="actions",
+                   help="what the policy imitates: the executed actions, or the expert's own commands "
+                        "stored by a perturbed collection (collect_actions.py --perturb)")
     p.add_argument("--val_fraction", type=float, default=0.1)
     # model
     p.add_argument("--variant", choices=pm.VARIANTS, default="ar")
@@ -132,8 +135,8 @@ def load_data(args, tokenizer):
         raise ValueError(f"no successful episodes in {args.data}")
     train_eps, val_eps = ca.split_by_episode(episodes, args.val_fraction, args.seed)
     instructions = instruction_vocab(episodes)
-    train = build_dataset(train_eps, tokenizer, args.obs_keys, instructions)
-    val = build_dataset(val_eps, tokenizer, args.obs_keys, instructions)
+    train = build_dataset(train_eps, tokenizer, args.obs_keys, instructions, targets=args.targets)
+    val = build_dataset(val_eps, tokenizer, args.obs_keys, instructions, targets=args.targets)
     log.info("%d train episodes (%d chunks), %d validation episodes (%d chunks), %d instructions",
              len(train_eps), len(train), len(val_eps), len(val), len(instructions))
     return train_eps, val_eps, train, val, instructions

@@ -18,12 +18,13 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from collect_actions import TARGETS
 from rvq_tokenizer import QUANTIZERS, RVQConfig, RVQTokenizer, code_usage, save_tokenizer
 
 log = logging.getLogger("train_rvq_tokenizer")
@@ -42,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--task_id", type=int, default=0)
     g.add_argument("--num_episodes", type=int, default=50, help="episodes to collect (without --data)")
     g.add_argument("--chunk_size", type=int, default=10)
+    g.add_argument("--targets", choices=TARGETS, default="actions",
+                   help="train on the executed actions, or on the expert's own commands stored by a "
+                        "perturbed collection (collect_actions.py --perturb)")
     g.add_argument("--val_fraction", type=float, default=0.1, help="share of episodes held out")
     g = p.add_argument_group("model")
     g.add_argument("--quantizer", choices=QUANTIZERS, default="rvq")
@@ -217,6 +221,7 @@ def load_data(args) -> tuple[list, list[str]]:
     episodes = collect_actions.load_episodes(files)
     if not episodes:
         raise ValueError(f"no successful episodes in {', '.join(files)}")
+    episodes = [replace(e, actions=collect_actions.episode_targets(e, args.targets)) for e in episodes]
     return episodes, files
 
 

@@ -49,6 +49,74 @@ def test_writer_reader_round_trip(tmp_path):
         assert f["data/demo_2/rewards"][-1] == 1.0 and f["data/demo_2/dones"][-1] == 1
 
 
+def test_expert_actions_round_trip_and_select_the_targets(tmp_path):
+    plain, perturbed = make_episode(30, seed=1), make_episode(20, seed=2)
+    perturbed.expert_actions = np.clip(perturbed.actions + 0.1, -1, 1).astype(np.float32)
+    path = write_demo_file(tmp_path / "demos.hdf5", [plain, perturbed])
+    a, b = ca.load_episodes(path)
+    assert a.expert_actions is None
+    np.testing.assert_array_equal(b.expert_actions, perturbed.expert_actions)
+    np.testing.assert_array_equal(ca.episode_targets(b, "expert_actions"), perturbed.expert_actions)
+    np.testing.assert_array_equal(ca.episode_targets(b, "actions"), perturbed.actions)
+    with pytest.raises(ValueError, match=r"demo_0 has no expert_actions"):
+        ca.episode_targets(a, "expert_actions")
+    with pytest.raises(ValueError, match="targets must be one of"):
+        ca.episode_targets(a, "labels")
+    with h5py.File(path, "r+") as f:  # a foreign file whose expert_actions do not match
+        del f["data/demo_1/expert_actions"]
+        f["data/demo_1"].create_dataset("expert_actions", data=np.zeros((19, 7), np.float32))
+    with pytest.raises(ca.DemoFileError, match=r"demo_1/expert_actions must be finite with the shape"):
+        ca.load_episodes(path)
+
+
+class ConstantPolicy(ca.Policy):
+    """Returns the same action every step; records the rng draws its reset consumed."""
+
+    def reset(self, task, rng):
+        self.style = rng.uniform(size=3)
+
+    def act(self, obs):
+        return np.array([[0.2, -0.3, 0.0, 0.95, 0.0, 0.0, -1.0]])
+
+
+def perturbed_run(std, steps, seed=0, correlation=0.9):
+    policy = ca.PerturbedPolicy(ConstantPolicy(), std, correlation)
+    policy.reset(None, np.random.default_rng(seed))
+    executed, labels = [], []
+    for _ in range(steps):
+        executed.append(policy.act({})[0])
+        labels.append(policy.last_labels[0])
+    return policy, np.array(executed), np.array(labels)
+
+
+def test_perturbation_is_smooth_arm_only_and_labels_are_the_clean_actions():
+    policy, executed, labels = perturbed_run(0.1, 4000)
+    np.testing.assert_array_equal(labels, np.tile(ConstantPolicy().act({}), (4000, 1)))
+    delta = executed - labels
+    assert np.all(delta[:, 6] == 0)  # the gripper is never perturbed
+    assert np.all(np.abs(executed) <= 1.0)  # clipped to the action range (dim 3 sits at 0.95)
+    free = delta[:, [0, 1, 2, 4, 5]]
+    assert 0.08 < free.std() < 0.12  # the stationary std is the flag's value
+    lag1 = np.mean([np.corrcoef(free[1:, j], free[:-1, j])[0, 1] for j in range(5)])
+    assert 0.85 < lag1 < 0.95  # correlated from step to step: it pushes the arm off course
+    # the wrapped policy's own rng draws are those of an unwrapped reset with the same seed
+    plain = ConstantPolicy()
+    plain.reset(None, np.random.default_rng(0))
+    np.testing.assert_array_equal(policy.inner.style, plain.style)
+    # same seed, same perturbation; another seed, another one
+    np.testing.assert_array_equal(perturbed_run(0.1, 50)[1], executed[:50])
+    assert not np.allclose(perturbed_run(0.1, 50, seed=1)[1], executed[:50])
+
+
+def test_perturbation_flags_are_checked():
+    with pytest.raises(ValueError, match="--perturb must be a finite number >= 0, got -0.1"):
+        ca.PerturbedPolicy(ConstantPolicy(), -0.1)
+    with pytest.raises(ValueError, match="--perturb must be a finite number >= 0"):
+        ca.collect("libero_spatial", 0, 1, "unused.hdf5", perturb=float("nan"))
+    assert isinstance(ca.make_policy("scripted", perturb=0.1), ca.PerturbedPolicy)
+    assert not isinstance(ca.make_policy("scripted"), ca.PerturbedPolicy)
+
+
 def test_interrupted_writer_keeps_complete_episodes_and_old_output(tmp_path):
     out = tmp_path / "demos.hdf5"
     write_demo_file(out, [make_episode(seed=9)])  # a dataset already written

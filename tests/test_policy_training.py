@@ -118,6 +118,28 @@ def test_draft_training_reports_agreement_and_refuses_other_policy(trained, tmp_
         pm.load_draft(str(d / "draft.pt"), str(tmp_path / "other.pt"))
 
 
+def test_targets_select_what_the_policy_imitates(workdir, tmp_path):
+    """--targets expert_actions trains on the expert's own commands of a perturbed collection."""
+    from dataclasses import replace
+
+    from policy_data import build_dataset
+
+    d, demos = workdir
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    eps = ca.load_episodes(demos)[:3]
+    labelled = [replace(e, expert_actions=0.5 * e.actions) for e in eps]
+    keys = ("robot0_proprio-state", "object-state")
+    executed = build_dataset(labelled, tok, keys, INSTRUCTIONS)
+    expert = build_dataset(labelled, tok, keys, INSTRUCTIONS, targets="expert_actions")
+    torch.testing.assert_close(expert.actions, 0.5 * executed.actions)
+    assert torch.equal(expert.codes, tok.encode(expert.actions))
+    assert not torch.equal(expert.codes, executed.codes)
+    torch.testing.assert_close(expert.obs, executed.obs)  # same observations, other targets
+    with pytest.raises(ValueError, match="demo_0 has no expert_actions"):
+        train_policy.main(policy_args(d, demos, targets="expert_actions",
+                                      output=str(tmp_path / "p.pt"), json=None))
+
+
 def test_policy_refuses_wrong_tokenizer(trained, tmp_path):
     d, _, _ = trained
     tok, _ = load_tokenizer(str(d / "tok.pt"))

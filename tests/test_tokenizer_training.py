@@ -87,3 +87,21 @@ def test_bad_flags_name_the_value(tmp_path, flag, value, named):
 def test_missing_data_file_names_the_path(tmp_path):
     with pytest.raises(ValueError, match="nope.hdf5"):
         run(tmp_path, [str(tmp_path / "nope.hdf5")])
+
+
+def test_targets_expert_actions_trains_on_the_experts_commands(tmp_path):
+    """A perturbed collection stores expert_actions; --targets expert_actions trains on them."""
+    executed = rt.synthetic_episodes(10, seed=5)
+    demo = write_demo_file(tmp_path / "demos.hdf5", executed)
+    with h5py.File(demo, "r+") as f:
+        for i, actions in enumerate(executed):
+            f[f"data/demo_{i}"].create_dataset("expert_actions", data=0.5 * actions)
+    _, out = run(tmp_path, [demo], "--targets", "expert_actions")
+    half = rt.load_tokenizer(out)[0].normalizer
+    _, out = run(tmp_path, [demo])
+    full = rt.load_tokenizer(out)[0].normalizer
+    # the normalizer was fitted on the halved actions
+    torch.testing.assert_close(half.high - half.low, 0.5 * (full.high - full.low))
+    plain = write_demo_file(tmp_path / "plain.hdf5", executed)
+    with pytest.raises(ValueError, match="demo_0 has no expert_actions"):
+        run(tmp_path, [plain], "--targets", "expert_actions")
