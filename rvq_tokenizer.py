@@ -60,11 +60,10 @@ class RVQConfig:
     chunk_size: int = 10
     # architecture
     # T' latent vectors per chunk, one code per layer each (one layer = T' * log2(K) bits).
-    # On the first scripted demos of libero_spatial task 0 (held-out episodes), 2 plateaued at
-    # layers 1-8 MSE 6e-4 and 4 spent more bits per layer for the same fine error. On the
-    # current expert's more varied demos, 3 and 4 reach about 8e-4 and 5 reaches 4.2e-4 at
-    # 40 bits per layer (README, phase 1); 3 stays the default until 5 is re-measured downstream.
-    latent_steps: int = 3
+    # On the main job's demos (libero_spatial task 0, 50 episodes; README, phase 1), 3 and 4
+    # plateau at layers 1-8 MSE about 8e-4 on held-out episodes and 5 reaches 4.2e-4 at 40 bits
+    # per layer; on 500 demos of the suite 3 already reaches 2e-4 (pass --latent_steps 3).
+    latent_steps: int = 5
     hidden_dim: int = 64           # width of the encoder / decoder MLPs
     num_blocks: int = 2            # residual MLP blocks in the encoder and in the decoder
     code_dim: int = 16             # RVQ code vector size C (RFSQ uses C = len(fsq_levels))
