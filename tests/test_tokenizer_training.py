@@ -105,3 +105,9 @@ def test_targets_expert_actions_trains_on_the_experts_commands(tmp_path):
     plain = write_demo_file(tmp_path / "plain.hdf5", executed)
     with pytest.raises(ValueError, match="demo_0 has no expert_actions"):
         run(tmp_path, [plain], "--targets", "expert_actions")
+
+
+def test_hidden_dim_defaults_per_quantizer_and_an_explicit_flag_wins():
+    assert trainer.parse_args([]).hidden_dim == trainer.DEFAULT_HIDDEN_DIM["rvq"] == 64
+    assert trainer.parse_args(["--quantizer", "rfsq"]).hidden_dim == trainer.DEFAULT_HIDDEN_DIM["rfsq"] == 32
+    assert trainer.parse_args(["--quantizer", "rfsq", "--hidden_dim", "48"]).hidden_dim == 48
