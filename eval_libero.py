@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.05, help="relaxed acceptance, normalized units")
     p.add_argument("--replan_steps", type=int, default=None,
                    help="steps of each chunk executed before the next one is decoded (default: the "
-                        "whole chunk, the tokenizer's chunk size; 5 of 10 halved dense success, README)")
+                        "whole chunk, the tokenizer's chunk size: 10 steps gave 57.5%% dense success where 5 "
+                        "gave 34%%, README)")
     p.add_argument("--expert_noise", type=float, default=1.0, help="scripted expert variation (mode expert)")
     # run
     p.add_argument("--max_steps", type=int, default=None, help="default: the suite's standard limit")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from collect_actions import TARGETS, Episode, chunk_actions, episode_targets  # noqa: F401 (TARGETS re-exported)
+from collect_actions import Episode, chunk_actions, episode_targets
 
 log = logging.getLogger(__name__)
 

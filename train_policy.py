@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import collect_actions as ca
 import policy_models as pm
-from policy_data import TARGETS, ChunkDataset, batches, build_dataset, instruction_vocab
+from policy_data import ChunkDataset, batches, build_dataset, instruction_vocab
 from rvq_tokenizer import load_tokenizer
 
 log = logging.getLogger("train_policy")
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, help="demo files (HDF5, data/demo_*/...)")
     p.add_argument("--tokenizer", required=True, help="phase-1 tokenizer checkpoint")
     p.add_argument("--obs_keys", nargs="+", default=list(pm.DEFAULT_OBS_KEYS))
-    p.add_argument("--targets", choices=TARGETS, default="actions",
+    p.add_argument("--targets", choices=ca.TARGETS, default="actions",
                    help="what the policy imitates: the executed actions, or the expert's own commands "
                         "stored by a perturbed collection (collect_actions.py --perturb)")
     p.add_argument("--val_fraction", type=float, default=0.1)

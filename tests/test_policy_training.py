@@ -228,11 +228,11 @@ def test_eval_runs_closed_loop_in_libero(workdir, tmp_path):
     assert list(out["modes"]) == ["dense", "rsd", "adaptive", "rsd+adaptive"]
     for m, s in out["modes"].items():
         assert s["trials"] == 1 and s["errors"] == 0, s
-        assert s["chunks"] == 3  # 15 steps, a new chunk every 5
+        assert s["chunks"] == 2  # 15 steps, the whole 10-step chunk executed by default
     assert out["modes"]["dense"]["main_passes_per_chunk"] == 3
     assert out["modes"]["rsd"]["draft_passes_per_chunk"] == 1
     saved = json.loads((tmp_path / "e.json").read_text())
-    assert saved["per_task"]["0"]["rsd"]["trials"] == 1
+    assert saved["per_task"]["0"]["rsd"]["trials"] == 1 and saved["config"]["replan_steps"] == 10
     expert = eval_libero.main(eval_args(mode="expert", task_id=[0], num_trials=1))
     assert expert["modes"]["expert"]["successes"] == 1
 
