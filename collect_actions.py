@@ -190,6 +190,12 @@ class Policy:
         raise NotImplementedError
 
 
+def check_perturb(std: float) -> None:
+    """--perturb must be a finite standard deviation >= 0 (checked before workers start)."""
+    if not np.isfinite(std) or std < 0:
+        raise ValueError(f"--perturb must be a finite number >= 0, got {std!r}")
+
+
 class PerturbedPolicy(Policy):
     """Executes another policy's actions plus a smooth random perturbation of the arm
     (DART-style data collection: the demos then visit states just off the expert's path, and
@@ -202,8 +208,7 @@ class PerturbedPolicy(Policy):
     """
 
     def __init__(self, inner: Policy, std: float, correlation: float = 0.9):
-        if not np.isfinite(std) or std < 0:
-            raise ValueError(f"--perturb must be a finite number >= 0, got {std!r}")
+        check_perturb(std)
         if not 0.0 <= correlation < 1.0:
             raise ValueError(f"perturbation correlation must be in [0, 1), got {correlation!r}")
         self.inner, self.std, self.correlation = inner, float(std), float(correlation)
@@ -798,8 +803,7 @@ def collect(task_suite: str, task_ids, num_episodes: int, output: str, policy: s
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"--max_steps must be >= 1, got {max_steps}")
-    if not np.isfinite(perturb) or perturb < 0:
-        raise ValueError(f"--perturb must be a finite number >= 0, got {perturb!r}")
+    check_perturb(perturb)
     spec = PolicySpec(policy, noise, host, port, replan_steps, perturb)
     cameras = cameras or policy == "openpi"
     jobs = make_jobs(task_suite, task_ids, num_episodes, seed, init_states)

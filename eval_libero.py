@@ -349,8 +349,8 @@ def main(args) -> dict:
     if "expert" in modes:
         ca.check_policy_supports("scripted", args.task_suite)
     engine = load_engine(args, modes)
-    if args.replan_steps is None:
-        args.replan_steps = engine.tokenizer.config.chunk_size if engine is not None else 1
+    if args.replan_steps is None and engine is not None:
+        args.replan_steps = engine.tokenizer.config.chunk_size
     if engine is not None and args.replan_steps > engine.tokenizer.config.chunk_size:
         raise ValueError(f"--replan_steps {args.replan_steps} exceeds the chunk size "
                          f"{engine.tokenizer.config.chunk_size}")
