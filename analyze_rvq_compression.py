@@ -10,7 +10,8 @@ Test data: without --data, fresh scripted-expert episodes are collected from LIB
 held-out init states (the evaluation trials) with a seed whose episode seeds are disjoint
 from every episode recorded in the checkpoint's provenance; both are checked. With --data,
 the given files are used and any episode the tokenizer trained or validated on is dropped
-(and counted). The baselines are fit on the tokenizer's own training episodes (from the
+(and counted). Test and baseline chunks are of the sequence the tokenizer was trained on
+(its provenance's --targets: the executed actions, or the expert's own commands). The baselines are fit on the tokenizer's own training episodes (from the
 files its provenance names) and evaluated on the same test chunks, in the same normalized
 units (the tokenizer's q01/q99 normalizer).
 
@@ -26,6 +27,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -170,8 +172,30 @@ def file_test_episodes(args, seen: list[dict]) -> tuple[list, dict]:
     return kept, info
 
 
+def checkpoint_targets(provenance: dict) -> str:
+    """Which action sequence the tokenizer was trained on (``train_rvq_tokenizer.py --targets``);
+    checkpoints written before the flag existed trained on the executed ``actions``."""
+    targets = (provenance.get("args") or {}).get("targets") or "actions"
+    if targets not in ca.TARGETS:
+        raise ValueError(f"checkpoint provenance names targets {targets!r}, expected one of {ca.TARGETS}")
+    return targets
+
+
+def test_targets(episodes: list, targets: str) -> tuple[list, int]:
+    """Test episodes with ``actions`` set to what the tokenizer was trained to encode.
+
+    For ``expert_actions``: a perturbed episode's recorded expert commands; an episode collected
+    without ``--perturb`` executed the expert's commands, so its ``actions`` already are them.
+    Returns the episodes and how many of them used recorded ``expert_actions``."""
+    if targets == "actions":
+        return episodes, 0
+    out = [replace(e, actions=e.expert_actions) if e.expert_actions is not None else e for e in episodes]
+    return out, sum(e.expert_actions is not None for e in episodes)
+
+
 def training_chunks(provenance: dict, train_seen: list[dict], chunk_size: int, path: str) -> np.ndarray:
-    """Raw chunks [M, T, D] of the tokenizer's training episodes (to fit the baselines)."""
+    """Raw chunks [M, T, D] of the tokenizer's training episodes (to fit the baselines), of the
+    action sequence the tokenizer trained on."""
     files = sorted({e["source"] for e in train_seen} | set(provenance["data"].get("files", [])))
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
@@ -182,6 +206,8 @@ def training_chunks(provenance: dict, train_seen: list[dict], chunk_size: int, p
     if len(episodes) != len(wanted):
         raise ValueError(f"{path}: found {len(episodes)} of the {len(wanted)} training episodes "
                          f"named in its provenance in {files}")
+    targets = checkpoint_targets(provenance)
+    episodes = [replace(e, actions=ca.episode_targets(e, targets)) for e in episodes]
     return ca.chunk_actions(episodes, chunk_size)
 
 
@@ -363,6 +389,9 @@ def print_report(r: dict) -> None:
            if d["source"] == "fresh_collection" else f"the given files (minus {d['excluded_seen_episodes']} seen episodes)")
     print(f"\nTest data: {src}: {d['episodes']} episodes, {d['chunks']} chunks of {d['chunk_size']} steps "
           f"from {', '.join(d['files'])}")
+    if d["targets"] != "actions":
+        print(f"  sequence: {d['targets']}, as the tokenizer was trained ({d['episodes_with_expert_actions']} "
+              "episodes recorded them; the others were not perturbed, so they executed the expert's commands)")
     if d["test_range"]["dims_far_outside_training_range"]:
         print(f"  WARNING: dimension(s) {d['test_range']['dims_far_outside_training_range']} of the test actions go "
               f"far outside the training range (max |normalized| "
@@ -422,13 +451,16 @@ def main(args) -> dict:
         args.task_id = args.task_id if args.task_id is not None else int(prov_args.get("task_id") or 0)
         episodes, data = fresh_test_episodes(args, all_seen, ckpt["provenance"])
     t_collect = time.perf_counter() - t0
+    data["targets"] = checkpoint_targets(ckpt["provenance"])
+    episodes, data["episodes_with_expert_actions"] = test_targets(episodes, data["targets"])
     test_raw = ca.chunk_actions(episodes, c.chunk_size)
     if len(test_raw) == 0:
         raise ValueError(f"test episodes are shorter than the tokenizer's chunk size {c.chunk_size}")
     if test_raw.shape[-1] != c.action_dim:
         raise ValueError(f"test actions have dimension {test_raw.shape[-1]}, the tokenizer expects {c.action_dim}")
     data.update(episodes=len(episodes), chunks=int(len(test_raw)), chunk_size=c.chunk_size, action_dim=c.action_dim)
-    log.info("test data: %s, %d episodes, %d chunks", data["source"], len(episodes), len(test_raw))
+    log.info("test data: %s, %d episodes, %d chunks of %s", data["source"], len(episodes), len(test_raw),
+             data["targets"])
 
     normalize = lambda a: model.normalize(torch.as_tensor(a, device=args.device)).cpu().numpy().astype(np.float64)
     denormalize = lambda a: model.denormalize(torch.as_tensor(a, dtype=torch.float32, device=args.device)).cpu().numpy()

@@ -184,3 +184,31 @@ def test_analysis_main_writes_every_field(tmp_path):
     assert isinstance(saved["bar1"]["passed"], bool)
     assert (tmp_path / "a.png").stat().st_size > 10_000
     assert result["rvq"][-1]["mse"] < result["rvq"][0]["mse"]
+
+
+def test_analysis_follows_the_checkpoints_targets(tmp_path):
+    """A tokenizer trained on --targets expert_actions is tested and its baselines fit on the
+    expert's commands: recorded ones where a perturbed episode has them, the executed actions
+    of an unperturbed episode (which are the expert's)."""
+    path = str(tmp_path / "perturbed.hdf5")
+    write_demos(path, [11, 12], [20, 21])
+    with h5py.File(path, "a") as f:  # demo_0 perturbed (expert commands recorded), demo_1 not
+        f["data/demo_0"].create_dataset("expert_actions", data=np.full((30, 7), 0.5, np.float32))
+    episodes = ca.load_episodes([path])
+    prov = {"args": {"targets": "expert_actions"}, "data": {"files": [path]}}
+    assert an.checkpoint_targets(prov) == "expert_actions"
+    assert an.checkpoint_targets({"args": {}}) == "actions"  # checkpoints from before the flag
+    with pytest.raises(ValueError, match="'bogus'"):
+        an.checkpoint_targets({"args": {"targets": "bogus"}})
+
+    tested, recorded = an.test_targets(episodes, "expert_actions")
+    assert recorded == 1
+    np.testing.assert_array_equal(tested[0].actions, episodes[0].expert_actions)
+    np.testing.assert_array_equal(tested[1].actions, episodes[1].actions)
+    assert an.test_targets(episodes, "actions") == (episodes, 0)
+
+    train_seen = [ca.episode_identity(episodes[0])]
+    chunks = an.training_chunks(prov, train_seen, 10, "tok.pt")
+    assert chunks.shape == (21, 10, 7) and np.all(chunks == 0.5)
+    chunks = an.training_chunks({"args": {}, "data": {"files": [path]}}, train_seen, 10, "tok.pt")
+    np.testing.assert_array_equal(chunks[0], episodes[0].actions[:10])
