@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import collect_actions as ca
 import policy_models as pm
-from policy_data import obs_vector
+from policy_data import ActionHistory, obs_vector
 from rsd_engine_core import ACCEPTANCE, ChunkStats, EngineConfig, RSDEngine
 from rvq_tokenizer import load_tokenizer
 
@@ -110,6 +110,7 @@ class EnginePolicy(ca.Policy):
     def __init__(self, engine: RSDEngine, cfg: EngineConfig, replan_steps: int, seed: int):
         self.engine, self.cfg, self.replan_steps = engine, cfg, replan_steps
         self.keys = engine.policy.config.obs_keys
+        self.history = ActionHistory(engine.policy.config.action_history, engine.tokenizer.config.action_dim)
         self.instructions = engine.policy.config.instructions
         self.gen = torch.Generator().manual_seed(seed)
         self.stats: list[ChunkStats] = []
@@ -120,11 +121,15 @@ class EnginePolicy(ca.Policy):
             raise ValueError(f"the policy was not trained on the instruction {task.instruction!r}")
         self.task_index = self.instructions.index(task.instruction)
         self.gen.manual_seed(int(rng.integers(2**31)))
+        self.history.reset()
 
     def act(self, obs: dict) -> np.ndarray:
-        actions, stats, _ = self.engine.act(obs_vector(obs, self.keys), self.task_index, self.cfg, self.gen)
+        x = np.concatenate([obs_vector(obs, self.keys), self.history.vector()])
+        actions, stats, _ = self.engine.act(x, self.task_index, self.cfg, self.gen)
         self.stats.append(stats)
-        return actions[: self.replan_steps]
+        actions = actions[: self.replan_steps]
+        self.history.push(actions)  # the runner executes every action returned
+        return actions
 
 
 @dataclass

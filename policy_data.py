@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from collect_actions import Episode, chunk_actions, episode_targets
+from collect_actions import SETTLE_ACTION, Episode, chunk_actions, episode_targets
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,37 @@ def obs_vector(obs: dict, keys, step: int | slice | None = None) -> np.ndarray:
         parts = [p[step] for p in parts]
     lead = parts[0].shape[:-1] if parts[0].ndim > 1 else ()
     return np.concatenate([p.reshape(*lead, -1) if lead else p.reshape(-1) for p in parts], -1)
+
+
+def action_history(actions: np.ndarray, h: int) -> np.ndarray:
+    """The ``h`` actions executed before each step, oldest first: [N, D] -> [N, h * D].
+
+    Before the first step the robot was settling with ``SETTLE_ACTION`` (no motion, gripper
+    open), so that is what the history holds there."""
+    actions = np.asarray(actions, dtype=np.float32)
+    n, d = actions.shape
+    pad = np.broadcast_to(np.asarray(SETTLE_ACTION, np.float32), (h, d))
+    padded = np.concatenate([pad, actions])
+    return np.concatenate([padded[j:j + n] for j in range(h)], axis=1) if h else np.zeros((n, 0), np.float32)
+
+
+class ActionHistory:
+    """The last ``h`` executed actions of a rollout, as ``action_history`` builds them for training."""
+
+    def __init__(self, h: int, action_dim: int = 7):
+        self.h, self.d = h, action_dim
+        self.reset()
+
+    def reset(self) -> None:
+        self.buffer = np.broadcast_to(np.asarray(SETTLE_ACTION, np.float32), (self.h, self.d)).copy()
+
+    def push(self, actions: np.ndarray) -> None:
+        """actions: [n, D] executed (in order) since the last push."""
+        if self.h:
+            self.buffer = np.concatenate([self.buffer, np.asarray(actions, np.float32)])[-self.h:]
+
+    def vector(self) -> np.ndarray:
+        return self.buffer.reshape(-1)
 
 
 @dataclass
@@ -49,9 +80,11 @@ def instruction_vocab(episodes: list[Episode]) -> tuple[str, ...]:
 
 
 def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
-                  batch_size: int = 4096, targets: str = "actions") -> ChunkDataset:
+                  batch_size: int = 4096, targets: str = "actions", history: int = 0) -> ChunkDataset:
     """Cut every in-demo chunk of the ``targets`` sequence (see ``episode_targets``), encode it
-    with the tokenizer, pair it with its first observation."""
+    with the tokenizer, pair it with its first observation and, with ``history`` > 0, the
+    ``history`` actions executed just before it (``action_history``; obs_dim grows by
+    history * D)."""
     T = tokenizer.config.chunk_size
     index = {s: i for i, s in enumerate(instructions)}
     obs, task, actions = [], [], []
@@ -62,7 +95,10 @@ def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
         if ep.instruction not in index:
             raise ValueError(f"instruction {ep.instruction!r} of {ep.source}:{ep.key} is not in "
                              f"the policy's instruction vocabulary")
-        obs.append(obs_vector(ep.obs, obs_keys)[:n])
+        ob = obs_vector(ep.obs, obs_keys)
+        if history:
+            ob = np.concatenate([ob, action_history(ep.actions, history)], axis=1)
+        obs.append(ob[:n])
         task.append(np.full(n, index[ep.instruction]))
         seq = episode_targets(ep, targets)
         actions.append(chunk_actions([replace(ep, actions=seq)], T, 1))

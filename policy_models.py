@@ -69,6 +69,7 @@ class PolicyConfig:
     num_layers: int                        # L of the tokenizer
     codebook_sizes: tuple[int, ...]        # K_l of each tokenizer layer
     obs_keys: tuple[str, ...] = DEFAULT_OBS_KEYS
+    action_history: int = 0                # executed actions appended to the observation (policy_data)
     variant: str = "ar"                    # "ar" (block-causal over layers) | "parallel"
     d_model: int = 128
     n_heads: int = 4
@@ -85,6 +86,8 @@ class PolicyConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.action_history, (int, np.integer)) or self.action_history < 0:
+            raise ValueError(f"action_history must be an integer >= 0, got {self.action_history!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.d_model % self.n_heads:

@@ -208,8 +208,9 @@ def main(args) -> dict:
     train_eps, val_eps = split_like_policy(episodes, pckpt)
     instr = policy.config.instructions
     targets = pckpt["provenance"]["args"].get("targets", "actions")  # what the main policy imitated
-    train = build_dataset(train_eps, tokenizer, policy.config.obs_keys, instr, targets=targets)
-    val = build_dataset(val_eps, tokenizer, policy.config.obs_keys, instr, targets=targets)
+    kw = dict(targets=targets, history=policy.config.action_history)
+    train = build_dataset(train_eps, tokenizer, policy.config.obs_keys, instr, **kw)
+    val = build_dataset(val_eps, tokenizer, policy.config.obs_keys, instr, **kw)
     log.info("%d train chunks, %d validation chunks; computing the main policy's codes",
              len(train), len(val))
     t0 = time.perf_counter()

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=ca.TARGETS, default="actions",
                    help="what the policy imitates: the executed actions, or the expert's own commands "
                         "stored by a perturbed collection (collect_actions.py --perturb)")
+    p.add_argument("--action_history", type=int, default=0,
+                   help="append the last N executed actions to the observation (0: observation only)")
     p.add_argument("--val_fraction", type=float, default=0.1)
     # model
     p.add_argument("--variant", choices=pm.VARIANTS, default="ar")
@@ -135,8 +137,9 @@ def load_data(args, tokenizer):
         raise ValueError(f"no successful episodes in {args.data}")
     train_eps, val_eps = ca.split_by_episode(episodes, args.val_fraction, args.seed)
     instructions = instruction_vocab(episodes)
-    train = build_dataset(train_eps, tokenizer, args.obs_keys, instructions, targets=args.targets)
-    val = build_dataset(val_eps, tokenizer, args.obs_keys, instructions, targets=args.targets)
+    kw = dict(targets=args.targets, history=args.action_history)
+    train = build_dataset(train_eps, tokenizer, args.obs_keys, instructions, **kw)
+    val = build_dataset(val_eps, tokenizer, args.obs_keys, instructions, **kw)
     log.info("%d train episodes (%d chunks), %d validation episodes (%d chunks), %d instructions",
              len(train_eps), len(train), len(val_eps), len(val), len(instructions))
     return train_eps, val_eps, train, val, instructions
@@ -154,7 +157,7 @@ def main(args) -> dict:
     cfg = pm.PolicyConfig(
         obs_dim=train.obs.shape[1], instructions=instructions, latent_steps=tc.latent_steps,
         num_layers=tc.num_layers, codebook_sizes=tokenizer.layer_codebook_sizes(),
-        obs_keys=tuple(args.obs_keys), variant=args.variant, d_model=args.d_model,
+        obs_keys=tuple(args.obs_keys), action_history=args.action_history, variant=args.variant, d_model=args.d_model,
         n_heads=args.n_heads, n_blocks=args.n_blocks, obs_tokens=args.obs_tokens, dropout=args.dropout)
     model = pm.TokenPolicy(cfg)
     model.obs_encoder.normalizer.fit(train.obs.numpy())

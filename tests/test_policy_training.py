@@ -263,3 +263,52 @@ def test_eval_workers_give_the_same_trials_as_one_process():
     one, two = ({t: (r["expert"]["successes"], r["expert"]["mean_episode_steps"])
                  for t, r in out["per_task"].items()} for out in runs)
     assert one == two
+
+
+def test_action_history_online_equals_training_rows():
+    """The history a rollout feeds the policy at the start of each chunk is the row the
+    training set pairs with that step: the last h executed actions, settle action before t=0."""
+    from policy_data import ActionHistory, action_history
+
+    acts = np.random.default_rng(0).normal(size=(23, 7)).astype(np.float32)
+    rows = action_history(acts, 3)
+    assert rows.shape == (23, 21)
+    np.testing.assert_array_equal(rows[0], np.tile(ca.SETTLE_ACTION.astype(np.float32), 3))
+    np.testing.assert_array_equal(rows[5], acts[2:5].reshape(-1))
+    np.testing.assert_array_equal(rows[1][14:], acts[0])
+    online, t = ActionHistory(3), 0
+    for n in (1, 4, 2, 10, 6):  # chunks of any length
+        np.testing.assert_array_equal(online.vector(), rows[t])
+        online.push(acts[t:t + n])
+        t += n
+    online.reset()
+    np.testing.assert_array_equal(online.vector(), rows[0])
+    assert action_history(acts, 0).shape == (23, 0) and ActionHistory(0).vector().shape == (0,)
+    with pytest.raises(ValueError, match="action_history must be an integer >= 0"):
+        pm.PolicyConfig(obs_dim=4, instructions=INSTRUCTIONS, latent_steps=2, num_layers=3,
+                        codebook_sizes=(16,) * 3, action_history=-1)
+
+
+def test_policy_with_action_history_trains_and_runs_in_the_eval_loop(workdir, tmp_path):
+    """--action_history 2: the observation grows by 2 x 7, the draft follows, and the eval
+    loop appends what it executed (the engine sees the full vector)."""
+    d, demos = workdir
+    pol = policy_args(d, demos, output=str(tmp_path / "p.pt"), json=None, epochs=2, action_history=2)
+    train_policy.main(pol)
+    policy, _ = pm.load_policy(str(tmp_path / "p.pt"))
+    assert policy.config.action_history == 2 and policy.config.obs_dim == 8 + 6 + 14
+    train_draft.main(train_draft.build_parser().parse_args([
+        "--policy", str(tmp_path / "p.pt"), "--output", str(tmp_path / "d.pt"), "--k", "2",
+        "--epochs", "1", "--hidden", "16", "--source", "obs", "--threads", "1"]))
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    engine = RSDEngine(policy, tok)
+    seen = []
+    act = engine.act
+    engine.act = lambda x, *a: (seen.append(x.copy()), act(x, *a))[1]
+    ep_policy = eval_libero.EnginePolicy(engine, EngineConfig("dense"), replan_steps=5, seed=0)
+    ep_policy.reset(FakeEnv().task, np.random.default_rng(0))
+    first = ep_policy.act(FakeEnv((8, 6))._obs())
+    ep_policy.act(FakeEnv((8, 6))._obs())
+    assert [len(x) for x in seen] == [28, 28]
+    np.testing.assert_array_equal(seen[0][14:], np.tile(ca.SETTLE_ACTION.astype(np.float32), 2))
+    np.testing.assert_allclose(seen[1][14:], first[-2:].reshape(-1), rtol=1e-6)
