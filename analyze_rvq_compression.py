@@ -254,6 +254,15 @@ def rvq_layer_points(model, test_raw: np.ndarray, test_norm: np.ndarray, device)
     return points, codes.cpu(), recons
 
 
+def autoencoder_floor(model, test_raw: np.ndarray, test_norm: np.ndarray, device) -> dict:
+    """Error with the latent unquantized (``RVQTokenizer.autoencode``): where the layers level off."""
+    raw = torch.cat([model.autoencode(torch.as_tensor(test_raw[i:i + 4096], device=device))
+                     for i in range(0, len(test_raw), 4096)])
+    stats = error_stats(test_norm, model.normalize(raw).cpu().numpy())
+    return {"mse": stats["mse"], "mse_std": stats["mse_std"],
+            "mse_raw": error_stats(test_raw, raw.cpu().numpy())["mse"]}
+
+
 def bar1_check(rvq: list, baselines: dict, threshold: float = FINE_MSE_THRESHOLD) -> dict:
     """Bar 1: at every budget from one RVQ layer up to B* (the budget where DCT first reaches
     MSE < `threshold`), RVQ's MSE is below every baseline's MSE at the same or a larger budget.
@@ -340,6 +349,7 @@ def plot_analysis(r: dict, test_norm: np.ndarray, recons: list, path: str) -> No
     a.semilogy(layers, [p["mse"] for p in rvq], "o-", label="RVQ (normalized)")
     a.axhline(COARSE_MSE_THRESHOLD, ls="--", c="gray", label=f"MSE {COARSE_MSE_THRESHOLD}")
     a.axhline(FINE_MSE_THRESHOLD, ls=":", c="gray", label=f"MSE {FINE_MSE_THRESHOLD}")
+    a.axhline(r["autoencoder_floor"]["mse"], ls="-.", c="C3", label="latent unquantized")
     a.set(xlabel="layers used", ylabel="MSE (log)", title="Reconstruction error vs layers")
     a.legend()
     a = ax[0, 1]
@@ -407,6 +417,8 @@ def print_report(r: dict) -> None:
               f"{p['mse_std']:>10.6f} {p['mse_median']:>10.6f} {p['mse_raw']:>10.3g} {p['max_abs_err']:>9.4f} "
               f"{p['compression_ratio_bits']:>10.1f} {p['compression_ratio_tokens']:>9.2f} {u['used_fraction']:>6.2f} "
               f"{gain:>6}")
+    print(f"{'floor':>6} {'':>6} {'':>6} {r['autoencoder_floor']['mse']:>10.6f} {r['autoencoder_floor']['mse_std']:>10.6f}"
+          "  <- latent unquantized: where the layers level off")
     print(f"\n{'baseline':>12} {'tokens':>7} {'bits':>7} {'MSE':>10} {'median':>10} {'MSE raw':>10} {'fails':>6} {'clipped':>8}")
     for family in ("dct", "fast", "binning"):
         for p in r["baselines"][family]:
@@ -468,6 +480,7 @@ def main(args) -> dict:
     data["test_range"] = test_range_report(test_norm)
     rvq, codes, recons = rvq_layer_points(model, test_raw, test_norm, args.device)
     usage = code_usage(codes, model.layer_codebook_sizes())
+    floor = autoencoder_floor(model, test_raw, test_norm, args.device)
 
     train_raw = training_chunks(ckpt["provenance"], seen["train"], c.chunk_size, args.model)
     cfg = BaselineConfig(fast_scales=tuple(args.fast_scales), fast_vocab_size=args.fast_vocab_size,
@@ -476,7 +489,7 @@ def main(args) -> dict:
     data["baseline_train_chunks"] = int(len(train_raw))
 
     result = {"data": data, "model": {"path": args.model, "config": ckpt["config"]},
-              "rvq": rvq, "code_usage": usage, "baselines": baselines, "baselines_skipped": skipped,
+              "rvq": rvq, "autoencoder_floor": floor, "code_usage": usage, "baselines": baselines, "baselines_skipped": skipped,
               "hypothesis": hypothesis(rvq), "bar1": bar1_check(rvq, baselines)}
     if args.plot:
         plot_analysis(result, test_norm, recons, args.plot)

@@ -544,6 +544,14 @@ class RVQTokenizer(nn.Module):
         return self.denormalize(self._decode_latent(self.quantizer.decode_codes(codes)))
 
     @torch.no_grad()
+    def autoencode(self, actions) -> torch.Tensor:
+        """Encode and decode with the latent left unquantized: actions [B, T, D] -> [B, T, D]
+        raw units. As more layers shrink the residual, prefixes approach this reconstruction,
+        so its error is where the layers level off."""
+        x = self.normalize(self._check_actions(actions))
+        return self.denormalize(self._decode_latent(self._encode_latent(x)))
+
+    @torch.no_grad()
     def prefix_mse(self, actions, batch_size: int = 4096) -> torch.Tensor:
         """Normalized-action MSE with layers 1..l for every l: actions [N, T, D] -> [L]."""
         actions = self._check_actions(actions)

@@ -281,3 +281,21 @@ def test_load_errors_name_the_file(tmp_path, data):
         torch.save({**ckpt, **change}, path)
         with pytest.raises(ValueError, match=name.replace(".", r"\.")):
             rt.load_tokenizer(path)
+
+
+def test_prefixes_approach_the_unquantized_autoencoder():
+    """autoencode() is the limit of the prefixes: with the residual shrinking layer by layer,
+    the last prefix's reconstruction is closer to it than the first's."""
+    torch.manual_seed(0)
+    x = torch.as_tensor(rt.sliding_chunks(rt.synthetic_episodes(6, seed=2), 10))
+    model = rt.RVQTokenizer(rt.RVQConfig(num_layers=6, codebook_size=64, hidden_dim=32))
+    model.normalizer.fit(x)
+    model.init_codebooks(x)
+    model.eval()
+    ae = model.autoencode(x)
+    codes = model.encode(x)
+    gaps = [float(((model.decode(codes[..., :l]) - ae) ** 2).mean()) for l in (1, 3, 6)]
+    assert gaps[0] > gaps[1] > gaps[2]
+    with torch.no_grad():
+        direct = model.denormalize(model._decode_latent(model._encode_latent(model.normalize(x))))
+    torch.testing.assert_close(ae, direct)
