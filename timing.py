@@ -21,3 +21,24 @@ def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_median_seconds(fns: list, repeats: int, warmup: int = 3) -> list[float]:
+    """Median wall time of each of ``fns``, called in turn (f0, f1, ..., f0, f1, ...).
+
+    For a ratio of two costs on a shared machine: each round times every function under the
+    same load, where timing one function's calls and then the other's lets a change of load
+    between the two runs skew the ratio.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]

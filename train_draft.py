@@ -12,7 +12,8 @@ higher validation agreement. It uses the main policy's own train / validation ep
 
 Reports per-layer agreement with the main policy's argmax on validation episodes (per latent
 position, and per whole layer of a chunk, which is what exact acceptance needs) and the cost
-of a draft pass against a main pass (median wall time at batch 1, same run, and FLOPs).
+of a draft pass against a main pass (median wall time at batch 1, the two timed in turn in
+the same run, and FLOPs).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import collect_actions as ca
 import policy_models as pm
 from policy_data import ChunkDataset, batches, build_dataset
 from rvq_tokenizer import load_tokenizer
-from timing import median_seconds
+from timing import interleaved_median_seconds
 
 log = logging.getLogger("train_draft")
 
@@ -177,8 +178,7 @@ def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset)
         def draft_pass():
             draft(policy.obs_encoder.normalizer(obs), task)
 
-    t_main = median_seconds(main_pass, repeats=300, warmup=30)
-    t_draft = median_seconds(draft_pass, repeats=300, warmup=30)
+    t_main, t_draft = interleaved_median_seconds([main_pass, draft_pass], repeats=300, warmup=30)
     with FlopCounterMode(display=False) as fc:
         main_pass()
     f_main = fc.get_total_flops()

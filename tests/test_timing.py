@@ -19,3 +19,21 @@ def test_median_seconds_skips_warmup_and_takes_the_median(monkeypatch):
     assert len(calls) == 5
     with pytest.raises(ValueError, match="repeats"):
         timing.median_seconds(fn, repeats=0)
+
+
+def test_interleaved_median_seconds_alternates_and_times_each(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+    order = []
+
+    def make(name, cost):
+        def fn():
+            order.append(name)
+            clock["t"] += cost
+        return fn
+
+    medians = timing.interleaved_median_seconds([make("main", 10.0), make("draft", 1.0)], repeats=3, warmup=1)
+    assert medians == [10.0, 1.0]
+    assert order == ["main", "draft"] * 4  # one warm-up round, then three timed rounds
+    with pytest.raises(ValueError, match="repeats"):
+        timing.interleaved_median_seconds([make("x", 1.0)], repeats=0)
