@@ -194,30 +194,35 @@ def write_video(ep: ca.Episode, path: str, fps: int = 20) -> None:
     writer.release()
 
 
+def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args, res: ModeResult) -> None:
+    """Trial ``trial`` (from init state ``trial``) of one task with one policy, added to ``res``."""
+    seed = ca.episode_seed(args.seed, env.task.task_id, trial)
+    n_chunks = len(getattr(policy, "stats", []))
+    try:
+        ep = ca.run_episode(env, policy, trial, seed, keep_images=args.video, max_steps=args.max_steps)
+    except Exception as exc:  # counted and reported, never a success
+        res.trials += 1
+        res.errors += 1
+        msg = f"task {env.task.task_id} trial {trial} mode {mode}: {type(exc).__name__}: {exc}"
+        res.error_messages.append(msg)
+        log.warning("error in %s\n%s", msg, traceback.format_exc(limit=3))
+        return
+    res.trials += 1
+    res.successes += int(ep.success)
+    res.steps.append(len(ep))
+    if args.video:
+        outcome = "success" if ep.success else "failure"
+        write_video(ep, os.path.join(args.video_dir, f"{env.task.suite}_task{env.task.task_id}_"
+                                     f"trial{trial}_{mode.replace('+', '_')}_{outcome}.mp4"))
+    if hasattr(policy, "stats"):
+        res.chunks += policy.stats[n_chunks:]
+
+
 def run_trials(env: ca.LiberoEnv, policy: ca.Policy, mode: str, args) -> ModeResult:
     """Trials 0..num_trials-1 of one task with one policy."""
     res = ModeResult()
     for trial in range(args.num_trials):
-        seed = ca.episode_seed(args.seed, env.task.task_id, trial)
-        n_chunks = len(getattr(policy, "stats", []))
-        try:
-            ep = ca.run_episode(env, policy, trial, seed, keep_images=args.video, max_steps=args.max_steps)
-        except Exception as exc:  # counted and reported, never a success
-            res.trials += 1
-            res.errors += 1
-            msg = f"task {env.task.task_id} trial {trial} mode {mode}: {type(exc).__name__}: {exc}"
-            res.error_messages.append(msg)
-            log.warning("error in %s\n%s", msg, traceback.format_exc(limit=3))
-            continue
-        res.trials += 1
-        res.successes += int(ep.success)
-        res.steps.append(len(ep))
-        if args.video:
-            outcome = "success" if ep.success else "failure"
-            write_video(ep, os.path.join(args.video_dir, f"{env.task.suite}_task{env.task.task_id}_"
-                                         f"trial{trial}_{mode.replace('+', '_')}_{outcome}.mp4"))
-        if hasattr(policy, "stats"):
-            res.chunks += policy.stats[n_chunks:]
+        run_trial(env, policy, mode, trial, args, res)
     return res
 
 
@@ -275,10 +280,18 @@ def make_policy(mode: str, engine, args) -> ca.Policy:
 
 
 def evaluate_task(args, modes: list[str], task_id: int, engine) -> dict:
-    """Every mode on one task's trials, in one env: {mode: ModeResult}."""
+    """Every mode on one task's trials, in one env: {mode: ModeResult}.
+
+    Trial-major (trial 0 in every mode, then trial 1, ...): the modes' latencies are measured
+    side by side, so a change of machine load during the run weighs on all of them alike."""
     env = ca.LiberoEnv(args.task_suite, task_id, cameras=args.video)
     try:
-        return {m: run_trials(env, make_policy(m, engine, args), m, args) for m in modes}
+        policies = {m: make_policy(m, engine, args) for m in modes}
+        results = {m: ModeResult() for m in modes}
+        for trial in range(args.num_trials):
+            for m in modes:
+                run_trial(env, policies[m], m, trial, args, results[m])
+        return results
     finally:
         env.close()
 

@@ -312,3 +312,36 @@ def test_policy_with_action_history_trains_and_runs_in_the_eval_loop(workdir, tm
     assert [len(x) for x in seen] == [28, 28]
     np.testing.assert_array_equal(seen[0][14:], np.tile(ca.SETTLE_ACTION.astype(np.float32), 2))
     np.testing.assert_allclose(seen[1][14:], first[-2:].reshape(-1), rtol=1e-6)
+
+
+def test_evaluate_task_runs_the_modes_trial_by_trial(monkeypatch):
+    """Trial 0 in every mode, then trial 1, ...: the modes share the machine's load alike.
+    Each mode keeps its own policy and result, and trial i starts from init state i."""
+    calls = []
+
+    class ClosableEnv(FakeEnv):
+        def close(self):
+            calls.append("close")
+
+    class Named(ca.Policy):
+        def __init__(self, name):
+            self.name = name
+
+        def reset(self, task, rng):
+            pass
+
+        def act(self, obs):
+            return np.zeros((4, 7))
+
+    real_episode = ca.run_episode
+
+    def recorded_episode(env, policy, init_state_id, seed, **kw):
+        calls.append((policy.name, init_state_id))
+        return real_episode(env, policy, init_state_id, seed, **kw)
+
+    monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: ClosableEnv())
+    monkeypatch.setattr(eval_libero, "make_policy", lambda m, engine, args: Named(m))
+    monkeypatch.setattr(ca, "run_episode", recorded_episode)
+    out = eval_libero.evaluate_task(eval_args(num_trials=2), ["dense", "rsd"], 0, engine=None)
+    assert calls == [("dense", 0), ("rsd", 0), ("dense", 1), ("rsd", 1), "close"]
+    assert all(r.trials == 2 and r.successes == 2 for r in out.values())
