@@ -11,9 +11,10 @@ held-out init states (the evaluation trials) with a seed whose episode seeds are
 from every episode recorded in the checkpoint's provenance; both are checked. With --data,
 the given files are used and any episode the tokenizer trained or validated on is dropped
 (and counted). Test and baseline chunks are of the sequence the tokenizer was trained on
-(its provenance's --targets: the executed actions, or the expert's own commands). The baselines are fit on the tokenizer's own training episodes (from the
-files its provenance names) and evaluated on the same test chunks, in the same normalized
-units (the tokenizer's q01/q99 normalizer).
+(its provenance's --targets: the executed actions, or the expert's own commands). The
+baselines are fit on the tokenizer's own training episodes (from the files its provenance
+names) and evaluated on the same test chunks, in the same normalized units (the tokenizer's
+q01/q99 normalizer).
 
 Definitions: MSE is the mean over chunks of the per-chunk mean squared error (mse_std its
 standard deviation over chunks), in normalized units unless named _raw; a token from a
@@ -181,7 +182,7 @@ def checkpoint_targets(provenance: dict) -> str:
     return targets
 
 
-def test_targets(episodes: list, targets: str) -> tuple[list, int]:
+def episodes_of_targets(episodes: list, targets: str) -> tuple[list, int]:
     """Test episodes with ``actions`` set to what the tokenizer was trained to encode.
 
     For ``expert_actions``: a perturbed episode's recorded expert commands; an episode collected
@@ -464,7 +465,7 @@ def main(args) -> dict:
         episodes, data = fresh_test_episodes(args, all_seen, ckpt["provenance"])
     t_collect = time.perf_counter() - t0
     data["targets"] = checkpoint_targets(ckpt["provenance"])
-    episodes, data["episodes_with_expert_actions"] = test_targets(episodes, data["targets"])
+    episodes, data["episodes_with_expert_actions"] = episodes_of_targets(episodes, data["targets"])
     test_raw = ca.chunk_actions(episodes, c.chunk_size)
     if len(test_raw) == 0:
         raise ValueError(f"test episodes are shorter than the tokenizer's chunk size {c.chunk_size}")
@@ -489,7 +490,8 @@ def main(args) -> dict:
     data["baseline_train_chunks"] = int(len(train_raw))
 
     result = {"data": data, "model": {"path": args.model, "config": ckpt["config"]},
-              "rvq": rvq, "autoencoder_floor": floor, "code_usage": usage, "baselines": baselines, "baselines_skipped": skipped,
+              "rvq": rvq, "autoencoder_floor": floor, "code_usage": usage,
+              "baselines": baselines, "baselines_skipped": skipped,
               "hypothesis": hypothesis(rvq), "bar1": bar1_check(rvq, baselines)}
     if args.plot:
         plot_analysis(result, test_norm, recons, args.plot)

@@ -150,6 +150,8 @@ def main(args) -> dict:
     log.info("config: %s", vars(args))
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    if args.action_history < 0:
+        raise ValueError(f"--action_history must be >= 0, got {args.action_history}")
     tokenizer, _ = load_tokenizer(args.tokenizer)
     tok_sha = pm.file_sha256(args.tokenizer)
     train_eps, val_eps, train, val, instructions = load_data(args, tokenizer)

@@ -201,11 +201,11 @@ def test_analysis_follows_the_checkpoints_targets(tmp_path):
     with pytest.raises(ValueError, match="'bogus'"):
         an.checkpoint_targets({"args": {"targets": "bogus"}})
 
-    tested, recorded = an.test_targets(episodes, "expert_actions")
+    tested, recorded = an.episodes_of_targets(episodes, "expert_actions")
     assert recorded == 1
     np.testing.assert_array_equal(tested[0].actions, episodes[0].expert_actions)
     np.testing.assert_array_equal(tested[1].actions, episodes[1].actions)
-    assert an.test_targets(episodes, "actions") == (episodes, 0)
+    assert an.episodes_of_targets(episodes, "actions") == (episodes, 0)
 
     train_seen = [ca.episode_identity(episodes[0])]
     chunks = an.training_chunks(prov, train_seen, 10, "tok.pt")
