@@ -218,14 +218,6 @@ def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args,
         res.chunks += policy.stats[n_chunks:]
 
 
-def run_trials(env: ca.LiberoEnv, policy: ca.Policy, mode: str, args) -> ModeResult:
-    """Trials 0..num_trials-1 of one task with one policy."""
-    res = ModeResult()
-    for trial in range(args.num_trials):
-        run_trial(env, policy, mode, trial, args, res)
-    return res
-
-
 # ----------------------------------------------------------------------------- setup
 
 

@@ -151,7 +151,7 @@ def test_policy_refuses_wrong_tokenizer(trained, tmp_path):
 # ---------------------------------------------------------------- eval loop without a simulator
 
 class FakeEnv:
-    """Just enough of LiberoEnv for run_trials: succeeds after 12 steps; obs have the keys."""
+    """Just enough of LiberoEnv for run_trial: succeeds after 12 steps; obs have the keys."""
 
     def __init__(self, obs_dims=(7, 6)):
         self.task = ca.TaskInfo("libero_spatial", 0, "t", INSTRUCTIONS[0], "", 40)
@@ -186,8 +186,16 @@ def eval_args(**over):
     return args
 
 
+def run_trials(env, policy, mode, args):
+    """Trials 0..num_trials-1 of one task with one policy, as evaluate_task runs each mode."""
+    res = eval_libero.ModeResult()
+    for trial in range(args.num_trials):
+        eval_libero.run_trial(env, policy, mode, trial, args, res)
+    return res
+
+
 def test_trial_errors_are_counted_not_successes():
-    res = eval_libero.run_trials(FakeEnv(), Exploding(), "dense", eval_args())
+    res = run_trials(FakeEnv(), Exploding(), "dense", eval_args())
     s = res.summary()
     assert (s["trials"], s["errors"], s["successes"], s["success_rate"]) == (3, 3, 0, 0.0)
     assert "simulated policy crash" in s["error_messages"][0]
@@ -200,7 +208,7 @@ def test_engine_policy_statistics_add_up(trained):
     engine = RSDEngine(policy, tok)
     env = FakeEnv((policy.config.obs_dim - 6, 6))
     ep_policy = eval_libero.EnginePolicy(engine, EngineConfig("dense"), replan_steps=5, seed=0)
-    res = eval_libero.run_trials(env, ep_policy, "dense", eval_args())
+    res = run_trials(env, ep_policy, "dense", eval_args())
     s = res.summary()
     assert s["successes"] == 3 and s["errors"] == 0
     assert s["chunks"] == 3 * 3  # 12 steps at 5 per chunk
