@@ -216,10 +216,11 @@ def test_engine_policy_statistics_add_up(trained):
 
 
 @pytest.mark.integration
-def test_eval_runs_closed_loop_in_libero(workdir, tmp_path):
+def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
     """Real LIBERO env, tiny models trained on synthetic demos with libero_spatial task 0's
-    instruction and observation sizes: every mode runs on the same init state and reports."""
-    d, _ = workdir
+    instruction and observation sizes: every mode runs on the same init state and reports.
+    The module's trained policy (other instructions) must be refused."""
+    d, _, _ = trained
     instruction = ca.get_task("libero_spatial", 0).instruction
     demos = synthetic_demo_file(tmp_path / "demos.hdf5", 6, instructions=(instruction,), obs_dims=(39, 70))
     pol = policy_args(d, demos, output=str(tmp_path / "policy.pt"), json=None, epochs=1)
