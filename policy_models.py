@@ -410,6 +410,62 @@ class DraftModel(nn.Module):
         logits = h @ self.out_w + self.out_b
         return logits.masked_fill(self.invalid, float("-inf")) if self.mask_needed else logits
 
+    def fused(self) -> "FusedDraft":
+        """The inference form of this draft as its weights are now (see ``FusedDraft``)."""
+        return FusedDraft(self)
+
+
+class FusedDraft:
+    """A ``DraftModel`` folded for batch-1 inference: the same function in fewer operations.
+
+    At batch 1 a pass of a small MLP costs mostly per-operation overhead (module calls,
+    dispatch), not arithmetic. Three exact rewrites remove operations:
+
+    - the factorized head (``proj``, then ``out_w`` and ``out_b``) is linear, so it becomes one
+      matrix ``[T'*k*vocab, hidden]`` with one bias; codes a layer cannot emit get a -inf bias;
+    - the obs draft's task embedding enters the first layer linearly, so it becomes a bias per
+      task;
+    - the layers run as ``torch.addmm`` and ``gelu`` on plain tensors, no module calls.
+
+    Logits equal ``DraftModel.forward`` up to float rounding (tested). It is a snapshot:
+    build it again after the draft's weights change.
+    """
+
+    def __init__(self, draft: DraftModel):
+        c = draft.config
+        self.config, self.vocab = c, draft.vocab
+        with torch.no_grad():
+            linears = [m for m in draft.trunk if isinstance(m, nn.Linear)]
+            first = linears[0]
+            w0, b0 = first.weight, first.bias
+            if c.source == "obs":  # [obs | task embedding] @ W0^T = obs @ W_obs^T + per-task bias
+                n_in = w0.shape[1] - draft.task.embedding_dim
+                self.task_bias = (draft.task.weight @ w0[:, n_in:].T + b0).contiguous()  # [tasks, hidden]
+                w0 = w0[:, :n_in]
+            else:
+                self.task_bias = None
+            self.first = (w0.T.contiguous(), b0.clone())
+            self.rest = [(m.weight.T.contiguous(), m.bias.clone()) for m in linears[1:]]
+            P = draft.proj.weight.view(c.latent_steps, c.num_layers, c.rank, -1)  # [T', k, r, hidden]
+            w = torch.einsum("tkrh,rv->tkvh", P, draft.out_w).reshape(-1, P.shape[-1])
+            pb = draft.proj.bias.view(c.latent_steps, c.num_layers, c.rank)
+            b = pb @ draft.out_w + draft.out_b  # [T', k, vocab]
+            b = b.masked_fill(draft.invalid, float("-inf"))
+            self.head = (w.T.contiguous(), b.reshape(-1).contiguous())
+
+    def __call__(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
+        """Same inputs and output as ``DraftModel.forward``: logits [B, T', k, vocab]."""
+        c = self.config
+        w0, b0 = self.first
+        if self.task_bias is not None:
+            h = F.gelu(torch.addmm(self.task_bias[task], features, w0))
+        else:
+            h = F.gelu(torch.addmm(b0, features, w0))
+        for w, b in self.rest:
+            h = F.gelu(torch.addmm(b, h, w))
+        w, b = self.head
+        return torch.addmm(b, h, w).view(-1, c.latent_steps, c.num_layers, self.vocab)
+
 
 # --------------------------------------------------------------------------- checkpoints
 

@@ -154,6 +154,7 @@ def test_rsd_with_a_perfect_draft_accepts_everything():
         for t in range(2):
             for l in range(3):
                 draft.out_w[t * 3 + l, dense[0, t, l]] = 10.0
+    engine = RSDEngine(policy, tok, draft)  # the engine folds the draft's weights when built
     codes, st = engine.decode_codes(obs, task, EngineConfig("rsd", "exact"))
     assert torch.equal(codes, dense)
     assert (st.accepted, st.main_passes) == (3, 1 + (5 - 4))
@@ -258,3 +259,39 @@ def test_engine_refuses_bad_setups():
         engine.decode_codes(obs, task, EngineConfig("parallel"))
     with pytest.raises(ValueError, match="mode must be one of"):
         EngineConfig("turbo")
+
+
+@pytest.mark.parametrize("source", ["embedding", "obs"])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_fused_draft_computes_the_module_function(source, depth):
+    """The folded inference form (one head matrix, per-task bias, no module calls) gives the
+    module's logits, -inf for codes a smaller codebook cannot emit, and the same argmax."""
+    torch.manual_seed(depth)
+    sizes = (8, 5, 8)
+    cfg = pm.DraftConfig(in_dim=20 if source == "embedding" else 12 + 32, latent_steps=2,
+                         num_layers=3, codebook_sizes=sizes, source=source, hidden=24,
+                         depth=depth, rank=6)
+    draft = pm.DraftModel(cfg, num_tasks=4).eval()
+    with torch.no_grad():  # non-trivial biases everywhere
+        draft.out_b.normal_()
+        for p in draft.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fused = draft.fused()
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        B = 1 if seed % 2 == 0 else 6
+        x = torch.randn(B, 20 if source == "embedding" else 12, generator=gen)
+        task = torch.randint(0, 4, (B,), generator=gen)
+        with torch.no_grad():
+            ref = draft(x, task)
+        out = fused(x, task)
+        assert out.shape == ref.shape
+        assert torch.equal(torch.isinf(out), torch.isinf(ref))
+        assert torch.isinf(out[:, :, 1, 5:]).all() and not torch.isinf(out[:, :, 1, :5]).any()
+        finite = torch.isfinite(ref)
+        assert torch.allclose(out[finite], ref[finite], atol=1e-5, rtol=1e-5)
+        assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    # a snapshot: changing the module afterwards does not change the fused form
+    with torch.no_grad():
+        draft.out_b.add_(1.0)
+    assert not torch.allclose(fused(x, task)[finite], draft(x, task)[finite])
