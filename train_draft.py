@@ -10,6 +10,13 @@ costs nothing extra) through a trained projection (``embedding``), or the normal
 observation and a task embedding (``obs``); ``both`` trains the two and keeps the one with the
 higher validation agreement. It uses the main policy's own train / validation episodes.
 
+``--rollouts FILE...`` adds the states the main policy itself visits in closed loop (its
+rollouts on training init states, recorded by ``eval_libero.py --init_states train --record
+FILE``). Demos only show the expert's states; in closed loop the main policy drifts off them,
+and a draft distilled on demos alone agrees with it less there. Rollout chunks have no ground
+truth, so only the main policy's codes are their targets; 10% of the rollout episodes are held
+out and reported as ``rollout_agreement``.
+
 Reports per-layer agreement with the main policy's argmax on validation episodes (per latent
 position, and per whole layer of a chunk, which is what exact acceptance needs) and the cost
 of a draft pass against a main pass (median wall time at batch 1, the two timed in turn in
@@ -45,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo files; default: the files the policy was trained on")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer checkpoint; default: the one recorded in the policy (hash-checked)")
+    p.add_argument("--rollouts", nargs="+", default=None, metavar="FILE",
+                   help="the main policy's own rollouts on training init states (eval_libero.py "
+                        "--init_states train --record FILE): more states to distill on")
     p.add_argument("--k", type=int, default=3, help="layers the draft proposes")
     p.add_argument("--source", choices=["embedding", "obs", "both"], default="both")
     p.add_argument("--hidden", type=int, default=256)
@@ -109,9 +119,42 @@ def agreement(draft: pm.DraftModel, feats, task, targets) -> tuple[list[float], 
     return match.float().mean((0, 1)).tolist(), match.all(1).float().mean(0).tolist()
 
 
-def train_one(source, policy, train, val, t_train, t_val, args, n_tasks):
+def rollout_data(files, policy, tokenizer, args):
+    """The main policy's rollouts -> (train, main targets, val, main targets), split by episode.
+    Failed rollouts count too: they are states the main policy reaches. Rollouts that started
+    from a held-out init state are refused: the evaluation starts there."""
+    eps = ca.load_episodes(files, action_dim=tokenizer.config.action_dim, only_success=False)
+    held = [e for e in eps if e.init_state_id in ca.HELD_OUT_INIT_STATES]
+    if held:
+        e = held[0]
+        raise ValueError(f"{e.source}: {len(held)} rollout(s) (e.g. {e.key}) start from held-out init "
+                         f"state {e.init_state_id} ({ca.HELD_OUT_INIT_STATES.start}.."
+                         f"{ca.HELD_OUT_INIT_STATES.stop - 1}), where the evaluation starts; record "
+                         f"rollouts with eval_libero.py --init_states train")
+    tr_eps, val_eps = ca.split_by_episode(eps, 0.1, seed=args.seed)
+    c = policy.config
+    kw = dict(history=c.action_history)  # executed actions: what the history holds online too
+    tr = build_dataset(tr_eps, tokenizer, c.obs_keys, c.instructions, **kw)
+    val = build_dataset(val_eps, tokenizer, c.obs_keys, c.instructions, **kw)
+    return tr, main_targets(policy, tr, args.k)[0], val, main_targets(policy, val, args.k)[0]
+
+
+def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollouts=None):
+    """rollouts: None, or (train ChunkDataset, its main targets, val ChunkDataset, its main
+    targets) of the main policy's own rollouts; their chunks get no ground-truth loss."""
     c = policy.config
     f_train, f_val = features(policy, source, train.obs, train.task), features(policy, source, val.obs, val.task)
+    task_train = train.task
+    gt_train = train.codes[..., : args.k]
+    has_gt = torch.ones(len(train), dtype=torch.bool)
+    if rollouts is not None:
+        r_train, rt_train, r_val, rt_val = rollouts
+        f_train = torch.cat([f_train, features(policy, source, r_train.obs, r_train.task)])
+        task_train = torch.cat([task_train, r_train.task])
+        t_train = torch.cat([t_train, rt_train])
+        gt_train = torch.cat([gt_train, torch.zeros_like(rt_train)])
+        has_gt = torch.cat([has_gt, torch.zeros(len(r_train), dtype=torch.bool)])
+        f_rval = features(policy, source, r_val.obs, r_val.task)
     in_dim = f_train.shape[1] + (32 if source == "obs" else 0)  # + the task embedding
     cfg = pm.DraftConfig(in_dim=in_dim, latent_steps=c.latent_steps, num_layers=args.k,
                          codebook_sizes=c.codebook_sizes[: args.k], source=source,
@@ -119,25 +162,33 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks):
     torch.manual_seed(args.seed)
     draft = pm.DraftModel(cfg, num_tasks=n_tasks)
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.01)
-    steps = args.epochs * math.ceil(len(train) / args.batch_size)
+    n = len(f_train)
+    steps = args.epochs * math.ceil(n / args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed)
-    gt_train = train.codes[..., : args.k]
     best, history = None, []
     for epoch in tqdm(range(1, args.epochs + 1), desc=f"draft ({source})", unit="epoch"):
         draft.train()
-        for idx in batches(len(train), args.batch_size, gen):
-            logits = draft(f_train[idx], train.task[idx]).flatten(0, 2)
-            loss = F.cross_entropy(logits, t_train[idx].flatten())
-            if args.gt_weight > 0:
-                loss = loss + args.gt_weight * F.cross_entropy(logits, gt_train[idx].flatten())
+        for idx in batches(n, args.batch_size, gen):
+            logits = draft(f_train[idx], task_train[idx])  # [B, T', k, V]
+            loss = F.cross_entropy(logits.flatten(0, 2), t_train[idx].flatten())
+            gt = has_gt[idx]
+            if args.gt_weight > 0 and bool(gt.any()):
+                loss = loss + args.gt_weight * F.cross_entropy(logits[gt].flatten(0, 2),
+                                                               gt_train[idx][gt].flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         per_pos, per_layer = agreement(draft, f_val, val.task, t_val)
         history.append({"epoch": epoch, "agreement": per_pos, "layer_agreement": per_layer})
-        if best is None or sum(per_pos) > sum(best["agreement"]):
+        score = sum(per_pos)
+        if rollouts is not None:
+            r_pos, r_layer = agreement(draft, f_rval, r_val.task, rt_val)
+            history[-1].update(rollout_agreement=r_pos, rollout_layer_agreement=r_layer)
+            score += sum(r_pos)
+        history[-1]["score"] = score
+        if best is None or score > best["score"]:
             best = {**history[-1], "state": {k: v.clone() for k, v in draft.state_dict().items()}}
     draft.load_state_dict(best.pop("state"))
     return draft.eval(), best, history
@@ -227,16 +278,21 @@ def main(args) -> dict:
     t0 = time.perf_counter()
     t_train, _ = main_targets(policy, train, args.k)
     t_val, main_top1 = main_targets(policy, val, args.k, confidence=True)
+    rollouts = None
+    if args.rollouts:
+        rollouts = rollout_data(args.rollouts, policy, tokenizer, args)
+        log.info("rollouts: %d train chunks, %d validation chunks", len(rollouts[0]), len(rollouts[2]))
 
     sources = ["embedding", "obs"] if args.source == "both" else [args.source]
     results = {}
     for source in sources:
-        draft, best, history = train_one(source, policy, train, val, t_train, t_val, args, len(instr))
+        draft, best, history = train_one(source, policy, train, val, t_train, t_val, args, len(instr),
+                                         rollouts)
         results[source] = {"draft": draft, "best": best, "history": history,
                            "cost": cost_ratio(policy, draft, val)}
         log.info("%s draft: agreement %s, cost ratio %.3f", source,
                  [f"{a:.3f}" for a in best["agreement"]], results[source]["cost"]["draft_main_cost_ratio"])
-    chosen = max(sources, key=lambda s: sum(results[s]["best"]["agreement"]))
+    chosen = max(sources, key=lambda s: results[s]["best"]["score"])
     r = results[chosen]
     wall = time.perf_counter() - t0
     provenance = {"args": vars(args), "seed": args.seed, "policy": os.path.abspath(args.policy),
@@ -251,6 +307,10 @@ def main(args) -> dict:
         "agreement": r["best"]["agreement"],
         "layer_agreement": r["best"]["layer_agreement"],
         "best_epoch": r["best"]["epoch"],
+        **({"rollout_agreement": r["best"]["rollout_agreement"],
+            "rollout_layer_agreement": r["best"]["rollout_layer_agreement"],
+            "rollout_files": [os.path.abspath(p) for p in args.rollouts],
+            "rollout_chunks": {"train": len(rollouts[0]), "val": len(rollouts[2])}} if rollouts else {}),
         "main_top1_prob": main_top1,
         **r["cost"],
         "candidates": {s: {"agreement": v["best"]["agreement"],
@@ -265,6 +325,10 @@ def main(args) -> dict:
         cells = " | ".join(f"{a:6.3f} ({b:5.3f})      " for a, b in zip(v["agreement"], v["layer_agreement"]))
         mark = "  <- kept" if s == chosen else ""
         print(f"{s:>10} | {cells} | {v['draft_main_cost_ratio']:15.3f} | {v['draft_main_flops_ratio']:.3f}{mark}")
+    if rollouts:
+        print("on held-out rollouts of the main policy: agreement "
+              + " / ".join(f"{a:.3f} ({b:.3f})" for a, b in zip(result["rollout_agreement"],
+                                                               result["rollout_layer_agreement"])))
     print("main policy's mean top-1 probability on validation, per layer: "
           + " ".join(f"L{l + 1} {p:.3f}" for l, p in enumerate(main_top1)))
     print(f"main pass {r['cost']['main_pass_us']:.0f} us, draft pass {r['cost']['draft_pass_us']:.0f} us "

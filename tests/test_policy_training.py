@@ -170,6 +170,9 @@ class FakeEnv:
         self.t += 1
         return self._obs(), self.t >= 12
 
+    def close(self):
+        pass
+
 
 class Exploding(ca.Policy):
     def reset(self, task, rng):
@@ -354,3 +357,82 @@ def test_evaluate_task_runs_the_modes_trial_by_trial(monkeypatch):
     out = eval_libero.evaluate_task(eval_args(num_trials=2), ["dense", "rsd"], 0, engine=None)
     assert calls == [("dense", 0), ("rsd", 0), ("dense", 1), ("rsd", 1), "close"]
     assert all(r.trials == 2 and r.successes == 2 for r in out.values())
+
+
+def test_record_writes_every_trial_from_the_chosen_init_states(monkeypatch, tmp_path):
+    """--init_states train starts trial i from init state 20 + i; --record writes every trial's
+    episode (failures too) as a demo file that load_episodes reads back."""
+    starts = []
+
+    class Named(ca.Policy):
+        def __init__(self, name):
+            self.name = name
+
+        def reset(self, task, rng):
+            pass
+
+        def act(self, obs):
+            return np.full((4, 7), 0.1)
+
+    real_episode = ca.run_episode
+
+    def recorded_episode(env, policy, init_state_id, seed, **kw):
+        starts.append(init_state_id)
+        return real_episode(env, policy, init_state_id, seed, **kw)
+
+    monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: FakeEnv())
+    monkeypatch.setattr(ca, "run_episode", recorded_episode)
+    monkeypatch.setattr(eval_libero, "make_policy", lambda m, engine, args: Named(m))
+    monkeypatch.setattr(eval_libero, "load_engine", lambda args, modes: None)
+    out = tmp_path / "rollouts.hdf5"
+    args = eval_args(mode="dense,rsd", task_id=[0], num_trials=3, init_states="train",
+                     record=str(out), max_steps=8)  # FakeEnv succeeds at 12 steps: all fail
+    result = eval_libero.main(args)
+    assert starts == [20, 20, 21, 21, 22, 22]
+    assert result["modes"]["dense"]["trials"] == 3 and result["modes"]["dense"]["successes"] == 0
+    eps = ca.load_episodes(str(out), only_success=False)
+    # written task by task, mode by mode: dense trials 0-2, then rsd trials 0-2
+    assert [(e.init_state_id, len(e)) for e in eps] == [(20, 8), (21, 8), (22, 8)] * 2
+    assert not any(e.success for e in eps) and ca.load_episodes(str(out)) == []
+    np.testing.assert_allclose(eps[0].actions, 0.1)
+    assert not (tmp_path / "rollouts.hdf5.partial").exists()
+    with pytest.raises(ValueError, match="--num_trials 31"):
+        eval_libero.main(eval_args(mode="dense", task_id=[0], num_trials=31, init_states="train"))
+
+
+def rollout_file(path, policy, tok, init_states, n=10):
+    """Episodes of the main policy itself (its greedy actions executed in a synthetic state)."""
+    rng = np.random.default_rng(5)
+    engine = RSDEngine(policy, tok)
+    w = ca.DemoWriter(str(path), {"suite": "libero_spatial"})
+    for i in range(n):
+        obs = rng.normal(size=(24, policy.config.obs_dim)).astype(np.float32)
+        actions = np.concatenate([engine.act(o, i % 2, EngineConfig("dense"))[0][:1] for o in obs])
+        ep = ca.Episode(actions=actions.astype(np.float32),
+                        obs={"robot0_proprio-state": obs[:, :8], "object-state": obs[:, 8:]},
+                        success=bool(i % 2), task_suite="libero_spatial", task_id=i % 2,
+                        instruction=INSTRUCTIONS[i % 2], init_state_id=init_states[i % len(init_states)],
+                        seed=100 + i)
+        w.add(ep)
+    return w.finish()
+
+
+def test_draft_distills_on_rollouts_and_refuses_held_out_init_states(trained, tmp_path):
+    d, _, _ = trained
+    policy, _ = pm.load_policy(str(d / "policy.pt"))
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    roll = rollout_file(tmp_path / "roll.hdf5", policy, tok, init_states=[20, 21, 22])
+    base = ["--policy", str(d / "policy.pt"), "--k", "2", "--epochs", "6", "--hidden", "64",
+            "--threads", "1", "--source", "embedding"]
+    result = train_draft.main(train_draft.build_parser().parse_args(
+        base + ["--output", str(tmp_path / "draft.pt"), "--rollouts", roll]))
+    # failed rollouts count too: 10 episodes x (24 - 10 + 1) chunks, 1 episode held out
+    assert result["rollout_chunks"] == {"train": 9 * 15, "val": 15}
+    assert len(result["rollout_agreement"]) == 2 and min(result["rollout_agreement"]) > 0.3
+    ckpt = torch.load(str(tmp_path / "draft.pt"), weights_only=False)
+    assert ckpt["provenance"]["args"]["rollouts"] == [roll]
+    bad = rollout_file(tmp_path / "bad.hdf5", policy, tok, init_states=[20, 3])
+    with pytest.raises(ValueError, match="bad.hdf5.*held-out init state 3"):
+        train_draft.main(train_draft.build_parser().parse_args(
+            base + ["--output", str(tmp_path / "draft2.pt"), "--rollouts", bad]))
+    assert not (tmp_path / "draft2.pt").exists()
