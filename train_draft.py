@@ -8,7 +8,7 @@ greedy codes (what exact speculative acceptance compares against), mixed with th
 codes. It reads either the main policy's observation embedding (before the transformer, so it
 costs nothing extra) through a trained projection (``embedding``), or the normalized raw
 observation and a task embedding (``obs``); ``both`` trains the two and keeps the one with the
-higher validation agreement. It uses the main policy's own train / validation episodes.
+higher validation agreement (summed over layers; plus the held-out rollouts' with ``--rollouts``). It uses the main policy's own train / validation episodes.
 
 ``--rollouts FILE...`` adds the states the main policy itself visits in closed loop (its
 rollouts on training init states, recorded by ``eval_libero.py --init_states train --record
