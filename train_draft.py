@@ -110,13 +110,20 @@ def main_targets(policy, data: ChunkDataset, k: int, confidence: bool = False,
 
 
 @torch.no_grad()
-def agreement(draft: pm.DraftModel, feats, task, targets) -> tuple[list[float], list[float]]:
-    """Per-layer agreement with the main policy's argmax: per position and per whole layer."""
+def agreement(draft: pm.DraftModel, feats, task, targets) -> tuple[list[float], list[float], float]:
+    """Per-layer agreement with the main policy's argmax, per position and per whole layer,
+    and the expected exact acceptance rate: the mean length of the leading run of whole layers
+    that agree, over k. Exact ``rsd`` accepts exactly that prefix (the main policy's greedy
+    codes of the layers before are the accepted ones), so this is the acceptance rate ``rsd``
+    would show on these observations."""
     draft.eval()
     pred = torch.cat([draft(feats[i], task[i]).argmax(-1)
                       for i in batches(len(feats), 2048, shuffle=False)])
     match = pred == targets  # [M, T', k]
-    return match.float().mean((0, 1)).tolist(), match.all(1).float().mean(0).tolist()
+    layer = match.all(1)  # [M, k]
+    accepted = layer.long().cumprod(1).sum(1).float()  # leading agreeing layers per chunk
+    return (match.float().mean((0, 1)).tolist(), layer.float().mean(0).tolist(),
+            float(accepted.mean()) / targets.shape[-1])
 
 
 def rollout_data(files, policy, tokenizer, args):
@@ -180,12 +187,14 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
             loss.backward()
             opt.step()
             sched.step()
-        per_pos, per_layer = agreement(draft, f_val, val.task, t_val)
-        history.append({"epoch": epoch, "agreement": per_pos, "layer_agreement": per_layer})
+        per_pos, per_layer, acc = agreement(draft, f_val, val.task, t_val)
+        history.append({"epoch": epoch, "agreement": per_pos, "layer_agreement": per_layer,
+                        "expected_acceptance": acc})
         score = sum(per_pos)
         if rollouts is not None:
-            r_pos, r_layer = agreement(draft, f_rval, r_val.task, rt_val)
-            history[-1].update(rollout_agreement=r_pos, rollout_layer_agreement=r_layer)
+            r_pos, r_layer, r_acc = agreement(draft, f_rval, r_val.task, rt_val)
+            history[-1].update(rollout_agreement=r_pos, rollout_layer_agreement=r_layer,
+                               rollout_expected_acceptance=r_acc)
             score += sum(r_pos)
         history[-1]["score"] = score
         if best is None or score > best["score"]:
@@ -306,9 +315,11 @@ def main(args) -> dict:
         "k": args.k,
         "agreement": r["best"]["agreement"],
         "layer_agreement": r["best"]["layer_agreement"],
+        "expected_acceptance": r["best"]["expected_acceptance"],
         "best_epoch": r["best"]["epoch"],
         **({"rollout_agreement": r["best"]["rollout_agreement"],
             "rollout_layer_agreement": r["best"]["rollout_layer_agreement"],
+            "rollout_expected_acceptance": r["best"]["rollout_expected_acceptance"],
             "rollout_files": [os.path.abspath(p) for p in args.rollouts],
             "rollout_chunks": {"train": len(rollouts[0]), "val": len(rollouts[2])}} if rollouts else {}),
         "main_top1_prob": main_top1,
@@ -325,10 +336,12 @@ def main(args) -> dict:
         cells = " | ".join(f"{a:6.3f} ({b:5.3f})      " for a, b in zip(v["agreement"], v["layer_agreement"]))
         mark = "  <- kept" if s == chosen else ""
         print(f"{s:>10} | {cells} | {v['draft_main_cost_ratio']:15.3f} | {v['draft_main_flops_ratio']:.3f}{mark}")
+    print(f"expected exact acceptance on the validation demos: {result['expected_acceptance']:.3f}")
     if rollouts:
         print("on held-out rollouts of the main policy: agreement "
               + " / ".join(f"{a:.3f} ({b:.3f})" for a, b in zip(result["rollout_agreement"],
-                                                               result["rollout_layer_agreement"])))
+                                                               result["rollout_layer_agreement"]))
+              + f", expected exact acceptance {result['rollout_expected_acceptance']:.3f}")
     print("main policy's mean top-1 probability on validation, per layer: "
           + " ".join(f"L{l + 1} {p:.3f}" for l, p in enumerate(main_top1)))
     print(f"main pass {r['cost']['main_pass_us']:.0f} us, draft pass {r['cost']['draft_pass_us']:.0f} us "

@@ -436,3 +436,22 @@ def test_draft_distills_on_rollouts_and_refuses_held_out_init_states(trained, tm
         train_draft.main(train_draft.build_parser().parse_args(
             base + ["--output", str(tmp_path / "draft2.pt"), "--rollouts", bad]))
     assert not (tmp_path / "draft2.pt").exists()
+
+
+def test_expected_acceptance_counts_the_leading_agreeing_layers():
+    """Exact rsd accepts the leading run of whole layers that agree: a later agreeing layer
+    after a disagreeing one does not count."""
+    targets = torch.tensor([[[1, 2, 3], [4, 5, 6]]] * 3)  # [M=3, T'=2, k=3]
+    pred = targets.clone()
+    pred[1, 0, 1] = 0   # chunk 1: layer 0 agrees, layer 1 differs at one position, layer 2 agrees
+    pred[2, 1, 0] = 0   # chunk 2: layer 0 differs
+
+    class Fixed(torch.nn.Module):
+        def forward(self, feats, task):
+            return torch.nn.functional.one_hot(pred[feats.long().squeeze(1)], 8).float()
+
+    per_pos, per_layer, acc = train_draft.agreement(Fixed(), torch.arange(3.0)[:, None],
+                                                    torch.zeros(3, dtype=torch.long), targets)
+    assert per_layer == pytest.approx([2 / 3, 2 / 3, 1.0])
+    assert per_pos == pytest.approx([5 / 6, 5 / 6, 1.0])
+    assert acc == pytest.approx((3 + 1 + 0) / 3 / 3)
