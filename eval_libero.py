@@ -215,7 +215,7 @@ def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args,
     policy, added to ``res``."""
     seed = ca.episode_seed(args.seed, env.task.task_id, trial)
     n_chunks = len(getattr(policy, "stats", []))
-    init_state = init_state_of_trial(trial, getattr(args, "init_states", "held_out"))
+    init_state = init_state_of_trial(trial, args.init_states)
     try:
         ep = ca.run_episode(env, policy, init_state, seed, keep_images=args.video, max_steps=args.max_steps)
     except Exception as exc:  # counted and reported, never a success
@@ -234,7 +234,7 @@ def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args,
                                      f"trial{trial}_{mode.replace('+', '_')}_{outcome}.mp4"))
     if hasattr(policy, "stats"):
         res.chunks += policy.stats[n_chunks:]
-    if getattr(args, "record", None):
+    if args.record:
         res.episodes.append(ep)
 
 

@@ -11,16 +11,7 @@ def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
 
     The median, not the mean: on a shared machine a few calls are slowed by other work.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_median_seconds([fn], repeats, warmup)[0]
 
 
 def interleaved_median_seconds(fns: list, repeats: int, warmup: int = 3) -> list[float]:

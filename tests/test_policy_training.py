@@ -182,6 +182,19 @@ class Exploding(ca.Policy):
         raise RuntimeError("simulated policy crash")
 
 
+class NamedPolicy(ca.Policy):
+    """A policy known by its mode's name, returning a constant 4-step chunk."""
+
+    def __init__(self, name, value=0.0):
+        self.name, self.value = name, value
+
+    def reset(self, task, rng):
+        pass
+
+    def act(self, obs):
+        return np.full((4, 7), self.value)
+
+
 def eval_args(**over):
     args = eval_libero.build_parser().parse_args(["--num_trials", "3"])
     for k, v in over.items():
@@ -335,16 +348,6 @@ def test_evaluate_task_runs_the_modes_trial_by_trial(monkeypatch):
         def close(self):
             calls.append("close")
 
-    class Named(ca.Policy):
-        def __init__(self, name):
-            self.name = name
-
-        def reset(self, task, rng):
-            pass
-
-        def act(self, obs):
-            return np.zeros((4, 7))
-
     real_episode = ca.run_episode
 
     def recorded_episode(env, policy, init_state_id, seed, **kw):
@@ -352,7 +355,7 @@ def test_evaluate_task_runs_the_modes_trial_by_trial(monkeypatch):
         return real_episode(env, policy, init_state_id, seed, **kw)
 
     monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: ClosableEnv())
-    monkeypatch.setattr(eval_libero, "make_policy", lambda m, engine, args: Named(m))
+    monkeypatch.setattr(eval_libero, "make_policy", lambda m, engine, args: NamedPolicy(m))
     monkeypatch.setattr(ca, "run_episode", recorded_episode)
     out = eval_libero.evaluate_task(eval_args(num_trials=2), ["dense", "rsd"], 0, engine=None)
     assert calls == [("dense", 0), ("rsd", 0), ("dense", 1), ("rsd", 1), "close"]
@@ -364,16 +367,6 @@ def test_record_writes_every_trial_from_the_chosen_init_states(monkeypatch, tmp_
     episode (failures too) as a demo file that load_episodes reads back."""
     starts = []
 
-    class Named(ca.Policy):
-        def __init__(self, name):
-            self.name = name
-
-        def reset(self, task, rng):
-            pass
-
-        def act(self, obs):
-            return np.full((4, 7), 0.1)
-
     real_episode = ca.run_episode
 
     def recorded_episode(env, policy, init_state_id, seed, **kw):
@@ -382,7 +375,7 @@ def test_record_writes_every_trial_from_the_chosen_init_states(monkeypatch, tmp_
 
     monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: FakeEnv())
     monkeypatch.setattr(ca, "run_episode", recorded_episode)
-    monkeypatch.setattr(eval_libero, "make_policy", lambda m, engine, args: Named(m))
+    monkeypatch.setattr(eval_libero, "make_policy", lambda m, engine, args: NamedPolicy(m, 0.1))
     monkeypatch.setattr(eval_libero, "load_engine", lambda args, modes: None)
     out = tmp_path / "rollouts.hdf5"
     args = eval_args(mode="dense,rsd", task_id=[0], num_trials=3, init_states="train",
