@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -230,6 +230,62 @@ class PerturbedPolicy(Policy):
             row[:6] = np.clip(row[:6] + self.state, -1.0, 1.0)
         self.last_labels = clean
         return executed
+
+
+class TakeoverPolicy(Policy):
+    """A learner drives the first steps of an episode, then the scripted expert takes over
+    from the state the learner reached (DAgger-style data: expert actions in the states the
+    learner visits, including the ones it drifts into).
+
+    The takeover step is drawn per episode, uniformly in [first, last], from the episode's
+    rng. The expert starts afresh there (``ScriptedExpert.take_over``), so its actions are its
+    own executed commands, with no hidden reference trailing the learner's path.
+    ``takeover_step`` is the first step the expert commanded (None: the episode ended before).
+    """
+
+    def __init__(self, learner: Policy, expert, first: int, last: int):
+        check_takeover(first, last)
+        self.learner, self.expert, self.first, self.last = learner, expert, int(first), int(last)
+        self.needs_cameras = getattr(learner, "needs_cameras", False)
+
+    @property
+    def stats(self):
+        """The learner's per-chunk statistics, when it keeps them (eval_libero's EnginePolicy)."""
+        return getattr(self.learner, "stats", [])
+
+    def reset(self, task: TaskInfo, rng: np.random.Generator) -> None:
+        self.learner.reset(task, rng)
+        # Drawn after the learner's reset, so its own randomness is that of a plain rollout.
+        self.rng = np.random.default_rng(rng.integers(2**63))
+        self.switch = int(self.rng.integers(self.first, self.last + 1))
+        self.task, self.t, self.first_obs, self.takeover_step = task, 0, None, None
+
+    def act(self, obs: dict) -> np.ndarray:
+        if self.first_obs is None:
+            self.first_obs = obs
+        if self.t < self.switch:
+            chunk = np.asarray(self.learner.act(obs))[: self.switch - self.t]
+        else:
+            if self.takeover_step is None:
+                self.expert.reset(self.task, self.rng)
+                self.expert.take_over(obs, self.first_obs)
+                self.takeover_step = self.t
+            chunk = np.asarray(self.expert.act(obs))
+        self.t += len(chunk)
+        return chunk
+
+
+def check_takeover(first: int, last: int) -> None:
+    if not 0 <= first <= last:
+        raise ValueError(f"takeover steps must satisfy 0 <= first <= last, got {first}:{last}")
+
+
+def episode_from(ep: "Episode", start: int) -> "Episode":
+    """The part of ``ep`` from step ``start`` on: its observations, actions and labels."""
+    if not 0 <= start < len(ep):
+        raise ValueError(f"episode of {len(ep)} steps has no step {start}")
+    return replace(ep, actions=ep.actions[start:], obs={k: v[start:] for k, v in ep.obs.items()},
+                   expert_actions=None if ep.expert_actions is None else ep.expert_actions[start:])
 
 
 class PolicyServerError(RuntimeError):

@@ -67,6 +67,17 @@ def parse_modes(value: str) -> list[str]:
     return specs
 
 
+def parse_takeover(value: str) -> tuple[int, int]:
+    """'FIRST:LAST' -> (FIRST, LAST), steps of an episode with 0 <= FIRST <= LAST."""
+    try:
+        first, last = (int(v) for v in value.split(":"))
+        ca.check_takeover(first, last)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--takeover: expected FIRST:LAST with 0 <= FIRST <= LAST, "
+                                         f"got {value!r}") from exc
+    return first, last
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Closed-loop LIBERO evaluation (phase 3).")
     # what to evaluate
@@ -106,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--record", default=None, metavar="PATH",
                    help="write every trial's episode to this HDF5 demo file (train_draft.py --rollouts)")
+    p.add_argument("--takeover", type=parse_takeover, default=None, metavar="FIRST:LAST",
+                   help="DAgger-style collection (needs --record): the policy drives until a step drawn "
+                        "uniformly in [FIRST, LAST], then the scripted expert takes over; only the "
+                        "expert's part of each trial is recorded (train_policy.py --data)")
     return p
 
 
@@ -148,7 +163,8 @@ class ModeResult:
     error_messages: list = field(default_factory=list)
     steps: list = field(default_factory=list)
     chunks: list = field(default_factory=list)   # ChunkStats of every chunk
-    episodes: list = field(default_factory=list)  # with --record: every trial's episode
+    episodes: list = field(default_factory=list)  # with --record: (episode, attrs) of every trial
+    takeover_steps: list = field(default_factory=list)  # with --takeover: per trial (None: solved before)
 
     def add(self, other: "ModeResult") -> None:
         self.trials += other.trials
@@ -157,6 +173,7 @@ class ModeResult:
         self.error_messages += other.error_messages
         self.steps += other.steps
         self.chunks += other.chunks
+        self.takeover_steps += other.takeover_steps
 
     def summary(self) -> dict:
         c = self.chunks
@@ -180,6 +197,11 @@ class ModeResult:
                 "accepted_layers_per_chunk": float(np.mean([s.accepted for s in c])),
                 "acceptance_rate": sum(s.accepted for s in c) / proposed if proposed else None,
             })
+        if self.takeover_steps:
+            taken = [s for s in self.takeover_steps if s is not None]
+            out["takeover"] = {"taken_over": len(taken),
+                               "solved_before_takeover": len(self.takeover_steps) - len(taken),
+                               "mean_takeover_step": float(np.mean(taken)) if taken else None}
         if self.error_messages:
             out["error_messages"] = self.error_messages[:10]
         return out
@@ -234,8 +256,15 @@ def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args,
                                      f"trial{trial}_{mode.replace('+', '_')}_{outcome}.mp4"))
     if hasattr(policy, "stats"):
         res.chunks += policy.stats[n_chunks:]
+    attrs = {"mode": mode, "policy": "scripted" if mode == "expert" else "token_policy"}
+    if args.takeover:
+        res.takeover_steps.append(policy.takeover_step)
+        if policy.takeover_step is None:
+            return  # the policy solved the task (or the episode ended) before the expert's turn
+        ep = ca.episode_from(ep, policy.takeover_step)
+        attrs.update(policy="scripted", takeover_step=policy.takeover_step, takeover_from="token_policy")
     if args.record:
-        res.episodes.append(ep)
+        res.episodes.append((ep, attrs))
 
 
 # ----------------------------------------------------------------------------- setup
@@ -285,7 +314,11 @@ def engine_config(spec: str, args) -> EngineConfig:
 def make_policy(mode: str, engine, args) -> ca.Policy:
     if mode == "expert":
         return ca.make_policy("scripted", noise=args.expert_noise)
-    return EnginePolicy(engine, engine_config(mode, args), args.replan_steps, args.seed)
+    policy = EnginePolicy(engine, engine_config(mode, args), args.replan_steps, args.seed)
+    if args.takeover:
+        expert = ca.make_policy("scripted", noise=args.expert_noise)
+        return ca.TakeoverPolicy(policy, expert, *args.takeover)
+    return policy
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -380,8 +413,14 @@ def main(args) -> dict:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     modes = mode_list(args)
-    if "expert" in modes:
+    if "expert" in modes or args.takeover:
         ca.check_policy_supports("scripted", args.task_suite)
+    if args.takeover and (not args.record or "expert" in modes):
+        raise ValueError("--takeover collects data: it needs --record PATH and policy modes only "
+                         f"(got --record {args.record}, --mode {','.join(modes)})")
+    if args.takeover and args.init_states != "train":
+        raise ValueError("--takeover records training data: it needs --init_states train "
+                         "(init states 0-19 are kept for evaluation)")
     engine = load_engine(args, modes)
     if args.replan_steps is None and engine is not None:
         args.replan_steps = engine.tokenizer.config.chunk_size
@@ -412,8 +451,8 @@ def main(args) -> dict:
             for m, res in rows.items():
                 totals[m].add(res)
                 bar.update(res.trials)
-                for ep in res.episodes if writer else ():
-                    writer.add(ep, {"mode": m, "policy": "scripted" if m == "expert" else "token_policy"})
+                for ep, attrs in res.episodes if writer else ():
+                    writer.add(ep, attrs)
                 res.episodes = []  # written; the summaries do not need them
             bar.set_postfix({mm: f"{r.successes}/{r.trials}" for mm, r in totals.items()})
     except BaseException:

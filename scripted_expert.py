@@ -78,6 +78,9 @@ OBJECT_RISE_MIN = 0.015
 # While carrying, the object may move this far (m) from where it hung after the lift before
 # the expert decides it slipped out and regrasps.
 SLIP_DISTANCE = 0.03
+# take_over(): an object whose origin is within this distance (m) of the EEF, risen and held
+# by fingers closed on something, hangs in the hand (a bowl's rim grasp holds it ~6 cm away).
+HELD_DISTANCE = 0.12
 
 
 @dataclass(frozen=True)
@@ -485,6 +488,42 @@ class ScriptedExpert:
         self.fixtures = SCENE_FIXTURES.get(task.suite, ())
         self.stall = 0
         self.prev_eef = None
+
+    def take_over(self, obs: dict, first_obs: dict) -> str:
+        """Continue, from the state ``obs``, an episode that another policy started in
+        ``first_obs`` (call right after ``reset``); returns the phase it starts in.
+
+        The expert skips its start delay, keeps the episode's starting orientation as its
+        reference (so the hand's yaw goal is where it would have been from the start), and
+        infers the one thing its phase machine cannot see afresh: whether the object already
+        hangs in the hand. If it does (the object stands higher than at the start and the
+        fingers are closed on something), it carries on from the lift with the current grasp;
+        otherwise it approaches the object as at the start of an episode, opening the hand.
+        """
+        if self.task is None:
+            raise RuntimeError("ScriptedExpert.take_over() called before reset(task, rng)")
+        start_rotation = quat_xyzw_to_rotation(first_obs["robot0_eef_quat"])
+        self.ref_rotation = start_rotation
+        turned = quat_xyzw_to_rotation(obs["robot0_eef_quat"]) * start_rotation.inv()
+        self.ref_yaw = float(turned.as_rotvec()[2])
+        eef, obj = np.asarray(obs["robot0_eef_pos"], dtype=np.float64), self._obj_pos(obs)
+        start_obj = np.asarray(first_obs[f"{self.obj}_pos"], dtype=np.float64)
+        width = self._gripper_width(obs)
+        held = (obj[2] - start_obj[2] > OBJECT_RISE_MIN
+                and EMPTY_GRIPPER_WIDTH < width < FINGERS_OPEN_WIDTH
+                and np.linalg.norm(eef - obj) < HELD_DISTANCE)
+        if held:
+            self.grasp_choice = ("held", (0.0, 0.0), self.ref_yaw - self.style.yaw_offset, "open")
+            self.grasp_yaw = self.grasp_choice[2]
+            self.hold_point = eef.copy()
+            self.lift_start = (float(eef[2]), float(obj[2]))
+            self.start_bottom = float(start_obj[2]) - self.grasp.bottom
+            self.pick_xy = start_obj[:2].copy()
+            self.hold_offset = eef - obj
+            self._enter("lift")
+        else:
+            self._enter("approach")
+        return self.phase
 
     # ------------------------------------------------------------------ geometry
     def _obj_pos(self, obs) -> np.ndarray:
