@@ -108,6 +108,67 @@ def test_perturbation_is_smooth_arm_only_and_labels_are_the_clean_actions():
     assert not np.allclose(perturbed_run(0.1, 50, seed=1)[1], executed[:50])
 
 
+class ChunkLearner(ca.Policy):
+    """Returns 4-step chunks of 0.5; counts the steps it was asked for."""
+
+    def reset(self, task, rng):
+        self.steps = 0
+
+    def act(self, obs):
+        return np.full((4, 7), 0.5)
+
+
+class RecordingExpert(ChunkLearner):
+    def reset(self, task, rng):
+        self.reset_with, self.took_over = task, None
+
+    def take_over(self, obs, first_obs):
+        self.took_over = (first_obs["t"], obs["t"])
+
+    def act(self, obs):
+        return np.full((1, 7), -0.5)
+
+
+def test_takeover_policy_hands_over_at_the_drawn_step():
+    switches = set()
+    for seed in range(12):
+        policy = ca.TakeoverPolicy(ChunkLearner(), RecordingExpert(), 5, 11)
+        policy.reset("task", np.random.default_rng(seed))
+        executed, t = [], 0
+        while t < 20:
+            chunk = policy.act({"t": t})
+            executed += list(chunk[:, 0])
+            t += len(chunk)
+        s = policy.takeover_step
+        assert 5 <= s <= 11 and policy.switch == s
+        # the learner's chunk is cut at the switch; every later step is the expert's
+        assert executed[:s] == [0.5] * s and set(executed[s:]) == {-0.5}
+        assert policy.expert.took_over == (0, s) and policy.expert.reset_with == "task"
+        switches.add(s)
+    assert len(switches) > 3  # drawn per episode
+    # an episode that ends before the switch never calls the expert
+    policy = ca.TakeoverPolicy(ChunkLearner(), RecordingExpert(), 30, 30)
+    policy.reset("task", np.random.default_rng(0))
+    policy.act({"t": 0})
+    assert policy.takeover_step is None and not hasattr(policy.expert, "took_over")
+    with pytest.raises(ValueError, match="first <= last"):
+        ca.TakeoverPolicy(ChunkLearner(), RecordingExpert(), 9, 3)
+
+
+def test_episode_from_keeps_the_tail_of_every_array():
+    ep = make_episode(n=30)
+    ep.expert_actions = ep.actions * 2
+    tail = ca.episode_from(ep, 12)
+    assert len(tail) == 18 and tail.init_state_id == ep.init_state_id
+    np.testing.assert_array_equal(tail.actions, ep.actions[12:])
+    np.testing.assert_array_equal(tail.expert_actions, ep.expert_actions[12:])
+    for k in ep.obs:
+        np.testing.assert_array_equal(tail.obs[k], ep.obs[k][12:])
+    for bad in (-1, 30):
+        with pytest.raises(ValueError, match=f"no step {bad}"):
+            ca.episode_from(ep, bad)
+
+
 def test_perturbation_flags_are_checked():
     with pytest.raises(ValueError, match="--perturb must be a finite number >= 0, got -0.1"):
         ca.PerturbedPolicy(ConstantPolicy(), -0.1)

@@ -448,3 +448,71 @@ def test_expected_acceptance_counts_the_leading_agreeing_layers():
     assert per_layer == pytest.approx([2 / 3, 2 / 3, 1.0])
     assert per_pos == pytest.approx([5 / 6, 5 / 6, 1.0])
     assert acc == pytest.approx((3 + 1 + 0) / 3 / 3)
+
+
+class ConstantExpert(ca.Policy):
+    """Stands in for the scripted expert in a takeover: one-step chunks of -0.2."""
+
+    def __init__(self):
+        self.taken_over = []
+
+    def reset(self, task, rng):
+        pass
+
+    def take_over(self, obs, first_obs):
+        self.taken_over.append((float(first_obs["robot0_proprio-state"][0]),
+                                float(obs["robot0_proprio-state"][0])))
+
+    def act(self, obs):
+        return np.full((1, 7), -0.2)
+
+
+def test_takeover_records_only_the_experts_part(monkeypatch, tmp_path):
+    """--takeover: the policy drives until a drawn step, the expert from there; the recorded
+    episode is the expert's part alone, with the step it took over at."""
+    import h5py
+
+    experts = []
+
+    def make_expert(name, **kw):
+        experts.append(ConstantExpert())
+        return experts[-1]
+
+    monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: FakeEnv())
+    monkeypatch.setattr(ca, "make_policy", make_expert)
+    monkeypatch.setattr(ca, "check_policy_supports", lambda name, suite: None)
+    monkeypatch.setattr(eval_libero, "EnginePolicy", lambda *a, **k: NamedPolicy("dense", 0.1))
+    monkeypatch.setattr(eval_libero, "load_engine", lambda args, modes: None)
+    out = tmp_path / "takeover.hdf5"
+    args = eval_args(mode="dense", task_id=[0], num_trials=6, init_states="train", record=str(out),
+                     takeover=eval_libero.parse_takeover("3:9"), max_steps=30)
+    result = eval_libero.main(args)
+    # FakeEnv succeeds at step 12 whoever acts: the takeover step decides who finishes.
+    summary = result["modes"]["dense"]
+    assert summary["successes"] == 6 and summary["takeover"]["taken_over"] == 6
+    with h5py.File(out) as f:
+        steps = [int(f["data"][k].attrs["takeover_step"]) for k in sorted(f["data"], key=lambda k: int(k[5:]))]
+    assert all(3 <= s <= 9 for s in steps) and len(set(steps)) > 1, steps
+    eps = ca.load_episodes(str(out))
+    assert [len(e) for e in eps] == [12 - s for s in steps]
+    for ep, s in zip(eps, steps):
+        np.testing.assert_allclose(ep.actions, -0.2)  # none of the policy's 0.1 actions
+        np.testing.assert_allclose(ep.obs["robot0_proprio-state"][0, 0], 0.1 * s, rtol=1e-6)
+    # the expert saw the episode's first observation and the one it took over in
+    seen = [x for e in experts for pair in e.taken_over for x in pair]
+    np.testing.assert_allclose(seen, [x for s in steps for x in (0.0, 0.1 * s)], rtol=1e-6)
+
+
+def test_takeover_needs_a_record_file_and_training_init_states(monkeypatch, tmp_path):
+    monkeypatch.setattr(eval_libero, "load_engine", lambda args, modes: None)
+    takeover = eval_libero.parse_takeover("5:50")
+    assert takeover == (5, 50)
+    with pytest.raises(ValueError, match="--record"):
+        eval_libero.main(eval_args(mode="dense", task_id=[0], init_states="train", takeover=takeover))
+    with pytest.raises(ValueError, match="--init_states train"):
+        eval_libero.main(eval_args(mode="dense", task_id=[0], takeover=takeover,
+                                   record=str(tmp_path / "x.hdf5")))
+    assert not (tmp_path / "x.hdf5").exists() and not (tmp_path / "x.hdf5.partial").exists()
+    for bad in ("50:5", "-1:4", "5", "a:b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--takeover"):
+            eval_libero.parse_takeover(bad)

@@ -168,6 +168,74 @@ def test_regrasp_after_failed_lift():
     assert world.placed()
 
 
+def run_until(world: ToyWorld, expert: se.ScriptedExpert, done, steps: int = 280) -> None:
+    """Step the world with the expert's actions until done(world, expert)."""
+    for _ in range(steps):
+        if done(world, expert):
+            return
+        for a in expert.act(world.obs()):
+            world.step(a)
+    raise AssertionError(f"condition not reached in {steps} steps (phase {expert.phase})")
+
+
+def finish_after_takeover(world: ToyWorld, first_obs: dict, seed: int):
+    """A fresh expert takes over in world's current state; returns (its start phase, its
+    actions, the object's xy distance to the target at every step)."""
+    expert = se.ScriptedExpert(noise=1.0)
+    expert.reset(world.task, np.random.default_rng(seed))
+    phase = expert.take_over(world.obs(), first_obs)
+    actions, dist = [], []
+    for _ in range(world.task.max_steps):
+        for a in expert.act(world.obs()):
+            actions.append(a)
+            dist.append(float(np.linalg.norm(world.obj_pos[:2] - world.target_pos[:2])))
+            world.step(a)
+        if world.placed():
+            break
+    return phase, np.array(actions), np.array(dist)
+
+
+def test_take_over_while_carrying_keeps_the_object_and_the_hand_yaw():
+    """Taken over mid-carry, the expert sees that the object hangs in the hand: it carries on
+    (no open-gripper command before the object is over the target), and its first command
+    does not turn the hand (its yaw reference starts where the hand is)."""
+    world = bowl_world()
+    first_obs = world.obs()
+    driver = se.ScriptedExpert(noise=1.0)
+    driver.reset(BOWL_TASK, np.random.default_rng(7))
+    run_until(world, driver, lambda w, e: e.phase == "carry" and e.phase_t >= 5)
+    phase, actions, dist = finish_after_takeover(world, first_obs, seed=8)
+    assert phase == "lift"
+    assert world.placed(), f"object ended at {world.obj_pos}, target {world.target_pos}"
+    opened = np.flatnonzero(actions[:, 6] < 0)
+    assert len(opened) and dist[opened[0]] < 0.03, "the hand opened before the object was over the target"
+    assert np.abs(actions[0, 3:6]).max() < 1e-3
+
+
+def test_take_over_before_the_grasp_approaches_and_places():
+    world = bowl_world()
+    first_obs = world.obs()
+    driver = se.ScriptedExpert(noise=1.0)
+    driver.reset(BOWL_TASK, np.random.default_rng(3))
+    run_until(world, driver, lambda w, e: e.phase == "approach" and e.phase_t >= 10)
+    phase, actions, _ = finish_after_takeover(world, first_obs, seed=4)
+    assert phase == "approach"
+    assert world.placed()
+    assert actions[0, 6] == se.GRIPPER_OPEN
+
+
+def test_take_over_after_a_drop_does_not_think_the_object_is_held():
+    """Fingers closed on nothing (the object lies where it started): approach again."""
+    world = bowl_world()
+    first_obs = world.obs()
+    world.width = 0.002  # fully closed, empty
+    expert = se.ScriptedExpert(noise=0.0)
+    expert.reset(BOWL_TASK, np.random.default_rng(0))
+    assert expert.take_over(world.obs(), first_obs) == "approach"
+    with pytest.raises(RuntimeError, match="before reset"):
+        se.ScriptedExpert().take_over(first_obs, first_obs)
+
+
 @pytest.mark.parametrize("suite", ["libero_goal", "libero_10", "libero_90"])
 def test_unsupported_suite_is_a_clear_error(suite):
     task = TaskInfo(suite=suite, task_id=3, name="x", instruction="open the drawer", bddl_file="",
