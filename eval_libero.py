@@ -15,7 +15,11 @@ gets the suite's standard step limit; the policy re-plans every ``--replan_steps
 comes only from ``env.check_success()``. An exception inside a trial is counted and reported
 as an error (never as a success), and the evaluation goes on. ``--record PATH`` writes every
 trial's episode (observations, executed actions, success) to a demo file, as
-``collect_actions.py`` does. Every mode runs on the same init states, task by task, in one
+``collect_actions.py`` does. ``--takeover FIRST:LAST`` (with ``--record`` and ``--init_states
+train``) turns the run into DAgger-style collection: in each trial the policy drives until a
+step drawn in [FIRST, LAST], then the scripted expert takes over from the state reached, and
+only the expert's part is recorded (training data for ``train_policy.py``); the success
+reported is then the expert's. Every mode runs on the same init states, task by task, in one
 process, so latencies are comparable within the run. With ``--workers N`` the tasks are
 shared among N processes (one torch thread each); every process runs every mode on its tasks,
 so the modes see the same load and their latency ratios stay comparable.

@@ -205,8 +205,8 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
 
 @torch.no_grad()
 def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset) -> dict:
-    """Median batch-1 wall time of a draft pass and of a main pass (one dense decoding step,
-    with the cache holding the ctx and the layers before it), plus FLOPs of each."""
+    """Median batch-1 wall time, on one thread, of a draft pass and of a main pass (one dense
+    decoding step, with the cache holding the ctx and the layers before it), plus FLOPs of each."""
     from torch.utils.flop_counter import FlopCounterMode
 
     obs, task = data.obs[:1], data.task[:1]
@@ -247,8 +247,15 @@ def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset)
         def module_pass():
             draft(policy.obs_encoder.normalizer(obs), task)
 
-    t_main, t_draft, t_module = interleaved_median_seconds([main_pass, draft_pass, module_pass],
-                                                           repeats=300, warmup=30)
+    # Timed on one thread, as eval_libero.py decodes (batch 1, --threads 1), whatever --threads
+    # the training used.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_main, t_draft, t_module = interleaved_median_seconds([main_pass, draft_pass, module_pass],
+                                                               repeats=300, warmup=30)
+    finally:
+        torch.set_num_threads(threads)
     with FlopCounterMode(display=False) as fc:
         main_pass()
     f_main = fc.get_total_flops()
