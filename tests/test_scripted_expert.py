@@ -178,9 +178,15 @@ def run_until(world: ToyWorld, expert: se.ScriptedExpert, done, steps: int = 280
     raise AssertionError(f"condition not reached in {steps} steps (phase {expert.phase})")
 
 
-def finish_after_takeover(world: ToyWorld, first_obs: dict, seed: int):
-    """A fresh expert takes over in world's current state; returns (its start phase, its
-    actions, the object's xy distance to the target at every step)."""
+def drive_then_take_over(driver_seed: int, until, seed: int):
+    """An expert drives the bowl world until ``until(world, expert)``; then a fresh expert
+    takes over in that state. Returns (world, the new expert's start phase, its actions, the
+    object's xy distance to the target at every step of them)."""
+    world = bowl_world()
+    first_obs = world.obs()
+    driver = se.ScriptedExpert(noise=1.0)
+    driver.reset(BOWL_TASK, np.random.default_rng(driver_seed))
+    run_until(world, driver, until)
     expert = se.ScriptedExpert(noise=1.0)
     expert.reset(world.task, np.random.default_rng(seed))
     phase = expert.take_over(world.obs(), first_obs)
@@ -192,19 +198,15 @@ def finish_after_takeover(world: ToyWorld, first_obs: dict, seed: int):
             world.step(a)
         if world.placed():
             break
-    return phase, np.array(actions), np.array(dist)
+    return world, phase, np.array(actions), np.array(dist)
 
 
 def test_take_over_while_carrying_keeps_the_object_and_the_hand_yaw():
     """Taken over mid-carry, the expert sees that the object hangs in the hand: it carries on
     (no open-gripper command before the object is over the target), and its first command
     does not turn the hand (its yaw reference starts where the hand is)."""
-    world = bowl_world()
-    first_obs = world.obs()
-    driver = se.ScriptedExpert(noise=1.0)
-    driver.reset(BOWL_TASK, np.random.default_rng(7))
-    run_until(world, driver, lambda w, e: e.phase == "carry" and e.phase_t >= 5)
-    phase, actions, dist = finish_after_takeover(world, first_obs, seed=8)
+    world, phase, actions, dist = drive_then_take_over(
+        7, lambda w, e: e.phase == "carry" and e.phase_t >= 5, seed=8)
     assert phase == "lift"
     assert world.placed(), f"object ended at {world.obj_pos}, target {world.target_pos}"
     opened = np.flatnonzero(actions[:, 6] < 0)
@@ -213,12 +215,8 @@ def test_take_over_while_carrying_keeps_the_object_and_the_hand_yaw():
 
 
 def test_take_over_before_the_grasp_approaches_and_places():
-    world = bowl_world()
-    first_obs = world.obs()
-    driver = se.ScriptedExpert(noise=1.0)
-    driver.reset(BOWL_TASK, np.random.default_rng(3))
-    run_until(world, driver, lambda w, e: e.phase == "approach" and e.phase_t >= 10)
-    phase, actions, _ = finish_after_takeover(world, first_obs, seed=4)
+    world, phase, actions, _ = drive_then_take_over(
+        3, lambda w, e: e.phase == "approach" and e.phase_t >= 10, seed=4)
     assert phase == "approach"
     assert world.placed()
     assert actions[0, 6] == se.GRIPPER_OPEN
