@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
+import bench_decoding
 import collect_actions as ca
 import eval_libero
 import policy_models as pm
@@ -470,7 +472,6 @@ class ConstantExpert(ca.Policy):
 def test_takeover_records_only_the_experts_part(monkeypatch, tmp_path):
     """--takeover: the policy drives until a drawn step, the expert from there; the recorded
     episode is the expert's part alone, with the step it took over at."""
-    import h5py
 
     experts = []
 
@@ -516,3 +517,38 @@ def test_takeover_needs_a_record_file_and_training_init_states(monkeypatch, tmp_
     for bad in ("50:5", "-1:4", "5", "a:b"):
         with pytest.raises(argparse.ArgumentTypeError, match="--takeover"):
             eval_libero.parse_takeover(bad)
+
+
+def test_bench_decoding_compares_every_mode_with_dense_on_recorded_states(trained, tmp_path):
+    d, _, _ = trained
+    policy, _ = pm.load_policy(str(d / "policy.pt"))
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    draft = tmp_path / "draft.pt"
+    train_draft.main(train_draft.build_parser().parse_args([
+        "--policy", str(d / "policy.pt"), "--output", str(draft), "--k", "2", "--epochs", "3",
+        "--hidden", "32", "--threads", "1", "--source", "embedding"]))
+    roll = rollout_file(tmp_path / "held_out.hdf5", policy, tok, init_states=[0, 1, 2], n=6)
+    out = tmp_path / "bench.json"
+    args = bench_decoding.build_parser().parse_args([
+        "--policy", str(d / "policy.pt"), "--draft", str(draft), "--data", roll, "--warmup", "2",
+        "--mode", "rsd,rsd@relaxed,rsd+adaptive,adaptive", "--tolerance", "0.3",
+        "--adaptive_threshold", "1.0", "--json", str(out)])
+    result = bench_decoding.main(args)
+    modes = result["modes"]
+    assert list(modes) == ["dense", "rsd", "rsd@relaxed", "rsd+adaptive", "adaptive"]
+    # 6 episodes of 24 steps: chunks start at steps 0, 10 and 20; all decoded after the warm-up
+    assert result["data"]["states_decoded"] == 6 * 3 - 2 and result["data"]["held_out_init_states_only"]
+    assert modes["dense"]["main_passes_per_chunk"] == 3 and modes["dense"]["speedup_vs_dense"] == 1.0
+    # exact acceptance decodes what dense decodes, state by state
+    assert modes["rsd"]["same_codes_as_dense"] == 1.0 and modes["rsd"]["action_gap_vs_dense_max"] == 0.0
+    assert 0 <= modes["rsd"]["acceptance_rate"] <= 1
+    assert modes["rsd"]["main_passes_per_chunk"] == pytest.approx(3 - modes["rsd"]["accepted_layers_per_chunk"])
+    assert modes["adaptive"]["layers_per_chunk"] <= 3
+    assert json.loads(out.read_text())["modes"]["rsd"]["same_codes_as_dense"] == 1.0
+    unknown = rollout_file(tmp_path / "other.hdf5", policy, tok, init_states=[0], n=2)
+    with h5py.File(unknown, "r+") as f:
+        for k in f["data"]:
+            f["data"][k].attrs["instruction"] = "open the drawer"
+    args.data, args.json = [unknown], None
+    with pytest.raises(ValueError, match="other.hdf5.*open the drawer"):
+        bench_decoding.main(args)

@@ -1,0 +1,192 @@
+"""Phase 3 without the simulator: every decoding mode on recorded observations.
+
+    python bench_decoding.py --policy policy.pt --draft draft.pt --data rollouts.hdf5 \\
+        --mode dense,rsd,adaptive,rsd+adaptive --adaptive_threshold 0.1 --json decoding.json
+
+The closed loop (``eval_libero.py``) measures success; its latencies and pass counts depend on
+the states each mode's own trajectory reaches. This script decodes one chunk in every mode
+from the same recorded states (the observation at the start of every chunk of every episode,
+as the closed loop sees it when it executes whole chunks), in turn (mode order rotated from
+state to state), batch 1 on one thread, so:
+
+- the latency ratios are measured side by side on identical inputs, in a minute, and are
+  repeatable where closed-loop ones are not;
+- each mode's output is compared with dense greedy decoding of the same state: ``exact``
+  acceptance must give the very same codes (``same_codes_as_dense`` = 1), and the other modes
+  report how far their actions move from dense (max abs difference, normalized units).
+
+Use states the models never trained on: record the main policy's own rollouts from held-out
+init states (``eval_libero.py --mode dense --record FILE``, init states 0-19). The script
+reports which init states the episodes started from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import collect_actions as ca
+import policy_models as pm
+from eval_libero import base_mode, parse_modes
+from policy_data import action_history, obs_vector
+from rsd_engine_core import ACCEPTANCE, EngineConfig, RSDEngine
+from rvq_tokenizer import load_tokenizer
+
+log = logging.getLogger("bench_decoding")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Decoding modes on recorded observations (phase 3, offline).")
+    p.add_argument("--policy", required=True, help="main policy checkpoint (variant ar)")
+    p.add_argument("--draft", help="draft checkpoint (modes rsd, rsd+adaptive)")
+    p.add_argument("--data", nargs="+", required=True, help="demo / rollout files (HDF5) whose states are decoded")
+    p.add_argument("--mode", type=parse_modes, default=["dense", "rsd", "adaptive", "rsd+adaptive"],
+                   help="comma list of MODE[@ACCEPTANCE] (dense is always run: it is the reference)")
+    p.add_argument("--acceptance", default="exact", choices=ACCEPTANCE)
+    p.add_argument("--k", type=int, default=None, help="layers the draft proposes (default: all it predicts)")
+    p.add_argument("--adaptive_threshold", type=float, default=0.05)
+    p.add_argument("--min_layers", type=int, default=2)
+    p.add_argument("--tolerance", type=float, default=0.05, help="relaxed acceptance, normalized units")
+    p.add_argument("--max_states", type=int, default=2000, help="decode at most this many states (a random subset)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed states first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at batch 1)")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def chunk_start_states(episodes: list, keys, history: int, chunk_size: int) -> tuple[np.ndarray, list[str]]:
+    """The observation vector (with the executed-action history) at steps 0, T, 2T, ... of
+    every episode: [M, obs_dim], and each state's instruction."""
+    obs, instructions = [], []
+    for ep in episodes:
+        x = obs_vector(ep.obs, keys)
+        if history:
+            x = np.concatenate([x, action_history(ep.actions, history)], 1)
+        steps = np.arange(0, len(ep), chunk_size)
+        obs.append(x[steps])
+        instructions += [ep.instruction] * len(steps)
+    return np.concatenate(obs).astype(np.float32), instructions
+
+
+def load(args) -> tuple[RSDEngine, list]:
+    policy, ckpt = pm.load_policy(args.policy)
+    tok_path = ckpt["provenance"]["tokenizer"]
+    pm.load_policy(args.policy, tok_path)  # refuses a tokenizer that changed since training
+    tokenizer, _ = load_tokenizer(tok_path)
+    draft = None
+    if any(base_mode(m) in ("rsd", "rsd+adaptive") for m in args.modes):
+        if not args.draft:
+            raise ValueError("modes rsd and rsd+adaptive need --draft")
+        draft, _ = pm.load_draft(args.draft, args.policy)
+    return RSDEngine(policy, tokenizer, draft), ca.load_episodes(args.data, only_success=False)
+
+
+def main(args) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.max_states < 1 or args.warmup < 0:
+        raise ValueError(f"--max_states must be >= 1 and --warmup >= 0, got {args.max_states}, {args.warmup}")
+    if args.mode in (["all"], ["expert"]) or "expert" in args.mode:
+        raise ValueError("--mode: give policy modes (MODE[@ACCEPTANCE]); 'all' and 'expert' are "
+                         "closed-loop choices of eval_libero.py")
+    args.modes = ["dense"] + [m for m in args.mode if m != "dense"]
+    if "parallel" in map(base_mode, args.modes):
+        raise ValueError("--mode parallel is not benchmarked here (use eval_libero.py --parallel_policy)")
+    engine, episodes = load(args)
+    pc = engine.policy.config
+    obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history,
+                                           engine.tokenizer.config.chunk_size)
+    unknown = sorted(set(instructions) - set(pc.instructions))
+    if unknown:
+        raise ValueError(f"{args.data}: the policy was not trained on the instruction(s) {unknown}")
+    if obs.shape[1] != pc.obs_dim:
+        raise ValueError(f"{args.data}: observation vectors have {obs.shape[1]} values, the policy expects {pc.obs_dim}")
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(obs))[: args.max_states + args.warmup]
+    tasks = [pc.instructions.index(instructions[i]) for i in order]
+    cfgs = {m: EngineConfig(mode=base_mode(m), acceptance=m.partition("@")[2] or args.acceptance,
+                            k=args.k, adaptive_threshold=args.adaptive_threshold,
+                            min_layers=args.min_layers, tolerance=args.tolerance) for m in args.modes}
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = {m: [] for m in args.modes}
+    init_ids = sorted({ep.init_state_id for ep in episodes})
+    log.info("%d episodes (init states %s), %d chunk-start states, decoding %d (+%d warm-up) in %d modes",
+             len(episodes), _ranges(init_ids), len(obs), len(order) - min(args.warmup, len(order)),
+             min(args.warmup, len(order)), len(args.modes))
+    for n, (i, task) in enumerate(tqdm(list(zip(order, tasks)), desc="states", unit="state")):
+        shift = n % len(args.modes)
+        out = {}
+        for m in args.modes[shift:] + args.modes[:shift]:
+            actions, stats, codes = engine.act(obs[i], task, cfgs[m], gen)
+            out[m] = (actions, stats, codes)
+        if n < args.warmup:
+            continue
+        dense_actions, _, dense_codes = out["dense"]
+        norm_dense = engine.tokenizer.normalize(torch.as_tensor(dense_actions)[None])[0]
+        for m, (actions, stats, codes) in out.items():
+            gap = float((engine.tokenizer.normalize(torch.as_tensor(actions)[None])[0] - norm_dense).abs().max())
+            rows[m].append((stats, torch.equal(codes, dense_codes), gap))
+    result = summarize(rows)
+    result["data"] = {"files": list(args.data), "episodes": len(episodes), "init_states": init_ids,
+                      "held_out_init_states_only": all(s in ca.HELD_OUT_INIT_STATES for s in init_ids),
+                      "states_decoded": len(rows["dense"])}
+    result["config"] = {k: v for k, v in vars(args).items() if k != "modes"} | {"modes": args.modes}
+    print_table(result)
+    if args.json:
+        ca.write_json(args.json, result)
+        log.info("wrote %s", args.json)
+    return result
+
+
+def _ranges(ids: list[int]) -> str:
+    return f"{ids[0]}..{ids[-1]}" if ids else "-"
+
+
+def summarize(rows: dict) -> dict:
+    modes = {}
+    for m, r in rows.items():
+        stats = [s for s, _, _ in r]
+        proposed = sum(s.proposed for s in stats)
+        gaps = np.array([g for _, _, g in r])
+        modes[m] = {
+            "states": len(r),
+            "latency_ms_median": 1e3 * statistics.median(s.seconds for s in stats),
+            "main_passes_per_chunk": float(np.mean([s.main_passes for s in stats])),
+            "layers_per_chunk": float(np.mean([s.layers for s in stats])),
+            "accepted_layers_per_chunk": float(np.mean([s.accepted for s in stats])),
+            "acceptance_rate": sum(s.accepted for s in stats) / proposed if proposed else None,
+            "same_codes_as_dense": float(np.mean([same for _, same, _ in r])),
+            "action_gap_vs_dense_mean": float(gaps.mean()),
+            "action_gap_vs_dense_max": float(gaps.max()),
+        }
+    dense = modes["dense"]["latency_ms_median"]
+    for s in modes.values():
+        s["speedup_vs_dense"] = dense / s["latency_ms_median"]
+    return {"modes": modes}
+
+
+def print_table(result: dict) -> None:
+    modes = result["modes"]
+    w = max(13, *(len(m) for m in modes))
+    print(f"\n{'mode':>{w}} | {'latency ms':>10} | {'speedup':>7} | {'main passes':>11} | {'layers':>6} | "
+          f"{'accepted':>8} | {'acceptance':>10} | {'same as dense':>13} | {'gap mean':>8} | {'gap max':>7}")
+    for m, s in modes.items():
+        acc = "-" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.3f}"
+        print(f"{m:>{w}} | {s['latency_ms_median']:10.2f} | {s['speedup_vs_dense']:6.2f}x | "
+              f"{s['main_passes_per_chunk']:11.2f} | {s['layers_per_chunk']:6.2f} | "
+              f"{s['accepted_layers_per_chunk']:8.2f} | {acc:>10} | {s['same_codes_as_dense']:13.3f} | "
+              f"{s['action_gap_vs_dense_mean']:8.4f} | {s['action_gap_vs_dense_max']:7.4f}")
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except (ValueError, ca.DemoFileError) as exc:
+        sys.exit(f"bench_decoding.py: error: {exc}")
