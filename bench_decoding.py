@@ -35,7 +35,7 @@ import collect_actions as ca
 import policy_models as pm
 from eval_libero import base_mode, parse_modes
 from policy_data import action_history, obs_vector
-from rsd_engine_core import ACCEPTANCE, EngineConfig, RSDEngine
+from rsd_engine_core import ACCEPTANCE, EngineConfig, RSDEngine, time_split_ms
 from rvq_tokenizer import load_tokenizer
 
 log = logging.getLogger("bench_decoding")
@@ -165,6 +165,7 @@ def summarize(rows: dict) -> dict:
             "same_codes_as_dense": float(np.mean([same for _, same, _ in r])),
             "action_gap_vs_dense_mean": float(gaps.mean()),
             "action_gap_vs_dense_max": float(gaps.max()),
+            "time_split_ms_mean": time_split_ms(stats),
         }
     dense = modes["dense"]["latency_ms_median"]
     for s in modes.values():
@@ -176,13 +177,15 @@ def print_table(result: dict) -> None:
     modes = result["modes"]
     w = max(13, *(len(m) for m in modes))
     print(f"\n{'mode':>{w}} | {'latency ms':>10} | {'speedup':>7} | {'main passes':>11} | {'layers':>6} | "
-          f"{'accepted':>8} | {'acceptance':>10} | {'same as dense':>13} | {'gap mean':>8} | {'gap max':>7}")
+          f"{'accepted':>8} | {'acceptance':>10} | {'same as dense':>13} | {'gap mean':>8} | {'gap max':>7} | "
+          f"mean ms: main / draft / decode / other")
     for m, s in modes.items():
         acc = "-" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.3f}"
         print(f"{m:>{w}} | {s['latency_ms_median']:10.2f} | {s['speedup_vs_dense']:6.2f}x | "
               f"{s['main_passes_per_chunk']:11.2f} | {s['layers_per_chunk']:6.2f} | "
               f"{s['accepted_layers_per_chunk']:8.2f} | {acc:>10} | {s['same_codes_as_dense']:13.3f} | "
-              f"{s['action_gap_vs_dense_mean']:8.4f} | {s['action_gap_vs_dense_max']:7.4f}")
+              f"{s['action_gap_vs_dense_mean']:8.4f} | {s['action_gap_vs_dense_max']:7.4f} | "
+              + " / ".join(f"{s['time_split_ms_mean'][k]:.2f}" for k in ("main", "draft", "tokenizer_decode", "other")))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from tqdm import tqdm
 import collect_actions as ca
 import policy_models as pm
 from policy_data import ActionHistory, obs_vector
-from rsd_engine_core import ACCEPTANCE, ChunkStats, EngineConfig, RSDEngine
+from rsd_engine_core import ACCEPTANCE, ChunkStats, EngineConfig, RSDEngine, time_split_ms
 from rvq_tokenizer import load_tokenizer
 
 log = logging.getLogger("eval_libero")
@@ -200,6 +200,7 @@ class ModeResult:
                 "proposed_layers_per_chunk": proposed / len(c),
                 "accepted_layers_per_chunk": float(np.mean([s.accepted for s in c])),
                 "acceptance_rate": sum(s.accepted for s in c) / proposed if proposed else None,
+                "time_split_ms_mean": time_split_ms(c),
             })
         if self.takeover_steps:
             taken = [s for s in self.takeover_steps if s is not None]

@@ -50,6 +50,22 @@ class ChunkStats:
     accepted: int = 0        # of those, accepted
     layers: int = 0          # layers in the output code (< L when adaptive stops early)
     seconds: float = 0.0     # wall time of decoding + tokenizer decode
+    # where that time went: main passes, the draft pass, the tokenizer decode (the rest is
+    # the observation embedding and the engine's own work between passes)
+    main_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+def time_split_ms(stats: list[ChunkStats]) -> dict:
+    """Mean milliseconds per chunk in the main passes, the draft, the tokenizer decode and the
+    rest (observation embedding, the engine's work between passes); the parts add up to the
+    mean latency."""
+    n = max(len(stats), 1)
+    main, draft, dec, total = (1e3 * sum(getattr(s, f) for s in stats) / n
+                               for f in ("main_seconds", "draft_seconds", "decode_seconds", "seconds"))
+    return {"main": main, "draft": draft, "tokenizer_decode": dec, "other": total - main - draft - dec,
+            "total": total}
 
 
 @dataclass
@@ -154,7 +170,9 @@ class RSDEngine:
         if cfg.mode == "parallel":
             if self.parallel_policy is None:
                 raise ValueError("mode 'parallel' needs a parallel-variant policy checkpoint")
+            t0 = time.perf_counter()
             logits = self.parallel_policy(obs, task)  # [1, T', L, vocab]
+            stats.main_seconds += time.perf_counter() - t0
             stats.main_passes = 1
             codes = torch.stack([self._pick(logits[:, :, l], cfg, gen)
                                  for l in range(logits.shape[2])], -1)
@@ -173,7 +191,9 @@ class RSDEngine:
             ctx = None  # the ctx is in the cache now
         while next_layer < L and not stopped:
             prev = codes[-1][..., None] if next_layer > 0 else None
+            t0 = time.perf_counter()
             logits = self.policy.extend(cache, next_layer, 1, prev, ctx)[:, :, 0]
+            stats.main_seconds += time.perf_counter() - t0
             ctx = None
             stats.main_passes += 1
             codes.append(self._pick(logits, cfg, gen))
@@ -188,12 +208,16 @@ class RSDEngine:
             raise ValueError(f"mode {cfg.mode!r} needs a draft model")
         L = self.policy.config.num_layers
         k = min(cfg.k or self.draft.config.num_layers, self.draft.config.num_layers, L)
+        t0 = time.perf_counter()
         q_logits = self.draft_logits(obs, task, ctx)[:, :, :k]  # [1, T', k, V]
+        stats.draft_seconds += time.perf_counter() - t0
         stats.draft_passes += 1
         proposal = torch.stack([self._pick(q_logits[:, :, l], cfg, gen) for l in range(k)], -1)
         n_verify = min(k + 1, L)
         prev = torch.cat([torch.zeros_like(proposal[..., :1]), proposal[..., : n_verify - 1]], -1)
+        t0 = time.perf_counter()
         p_logits = self.policy.extend(cache, 0, n_verify, prev, ctx)  # [1, T', n_verify, V]
+        stats.main_seconds += time.perf_counter() - t0
         stats.main_passes += 1
         stats.proposed = k
 
@@ -258,6 +282,9 @@ class RSDEngine:
         o = torch.as_tensor(obs, dtype=torch.float32)[None]
         t = torch.tensor([task])
         codes, stats = self.decode_codes(o, t, cfg, gen)
-        actions = self.tokenizer.decode(codes)[0].numpy()
-        stats.seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        # the engine's codes come from heads that cannot emit an invalid code: no check
+        actions = self.tokenizer.decode(codes, check=False)[0].numpy()
+        t2 = time.perf_counter()
+        stats.seconds, stats.decode_seconds = t2 - t0, t2 - t1
         return actions, stats, codes

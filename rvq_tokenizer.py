@@ -538,9 +538,13 @@ class RVQTokenizer(nn.Module):
         return codes
 
     @torch.no_grad()
-    def decode(self, codes) -> torch.Tensor:
-        """codes: [B, T', l] (the first l <= L layers) -> actions [B, T, D] raw units."""
-        codes = self.check_codes(codes)
+    def decode(self, codes, check: bool = True) -> torch.Tensor:
+        """codes: [B, T', l] (the first l <= L layers) -> actions [B, T, D] raw units.
+
+        ``check=False`` skips the validation of ``check_codes`` (a tenth of a batch-1 decode):
+        only for a LongTensor of that shape from a source that cannot emit an out-of-range code,
+        such as a policy head whose invalid codes have -inf logits."""
+        codes = self.check_codes(codes) if check else codes
         return self.denormalize(self._decode_latent(self.quantizer.decode_codes(codes)))
 
     @torch.no_grad()

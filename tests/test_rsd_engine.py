@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import policy_models as pm
-from rsd_engine_core import EngineConfig, RSDEngine
+from rsd_engine_core import EngineConfig, RSDEngine, time_split_ms
 from rvq_tokenizer import RVQConfig, RVQTokenizer
 
 OBS_DIM = 9
@@ -245,6 +245,24 @@ def test_adaptive_stops_early_and_decodes_a_prefix():
     assert torch.equal(spec, dense[..., :2])
     actions, st, _ = engine.act(obs[0].numpy(), int(task), always)
     assert actions.shape == (4, 3) and st.seconds > 0
+
+
+def test_chunk_time_split_adds_up_to_the_latency():
+    tok = make_tokenizer(K=8, L=4)
+    policy = make_policy(tok, seed=1)
+    engine = RSDEngine(policy, tok, make_draft(policy))
+    obs, task = random_obs(torch.Generator().manual_seed(0))
+    chunks = []
+    for mode in ("dense", "rsd"):
+        _, st, _ = engine.act(obs[0].numpy(), int(task), EngineConfig(mode))
+        assert st.main_seconds > 0 and st.decode_seconds > 0
+        assert (st.draft_seconds > 0) == (mode == "rsd")
+        assert st.main_seconds + st.draft_seconds + st.decode_seconds < st.seconds
+        chunks.append(st)
+    split = time_split_ms(chunks)
+    assert split["total"] == pytest.approx(1e3 * (chunks[0].seconds + chunks[1].seconds) / 2)
+    assert split["other"] > 0
+    assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"])
 
 
 def test_engine_refuses_bad_setups():
