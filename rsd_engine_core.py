@@ -221,13 +221,21 @@ class RSDEngine:
         stats.main_passes += 1
         stats.proposed = k
 
+        gaps = None
+        if cfg.acceptance == "relaxed":
+            # every layer's relaxed test at once: up to the first rejection the accepted
+            # prefix is the proposal itself, so one batched decode gives every gap needed
+            main = p_logits[:, :, :k].argmax(-1)
+            if not torch.equal(main, proposal):
+                gaps = self.relaxed_gaps(proposal, main).tolist()
         codes: list[torch.Tensor] = []
         for l in range(n_verify):
             p_l = p_logits[:, :, l]
             if l == k:  # every proposal accepted: the verify pass predicted layer k for free
                 codes.append(self._pick(p_l, cfg, gen))
                 break
-            ok, chosen = self._accept(p_l, q_logits[:, :, l], proposal[..., l], codes, cfg, gen)
+            gap = None if gaps is None else gaps[l]
+            ok, chosen = self._accept(p_l, q_logits[:, :, l], proposal[..., l], gap, cfg, gen)
             codes.append(chosen)
             if not ok:
                 break
@@ -239,8 +247,9 @@ class RSDEngine:
         stopped = self._stop(cfg, p_logits[:, :, len(codes) - 1], len(codes) - 1)
         return codes, stopped
 
-    def _accept(self, p_logits, q_logits, d, prefix, cfg, gen):
-        """Decide on proposed codes d [1, T'] for one layer -> (accepted?, codes for the layer)."""
+    def _accept(self, p_logits, q_logits, d, gap, cfg, gen):
+        """Decide on proposed codes d [1, T'] for one layer -> (accepted?, codes for the layer).
+        ``gap`` (relaxed): the layer's action gap from ``relaxed_gaps`` (None: no layer differs)."""
         if cfg.acceptance == "exact":
             main = p_logits.argmax(-1)
             ok = bool(torch.equal(main, d))
@@ -249,7 +258,7 @@ class RSDEngine:
             main = p_logits.argmax(-1)
             if torch.equal(main, d):
                 return True, d
-            ok = self.action_gap(prefix, d, main) <= cfg.tolerance
+            ok = gap <= cfg.tolerance
             return ok, d if ok else main
         # speculative sampling, independently at each latent position
         p = torch.softmax(p_logits.float(), -1)[0]  # [T', V]
@@ -266,11 +275,26 @@ class RSDEngine:
         return False, torch.where(keep, d[0], resampled)[None]
 
     @torch.no_grad()
+    def relaxed_gaps(self, proposal: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
+        """proposal, main: codes [1, T', k] -> [k]: for each layer l, the max abs difference
+        (normalized action units) between decoding proposal[..., :l+1] and proposal[..., :l]
+        followed by main[..., l], i.e. relaxed acceptance's test of layer l when the layers
+        below it were accepted as proposed. All 2k prefixes in one decoder pass."""
+        layers = self.tokenizer.quantizer.layers
+        k = proposal.shape[-1]
+        with_proposal, with_main = [], []
+        below = None  # sum of the proposal's code vectors of layers < l, summed in decode order
+        for l in range(k):
+            a, b = layers[l].lookup(proposal[..., l]), layers[l].lookup(main[..., l])
+            with_proposal.append(a if below is None else below + a)
+            with_main.append(b if below is None else below + b)
+            below = with_proposal[-1]
+        actions = self.tokenizer.decode_latent(torch.cat(with_proposal + with_main))  # [2k, T, D]
+        return (actions[:k] - actions[k:]).abs().amax(dim=(1, 2))
+
     def action_gap(self, prefix: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> float:
         """Max abs difference (normalized action units) between decoding prefix+a and prefix+b."""
-        both = torch.cat([torch.stack([*prefix, a], -1), torch.stack([*prefix, b], -1)])  # [2, T', l]
-        actions = self.tokenizer.normalize(self.tokenizer.decode(both))
-        return float((actions[0] - actions[1]).abs().max())
+        return float(self.relaxed_gaps(torch.stack([*prefix, a], -1), torch.stack([*prefix, b], -1))[-1])
 
     # ------------------------------------------------------------------ actions
     @torch.no_grad()

@@ -548,6 +548,12 @@ class RVQTokenizer(nn.Module):
         return self.denormalize(self._decode_latent(self.quantizer.decode_codes(codes)))
 
     @torch.no_grad()
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """A quantized latent [B, T', C] (a sum of code vectors, as ``quantizer.decode_codes``
+        builds it) -> normalized actions [B, T, D]. For comparing many prefixes in one batch."""
+        return self._decode_latent(latent)
+
+    @torch.no_grad()
     def autoencode(self, actions) -> torch.Tensor:
         """Encode and decode with the latent left unquantized: actions [B, T, D] -> [B, T, D]
         raw units. As more layers shrink the residual, prefixes approach this reconstruction,

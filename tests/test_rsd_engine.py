@@ -226,6 +226,25 @@ def test_relaxed_never_accepts_beyond_tolerance():
     assert rejected > 0  # the tolerance bound was exercised from both sides
 
 
+def test_relaxed_gaps_batch_equals_decoding_each_prefix():
+    """The batched gaps are the gaps of decoding each pair of prefixes on its own."""
+    tok = make_tokenizer(K=16, L=4)
+    engine = RSDEngine(make_policy(tok), tok)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        proposal = torch.randint(0, 16, (1, 2, 4), generator=gen)
+        main = torch.where(torch.rand(1, 2, 4, generator=gen) < 0.5, proposal,
+                           torch.randint(0, 16, (1, 2, 4), generator=gen))
+        gaps = engine.relaxed_gaps(proposal, main)
+        for l in range(4):
+            mixed = torch.cat([proposal[..., :l], main[..., l:l + 1]], -1)
+            a = tok.normalize(tok.decode(proposal[..., :l + 1]))
+            b = tok.normalize(tok.decode(mixed))
+            assert float(gaps[l]) == pytest.approx(float((a - b).abs().max()), abs=1e-5)
+            if torch.equal(proposal[..., l], main[..., l]):
+                assert float(gaps[l]) == 0.0
+
+
 # ---------------------------------------------------------------- adaptive depth
 
 def test_adaptive_stops_early_and_decodes_a_prefix():
