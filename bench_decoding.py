@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 import collect_actions as ca
 import policy_models as pm
-from eval_libero import base_mode, parse_modes
+from eval_libero import base_mode, engine_config, parse_modes
 from policy_data import action_history, obs_vector
-from rsd_engine_core import ACCEPTANCE, EngineConfig, RSDEngine, time_split_ms
+from rsd_engine_core import ACCEPTANCE, RSDEngine, time_split_ms
 from rvq_tokenizer import load_tokenizer
 
 log = logging.getLogger("bench_decoding")
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="draft checkpoint (modes rsd, rsd+adaptive)")
     p.add_argument("--data", nargs="+", required=True, help="demo / rollout files (HDF5) whose states are decoded")
     p.add_argument("--mode", type=parse_modes, default=["dense", "rsd", "adaptive", "rsd+adaptive"],
-                   help="comma list of MODE[@ACCEPTANCE] (dense is always run: it is the reference)")
+                   help="comma list of MODE[@ACCEPTANCE][:K] as in eval_libero.py (dense is always run: "
+                        "it is the reference)")
     p.add_argument("--acceptance", default="exact", choices=ACCEPTANCE)
     p.add_argument("--k", type=int, default=None, help="layers the draft proposes (default: all it predicts)")
     p.add_argument("--adaptive_threshold", type=float, default=0.05)
@@ -94,7 +95,7 @@ def main(args) -> dict:
     if args.max_states < 1 or args.warmup < 0:
         raise ValueError(f"--max_states must be >= 1 and --warmup >= 0, got {args.max_states}, {args.warmup}")
     if args.mode in (["all"], ["expert"]) or "expert" in args.mode:
-        raise ValueError("--mode: give policy modes (MODE[@ACCEPTANCE]); 'all' and 'expert' are "
+        raise ValueError("--mode: give policy modes (MODE[@ACCEPTANCE][:K]); 'all' and 'expert' are "
                          "closed-loop choices of eval_libero.py")
     args.modes = ["dense"] + [m for m in args.mode if m != "dense"]
     if "parallel" in map(base_mode, args.modes):
@@ -111,9 +112,7 @@ def main(args) -> dict:
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(obs))[: args.max_states + args.warmup]
     tasks = [pc.instructions.index(instructions[i]) for i in order]
-    cfgs = {m: EngineConfig(mode=base_mode(m), acceptance=m.partition("@")[2] or args.acceptance,
-                            k=args.k, adaptive_threshold=args.adaptive_threshold,
-                            min_layers=args.min_layers, tolerance=args.tolerance) for m in args.modes}
+    cfgs = {m: engine_config(m, args) for m in args.modes}
     gen = torch.Generator().manual_seed(args.seed)
     rows = {m: [] for m in args.modes}
     init_ids = sorted({ep.init_state_id for ep in episodes})

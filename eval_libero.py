@@ -5,8 +5,10 @@
     python eval_libero.py ... --parallel_policy policy_parallel.pt --mode all   # one table
     python eval_libero.py ... --mode dense,rsd,rsd+adaptive@relaxed --workers 2
 
-A mode spec is MODE or MODE@ACCEPTANCE (``rsd@relaxed``): the acceptance rule of that mode,
-overriding ``--acceptance``, so several rules can be compared in one run.
+A mode spec is MODE, MODE@ACCEPTANCE (``rsd@relaxed``: the acceptance rule of that mode,
+overriding ``--acceptance``) and, for the speculative modes, a trailing ``:K`` (``rsd:3``,
+``rsd@relaxed:7``: the draft proposes K layers, overriding ``--k``), so several rules and
+proposal depths can be compared in one run.
 
 Trial i of a task starts from the benchmark's init state i (the first 20 are never used for
 training data; ``--init_states train`` starts trial i from training init state 20 + i
@@ -53,19 +55,32 @@ POLICY_MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
 ALL_MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
 
 
+def split_spec(spec: str) -> tuple[str, str, int | None]:
+    """'MODE[@ACCEPTANCE][:K]' -> (mode, acceptance or '', k or None); raises ValueError."""
+    rest, colon, k = spec.partition(":")
+    mode, _, acc = rest.partition("@")
+    if mode not in POLICY_MODES or (acc and acc not in ACCEPTANCE) or (colon and not k.isdigit()):
+        raise ValueError(spec)
+    if colon and (int(k) < 1 or mode not in ("rsd", "rsd+adaptive")):
+        raise ValueError(spec)
+    return mode, acc, int(k) if colon else None
+
+
 def parse_modes(value: str) -> list[str]:
-    """'all', or a comma list of MODE[@ACCEPTANCE] specs and 'expert' (the scripted expert)."""
+    """'all', or a comma list of MODE[@ACCEPTANCE][:K] specs and 'expert' (the scripted expert)."""
     if value in ("all", "expert"):
         return [value]
     specs = [v.strip() for v in value.split(",") if v.strip()]
     for spec in specs:
-        mode, _, acc = spec.partition("@")
         if spec == "expert":
             continue
-        if mode not in POLICY_MODES or (acc and acc not in ACCEPTANCE):
+        try:
+            split_spec(spec)
+        except ValueError:
             raise argparse.ArgumentTypeError(
-                f"--mode: {spec!r} is not MODE[@ACCEPTANCE] with MODE in {POLICY_MODES} and "
-                f"ACCEPTANCE in {ACCEPTANCE} (or 'all', 'expert')")
+                f"--mode: {spec!r} is not MODE[@ACCEPTANCE][:K] with MODE in {POLICY_MODES}, "
+                f"ACCEPTANCE in {ACCEPTANCE} and K >= 1 layers proposed by the draft (rsd modes "
+                f"only), or 'all', 'expert'") from None
     if not specs or len(set(specs)) != len(specs):
         raise argparse.ArgumentTypeError(f"--mode: give distinct mode specs, got {value!r}")
     return specs
@@ -92,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held_out: trial i starts from init state i (0..19 are never trained on); "
                         "train: from init state 20 + i, for recording rollouts (--record)")
     p.add_argument("--mode", type=parse_modes, default=["rsd"],
-                   help=f"'all' ({', '.join(ALL_MODES)}), or a comma list of MODE[@ACCEPTANCE] "
-                        "and 'expert', e.g. dense,rsd,rsd+adaptive@relaxed,expert")
+                   help=f"'all' ({', '.join(ALL_MODES)}), or a comma list of MODE[@ACCEPTANCE][:K] "
+                        "and 'expert', e.g. dense,rsd:3,rsd+adaptive@relaxed:7,expert")
     # models
     p.add_argument("--policy", help="main policy checkpoint (variant ar)")
     p.add_argument("--draft", help="draft checkpoint (modes rsd, rsd+adaptive)")
@@ -283,7 +298,7 @@ def mode_list(args) -> list[str]:
 
 
 def base_mode(spec: str) -> str:
-    return spec.partition("@")[0]
+    return spec.partition(":")[0].partition("@")[0]
 
 
 def load_engine(args, modes) -> RSDEngine | None:
@@ -310,8 +325,8 @@ def load_engine(args, modes) -> RSDEngine | None:
 
 
 def engine_config(spec: str, args) -> EngineConfig:
-    mode, _, acceptance = spec.partition("@")
-    return EngineConfig(mode=mode, acceptance=acceptance or args.acceptance, k=args.k,
+    mode, acceptance, k = split_spec(spec)
+    return EngineConfig(mode=mode, acceptance=acceptance or args.acceptance, k=k or args.k,
                         adaptive_threshold=args.adaptive_threshold, min_layers=args.min_layers,
                         tolerance=args.tolerance)
 

@@ -122,13 +122,14 @@ class RSDEngine:
                              f"the policy (T'={c.latent_steps}, L={c.num_layers})")
         if draft is not None and draft.config.num_layers > c.num_layers:
             raise ValueError(f"draft predicts {draft.config.num_layers} layers, policy has {c.num_layers}")
-        # ||code vector|| per layer and code, in the quantizer's latent space: [L, vocab]
-        norms = torch.zeros(c.num_layers, c.vocab)
+        # every layer's code vectors [L, vocab, C] (a snapshot of the frozen tokenizer; rows
+        # past a layer's codebook stay zero) and their norms [L, vocab]
+        vectors = torch.zeros(c.num_layers, c.vocab, tc.quantizer_dim)
         for l, layer in enumerate(tokenizer.quantizer.layers):
             with torch.no_grad():
-                vecs = layer.lookup(torch.arange(layer.codebook_size))
-            norms[l, : layer.codebook_size] = vecs.norm(dim=-1)
-        self.code_norms = norms
+                vectors[l, : layer.codebook_size] = layer.lookup(torch.arange(layer.codebook_size))
+        self.code_vectors = vectors
+        self.code_norms = vectors.norm(dim=-1)
 
     # ------------------------------------------------------------------ helpers
     def expected_refinement(self, logits: torch.Tensor, layer: int) -> float:
@@ -212,7 +213,10 @@ class RSDEngine:
         q_logits = self.draft_logits(obs, task, ctx)[:, :, :k]  # [1, T', k, V]
         stats.draft_seconds += time.perf_counter() - t0
         stats.draft_passes += 1
-        proposal = torch.stack([self._pick(q_logits[:, :, l], cfg, gen) for l in range(k)], -1)
+        if cfg.sampling:
+            proposal = torch.stack([self._pick(q_logits[:, :, l], cfg, gen) for l in range(k)], -1)
+        else:
+            proposal = q_logits.argmax(-1)  # [1, T', k]
         n_verify = min(k + 1, L)
         prev = torch.cat([torch.zeros_like(proposal[..., :1]), proposal[..., : n_verify - 1]], -1)
         t0 = time.perf_counter()
@@ -221,46 +225,58 @@ class RSDEngine:
         stats.main_passes += 1
         stats.proposed = k
 
-        gaps = None
-        if cfg.acceptance == "relaxed":
-            # every layer's relaxed test at once: up to the first rejection the accepted
-            # prefix is the proposal itself, so one batched decode gives every gap needed
-            main = p_logits[:, :, :k].argmax(-1)
-            if not torch.equal(main, proposal):
-                gaps = self.relaxed_gaps(proposal, main).tolist()
+        if cfg.sampling:
+            codes, stopped = self._accept_sampled(p_logits, q_logits, proposal, k, cfg, gen, stats)
+        else:
+            codes, stopped = self._accept_greedy(p_logits, proposal, k, cfg, stats)
+        # blocks 0..len(codes)-1 had accepted inputs; later blocks read rejected proposals
+        self.policy.keep_blocks(cache, len(codes))
+        if not stopped:
+            stopped = self._stop(cfg, p_logits[:, :, len(codes) - 1], len(codes) - 1)
+        return codes, stopped
+
+    def _accept_greedy(self, p_logits, proposal, k, cfg, stats):
+        """exact / relaxed: every proposed layer tested at once. Up to the first rejection the
+        accepted prefix is the proposal itself, so the main policy's argmax of the verify pass
+        and (relaxed) one batched decode of the prefixes decide every layer.
+        Returns (codes of layers 0..j, whether adaptive depth stopped at an accepted layer)."""
+        main = p_logits.argmax(-1)  # [1, T', n_verify]
+        ok = (main[..., :k] == proposal).all(1)[0]  # [k]: the whole layer agrees
+        if cfg.acceptance == "relaxed" and not bool(ok.all()):
+            ok = ok | (self.relaxed_gaps(proposal, main[..., :k]) <= cfg.tolerance)
         codes: list[torch.Tensor] = []
-        for l in range(n_verify):
+        for l, accepted in enumerate(ok.tolist()):
+            if not accepted:
+                codes.append(main[..., l])  # the main policy's own prediction for the layer
+                return codes, False
+            codes.append(proposal[..., l])
+            stats.accepted += 1
+            if self._stop(cfg, p_logits[:, :, l], l):
+                return codes, True
+        if k < main.shape[-1]:  # every proposal accepted: the verify pass predicted layer k for free
+            codes.append(main[..., k])
+        return codes, False
+
+    def _accept_sampled(self, p_logits, q_logits, proposal, k, cfg, gen, stats):
+        """Speculative sampling, layer by layer (see ``_accept``)."""
+        codes: list[torch.Tensor] = []
+        for l in range(p_logits.shape[2]):
             p_l = p_logits[:, :, l]
             if l == k:  # every proposal accepted: the verify pass predicted layer k for free
                 codes.append(self._pick(p_l, cfg, gen))
                 break
-            gap = None if gaps is None else gaps[l]
-            ok, chosen = self._accept(p_l, q_logits[:, :, l], proposal[..., l], gap, cfg, gen)
+            ok, chosen = self._accept(p_l, q_logits[:, :, l], proposal[..., l], cfg, gen)
             codes.append(chosen)
             if not ok:
                 break
             stats.accepted += 1
             if self._stop(cfg, p_l, l):
-                break
-        # blocks 0..len(codes)-1 had accepted inputs; later blocks read rejected proposals
-        self.policy.keep_blocks(cache, len(codes))
-        stopped = self._stop(cfg, p_logits[:, :, len(codes) - 1], len(codes) - 1)
-        return codes, stopped
+                return codes, True
+        return codes, False
 
-    def _accept(self, p_logits, q_logits, d, gap, cfg, gen):
-        """Decide on proposed codes d [1, T'] for one layer -> (accepted?, codes for the layer).
-        ``gap`` (relaxed): the layer's action gap from ``relaxed_gaps`` (None: no layer differs)."""
-        if cfg.acceptance == "exact":
-            main = p_logits.argmax(-1)
-            ok = bool(torch.equal(main, d))
-            return ok, d if ok else main
-        if cfg.acceptance == "relaxed":
-            main = p_logits.argmax(-1)
-            if torch.equal(main, d):
-                return True, d
-            ok = gap <= cfg.tolerance
-            return ok, d if ok else main
-        # speculative sampling, independently at each latent position
+    def _accept(self, p_logits, q_logits, d, cfg, gen):
+        """Speculative sampling of proposed codes d [1, T'] for one layer -> (accepted?, codes
+        for the layer), independently at each latent position."""
         p = torch.softmax(p_logits.float(), -1)[0]  # [T', V]
         q = torch.softmax(q_logits.float(), -1)[0]
         idx = d[0][:, None]
@@ -280,16 +296,13 @@ class RSDEngine:
         (normalized action units) between decoding proposal[..., :l+1] and proposal[..., :l]
         followed by main[..., l], i.e. relaxed acceptance's test of layer l when the layers
         below it were accepted as proposed. All 2k prefixes in one decoder pass."""
-        layers = self.tokenizer.quantizer.layers
         k = proposal.shape[-1]
-        with_proposal, with_main = [], []
-        below = None  # sum of the proposal's code vectors of layers < l, summed in decode order
-        for l in range(k):
-            a, b = layers[l].lookup(proposal[..., l]), layers[l].lookup(main[..., l])
-            with_proposal.append(a if below is None else below + a)
-            with_main.append(b if below is None else below + b)
-            below = with_proposal[-1]
-        actions = self.tokenizer.decode_latent(torch.cat(with_proposal + with_main))  # [2k, T, D]
+        layer = torch.arange(k)
+        a = self.code_vectors[layer, proposal[0]]  # [T', k, C]: the proposal's code vectors
+        b = self.code_vectors[layer, main[0]]
+        below = torch.cat([torch.zeros_like(a[:, :1]), a[:, :-1].cumsum(1)], 1)  # layers < l
+        latents = torch.cat([below + a, below + b], 1).transpose(0, 1)  # [2k, T', C]
+        actions = self.tokenizer.decode_latent(latents)  # [2k, T, D]
         return (actions[:k] - actions[k:]).abs().amax(dim=(1, 2))
 
     def action_gap(self, prefix: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> float:

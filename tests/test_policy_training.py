@@ -271,7 +271,14 @@ def test_mode_specs_parse_and_set_the_acceptance_rule():
     assert eval_libero.engine_config("rsd@relaxed", args).acceptance == "relaxed"
     assert eval_libero.engine_config("rsd", args).acceptance == "exact"
     assert eval_libero.engine_config("rsd+adaptive@sample", args).mode == "rsd+adaptive"
-    for bad in ("turbo", "rsd@lenient", "dense,dense", "", "expert@exact"):
+    # a trailing :K sets the layers the draft proposes in that mode
+    assert eval_libero.parse_modes("rsd:3,rsd@relaxed:7") == ["rsd:3", "rsd@relaxed:7"]
+    cfg = eval_libero.engine_config("rsd@relaxed:7", args)
+    assert (cfg.mode, cfg.acceptance, cfg.k) == ("rsd", "relaxed", 7)
+    assert eval_libero.engine_config("rsd+adaptive", args).k is None
+    assert eval_libero.base_mode("rsd+adaptive@relaxed:7") == "rsd+adaptive"
+    for bad in ("turbo", "rsd@lenient", "dense,dense", "", "expert@exact", "rsd:0", "rsd:x",
+                "dense:3", "rsd@exact:", "rsd:3,rsd:3"):
         with pytest.raises(argparse.ArgumentTypeError, match="--mode"):
             eval_libero.parse_modes(bad)
     assert eval_libero.mode_list(eval_args(mode="all", parallel_policy=None)) == [
@@ -531,11 +538,12 @@ def test_bench_decoding_compares_every_mode_with_dense_on_recorded_states(traine
     out = tmp_path / "bench.json"
     args = bench_decoding.build_parser().parse_args([
         "--policy", str(d / "policy.pt"), "--draft", str(draft), "--data", roll, "--warmup", "2",
-        "--mode", "rsd,rsd@relaxed,rsd+adaptive,adaptive", "--tolerance", "0.3",
+        "--mode", "rsd,rsd@relaxed:1,rsd+adaptive,adaptive", "--tolerance", "0.3",
         "--adaptive_threshold", "1.0", "--json", str(out)])
     result = bench_decoding.main(args)
     modes = result["modes"]
-    assert list(modes) == ["dense", "rsd", "rsd@relaxed", "rsd+adaptive", "adaptive"]
+    assert list(modes) == ["dense", "rsd", "rsd@relaxed:1", "rsd+adaptive", "adaptive"]
+    assert modes["rsd@relaxed:1"]["accepted_layers_per_chunk"] <= 1
     # 6 episodes of 24 steps: chunks start at steps 0, 10 and 20; all decoded after the warm-up
     assert result["data"]["states_decoded"] == 6 * 3 - 2 and result["data"]["held_out_init_states_only"]
     assert modes["dense"]["main_passes_per_chunk"] == 3 and modes["dense"]["speedup_vs_dense"] == 1.0
