@@ -191,5 +191,5 @@ def print_table(result: dict) -> None:
 if __name__ == "__main__":
     try:
         main(build_parser().parse_args())
-    except (ValueError, ca.DemoFileError) as exc:
+    except (ValueError, KeyError) as exc:  # DemoFileError is a ValueError; KeyError: missing obs keys
         sys.exit(f"bench_decoding.py: error: {exc}")
