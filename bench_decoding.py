@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 
 import numpy as np
@@ -33,11 +32,9 @@ import torch
 from tqdm import tqdm
 
 import collect_actions as ca
-import policy_models as pm
-from eval_libero import base_mode, engine_config, parse_modes
+from eval_libero import base_mode, engine_config, load_engine, parse_modes
 from policy_data import action_history, obs_vector
-from rsd_engine_core import ACCEPTANCE, RSDEngine, time_split_ms
-from rvq_tokenizer import load_tokenizer
+from rsd_engine_core import ACCEPTANCE, chunk_summary
 
 log = logging.getLogger("bench_decoding")
 
@@ -46,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Decoding modes on recorded observations (phase 3, offline).")
     p.add_argument("--policy", required=True, help="main policy checkpoint (variant ar)")
     p.add_argument("--draft", help="draft checkpoint (modes rsd, rsd+adaptive)")
+    p.add_argument("--tokenizer", help="default: the tokenizer recorded in the policy (hash-checked)")
     p.add_argument("--data", nargs="+", required=True, help="demo / rollout files (HDF5) whose states are decoded")
     p.add_argument("--mode", type=parse_modes, default=["dense", "rsd", "adaptive", "rsd+adaptive"],
                    help="comma list of MODE[@ACCEPTANCE][:K] as in eval_libero.py (dense is always run: "
@@ -77,19 +75,6 @@ def chunk_start_states(episodes: list, keys, history: int, chunk_size: int) -> t
     return np.concatenate(obs).astype(np.float32), instructions
 
 
-def load(args) -> tuple[RSDEngine, list]:
-    policy, ckpt = pm.load_policy(args.policy)
-    tok_path = ckpt["provenance"]["tokenizer"]
-    pm.load_policy(args.policy, tok_path)  # refuses a tokenizer that changed since training
-    tokenizer, _ = load_tokenizer(tok_path)
-    draft = None
-    if any(base_mode(m) in ("rsd", "rsd+adaptive") for m in args.modes):
-        if not args.draft:
-            raise ValueError("modes rsd and rsd+adaptive need --draft")
-        draft, _ = pm.load_draft(args.draft, args.policy)
-    return RSDEngine(policy, tokenizer, draft), ca.load_episodes(args.data, only_success=False)
-
-
 def main(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -101,7 +86,8 @@ def main(args) -> dict:
     args.modes = ["dense"] + [m for m in args.mode if m != "dense"]
     if "parallel" in map(base_mode, args.modes):
         raise ValueError("--mode parallel is not benchmarked here (use eval_libero.py --parallel_policy)")
-    engine, episodes = load(args)
+    engine = load_engine(args, args.modes)
+    episodes = ca.load_episodes(args.data, only_success=False)
     pc = engine.policy.config
     obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history,
                                            engine.tokenizer.config.chunk_size)
@@ -153,19 +139,13 @@ def summarize(rows: dict) -> dict:
     modes = {}
     for m, r in rows.items():
         stats = [s for s, _, _ in r]
-        proposed = sum(s.proposed for s in stats)
         gaps = np.array([g for _, _, g in r])
         modes[m] = {
             "states": len(r),
-            "latency_ms_median": 1e3 * statistics.median(s.seconds for s in stats),
-            "main_passes_per_chunk": float(np.mean([s.main_passes for s in stats])),
-            "layers_per_chunk": float(np.mean([s.layers for s in stats])),
-            "accepted_layers_per_chunk": float(np.mean([s.accepted for s in stats])),
-            "acceptance_rate": sum(s.accepted for s in stats) / proposed if proposed else None,
+            **chunk_summary(stats),
             "same_codes_as_dense": float(np.mean([same for _, same, _ in r])),
             "action_gap_vs_dense_mean": float(gaps.mean()),
             "action_gap_vs_dense_max": float(gaps.max()),
-            "time_split_ms_mean": time_split_ms(stats),
         }
     dense = modes["dense"]["latency_ms_median"]
     for s in modes.values():

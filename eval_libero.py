@@ -33,7 +33,6 @@ import argparse
 import logging
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -46,7 +45,7 @@ from tqdm import tqdm
 import collect_actions as ca
 import policy_models as pm
 from policy_data import ActionHistory, obs_vector
-from rsd_engine_core import ACCEPTANCE, ChunkStats, EngineConfig, RSDEngine, time_split_ms
+from rsd_engine_core import ACCEPTANCE, ChunkStats, EngineConfig, RSDEngine, chunk_summary
 from rvq_tokenizer import load_tokenizer
 
 log = logging.getLogger("eval_libero")
@@ -196,7 +195,6 @@ class ModeResult:
 
     def summary(self) -> dict:
         c = self.chunks
-        proposed = sum(s.proposed for s in c)
         out = {
             "success_rate": self.successes / self.trials if self.trials else 0.0,
             "successes": self.successes,
@@ -206,17 +204,7 @@ class ModeResult:
             "chunks": len(c),
         }
         if c:
-            out.update({
-                "latency_ms_median": 1e3 * statistics.median(s.seconds for s in c),
-                "latency_ms_p90": 1e3 * float(np.percentile([s.seconds for s in c], 90)),
-                "main_passes_per_chunk": float(np.mean([s.main_passes for s in c])),
-                "draft_passes_per_chunk": float(np.mean([s.draft_passes for s in c])),
-                "layers_per_chunk": float(np.mean([s.layers for s in c])),
-                "proposed_layers_per_chunk": proposed / len(c),
-                "accepted_layers_per_chunk": float(np.mean([s.accepted for s in c])),
-                "acceptance_rate": sum(s.accepted for s in c) / proposed if proposed else None,
-                "time_split_ms_mean": time_split_ms(c),
-            })
+            out.update(chunk_summary(c))
         if self.takeover_steps:
             taken = [s for s in self.takeover_steps if s is not None]
             out["takeover"] = {"taken_over": len(taken),

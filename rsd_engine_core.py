@@ -27,6 +27,7 @@ Acceptance rules for proposed layers:
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -66,6 +67,24 @@ def time_split_ms(stats: list[ChunkStats]) -> dict:
                                for f in ("main_seconds", "draft_seconds", "decode_seconds", "seconds"))
     return {"main": main, "draft": draft, "tokenizer_decode": dec, "other": total - main - draft - dec,
             "total": total}
+
+
+def chunk_summary(stats: list[ChunkStats]) -> dict:
+    """What decoding a list of chunks cost (non-empty): median and p90 latency, passes, layers,
+    proposals and acceptance per chunk, and the mean time split (``time_split_ms``)."""
+    seconds = [s.seconds for s in stats]
+    proposed = sum(s.proposed for s in stats)
+    return {
+        "latency_ms_median": 1e3 * statistics.median(seconds),
+        "latency_ms_p90": 1e3 * float(np.percentile(seconds, 90)),
+        "main_passes_per_chunk": float(np.mean([s.main_passes for s in stats])),
+        "draft_passes_per_chunk": float(np.mean([s.draft_passes for s in stats])),
+        "layers_per_chunk": float(np.mean([s.layers for s in stats])),
+        "proposed_layers_per_chunk": proposed / len(stats),
+        "accepted_layers_per_chunk": float(np.mean([s.accepted for s in stats])),
+        "acceptance_rate": sum(s.accepted for s in stats) / proposed if proposed else None,
+        "time_split_ms_mean": time_split_ms(stats),
+    }
 
 
 @dataclass
