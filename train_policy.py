@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append the last N executed actions to the observation (0: observation only)")
     p.add_argument("--val_fraction", type=float, default=0.1)
     # model
+    p.add_argument("--init", default=None,
+                   help="start from this policy checkpoint (same tokenizer, instructions and observation "
+                        "layout; its architecture and observation normalization are kept): a DAgger round "
+                        "can fine-tune the previous round's policy on the aggregated data in fewer epochs")
     p.add_argument("--variant", choices=pm.VARIANTS, default="ar")
     p.add_argument("--d_model", type=int, default=128)
     p.add_argument("--n_heads", type=int, default=4)
@@ -130,19 +134,67 @@ def plot_history(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def load_data(args, tokenizer):
+def _episode_key(identity_or_episode) -> tuple[str, str]:
+    e = identity_or_episode
+    source, key = (e["source"], e["key"]) if isinstance(e, dict) else (e.source, e.key)
+    return (os.path.abspath(source) if source else "", key)
+
+
+def keep_init_split(train_eps: list, val_eps: list, init_provenance: dict) -> tuple[list, list]:
+    """Episodes the starting policy trained on stay in training, those it was validated on stay
+    in validation (new episodes keep their side), so the validation set holds nothing either
+    policy has learnt from."""
+    seen = {_episode_key(e) for e in init_provenance["data"]["train_episodes"]}
+    held = {_episode_key(e) for e in init_provenance["data"]["val_episodes"]}
+    drawn_val = {id(e) for e in val_eps}
+
+    def is_val(e) -> bool:
+        k = _episode_key(e)
+        return k in held or (k not in seen and id(e) in drawn_val)
+
+    every = train_eps + val_eps
+    return [e for e in every if not is_val(e)], [e for e in every if is_val(e)]
+
+
+def load_data(args, tokenizer, init_ckpt: dict | None = None):
+    """Split by episode and build both datasets. With ``init_ckpt`` (the policy to start from),
+    its vocabulary of instructions is kept (every instruction in the data must be in it) and so
+    is its split of the episodes it has seen (``keep_init_split``)."""
     D = tokenizer.config.action_dim
     episodes = ca.load_episodes(args.data, action_dim=D)
     if not episodes:
         raise ValueError(f"no successful episodes in {args.data}")
     train_eps, val_eps = ca.split_by_episode(episodes, args.val_fraction, args.seed)
-    instructions = instruction_vocab(episodes)
+    instructions = None
+    if init_ckpt is not None:
+        train_eps, val_eps = keep_init_split(train_eps, val_eps, init_ckpt["provenance"])
+        instructions = tuple(init_ckpt["config"]["instructions"])
+    if instructions is None:
+        instructions = instruction_vocab(episodes)
+    else:
+        unknown = sorted(set(instruction_vocab(episodes)) - set(instructions))
+        if unknown:
+            raise ValueError(f"--init {args.init!r} was trained without the instruction(s) {unknown} "
+                             f"found in {args.data}")
     kw = dict(targets=args.targets, history=args.action_history)
     train = build_dataset(train_eps, tokenizer, args.obs_keys, instructions, **kw)
     val = build_dataset(val_eps, tokenizer, args.obs_keys, instructions, **kw)
     log.info("%d train episodes (%d chunks), %d validation episodes (%d chunks), %d instructions",
              len(train_eps), len(train), len(val_eps), len(val), len(instructions))
     return train_eps, val_eps, train, val, instructions
+
+
+def load_init(args) -> tuple[pm.TokenPolicy, dict]:
+    """The policy to start from: it must use this tokenizer, these observation keys, this
+    action history and this variant (flags that would silently change its inputs)."""
+    model, ckpt = pm.load_policy(args.init, args.tokenizer)
+    cfg = model.config
+    for flag, want, got in (("--obs_keys", tuple(args.obs_keys), tuple(cfg.obs_keys)),
+                            ("--action_history", args.action_history, cfg.action_history),
+                            ("--variant", args.variant, cfg.variant)):
+        if want != got:
+            raise ValueError(f"--init {args.init!r} was trained with {flag} {got}, not {want}")
+    return model, ckpt
 
 
 def main(args) -> dict:
@@ -154,15 +206,24 @@ def main(args) -> dict:
         raise ValueError(f"--action_history must be >= 0, got {args.action_history}")
     tokenizer, _ = load_tokenizer(args.tokenizer)
     tok_sha = pm.file_sha256(args.tokenizer)
-    train_eps, val_eps, train, val, instructions = load_data(args, tokenizer)
-    tc = tokenizer.config
-    cfg = pm.PolicyConfig(
-        obs_dim=train.obs.shape[1], instructions=instructions, latent_steps=tc.latent_steps,
-        num_layers=tc.num_layers, codebook_sizes=tokenizer.layer_codebook_sizes(),
-        obs_keys=tuple(args.obs_keys), action_history=args.action_history, variant=args.variant, d_model=args.d_model,
-        n_heads=args.n_heads, n_blocks=args.n_blocks, obs_tokens=args.obs_tokens, dropout=args.dropout)
-    model = pm.TokenPolicy(cfg)
-    model.obs_encoder.normalizer.fit(train.obs.numpy())
+    init, init_ckpt = load_init(args) if args.init else (None, None)
+    train_eps, val_eps, train, val, instructions = load_data(args, tokenizer, init_ckpt)
+    if init is not None:
+        if train.obs.shape[1] != init.config.obs_dim:
+            raise ValueError(f"--init {args.init!r} takes {init.config.obs_dim} observation features, "
+                             f"the data gives {train.obs.shape[1]}")
+        model = init.train()  # architecture and observation normalization from the checkpoint
+        log.info("starting from %s (%s)", args.init, pm.file_sha256(args.init)[:12])
+    else:
+        tc = tokenizer.config
+        cfg = pm.PolicyConfig(
+            obs_dim=train.obs.shape[1], instructions=instructions, latent_steps=tc.latent_steps,
+            num_layers=tc.num_layers, codebook_sizes=tokenizer.layer_codebook_sizes(),
+            obs_keys=tuple(args.obs_keys), action_history=args.action_history, variant=args.variant,
+            d_model=args.d_model, n_heads=args.n_heads, n_blocks=args.n_blocks, obs_tokens=args.obs_tokens,
+            dropout=args.dropout)
+        model = pm.TokenPolicy(cfg)
+        model.obs_encoder.normalizer.fit(train.obs.numpy())
     n_params = sum(p.numel() for p in model.parameters())
     log.info("policy %s: %.2fM parameters", args.variant, n_params / 1e6)
 
@@ -173,6 +234,7 @@ def main(args) -> dict:
     history, best = [], None
     provenance = {
         "args": vars(args), "seed": args.seed, "tokenizer": os.path.abspath(args.tokenizer),
+        "init": None if init is None else {"path": os.path.abspath(args.init), "sha256": pm.file_sha256(args.init)},
         "data": {"files": [os.path.abspath(p) for p in args.data],
                  "train_episodes": [ca.episode_identity(e) for e in train_eps],
                  "val_episodes": [ca.episode_identity(e) for e in val_eps]},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import h5py
 import numpy as np
@@ -140,6 +141,38 @@ def test_targets_select_what_the_policy_imitates(workdir, tmp_path):
     with pytest.raises(ValueError, match="demo_0 has no expert_actions"):
         train_policy.main(policy_args(d, demos, targets="expert_actions",
                                       output=str(tmp_path / "p.pt"), json=None))
+
+
+def test_init_continues_a_policy_and_keeps_its_split(trained, tmp_path):
+    """--init (a DAgger round): starts from the given policy's weights and normalization, keeps
+    its train/validation sides for the episodes it has seen, and refuses data or flags it
+    cannot take."""
+    d, demos, first = trained
+    more = synthetic_demo_file(tmp_path / "more.hdf5", n_episodes=8, seed=1)
+    out = str(tmp_path / "p1.pt")
+    result = train_policy.main(policy_args(d, demos, data=[demos, more], init=str(d / "policy.pt"),
+                                           epochs=2, output=out, json=None))
+    # warm: its first epoch is already far below the fresh policy's first epoch
+    assert result["history"][0]["train_loss"] < 0.8 * first["history"][0]["train_loss"]
+    old, old_ckpt = pm.load_policy(str(d / "policy.pt"))
+    new, new_ckpt = pm.load_policy(out)
+    torch.testing.assert_close(new.obs_encoder.normalizer.mean, old.obs_encoder.normalizer.mean)
+    key = train_policy._episode_key
+    old_data, new_data = old_ckpt["provenance"]["data"], new_ckpt["provenance"]["data"]
+    new_val = {key(e) for e in new_data["val_episodes"]}
+    assert {key(e) for e in old_data["val_episodes"]} <= new_val
+    assert not {key(e) for e in old_data["train_episodes"]} & new_val
+    assert any(e["source"].endswith("more.hdf5") for e in new_data["val_episodes"])  # new ones split too
+    assert new_ckpt["provenance"]["init"]["sha256"] == pm.file_sha256(str(d / "policy.pt"))
+
+    with pytest.raises(ValueError, match="--action_history"):
+        train_policy.main(policy_args(d, demos, init=str(d / "policy.pt"), action_history=2,
+                                      output=str(tmp_path / "p2.pt"), json=None))
+    other = synthetic_demo_file(tmp_path / "other.hdf5", n_episodes=4, instructions=("open the drawer",))
+    with pytest.raises(ValueError, match="without the instruction.*open the drawer"):
+        train_policy.main(policy_args(d, other, init=str(d / "policy.pt"),
+                                      output=str(tmp_path / "p3.pt"), json=None))
+    assert not os.path.exists(tmp_path / "p2.pt") and not os.path.exists(tmp_path / "p3.pt")
 
 
 def test_policy_refuses_wrong_tokenizer(trained, tmp_path):
