@@ -663,6 +663,14 @@ def episode_identity(ep: Episode) -> dict:
                 init_state_id=ep.init_state_id, seed=ep.seed)
 
 
+def episode_key(episode_or_identity) -> tuple[str, str]:
+    """(absolute source file, demo key) of an Episode or of its ``episode_identity``: how
+    checkpoints and the episodes loaded now are matched."""
+    e = episode_or_identity
+    source, key = (e["source"], e["key"]) if isinstance(e, dict) else (e.source, e.key)
+    return (os.path.abspath(source) if source else "", key)
+
+
 # ----------------------------------------------------------------------------------------
 # Chunks and splits
 # ----------------------------------------------------------------------------------------

@@ -74,10 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def split_like_policy(episodes, policy_ckpt) -> tuple[list, list]:
     """The policy's validation episodes stay validation episodes for the draft."""
-    val_ids = {(os.path.abspath(e["source"]) if e["source"] else "", e["key"])
-               for e in policy_ckpt["provenance"]["data"]["val_episodes"]}
-    val = [e for e in episodes if (os.path.abspath(e.source), e.key) in val_ids]
-    train = [e for e in episodes if (os.path.abspath(e.source), e.key) not in val_ids]
+    val_ids = {ca.episode_key(e) for e in policy_ckpt["provenance"]["data"]["val_episodes"]}
+    val = [e for e in episodes if ca.episode_key(e) in val_ids]
+    train = [e for e in episodes if ca.episode_key(e) not in val_ids]
     if not val:
         raise ValueError("none of the policy's validation episodes is in the given --data files")
     return train, val

@@ -134,22 +134,16 @@ def plot_history(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _episode_key(identity_or_episode) -> tuple[str, str]:
-    e = identity_or_episode
-    source, key = (e["source"], e["key"]) if isinstance(e, dict) else (e.source, e.key)
-    return (os.path.abspath(source) if source else "", key)
-
-
 def keep_init_split(train_eps: list, val_eps: list, init_provenance: dict) -> tuple[list, list]:
     """Episodes the starting policy trained on stay in training, those it was validated on stay
     in validation (new episodes keep their side), so the validation set holds nothing either
     policy has learnt from."""
-    seen = {_episode_key(e) for e in init_provenance["data"]["train_episodes"]}
-    held = {_episode_key(e) for e in init_provenance["data"]["val_episodes"]}
+    seen = {ca.episode_key(e) for e in init_provenance["data"]["train_episodes"]}
+    held = {ca.episode_key(e) for e in init_provenance["data"]["val_episodes"]}
     drawn_val = {id(e) for e in val_eps}
 
     def is_val(e) -> bool:
-        k = _episode_key(e)
+        k = ca.episode_key(e)
         return k in held or (k not in seen and id(e) in drawn_val)
 
     every = train_eps + val_eps

@@ -157,7 +157,7 @@ def test_init_continues_a_policy_and_keeps_its_split(trained, tmp_path):
     old, old_ckpt = pm.load_policy(str(d / "policy.pt"))
     new, new_ckpt = pm.load_policy(out)
     torch.testing.assert_close(new.obs_encoder.normalizer.mean, old.obs_encoder.normalizer.mean)
-    key = train_policy._episode_key
+    key = ca.episode_key
     old_data, new_data = old_ckpt["provenance"]["data"], new_ckpt["provenance"]["data"]
     new_val = {key(e) for e in new_data["val_episodes"]}
     assert {key(e) for e in old_data["val_episodes"]} <= new_val
