@@ -159,13 +159,14 @@ def load_data(args, tokenizer, init_ckpt: dict | None = None):
     if not episodes:
         raise ValueError(f"no successful episodes in {args.data}")
     train_eps, val_eps = ca.split_by_episode(episodes, args.val_fraction, args.seed)
-    instructions = None
-    if init_ckpt is not None:
-        train_eps, val_eps = keep_init_split(train_eps, val_eps, init_ckpt["provenance"])
-        instructions = tuple(init_ckpt["config"]["instructions"])
-    if instructions is None:
+    if init_ckpt is None:
         instructions = instruction_vocab(episodes)
     else:
+        train_eps, val_eps = keep_init_split(train_eps, val_eps, init_ckpt["provenance"])
+        if not val_eps:
+            raise ValueError(f"no validation episode left in {args.data}: --init {args.init!r} trained "
+                             "on all of them (add its data files or more new episodes)")
+        instructions = tuple(init_ckpt["config"]["instructions"])
         unknown = sorted(set(instruction_vocab(episodes)) - set(instructions))
         if unknown:
             raise ValueError(f"--init {args.init!r} was trained without the instruction(s) {unknown} "
@@ -181,6 +182,8 @@ def load_data(args, tokenizer, init_ckpt: dict | None = None):
 def load_init(args) -> tuple[pm.TokenPolicy, dict]:
     """The policy to start from: it must use this tokenizer, these observation keys, this
     action history and this variant (flags that would silently change its inputs)."""
+    if os.path.abspath(args.init) == os.path.abspath(args.output):
+        raise ValueError(f"--output {args.output!r} would overwrite --init: write the new policy elsewhere")
     model, ckpt = pm.load_policy(args.init, args.tokenizer)
     cfg = model.config
     for flag, want, got in (("--obs_keys", tuple(args.obs_keys), tuple(cfg.obs_keys)),
@@ -201,13 +204,15 @@ def main(args) -> dict:
     tokenizer, _ = load_tokenizer(args.tokenizer)
     tok_sha = pm.file_sha256(args.tokenizer)
     init, init_ckpt = load_init(args) if args.init else (None, None)
+    init_info = None
     train_eps, val_eps, train, val, instructions = load_data(args, tokenizer, init_ckpt)
     if init is not None:
         if train.obs.shape[1] != init.config.obs_dim:
             raise ValueError(f"--init {args.init!r} takes {init.config.obs_dim} observation features, "
                              f"the data gives {train.obs.shape[1]}")
         model = init.train()  # architecture and observation normalization from the checkpoint
-        log.info("starting from %s (%s)", args.init, pm.file_sha256(args.init)[:12])
+        init_info = {"path": os.path.abspath(args.init), "sha256": pm.file_sha256(args.init)}
+        log.info("starting from %s (%s)", args.init, init_info["sha256"][:12])
     else:
         tc = tokenizer.config
         cfg = pm.PolicyConfig(
@@ -228,7 +233,7 @@ def main(args) -> dict:
     history, best = [], None
     provenance = {
         "args": vars(args), "seed": args.seed, "tokenizer": os.path.abspath(args.tokenizer),
-        "init": None if init is None else {"path": os.path.abspath(args.init), "sha256": pm.file_sha256(args.init)},
+        "init": init_info,
         "data": {"files": [os.path.abspath(p) for p in args.data],
                  "train_episodes": [ca.episode_identity(e) for e in train_eps],
                  "val_episodes": [ca.episode_identity(e) for e in val_eps]},

@@ -173,6 +173,16 @@ def test_init_continues_a_policy_and_keeps_its_split(trained, tmp_path):
         train_policy.main(policy_args(d, other, init=str(d / "policy.pt"),
                                       output=str(tmp_path / "p3.pt"), json=None))
     assert not os.path.exists(tmp_path / "p2.pt") and not os.path.exists(tmp_path / "p3.pt")
+    # a starting policy that trained on every episode given leaves nothing to validate on
+    every = [ca.episode_identity(e) for e in ca.load_episodes(more)]
+    seen_all = {"config": new_ckpt["config"], "provenance": {"data": {"train_episodes": every, "val_episodes": []}}}
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    with pytest.raises(ValueError, match="no validation episode left"):
+        train_policy.load_data(policy_args(d, more, init=out), tok, seen_all)
+    before = pm.file_sha256(out)
+    with pytest.raises(ValueError, match="--output .* would overwrite --init"):
+        train_policy.main(policy_args(d, demos, init=out, output=out, json=None))
+    assert pm.file_sha256(out) == before
 
 
 def test_policy_refuses_wrong_tokenizer(trained, tmp_path):
