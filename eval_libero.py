@@ -3,7 +3,8 @@
     python eval_libero.py --task_suite libero_spatial --policy policy.pt --draft draft.pt \\
         --mode rsd --num_trials 20 --json results.json
     python eval_libero.py ... --parallel_policy policy_parallel.pt --mode all   # one table
-    python eval_libero.py ... --mode dense,rsd,rsd+adaptive@relaxed --workers 2
+    python eval_libero.py ... --mode dense,rsd,rsd+adaptive@relaxed --workers 2 --plot results.png
+    python eval_libero.py --from_json results.json --plot results.png   # re-report a saved run
 
 A mode spec is MODE, MODE@ACCEPTANCE (``rsd@relaxed``: the acceptance rule of that mode,
 overriding ``--acceptance``) and, for the speculative modes, a trailing ``:K`` (``rsd:3``,
@@ -25,12 +26,19 @@ reported is then the expert's. Every mode runs on the same init states, task by 
 process, so latencies are comparable within the run. With ``--workers N`` the tasks are
 shared among N processes (one torch thread each); every process runs every mode on its tasks,
 so the modes see the same load and their latency ratios stay comparable.
+
+Because every mode runs the same trials (init states and seeds), the report pairs them: each
+mode's success rate gets a 95% Wilson interval, and each mode is compared with dense trial by
+trial (trials only it solved, trials only dense solved, and the exact McNemar test on those),
+which is sharper than comparing two rates. Per-trial outcomes are saved per task in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -133,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", action="store_true", help="render cameras and write one video per trial")
     p.add_argument("--video_dir", default="videos")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="success (95%% interval) against latency per mode, and success per task")
+    p.add_argument("--from_json", default=None, metavar="PATH",
+                   help="run nothing: print the table (with intervals and paired tests) and write "
+                        "--plot / --json from a result this script saved")
     p.add_argument("--record", default=None, metavar="PATH",
                    help="write every trial's episode to this HDF5 demo file (train_draft.py --rollouts)")
     p.add_argument("--takeover", type=parse_takeover, default=None, metavar="FIRST:LAST",
@@ -183,6 +196,7 @@ class ModeResult:
     chunks: list = field(default_factory=list)   # ChunkStats of every chunk
     episodes: list = field(default_factory=list)  # with --record: (episode, attrs) of every trial
     takeover_steps: list = field(default_factory=list)  # with --takeover: per trial (None: solved before)
+    outcomes: list = field(default_factory=list)  # per trial in trial order: 1 success, 0 not (errors: 0)
 
     def add(self, other: "ModeResult") -> None:
         self.trials += other.trials
@@ -192,6 +206,7 @@ class ModeResult:
         self.steps += other.steps
         self.chunks += other.chunks
         self.takeover_steps += other.takeover_steps
+        self.outcomes += other.outcomes
 
     def summary(self) -> dict:
         c = self.chunks
@@ -199,7 +214,9 @@ class ModeResult:
             "success_rate": self.successes / self.trials if self.trials else 0.0,
             "successes": self.successes,
             "trials": self.trials,
+            "success_ci95": list(wilson_interval(self.successes, self.trials)),
             "errors": self.errors,
+            "outcomes": list(self.outcomes),
             "mean_episode_steps": float(np.mean(self.steps)) if self.steps else None,
             "chunks": len(c),
         }
@@ -251,12 +268,14 @@ def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args,
     except Exception as exc:  # counted and reported, never a success
         res.trials += 1
         res.errors += 1
+        res.outcomes.append(0)
         msg = f"task {env.task.task_id} trial {trial} mode {mode}: {type(exc).__name__}: {exc}"
         res.error_messages.append(msg)
         log.warning("error in %s\n%s", msg, traceback.format_exc(limit=3))
         return
     res.trials += 1
     res.successes += int(ep.success)
+    res.outcomes.append(int(ep.success))
     res.steps.append(len(ep))
     if args.video:
         outcome = "success" if ep.success else "failure"
@@ -381,33 +400,168 @@ def run_tasks(args, modes, task_ids, engine):
 
 def summarize(totals: dict, per_task: dict) -> dict:
     modes = {m: r.summary() for m, r in totals.items()}
+    for s in modes.values():
+        del s["outcomes"]  # kept per task, in trial order
     dense = modes.get("dense", {}).get("latency_ms_median")
     for m, s in modes.items():
         lat = s.get("latency_ms_median")
         s["speedup_vs_dense"] = dense / lat if dense and lat else None
-    return {"modes": modes,
-            "per_task": {str(t): {m: r.summary() for m, r in rows.items()} for t, rows in per_task.items()}}
+    result = {"modes": modes,
+              "per_task": {str(t): {m: r.summary() for m, r in rows.items()} for t, rows in per_task.items()}}
+    add_statistics(result)
+    return result
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (well behaved near 0 and 1)."""
+    if trials == 0:
+        return (0.0, 1.0)
+    p, n = successes / trials, trials
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_comparison(reference: list[int], other: list[int]) -> dict:
+    """Two modes on the same trials (same init states and seeds): the trials only ``other``
+    solved, only ``reference`` solved, and the exact McNemar test of "same success rate" (a
+    two-sided binomial test on those discordant trials)."""
+    if len(reference) != len(other):
+        raise ValueError(f"paired comparison needs the same trials, got {len(reference)} and {len(other)}")
+    from scipy.stats import binomtest
+
+    better = sum(1 for r, o in zip(reference, other) if o and not r)
+    worse = sum(1 for r, o in zip(reference, other) if r and not o)
+    n = len(reference)
+    return {"trials": n, "only_this_solved": better, "only_reference_solved": worse,
+            "difference_points": 100.0 * (better - worse) / n if n else 0.0,
+            "mcnemar_p": binomtest(better, better + worse, 0.5).pvalue if better + worse else 1.0}
+
+
+def add_statistics(result: dict) -> None:
+    """Adds to every mode of a result (a fresh run or a saved JSON) its 95% success interval
+    and, when per-trial outcomes were recorded, its paired comparison with dense over all
+    tasks (``vs_dense``)."""
+    per_task = result.get("per_task", {})
+    for m, s in result["modes"].items():
+        s["success_ci95"] = list(wilson_interval(s["successes"], s["trials"]))
+        if m == "dense" or "dense" not in result["modes"]:
+            continue
+        ref, other = [], []
+        for rows in per_task.values():
+            if "outcomes" not in rows.get("dense", {}) or "outcomes" not in rows.get(m, {}):
+                break  # a result saved before outcomes were recorded
+            ref += rows["dense"]["outcomes"]
+            other += rows[m]["outcomes"]
+        else:
+            if ref and len(ref) == len(other):
+                s["vs_dense"] = paired_comparison(ref, other)
 
 
 def print_table(result: dict) -> None:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    def paired(s):
+        v = s.get("vs_dense")
+        return "-" if v is None else (f"+{v['only_this_solved']}/-{v['only_reference_solved']} "
+                                      f"p={v['mcnemar_p']:.2f}")
+
     w = max(13, *(len(m) for m in result["modes"]))
-    print(f"\n{'mode':>{w}} | {'success':>14} | {'errors':>6} | {'latency ms':>10} | {'speedup':>7} | "
-          f"{'main passes':>11} | {'layers':>6} | {'accepted':>8} | {'acceptance':>10}")
+    print(f"\n{'mode':>{w}} | {'success':>14} | {'95% CI':>11} | {'vs dense':>14} | {'errors':>6} | "
+          f"{'latency ms':>10} | {'speedup':>7} | {'main passes':>11} | {'layers':>6} | {'accepted':>8} | "
+          f"{'acceptance':>10}")
     for m, s in result["modes"].items():
+        lo, hi = s.get("success_ci95") or wilson_interval(s["successes"], s["trials"])
         print(f"{m:>{w}} | {s['successes']:>4}/{s['trials']:<4} {100 * s['success_rate']:5.1f}% | "
+              f"{100 * lo:4.1f}-{100 * hi:5.1f}% | {paired(s):>14} | "
               f"{s['errors']:>6} | {f(s.get('latency_ms_median'), '10.2f')} | "
               f"{f(s.get('speedup_vs_dense'), '6.2f') + 'x' if s.get('speedup_vs_dense') else '-':>7} | "
               f"{f(s.get('main_passes_per_chunk'), '11.2f')} | "
               f"{f(s.get('layers_per_chunk'), '6.2f')} | {f(s.get('accepted_layers_per_chunk'), '8.2f')} | "
               f"{f(s.get('acceptance_rate'), '10.3f')}")
+    print("95% CI: Wilson interval of the success rate. vs dense: trials only this mode solved / only "
+          "dense solved, on the same init states, and the exact McNemar test's p-value.")
+
+
+def plot_results(result: dict, path: str) -> None:
+    """Two panels: success (95% interval) against median latency per chunk, one point per
+    mode (the expert, which has no latency, as a line); success per task and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = result["modes"]
+    fig, ax = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 1.4]})
+    for m, s in modes.items():
+        lo, hi = s["success_ci95"]
+        rate = 100 * s["success_rate"]
+        if s.get("latency_ms_median") is None:
+            ax[0].axhline(rate, ls="--", color="grey", lw=1)
+            ax[0].annotate(m, (0.01, rate), xycoords=("axes fraction", "data"), va="bottom", color="grey")
+            continue
+        x = s["latency_ms_median"]
+        ax[0].errorbar([x], [rate], yerr=[[rate - 100 * lo], [100 * hi - rate]], fmt="o", capsize=4, label=m)
+        ax[0].annotate(f"{m} ({s['speedup_vs_dense']:.2f}x)" if s.get("speedup_vs_dense") else m,
+                       (x, rate), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax[0].set_xlabel("median latency per chunk (ms)")
+    ax[0].set_ylabel("success (%), 95% interval")
+    ax[0].set_title("success against latency")
+    ax[0].grid(alpha=0.3)
+    tasks = list(result.get("per_task", {}))
+    width = 0.8 / max(1, len(modes))
+    for i, m in enumerate(modes):
+        rates = [100 * result["per_task"][t][m]["success_rate"] if m in result["per_task"][t] else np.nan
+                 for t in tasks]
+        ax[1].bar(np.arange(len(tasks)) + i * width, rates, width, label=m)
+    ax[1].set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
+    ax[1].set_xticklabels([f"task {t}" for t in tasks], fontsize=8)
+    ax[1].set_ylabel("success (%)")
+    ax[1].set_ylim(0, 118)
+    ax[1].set_title("per task")
+    ax[1].legend(fontsize=8, ncol=len(modes), loc="upper center")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_result(path: str) -> dict:
+    """A result JSON written by this script, checked enough to report."""
+    try:
+        with open(path) as fh:
+            result = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--from_json: no such file: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--from_json {path}: not valid JSON ({exc})") from None
+    modes = result.get("modes") if isinstance(result, dict) else None
+    if not isinstance(modes, dict) or not modes or not all(
+            isinstance(s, dict) and {"successes", "trials", "success_rate"} <= set(s) for s in modes.values()):
+        raise ValueError(f"--from_json {path}: not an eval_libero.py result (needs 'modes' with "
+                         "successes, trials and success_rate per mode)")
+    return result
+
+
+def report(result: dict, args) -> None:
+    print_table(result)
+    if args.json:
+        ca.write_json(args.json, result)
+        log.info("wrote %s", args.json)
+    if args.plot:
+        plot_results(result, args.plot)
+        log.info("wrote %s", args.plot)
 
 
 def main(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("OpenGL").setLevel(logging.WARNING)
+    if args.from_json:
+        result = load_result(args.from_json)
+        add_statistics(result)
+        report(result, args)
+        return result
     log.info("config: %s", vars(args))
     torch.set_num_threads(args.threads)
     if args.num_trials < 1 or args.num_trials > ca.NUM_INIT_STATES:
@@ -473,10 +627,7 @@ def main(args) -> dict:
     result = summarize(totals, per_task)
     result["config"] = {**vars(args), "modes": modes, "task_ids": task_ids,
                         "wall_seconds": time.perf_counter() - t0}
-    print_table(result)
-    if args.json:
-        ca.write_json(args.json, result)
-        log.info("wrote %s", args.json)
+    report(result, args)
     return result
 
 

@@ -260,6 +260,7 @@ def test_trial_errors_are_counted_not_successes():
     s = res.summary()
     assert (s["trials"], s["errors"], s["successes"], s["success_rate"]) == (3, 3, 0, 0.0)
     assert "simulated policy crash" in s["error_messages"][0]
+    assert s["outcomes"] == [0, 0, 0]  # an error is a failed trial in the paired tests too
 
 
 def test_engine_policy_statistics_add_up(trained):
@@ -271,7 +272,7 @@ def test_engine_policy_statistics_add_up(trained):
     ep_policy = eval_libero.EnginePolicy(engine, EngineConfig("dense"), replan_steps=5, seed=0)
     res = run_trials(env, ep_policy, "dense", eval_args())
     s = res.summary()
-    assert s["successes"] == 3 and s["errors"] == 0
+    assert s["successes"] == 3 and s["errors"] == 0 and s["outcomes"] == [1, 1, 1]
     assert s["chunks"] == 3 * 3  # 12 steps at 5 per chunk
     assert s["main_passes_per_chunk"] == 3 and s["acceptance_rate"] is None
 
@@ -303,6 +304,11 @@ def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
     assert out["modes"]["rsd"]["draft_passes_per_chunk"] == 1
     saved = json.loads((tmp_path / "e.json").read_text())
     assert saved["per_task"]["0"]["rsd"]["trials"] == 1 and saved["config"]["replan_steps"] == 10
+    for m, s in saved["per_task"]["0"].items():
+        assert s["outcomes"] == [s["successes"]]
+    # exact rsd decodes what dense decodes: same trial, same outcome
+    assert saved["modes"]["rsd"]["vs_dense"]["only_this_solved"] == 0
+    assert saved["modes"]["rsd"]["vs_dense"]["only_reference_solved"] == 0
     expert = eval_libero.main(eval_args(mode="expert", task_id=[0], num_trials=1))
     assert expert["modes"]["expert"]["successes"] == 1
 
@@ -603,3 +609,74 @@ def test_bench_decoding_compares_every_mode_with_dense_on_recorded_states(traine
     args.data, args.json = [unknown], None
     with pytest.raises(ValueError, match="other.hdf5.*open the drawer"):
         bench_decoding.main(args)
+
+
+# ---------------------------------------------------------------- statistics of a result
+
+def test_wilson_interval_matches_reference_values():
+    lo, hi = eval_libero.wilson_interval(8, 10)
+    assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert eval_libero.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    lo, hi = eval_libero.wilson_interval(183, 200)
+    assert lo < 0.915 < hi and hi - lo < 0.1
+    assert eval_libero.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_paired_comparison_counts_discordant_trials_and_tests_them():
+    dense = [1, 1, 1, 1, 1, 0, 0, 1]
+    other = [0, 0, 0, 0, 0, 0, 1, 1]
+    c = eval_libero.paired_comparison(dense, other)
+    assert (c["only_this_solved"], c["only_reference_solved"]) == (1, 5)
+    assert c["difference_points"] == pytest.approx(100 * (2 - 6) / 8)
+    assert c["mcnemar_p"] == pytest.approx(2 * 7 / 64)  # P(X <= 1 or X >= 5), X ~ Bin(6, 1/2)
+    same = eval_libero.paired_comparison(dense, dense)
+    assert (same["only_this_solved"], same["only_reference_solved"], same["mcnemar_p"]) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="same trials"):
+        eval_libero.paired_comparison([1, 0], [1])
+
+
+def saved_result(with_outcomes=True):
+    def row(outcomes, latency):
+        r = {"successes": sum(outcomes), "trials": len(outcomes), "success_rate": sum(outcomes) / len(outcomes),
+             "errors": 0, "latency_ms_median": latency}
+        return r | ({"outcomes": outcomes} if with_outcomes else {})
+
+    per_task = {"0": {"dense": row([1, 1, 0, 1], 10.0), "rsd+adaptive": row([1, 0, 1, 1], 5.0)},
+                "1": {"dense": row([1, 1, 1, 1], 10.0), "rsd+adaptive": row([0, 1, 1, 1], 5.0)}}
+    modes = {m: {k: v for k, v in row([o for t in per_task.values() for o in t[m].get("outcomes", [1])],
+                                      per_task["0"][m]["latency_ms_median"]).items() if k != "outcomes"}
+             for m in ("dense", "rsd+adaptive")}
+    modes["rsd+adaptive"]["speedup_vs_dense"] = 2.0
+    return {"modes": modes, "per_task": per_task}
+
+
+def test_from_json_reports_intervals_paired_tests_and_a_plot(tmp_path, capsys):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(saved_result()))
+    out = eval_libero.main(eval_args(from_json=str(path), plot=str(tmp_path / "eval.png"),
+                                     json=str(tmp_path / "again.json")))
+    vs = out["modes"]["rsd+adaptive"]["vs_dense"]
+    assert (vs["trials"], vs["only_this_solved"], vs["only_reference_solved"]) == (8, 1, 2)
+    assert "vs_dense" not in out["modes"]["dense"]
+    assert (tmp_path / "eval.png").stat().st_size > 0
+    assert json.loads((tmp_path / "again.json").read_text())["modes"]["rsd+adaptive"]["vs_dense"] == vs
+    table = capsys.readouterr().out
+    assert "+1/-2" in table and "95% CI" in table
+    # a result saved before per-trial outcomes were recorded: intervals, no paired test
+    path.write_text(json.dumps(saved_result(with_outcomes=False)))
+    old = eval_libero.main(eval_args(from_json=str(path)))
+    assert "vs_dense" not in old["modes"]["rsd+adaptive"]
+    assert old["modes"]["rsd+adaptive"]["success_ci95"] == pytest.approx(
+        list(eval_libero.wilson_interval(2, 2)))
+
+
+def test_from_json_refuses_what_it_cannot_report(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        eval_libero.main(eval_args(from_json=str(tmp_path / "missing.json")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        eval_libero.main(eval_args(from_json=str(bad)))
+    bad.write_text(json.dumps({"modes": {"dense": {"trials": 3}}}))
+    with pytest.raises(ValueError, match="not an eval_libero.py result"):
+        eval_libero.main(eval_args(from_json=str(bad)))
