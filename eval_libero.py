@@ -448,13 +448,16 @@ def add_statistics(result: dict) -> None:
         if m == "dense" or "dense" not in result["modes"]:
             continue
         ref, other = [], []
-        for rows in per_task.values():
+        for t, rows in per_task.items():
             if "outcomes" not in rows.get("dense", {}) or "outcomes" not in rows.get(m, {}):
                 break  # a result saved before outcomes were recorded
+            if len(rows["dense"]["outcomes"]) != len(rows[m]["outcomes"]):
+                raise ValueError(f"task {t}: {m} has {len(rows[m]['outcomes'])} trial outcomes, dense "
+                                 f"{len(rows['dense']['outcomes'])}: the trials cannot be paired")
             ref += rows["dense"]["outcomes"]
             other += rows[m]["outcomes"]
         else:
-            if ref and len(ref) == len(other):
+            if ref:
                 s["vs_dense"] = paired_comparison(ref, other)
 
 
@@ -472,7 +475,7 @@ def print_table(result: dict) -> None:
           f"{'latency ms':>10} | {'speedup':>7} | {'main passes':>11} | {'layers':>6} | {'accepted':>8} | "
           f"{'acceptance':>10}")
     for m, s in result["modes"].items():
-        lo, hi = s.get("success_ci95") or wilson_interval(s["successes"], s["trials"])
+        lo, hi = s["success_ci95"]
         print(f"{m:>{w}} | {s['successes']:>4}/{s['trials']:<4} {100 * s['success_rate']:5.1f}% | "
               f"{100 * lo:4.1f}-{100 * hi:5.1f}% | {paired(s):>14} | "
               f"{s['errors']:>6} | {f(s.get('latency_ms_median'), '10.2f')} | "

@@ -680,3 +680,8 @@ def test_from_json_refuses_what_it_cannot_report(tmp_path):
     bad.write_text(json.dumps({"modes": {"dense": {"trials": 3}}}))
     with pytest.raises(ValueError, match="not an eval_libero.py result"):
         eval_libero.main(eval_args(from_json=str(bad)))
+    unpaired = saved_result()
+    unpaired["per_task"]["0"]["rsd+adaptive"]["outcomes"].append(1)
+    bad.write_text(json.dumps(unpaired))
+    with pytest.raises(ValueError, match="task 0: rsd\\+adaptive has 5 trial outcomes, dense 4"):
+        eval_libero.main(eval_args(from_json=str(bad)))
