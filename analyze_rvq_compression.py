@@ -350,7 +350,8 @@ def plot_analysis(r: dict, test_norm: np.ndarray, recons: list, path: str) -> No
     a.semilogy(layers, [p["mse"] for p in rvq], "o-", label="RVQ (normalized)")
     a.axhline(COARSE_MSE_THRESHOLD, ls="--", c="gray", label=f"MSE {COARSE_MSE_THRESHOLD}")
     a.axhline(FINE_MSE_THRESHOLD, ls=":", c="gray", label=f"MSE {FINE_MSE_THRESHOLD}")
-    a.axhline(r["autoencoder_floor"]["mse"], ls="-.", c="C3", label="latent unquantized")
+    if r["model"]["config"].get("encoder", "mlp") == "mlp":  # without an encoder there is no floor
+        a.axhline(r["autoencoder_floor"]["mse"], ls="-.", c="C3", label="latent unquantized")
     a.set(xlabel="layers used", ylabel="MSE (log)", title="Reconstruction error vs layers")
     a.legend()
     a = ax[0, 1]
@@ -418,8 +419,11 @@ def print_report(r: dict) -> None:
               f"{p['mse_std']:>10.6f} {p['mse_median']:>10.6f} {p['mse_raw']:>10.3g} {p['max_abs_err']:>9.4f} "
               f"{p['compression_ratio_bits']:>10.1f} {p['compression_ratio_tokens']:>9.2f} {u['used_fraction']:>6.2f} "
               f"{gain:>6}")
-    print(f"{'floor':>6} {'':>6} {'':>6} {r['autoencoder_floor']['mse']:>10.6f} {r['autoencoder_floor']['mse_std']:>10.6f}"
-          "  <- latent unquantized: where the layers level off")
+    if r["model"]["config"].get("encoder", "mlp") == "mlp":
+        print(f"{'floor':>6} {'':>6} {'':>6} {r['autoencoder_floor']['mse']:>10.6f} {r['autoencoder_floor']['mse_std']:>10.6f}"
+              "  <- latent unquantized: where the layers level off")
+    else:
+        print(f"{'floor':>6}  none: no encoder, the chunk itself is quantized")
     print(f"\n{'baseline':>12} {'tokens':>7} {'bits':>7} {'MSE':>10} {'median':>10} {'MSE raw':>10} {'fails':>6} {'clipped':>8}")
     for family in ("dct", "fast", "binning"):
         for p in r["baselines"][family]:

@@ -10,7 +10,10 @@ quantizer, ours or the peer's; all four are trained by the same loop (Adam, same
 batches from the same seed, same number of steps, one-cycle lr) on the training episodes, and measured on
 held-out episodes (split by episode). The peers use their own EMA / k-means / dead-code
 machinery with our decay, commitment weight and dead-code threshold, and quantize dropout
-(so that, like ours, every prefix of layers decodes).
+(so that, like ours, every prefix of layers decodes). ``rvq_direct`` is our RVQ without an
+encoder (``--encoder none`` of train_rvq_tokenizer.py: the same layers, latent steps and
+codebook size on the normalized chunk itself), fit by residual k-means on the same training
+chunks; its ``train_seconds`` is that fit.
 
 Measured on this CPU (torch threads: --threads): encode and decode throughput at batch
 --batch (chunks/s, median over repeats; `chunks_per_s` is the encode+decode round trip),
@@ -50,6 +53,11 @@ LATENCY_BAR_US = 1000.0      # batch-1 encode+decode median <= 1 ms
 VQPYTORCH_FSQ_MAX_CODES = 2 ** 20
 
 
+# rvq_direct: our RVQ without an encoder (RVQConfig.encoder "none"), fit by residual k-means on
+# the same training chunks instead of by the training loop
+METHODS = ("rvq", "rfsq", "rvq_direct", "vqpytorch_rvq", "vqpytorch_rfsq", "fast")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # data
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency_repeats", type=int, default=300, help="timed batch-1 round trips")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--fast_scale", type=float, default=10.0)
-    p.add_argument("--methods", nargs="+", default=["rvq", "rfsq", "vqpytorch_rvq", "vqpytorch_rfsq", "fast"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--json", default=None)
     return p
 
@@ -175,6 +183,13 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
     """A trained tokenizer exposing encode(raw) -> codes and decode(codes) -> raw."""
     quantizer = "rfsq" if name.endswith("rfsq") else "rvq"
     cfg = RVQConfig(**{**config.__dict__, "quantizer": quantizer})
+    if name == "rvq_direct":
+        model = RVQTokenizer(RVQConfig(**{**cfg.__dict__, "encoder": "none"}))
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        model.normalizer.fit(train_raw)
+        model.init_codebooks(train_raw, iters=20)
+        return model.eval(), time.perf_counter() - t0
     if name.startswith("vqpytorch"):
         # our dead-code rule (EMA usage < fraction x mean usage) as an absolute count per batch
         threshold = cfg.dead_code_fraction * args.batch_size * cfg.latent_steps / cfg.codebook_size
@@ -238,7 +253,7 @@ def bars(methods: dict) -> dict:
             out[f"{ours}_mse_ok"] = a["mse"] <= MSE_RATIO_BAR * b["mse"]
             out[f"{ours}_throughput_ratio"] = a["chunks_per_s"] / b["chunks_per_s"]
             out[f"{ours}_throughput_ok"] = out[f"{ours}_throughput_ratio"] >= THROUGHPUT_RATIO_BAR
-    for ours in ("rvq", "rfsq"):
+    for ours in ("rvq", "rfsq", "rvq_direct"):
         if ours in methods:
             out[f"{ours}_batch1_latency_ok"] = methods[ours]["batch1_latency_us"] <= LATENCY_BAR_US
     return out
@@ -247,7 +262,7 @@ def bars(methods: dict) -> dict:
 def main(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log.info("config: %s", vars(args))
-    unknown = set(args.methods) - {"rvq", "rfsq", "vqpytorch_rvq", "vqpytorch_rfsq", "fast"}
+    unknown = set(args.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown --methods {sorted(unknown)}")
     torch.set_num_threads(args.threads)

@@ -136,6 +136,9 @@ class RSDEngine:
         if policy.config.variant != "ar":
             raise ValueError("the main policy must be the layer-autoregressive variant 'ar'")
         tc = tokenizer.config
+        if tc.encoder != "mlp":
+            raise ValueError(f"the engine needs a tokenizer with an encoder (one codebook per layer "
+                             f"shared by its T' codes); this one has encoder {tc.encoder!r}")
         if (tc.latent_steps, tc.num_layers) != (c.latent_steps, c.num_layers):
             raise ValueError(f"tokenizer (T'={tc.latent_steps}, L={tc.num_layers}) does not match "
                              f"the policy (T'={c.latent_steps}, L={c.num_layers})")

@@ -22,7 +22,16 @@ Two quantizer families share one residual loop (``ResidualQuantizer``):
   while each layer refines by s instead of n. The scale is a constant, so codes decode
   without per-sample side information.
 
-Shapes: actions ``[B, T, D]``, latents ``[B, T', C]``, codes ``[B, T', L]``.
+A third variant drops the encoder and decoder (``encoder="none"``, ``StagedResidualQuantizer``):
+RVQ directly on the normalized chunk, flattened to one ``T * D`` vector. A layer still carries
+``T'`` codes (``T' * log2(K)`` bits): the first layers are ``T'`` residual stages over the whole
+chunk, one code each; the later ones code ``T'`` groups of consecutive steps with one shared
+codebook. The codebooks are fit by greedy residual k-means on leave-one-out residuals (stage
+after stage) instead of by gradient training, and nothing bounds the error from below but the
+data: there is no autoencoder whose own reconstruction error the layers level off at.
+
+Shapes: actions ``[B, T, D]``, latents ``[B, T', C]`` (``[B, 1, T * D]`` without an encoder),
+codes ``[B, T', L]``.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "rvq_tokenizer"
 CHECKPOINT_VERSION = 1
 QUANTIZERS = ("rvq", "rfsq")
+ENCODERS = ("mlp", "none")   # "none": RVQ on the normalized chunk itself, fit by residual k-means
 # A dimension whose q01..q99 range is narrower than this is treated as constant (e.g. a
 # rotation axis the expert never uses): it is centred but not scaled, so noise is not blown up.
 MIN_NORMALIZER_RANGE = 1e-6
@@ -67,6 +77,8 @@ class RVQConfig:
     hidden_dim: int = 64           # width of the encoder / decoder MLPs
     num_blocks: int = 2            # residual MLP blocks in the encoder and in the decoder
     code_dim: int = 16             # RVQ code vector size C (RFSQ uses C = len(fsq_levels))
+    encoder: str = "mlp"           # "mlp" | "none" (RVQ on the chunk itself: StagedResidualQuantizer)
+    chunk_layers: int = 2          # encoder "none": layers coding the whole chunk; the rest code step groups
     # quantizer
     quantizer: str = "rvq"         # "rvq" | "rfsq"
     num_layers: int = 8            # L residual layers
@@ -95,6 +107,17 @@ class RVQConfig:
             raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks!r}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.chunk_layers < 0:
+            raise ValueError(f"chunk_layers must be >= 0, got {self.chunk_layers!r}")
+        if (self.encoder == "none" and self.chunk_layers < self.num_layers
+                and self.chunk_size % self.latent_steps):
+            raise ValueError(f"encoder 'none' with group layers cuts a chunk of {self.chunk_size} steps "
+                             f"into latent_steps={self.latent_steps} equal groups: not divisible")
+        if self.encoder == "none" and self.quantizer != "rvq":
+            raise ValueError(f"encoder 'none' needs quantizer 'rvq' (codebooks fit by k-means), "
+                             f"got {self.quantizer!r}")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2 (one code carries no information), "
                              f"got {self.codebook_size!r}")
@@ -115,6 +138,8 @@ class RVQConfig:
     @property
     def quantizer_dim(self) -> int:
         """C: size of each latent vector the quantizer sees."""
+        if self.encoder == "none":
+            return self.chunk_size * self.action_dim
         return self.code_dim if self.quantizer == "rvq" else len(self.fsq_levels)
 
 
@@ -195,9 +220,19 @@ class VectorQuantizer(nn.Module):
         return F.embedding(codes, self.codebook)
 
     @torch.no_grad()
-    def kmeans_init(self, x: torch.Tensor, iters: int = 10) -> None:
-        """Lloyd's k-means on x [N, C]; empty clusters keep their starting point."""
-        centroids = self._kmeans_plus_plus(x)
+    def kmeans_init(self, x: torch.Tensor, iters: int = 10, seeding: str = "kmeans++") -> None:
+        """Lloyd's k-means on x [N, C]; empty clusters keep their starting point. ``seeding``:
+        k-means++ or K random rows of x (k-means++ favours outliers, which residual k-means
+        without an encoder then spends codes on: its held-out error was higher)."""
+        if seeding == "kmeans++":
+            centroids = self._kmeans_plus_plus(x)
+        elif seeding == "random":
+            n = x.shape[0]
+            rows = (torch.randperm(n, device=x.device)[: self.codebook_size] if n >= self.codebook_size
+                    else torch.randint(n, (self.codebook_size,), device=x.device))
+            centroids = x[rows].clone()
+        else:
+            raise ValueError(f"seeding must be 'kmeans++' or 'random', got {seeding!r}")
         counts = torch.zeros(self.codebook_size, device=x.device)
         for _ in range(iters):
             self.codebook.copy_(centroids)
@@ -372,6 +407,152 @@ class ResidualQuantizer(nn.Module):
         return running
 
 
+class StagedResidualQuantizer(nn.Module):
+    """RVQ without an encoder, on z: [B, 1, C], the flattened normalized chunk (C = T * D).
+
+    Every layer carries ``steps`` (T') codes, like a layer of ``ResidualQuantizer`` over T'
+    latent vectors, in one of two forms:
+
+    - a *chunk* layer (the first ``chunk_layers``): T' residual stages in turn, each coding what
+      all earlier stages left of the whole chunk with one code of its own codebook; stage t of
+      layer l gives ``codes[:, t, l]``. Whole-chunk codes capture what the steps share, which
+      makes the first layers far more accurate than codes of parts of the chunk.
+    - a *group* layer (the rest): the residual cut into T' groups of consecutive steps (C / T'
+      values each), all coded at once by one codebook shared by the groups; group t gives
+      ``codes[:, t, l]``. Once the residual is mostly step-to-step detail, short vectors with
+      T' times as many training samples per codebook generalize better than whole chunks.
+
+    Any prefix of layers (indeed of stages) decodes. ``layers`` lists the quantizers in stage
+    order. The codebooks are fit by ``fit`` (greedy residual k-means), never by EMA: fitting
+    all stages at once by EMA did not train the later stages on LIBERO demos.
+    """
+
+    def __init__(self, num_layers: int, steps: int, dim: int, codebook_size: int,
+                 chunk_layers: int, **vq_kwargs):
+        super().__init__()
+        if not 0 <= chunk_layers <= num_layers:
+            raise ValueError(f"chunk_layers must be in 0..{num_layers}, got {chunk_layers}")
+        if chunk_layers < num_layers and dim % steps:
+            raise ValueError(f"group layers cut the {dim} values of a chunk into {steps} equal groups: "
+                             f"{dim} is not divisible by {steps}")
+        self.steps, self.chunk_layers, self.dim = steps, chunk_layers, dim
+        self.kinds = ["chunk"] * chunk_layers + ["group"] * (num_layers - chunk_layers)
+        quantizers = []
+        for kind in self.kinds:
+            n, d = (steps, dim) if kind == "chunk" else (1, dim // steps)
+            quantizers += [VectorQuantizer(d, codebook_size, **vq_kwargs) for _ in range(n)]
+        self.layers = nn.ModuleList(quantizers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kinds)
+
+    def _stages(self):
+        """(layer, position or None, quantizer) in stage order; position None: a group layer."""
+        i = 0
+        for l, kind in enumerate(self.kinds):
+            for t in (range(self.steps) if kind == "chunk" else [None]):
+                yield l, t, self.layers[i]
+                i += 1
+
+    def _rows(self, residual: torch.Tensor, t) -> torch.Tensor:
+        """The vectors one stage codes: the whole chunks [B, C] or their groups [B * T', C / T']."""
+        return residual if t is not None else residual.reshape(-1, self.dim // self.steps)
+
+    def _tables(self):
+        """Per stage: (codebook, its squared norms), cached until a codebook changes (fit,
+        load_state_dict and EMA updates all write the codebooks in place)."""
+        key = tuple((id(vq.codebook), vq.codebook._version) for vq in self.layers)
+        if getattr(self, "_table_key", None) != key:
+            self._table = [(vq.codebook, (vq.codebook * vq.codebook).sum(1)) for vq in self.layers]
+            self._table_key = key
+        return self._table
+
+    def forward(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> QuantizerOutput:
+        """z: [B, 1, C] -> codes [B, T', L]; ``keep`` ([B] layers per sample) cuts the output."""
+        codes, prefix = self._run(z, with_prefixes=True)
+        B, L = z.shape[0], self.num_layers
+        if keep is None:
+            out = prefix[-1]
+        else:
+            out = prefix[(keep.clamp(1, L) - 1).to(z.device), torch.arange(B, device=z.device)]
+        return QuantizerOutput(quantized=out.reshape(B, 1, self.dim), codes=codes,
+                               prefix_latents=prefix.reshape(L, B, 1, self.dim), commit_loss=z.new_zeros(()),
+                               dead_codes_replaced=[])
+
+    @torch.no_grad()
+    def _run(self, z: torch.Tensor, with_prefixes: bool = False):
+        """The stage loop: codes [B, T', L] and (with_prefixes) the running sums [L, B, C]."""
+        B, one, C = z.shape
+        if one != 1 or C != self.dim:
+            raise ValueError(f"the staged quantizer takes one {self.dim}-value vector per chunk, "
+                             f"got {tuple(z.shape[1:])}")
+        n = self.steps
+        residual = z.reshape(B, C)
+        running = torch.zeros_like(residual) if with_prefixes else None
+        layer_codes, pending, prefixes = [], [], []
+        for (l, t, _), (cb, norms) in zip(self._stages(), self._tables()):
+            rows = residual if t is not None else residual.reshape(B * n, -1)
+            # nearest code: argmin ||c||^2 - 2 x.c, as VectorQuantizer.quantize
+            code = torch.addmm(norms, rows, cb.t(), alpha=-2).argmin(1)
+            q = F.embedding(code, cb).reshape(B, C)
+            residual = residual - q
+            if with_prefixes:
+                running = running + q
+            if t is not None:
+                pending.append(code)
+                if t < n - 1:
+                    continue
+                layer_codes.append(torch.stack(pending, 1))
+                pending = []
+            else:
+                layer_codes.append(code.view(B, n))
+            if with_prefixes:
+                prefixes.append(running)
+        codes = torch.stack(layer_codes, -1)
+        return codes, (torch.stack(prefixes, 0) if with_prefixes else None)
+
+    def encode_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [B, 1, C] -> codes [B, T', L] (the forward's codes, without its sums)."""
+        return self._run(z)[0]
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, T', l] (l <= L) -> latent [B, 1, C], summed in the forward's order."""
+        B, l = codes.shape[0], codes.shape[-1]
+        running = None
+        for (layer, t, _), (cb, _) in zip(self._stages(), self._tables()):
+            if layer >= l:
+                break
+            q = F.embedding(codes[:, t, layer], cb) if t is not None else F.embedding(codes[:, :, layer], cb).reshape(B, -1)
+            running = q if running is None else running + q
+        return running.unsqueeze(1)
+
+    @torch.no_grad()
+    def fit(self, z: torch.Tensor, iters: int = 20, seeding: str = "random",
+            leave_one_out: bool = True) -> torch.Tensor:
+        """Greedy residual k-means on z [N, 1, C]: each stage's codebook is fit by k-means on
+        what the earlier stages left, stage after stage.
+
+        ``leave_one_out``: the next stage is fit on the residual each vector would have if its
+        code's centroid had been fit without it, m / (m - 1) times its own residual for a code
+        of m vectors, and the vector itself for a code of one. Without it the stages soon
+        memorise the training chunks (their residuals fall to zero within a few stages) and the
+        later stages, fit on those, do little for unseen chunks. Returns the residual [N, C]
+        the last stage leaves (leave-one-out or not, as the stages were fit).
+        """
+        residual = z.reshape(z.shape[0], self.dim)
+        for _, t, vq in self._stages():
+            rows = self._rows(residual, t)
+            vq.kmeans_init(rows, iters, seeding)
+            code = vq.quantize(rows)
+            left = rows - vq.lookup(code)
+            if leave_one_out:
+                m = torch.bincount(code, minlength=vq.codebook_size)[code].to(left.dtype)[:, None]
+                left = torch.where(m > 1, left * m / (m - 1).clamp(min=1), rows)
+            residual = left.reshape(residual.shape)
+        return residual
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -428,6 +609,12 @@ class RVQTokenizer(nn.Module):
         self.config = c = config
         self.normalizer = ActionNormalizer(c.action_dim)
         C = c.quantizer_dim
+        if c.encoder == "none":
+            self.encoder = self.decoder = None
+            self.quantizer = StagedResidualQuantizer(
+                c.num_layers, c.latent_steps, C, c.codebook_size, min(c.chunk_layers, c.num_layers),
+                decay=c.ema_decay, dead_code_fraction=c.dead_code_fraction)
+            return
         self.encoder = ChunkMLP(c.chunk_size * c.action_dim, c.hidden_dim, c.latent_steps * C, c.num_blocks)
         self.decoder = ChunkMLP(c.latent_steps * C, c.hidden_dim, c.chunk_size * c.action_dim, c.num_blocks)
         if c.quantizer == "rvq":
@@ -454,7 +641,9 @@ class RVQTokenizer(nn.Module):
         return actions
 
     def _encode_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, D] normalized -> z [B, T', C]."""
+        """x: [B, T, D] normalized -> z [B, T', C] ([B, 1, T * D] without an encoder)."""
+        if self.encoder is None:
+            return x.reshape(x.shape[0], 1, -1)
         z = self.encoder(x.flatten(1)).view(x.shape[0], self.config.latent_steps, -1)
         # RFSQ needs its first layer's input inside the grid's range [-1, 1]
         return torch.tanh(z) if self.config.quantizer == "rfsq" else z
@@ -463,6 +652,8 @@ class RVQTokenizer(nn.Module):
         """latent: [..., T', C] -> [..., T, D] normalized."""
         c = self.config
         lead = latent.shape[:-2]
+        if self.decoder is None:
+            return latent.reshape(*lead, c.chunk_size, c.action_dim)
         out = self.decoder(latent.reshape(-1, latent.shape[-2] * latent.shape[-1]))
         return out.view(*lead, c.chunk_size, c.action_dim)
 
@@ -509,6 +700,8 @@ class RVQTokenizer(nn.Module):
     def encode(self, actions) -> torch.Tensor:
         """actions: [B, T, D] raw units -> codes LongTensor [B, T', L]."""
         x = self.normalize(self._check_actions(actions))
+        if self.config.encoder == "none":
+            return self.quantizer.encode_codes(self._encode_latent(x))
         was_training = self.training
         self.quantizer.eval()  # encoding must never update codebooks
         try:
@@ -576,17 +769,25 @@ class RVQTokenizer(nn.Module):
         return (total / actions.numel()).float()
 
     @torch.no_grad()
-    def init_codebooks(self, actions) -> None:
-        """k-means initialise every RVQ layer, in order, on the residuals of actions [N, T, D]."""
+    def init_codebooks(self, actions, iters: int = 10, leave_one_out: bool = True) -> None:
+        """k-means initialise every RVQ layer, in order, on the residuals of actions [N, T, D].
+        Without an encoder this fits the tokenizer (``StagedResidualQuantizer.fit``, on
+        leave-one-out residuals unless told otherwise)."""
         x = self.normalize(self._check_actions(actions))
+        if self.config.encoder == "none":
+            self.quantizer.fit(self._encode_latent(x), iters, leave_one_out=leave_one_out)
+            return
         residual = self._encode_latent(x).reshape(-1, self.config.quantizer_dim)
         for layer in self.quantizer.layers:
             if layer.has_codebook:
-                layer.kmeans_init(residual)
+                layer.kmeans_init(residual, iters)
             residual = residual - layer.lookup(layer.quantize(residual))
 
     # ---- bookkeeping
     def layer_codebook_sizes(self) -> list[int]:
+        """K of each of the L layers (without an encoder, every stage has the same K)."""
+        if self.config.encoder == "none":
+            return [self.config.codebook_size] * self.config.num_layers
         return [layer.codebook_size for layer in self.quantizer.layers]
 
     def bits_per_chunk(self, num_layers: int) -> float:

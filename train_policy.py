@@ -202,6 +202,10 @@ def main(args) -> dict:
     if args.action_history < 0:
         raise ValueError(f"--action_history must be >= 0, got {args.action_history}")
     tokenizer, _ = load_tokenizer(args.tokenizer)
+    if tokenizer.config.encoder != "mlp":
+        raise ValueError(f"--tokenizer {args.tokenizer}: encoder {tokenizer.config.encoder!r} is for "
+                         f"compression studies; the policy and the decoding engine need a tokenizer "
+                         f"with an encoder (train_rvq_tokenizer.py without --encoder none)")
     tok_sha = pm.file_sha256(args.tokenizer)
     init, init_ckpt = load_init(args) if args.init else (None, None)
     init_info = None

@@ -2,12 +2,15 @@
 
     python train_rvq_tokenizer.py --num_episodes 50                 # collect with the scripted expert, then train
     python train_rvq_tokenizer.py --data demos.hdf5 --quantizer rfsq # train on existing demo files
+    python train_rvq_tokenizer.py --data demos.hdf5 --encoder none   # RVQ on the chunk itself, residual k-means
 
 Chunks are cut from whole episodes and the validation split is made by episode, so no
 validation chunk overlaps a training chunk. The checkpoint kept is the epoch with the best
 validation error (geometric mean over prefixes 1..L of the normalized-action MSE), and it
 records the data files, the train / validation episodes, the arguments, the seed and the
 metrics. Beside it: ``<stem>_training_history.png`` and, when collecting, ``<stem>_demos.hdf5``.
+With ``--encoder none`` there is nothing to train by gradient: the codebooks are fit stage by
+stage by k-means on the training residuals, and the plot shows train and validation MSE per layer.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from collect_actions import TARGETS
-from rvq_tokenizer import QUANTIZERS, RVQConfig, RVQTokenizer, code_usage, save_tokenizer
+from rvq_tokenizer import ENCODERS, QUANTIZERS, RVQConfig, RVQTokenizer, code_usage, save_tokenizer
 
 log = logging.getLogger("train_rvq_tokenizer")
 
@@ -54,6 +57,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--val_fraction", type=float, default=0.1, help="share of episodes held out")
     g = p.add_argument_group("model")
     g.add_argument("--quantizer", choices=QUANTIZERS, default="rvq")
+    g.add_argument("--encoder", choices=ENCODERS, default="mlp",
+                   help="'none': RVQ on the normalized chunk itself, each layer latent_steps residual "
+                        "stages over the whole chunk, fit by greedy residual k-means (no gradient "
+                        "training: the training flags are ignored)")
+    g.add_argument("--chunk_layers", type=int, default=RVQConfig.chunk_layers,
+                   help="encoder 'none': the first layers code the whole chunk (latent_steps stages "
+                        "each), the rest code latent_steps groups of steps with one shared codebook")
+    g.add_argument("--no_leave_one_out", action="store_true",
+                   help="encoder 'none': fit each stage on the plain training residuals, which the "
+                        "stages memorise, instead of the leave-one-out ones")
+    g.add_argument("--kmeans_iters", type=int, default=20,
+                   help="Lloyd iterations per codebook (encoder 'none'; the MLP tokenizer's "
+                        "initialisation uses 10)")
     g.add_argument("--num_layers", type=int, default=8)
     g.add_argument("--codebook_size", type=int, default=256, help="K per RVQ layer")
     g.add_argument("--fsq_levels", type=int, nargs="+", default=list(RVQConfig.fsq_levels),
@@ -98,7 +114,8 @@ def output_path(output: str, suffix: str) -> str:
 def config_from_args(args, action_dim: int) -> RVQConfig:
     return RVQConfig(
         action_dim=action_dim, chunk_size=args.chunk_size, latent_steps=args.latent_steps,
-        hidden_dim=args.hidden_dim, code_dim=args.code_dim, quantizer=args.quantizer,
+        hidden_dim=args.hidden_dim, code_dim=args.code_dim, quantizer=args.quantizer, encoder=args.encoder,
+        chunk_layers=args.chunk_layers,
         num_layers=args.num_layers, codebook_size=args.codebook_size,
         fsq_levels=tuple(args.fsq_levels), fsq_layer_scale=args.fsq_layer_scale or None,
         residual_dropout=args.residual_dropout,
@@ -115,6 +132,8 @@ def check_args(args) -> None:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.kmeans_iters < 1:
+        raise ValueError(f"--kmeans_iters must be >= 1, got {args.kmeans_iters}")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
     config_from_args(args, action_dim=1)  # model flags fail here, before any data is read
@@ -154,11 +173,30 @@ def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
     return factor
 
 
+def fit_residual_kmeans(config: RVQConfig, train_chunks: np.ndarray, val_chunks: np.ndarray, *,
+                        iters: int, leave_one_out: bool = True, device: str = "cpu") -> tuple[RVQTokenizer, dict]:
+    """Encoder 'none': fit every stage's codebook by k-means on the (leave-one-out) residuals
+    all earlier stages leave on the training chunks [N, T, D] (raw units), in order
+    (``StagedResidualQuantizer.fit``). Returns the model and the train and validation MSE per
+    layer."""
+    model = RVQTokenizer(config).to(device)
+    train = torch.as_tensor(train_chunks, dtype=torch.float32, device=device)
+    model.normalizer.fit(train.reshape(-1, config.action_dim))
+    model.init_codebooks(train, iters, leave_one_out=leave_one_out)
+    model.eval()
+    return model, {"epoch": [], "best_epoch": 0, "kmeans_iters": iters, "leave_one_out": leave_one_out,
+                   "train_prefix_mse": model.prefix_mse(train).tolist(),
+                   "val_prefix_mse": [model.prefix_mse(torch.as_tensor(val_chunks, dtype=torch.float32,
+                                                                       device=device)).tolist()]}
+
+
 def train_tokenizer(config: RVQConfig, train_chunks: np.ndarray, val_chunks: np.ndarray, *,
                     epochs: int, batch_size: int, lr: float, device: str = "cpu",
                     progress: bool = True) -> tuple[RVQTokenizer, dict]:
     """Train on train_chunks [N, T, D] (raw units); returns the model restored to the epoch
     with the best validation score, and the history (per-epoch losses, usage, val MSE)."""
+    if config.encoder == "none":
+        raise ValueError("encoder 'none' is fit by fit_residual_kmeans, not trained by gradient")
     model = RVQTokenizer(config).to(device)
     train = torch.as_tensor(train_chunks, dtype=torch.float32, device=device)
     val = torch.as_tensor(val_chunks, dtype=torch.float32, device=device)
@@ -236,11 +274,29 @@ def load_data(args) -> tuple[list, list[str]]:
 
 
 def save_history_plot(history: dict, path: str) -> None:
-    """Training losses, validation MSE per prefix and code usage per layer, one figure."""
+    """Training losses, validation MSE per prefix and code usage per layer, one figure; for
+    encoder 'none' (no epochs), train and validation MSE per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if not history["epoch"]:
+        fig, a = plt.subplots(figsize=(6, 4))
+        layers = np.arange(1, len(history["train_prefix_mse"]) + 1)
+        a.semilogy(layers, history["train_prefix_mse"], "o-", label="training chunks")
+        a.semilogy(layers, history["val_prefix_mse"][-1], "s-", label="held-out episodes")
+        how = "leave-one-out residuals" if history["leave_one_out"] else "plain residuals"
+        a.set(title=f"residual k-means, {how} ({history['kmeans_iters']} iterations per stage)",
+              xlabel="layers", ylabel="MSE (normalized units)")
+        a.legend()
+        a.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return
 
     epochs = history["epoch"]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
@@ -271,9 +327,12 @@ def save_history_plot(history: dict, path: str) -> None:
 
 def print_table(result: dict) -> None:
     m = result["metrics"]
-    print(f"\n{result['config']['quantizer']} tokenizer | {m['train_chunks']} train / {m['val_chunks']} "
-          f"val chunks ({m['train_episodes']} / {m['val_episodes']} episodes) | best epoch "
-          f"{m['best_epoch']} | training {m['train_seconds']:.0f} s")
+    c = result["config"]
+    how = (f"best epoch {m['best_epoch']}" if c.get("encoder", "mlp") == "mlp"
+           else "no encoder, residual k-means")
+    print(f"\n{c['quantizer']} tokenizer | {m['train_chunks']} train / {m['val_chunks']} "
+          f"val chunks ({m['train_episodes']} / {m['val_episodes']} episodes) | {how} | "
+          f"training {m['train_seconds']:.0f} s")
     print(f"{'layers':>6} {'bits':>6} {'val MSE':>10} {'gain':>6} | layer {'codes used':>10} "
           f"{'of possible':>11} {'perplexity':>10}")
     prev = None
@@ -305,8 +364,14 @@ def main(args) -> dict:
     log.info("%d train chunks from %d episodes, %d validation chunks from %d held-out episodes",
              len(train), len(train_eps), len(val), len(val_eps))
     t0 = time.perf_counter()
-    model, history = train_tokenizer(config, train, val, epochs=args.epochs, batch_size=args.batch_size,
-                                     lr=args.lr, device=args.device, progress=not args.no_progress)
+    if config.encoder == "none":
+        log.info("encoder none: fitting %d stages by residual k-means (%d iterations each)",
+                 config.num_layers * config.latent_steps, args.kmeans_iters)
+        model, history = fit_residual_kmeans(config, train, val, iters=args.kmeans_iters,
+                                             leave_one_out=not args.no_leave_one_out, device=args.device)
+    else:
+        model, history = train_tokenizer(config, train, val, epochs=args.epochs, batch_size=args.batch_size,
+                                         lr=args.lr, device=args.device, progress=not args.no_progress)
     train_seconds = time.perf_counter() - t0
     final = evaluate(model, torch.as_tensor(val, device=args.device))
     metrics = {

@@ -142,9 +142,11 @@ def write_episode_file(path, episodes, seed0):
                            task_suite="libero_spatial")
 
 
-def test_analysis_main_writes_every_field(tmp_path):
-    """End to end on synthetic demo files: a briefly trained tokenizer, --data test files,
-    JSON with every field the issue lists, and the plot."""
+@pytest.mark.parametrize("encoder", ["mlp", "none"])
+def test_analysis_main_writes_every_field(tmp_path, encoder):
+    """End to end on synthetic demo files: a briefly trained tokenizer (or one fit by residual
+    k-means, without an encoder), --data test files, JSON with every field the issue lists,
+    and the plot."""
     import json
 
     from rvq_tokenizer import RVQConfig, RVQTokenizer, save_tokenizer, synthetic_episodes
@@ -155,11 +157,11 @@ def test_analysis_main_writes_every_field(tmp_path):
     write_episode_file(test_path, synthetic_episodes(4, seed=1), seed0=5000)
     train_eps = ca.load_episodes([train_path])
     chunks = torch.as_tensor(ca.chunk_actions(train_eps, 10))
-    model = RVQTokenizer(RVQConfig(num_layers=4, codebook_size=32, hidden_dim=32))
+    model = RVQTokenizer(RVQConfig(num_layers=4, codebook_size=32, hidden_dim=32, encoder=encoder))
     model.normalizer.fit(chunks)
     model.init_codebooks(chunks)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(30):
+    opt = torch.optim.Adam(model.parameters(), 1e-3) if encoder == "mlp" else None
+    for _ in range(30 if opt else 0):
         loss = model(chunks[torch.randint(len(chunks), (64,))]).loss
         opt.zero_grad()
         loss.backward()
@@ -184,6 +186,8 @@ def test_analysis_main_writes_every_field(tmp_path):
     assert isinstance(saved["bar1"]["passed"], bool)
     assert (tmp_path / "a.png").stat().st_size > 10_000
     assert result["rvq"][-1]["mse"] < result["rvq"][0]["mse"]
+    if encoder == "none":  # nothing but the codes stands between a chunk and its reconstruction
+        assert saved["autoencoder_floor"]["mse"] < 1e-10
 
 
 def test_analysis_follows_the_checkpoints_targets(tmp_path):
@@ -212,3 +216,15 @@ def test_analysis_follows_the_checkpoints_targets(tmp_path):
     assert chunks.shape == (21, 10, 7) and np.all(chunks == 0.5)
     chunks = an.training_chunks({"args": {}, "data": {"files": [path]}}, train_seen, 10, "tok.pt")
     np.testing.assert_array_equal(chunks[0], episodes[0].actions[:10])
+
+
+def test_bench_fits_and_measures_the_encoder_free_rvq():
+    import bench_tokenizer as bt
+
+    args = bt.build_parser().parse_args(["--synthetic", "12", "--methods", "rvq_direct", "fast", "--batch", "64",
+                                         "--repeats", "2", "--latency_repeats", "5", "--num_layers", "3",
+                                         "--codebook_size", "32"])
+    r = bt.main(args)
+    m = r["methods"]["rvq_direct"]
+    assert 0 < m["mse"] < 0.05 and m["chunks_per_s"] > 0 and m["batch1_latency_us"] > 0
+    assert "rvq_direct_batch1_latency_ok" in r["bars"]
