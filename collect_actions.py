@@ -111,6 +111,13 @@ class LiberoEnv:
 
     ``reset(i)`` loads init state i and runs the settle steps; ``step`` returns
     (obs, done) where done is True only on ``check_success()``.
+
+    An init state fixes the joints (robot, movable objects) but not where LIBERO places the
+    fixtures (a cabinet, a stove): every reset samples their poses into the model from numpy's
+    global RNG, and in a reused env the draw also depends on the episodes before it, so the
+    same init state gives scenes a few millimetres apart. ``reset(i, scene_seed=s)`` builds a
+    fresh simulation and draws the placement from seed s: the same (i, s) gives the same scene
+    in any process, whatever ran before.
     """
 
     def __init__(self, suite: str, task_id: int, cameras: bool = False,
@@ -120,30 +127,48 @@ class LiberoEnv:
         if cameras:
             # IMPORTANT: without a display, robosuite needs EGL to render offscreen on the CPU.
             os.environ.setdefault("MUJOCO_GL", "egl")
-        from libero.libero.envs.env_wrapper import ControlEnv
-
-        # ControlEnv rather than OffScreenRenderEnv: the latter always builds an offscreen
-        # renderer, which costs ~5x in step rate even when no camera is read.
-        self.env = ControlEnv(
-            bddl_file_name=self.task.bddl_file,
-            has_renderer=False,
-            has_offscreen_renderer=cameras,
-            use_camera_obs=cameras,
-            camera_heights=resolution,
-            camera_widths=resolution,
-        )
+        self.resolution = resolution
+        self.env = self._make_env()
         goal = tuple(tuple(p) for p in self.env.env.parsed_problem["goal_state"])
         self.task = TaskInfo(**{**self.task.__dict__, "goal": goal})
         self.init_states = get_init_states(suite, task_id)
 
-    def reset(self, init_state_id: int) -> dict:
-        """Load init state ``init_state_id`` and settle; returns the first observation."""
+    def _make_env(self):
+        from libero.libero.envs.env_wrapper import ControlEnv
+
+        # ControlEnv rather than OffScreenRenderEnv: the latter always builds an offscreen
+        # renderer, which costs ~5x in step rate even when no camera is read.
+        return ControlEnv(
+            bddl_file_name=self.task.bddl_file,
+            has_renderer=False,
+            has_offscreen_renderer=self.cameras,
+            use_camera_obs=self.cameras,
+            camera_heights=self.resolution,
+            camera_widths=self.resolution,
+        )
+
+    def reset(self, init_state_id: int, scene_seed: int | None = None) -> dict:
+        """Load init state ``init_state_id`` and settle; returns the first observation.
+
+        ``scene_seed``: first rebuild the simulation and draw the fixtures' placement from this
+        seed (numpy's global RNG is restored afterwards), so the scene is a function of
+        (init state, seed) alone; about 0.3 s more than a plain reset."""
         if not 0 <= init_state_id < len(self.init_states):
             raise ValueError(
                 f"init state {init_state_id} out of range for {self.task.suite} task "
                 f"{self.task.task_id} (0..{len(self.init_states) - 1})"
             )
-        self.env.reset()
+        if scene_seed is None:
+            self.env.reset()
+        else:
+            saved = np.random.get_state()  # building the env draws from it too
+            try:
+                self.close()
+                self.env = self._make_env()
+                np.random.seed(int(scene_seed) % 2**32)
+                self.env.reset()
+            finally:
+                np.random.set_state(saved)
         obs = self.env.set_init_state(self.init_states[init_state_id])
         for _ in range(NUM_SETTLE_STEPS):
             obs, _, _, _ = self.env.step(SETTLE_ACTION)
@@ -431,11 +456,13 @@ def _is_image(value) -> bool:
 
 
 def run_episode(env: LiberoEnv, policy: Policy, init_state_id: int, seed: int,
-                keep_images: bool = False, max_steps: int | None = None) -> Episode:
+                keep_images: bool = False, max_steps: int | None = None,
+                scene_seed: int | None = None) -> Episode:
     """Roll ``policy`` from init state ``init_state_id`` until success or max steps
-    (the suite's standard limit unless ``max_steps`` is given)."""
+    (the suite's standard limit unless ``max_steps`` is given); ``scene_seed``: see
+    ``LiberoEnv.reset``."""
     max_steps = max_steps or env.task.max_steps
-    obs = env.reset(init_state_id)
+    obs = env.reset(init_state_id, scene_seed)
     policy.reset(env.task, np.random.default_rng(seed))
     actions, labels, frames = [], [], []
     success = False

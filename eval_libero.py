@@ -13,8 +13,11 @@ proposal depths can be compared in one run.
 
 Trial i of a task starts from the benchmark's init state i (the first 20 are never used for
 training data; ``--init_states train`` starts trial i from training init state 20 + i
-instead, to record the main policy's own rollouts for the draft), runs the settle steps, and
-gets the suite's standard step limit; the policy re-plans every ``--replan_steps``. Success
+instead, to record the main policy's own rollouts for the draft), in a freshly built
+simulation whose fixture placement is drawn from the trial's seed (``LiberoEnv.reset``), so
+every mode meets the very same scene in trial i and a rerun meets it again (``--reuse_env``:
+one simulation per task, reset between trials, as earlier runs did; the fixtures then move by
+millimetres from run to run). It runs the settle steps and gets the suite's standard step limit; the policy re-plans every ``--replan_steps``. Success
 comes only from ``env.check_success()``. An exception inside a trial is counted and reported
 as an error (never as a success), and the evaluation goes on. ``--record PATH`` writes every
 trial's episode (observations, executed actions, success) to a demo file, as
@@ -138,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at batch 1)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the tasks")
+    p.add_argument("--reuse_env", action="store_true",
+                   help="reset one simulation per task between trials instead of building one per "
+                        "trial from the trial's seed: 0.3 s faster per trial, but the fixtures' "
+                        "placement then depends on the trials before, so trials are not repeatable")
     p.add_argument("--video", action="store_true", help="render cameras and write one video per trial")
     p.add_argument("--video_dir", default="videos")
     p.add_argument("--json", default=None)
@@ -264,7 +271,8 @@ def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args,
     n_chunks = len(getattr(policy, "stats", []))
     init_state = init_state_of_trial(trial, args.init_states)
     try:
-        ep = ca.run_episode(env, policy, init_state, seed, keep_images=args.video, max_steps=args.max_steps)
+        ep = ca.run_episode(env, policy, init_state, seed, keep_images=args.video, max_steps=args.max_steps,
+                            scene_seed=None if args.reuse_env else seed)
     except Exception as exc:  # counted and reported, never a success
         res.trials += 1
         res.errors += 1

@@ -207,7 +207,7 @@ class FakeEnv:
         return {"robot0_proprio-state": np.full(self.dims[0], self.t * 0.1, np.float32),
                 "object-state": np.zeros(self.dims[1], np.float32)}
 
-    def reset(self, init_state_id):
+    def reset(self, init_state_id, scene_seed=None):
         self.t = 0
         return self._obs()
 
@@ -410,14 +410,21 @@ def test_evaluate_task_runs_the_modes_trial_by_trial(monkeypatch):
 
     def recorded_episode(env, policy, init_state_id, seed, **kw):
         calls.append((policy.name, init_state_id))
+        scenes.append(kw["scene_seed"])
         return real_episode(env, policy, init_state_id, seed, **kw)
 
     monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: ClosableEnv())
     monkeypatch.setattr(eval_libero, "make_policy", lambda m, engine, args: NamedPolicy(m))
     monkeypatch.setattr(ca, "run_episode", recorded_episode)
+    scenes = []
     out = eval_libero.evaluate_task(eval_args(num_trials=2), ["dense", "rsd"], 0, engine=None)
     assert calls == [("dense", 0), ("rsd", 0), ("dense", 1), ("rsd", 1), "close"]
     assert all(r.trials == 2 and r.successes == 2 for r in out.values())
+    # every mode meets trial i's scene, drawn from the trial's own seed; --reuse_env draws none
+    assert scenes == [ca.episode_seed(0, 0, 0)] * 2 + [ca.episode_seed(0, 0, 1)] * 2
+    scenes.clear()
+    eval_libero.evaluate_task(eval_args(num_trials=2, reuse_env=True), ["dense"], 0, engine=None)
+    assert scenes == [None, None]
 
 
 def test_record_writes_every_trial_from_the_chosen_init_states(monkeypatch, tmp_path):
