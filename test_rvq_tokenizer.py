@@ -7,6 +7,8 @@
 3. tokenizer basics: shapes, decode(encode(x)) == eval forward, bad codes, save / reload
 4. layers 1..L on realistic smooth actions: a short training on synthetic pick-and-place
    episodes, then the error of every prefix on held-out episodes
+5. the same for RVQ without an encoder (whole-chunk, then step-group layers, fit by
+   residual k-means)
 The pytest suite (tests/test_rvq_tokenizer_unit.py) covers the same ground and more.
 """
 
@@ -21,7 +23,7 @@ import tempfile
 import torch
 
 import rvq_tokenizer as rt
-from train_rvq_tokenizer import train_tokenizer
+from train_rvq_tokenizer import fit_residual_kmeans, train_tokenizer
 
 RESULTS: list[tuple[str, bool, str]] = []
 
@@ -84,34 +86,39 @@ def residual_quantizers() -> None:
 
 def tokenizer_basics(model: rt.RVQTokenizer, x: torch.Tensor) -> None:
     c = model.config
+    label = c.quantizer if c.encoder == "mlp" else f"{c.quantizer} without encoder"
     model.eval()
     codes = model.encode(x)
-    check(f"{c.quantizer}: encode gives integer codes [B, T', L]",
+    check(f"{label}: encode gives integer codes [B, T', L]",
           codes.dtype == torch.long and tuple(codes.shape) == (len(x), c.latent_steps, c.num_layers),
           f"shape {tuple(codes.shape)}")
-    check(f"{c.quantizer}: decode(encode(x)) equals the eval forward exactly",
+    check(f"{label}: decode(encode(x)) equals the eval forward exactly",
           torch.equal(model.decode(codes), model.denormalize(model(x).recon)))
     try:
         model.decode(torch.full((1, c.latent_steps, 1), model.layer_codebook_sizes()[0]))
-        check(f"{c.quantizer}: out-of-range code is refused", False)
+        check(f"{label}: out-of-range code is refused", False)
     except ValueError as exc:
-        check(f"{c.quantizer}: out-of-range code is refused", "out of range" in str(exc), str(exc))
+        check(f"{label}: out-of-range code is refused", "out of range" in str(exc), str(exc))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "tok.pt")
         rt.save_tokenizer(model, path, {"args": {}, "seed": 0, "metrics": {}})
         loaded, _ = rt.load_tokenizer(path)
         same = all(torch.equal(loaded.decode(codes[..., :l]), model.decode(codes[..., :l]))
                    for l in range(1, c.num_layers + 1))
-        check(f"{c.quantizer}: save + reload decode every prefix identically", same)
+        check(f"{label}: save + reload decode every prefix identically", same)
 
 
-def layers_on_smooth_actions(quantizer: str, epochs: int) -> None:
-    print(f"\n3-4. {quantizer.upper()} tokenizer on synthetic pick-and-place actions")
+def layers_on_smooth_actions(quantizer: str, epochs: int, encoder: str = "mlp") -> None:
+    name = quantizer if encoder == "mlp" else f"{quantizer} without encoder"
+    print(f"\n{'3-4' if encoder == 'mlp' else '5'}. {name.upper()} tokenizer on synthetic pick-and-place actions")
     torch.manual_seed(0)
     episodes = rt.synthetic_episodes(24, seed=7)
     train, val = rt.sliding_chunks(episodes[4:], 10), rt.sliding_chunks(episodes[:4], 10)
-    config = rt.RVQConfig(quantizer=quantizer, num_layers=6)
-    model, _ = train_tokenizer(config, train, val, epochs=epochs, batch_size=64, lr=2e-3, progress=False)
+    config = rt.RVQConfig(quantizer=quantizer, num_layers=6, encoder=encoder)
+    if encoder == "none":
+        model, _ = fit_residual_kmeans(config, train, val, iters=20)
+    else:
+        model, _ = train_tokenizer(config, train, val, epochs=epochs, batch_size=64, lr=2e-3, progress=False)
     x = torch.as_tensor(val)
     tokenizer_basics(model, x)
     mse = model.prefix_mse(x).tolist()
@@ -120,10 +127,10 @@ def layers_on_smooth_actions(quantizer: str, epochs: int) -> None:
     for l, (m, u) in enumerate(zip(mse, usage), 1):
         print(f"     {'1-' + str(l):>6} {model.bits_per_chunk(l):>6.0f} {m:>12.5f} {u['perplexity']:>10.1f}")
     variance = float(model.normalize(x).var(0).mean())
-    check(f"{quantizer}: layer 1 alone captures the coarse motion", mse[0] < 0.2 * variance,
+    check(f"{name}: layer 1 alone captures the coarse motion", mse[0] < 0.2 * variance,
           f"MSE {mse[0]:.4f} vs variance {variance:.4f}")
-    check(f"{quantizer}: error falls with every added layer", all(b < a for a, b in zip(mse, mse[1:])))
-    check(f"{quantizer}: no dead layer (perplexity > 8 in every layer)",
+    check(f"{name}: error falls with every added layer", all(b < a for a, b in zip(mse, mse[1:])))
+    check(f"{name}: no dead layer (perplexity > 8 in every layer)",
           min(u["perplexity"] for u in usage) > 8, "min perplexity %.1f" % min(u["perplexity"] for u in usage))
 
 
@@ -134,6 +141,7 @@ def main(args) -> dict:
     residual_quantizers()
     for q in ("rvq", "rfsq"):
         layers_on_smooth_actions(q, args.epochs)
+    layers_on_smooth_actions("rvq", args.epochs, encoder="none")
     failed = [name for name, ok, _ in RESULTS if not ok]
     print(f"\n{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
     return {"passed": len(RESULTS) - len(failed), "failed": failed}
