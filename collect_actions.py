@@ -115,7 +115,7 @@ class LiberoEnv:
     An init state fixes the joints (robot, movable objects) but not where LIBERO places the
     fixtures (a cabinet, a stove): every reset samples their poses into the model from numpy's
     global RNG, and in a reused env the draw also depends on the episodes before it, so the
-    same init state gives scenes a few millimetres apart. ``reset(i, scene_seed=s)`` builds a
+    same init state can give slightly different scenes. ``reset(i, scene_seed=s)`` builds a
     fresh simulation and draws the placement from seed s: the same (i, s) gives the same scene
     in any process, whatever ran before.
     """

@@ -16,8 +16,9 @@ training data; ``--init_states train`` starts trial i from training init state 2
 instead, to record the main policy's own rollouts for the draft), in a freshly built
 simulation whose fixture placement is drawn from the trial's seed (``LiberoEnv.reset``), so
 every mode meets the very same scene in trial i and a rerun meets it again (``--reuse_env``:
-one simulation per task, reset between trials, as earlier runs did; the fixtures then move by
-millimetres from run to run). It runs the settle steps and gets the suite's standard step limit; the policy re-plans every ``--replan_steps``. Success
+one simulation per task, reset between trials, as earlier runs did; the fixtures' placement
+then depends on the trials before). It runs the settle steps and gets the suite's standard
+step limit; the policy re-plans every ``--replan_steps``. Success
 comes only from ``env.check_success()``. An exception inside a trial is counted and reported
 as an error (never as a success), and the evaluation goes on. ``--record PATH`` writes every
 trial's episode (observations, executed actions, success) to a demo file, as

@@ -10,7 +10,8 @@ validation error (geometric mean over prefixes 1..L of the normalized-action MSE
 records the data files, the train / validation episodes, the arguments, the seed and the
 metrics. Beside it: ``<stem>_training_history.png`` and, when collecting, ``<stem>_demos.hdf5``.
 With ``--encoder none`` there is nothing to train by gradient: the codebooks are fit stage by
-stage by k-means on the training residuals, and the plot shows train and validation MSE per layer.
+stage by k-means on the training chunks' leave-one-out residuals, and the plot shows train and
+validation MSE per layer.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("model")
     g.add_argument("--quantizer", choices=QUANTIZERS, default="rvq")
     g.add_argument("--encoder", choices=ENCODERS, default="mlp",
-                   help="'none': RVQ on the normalized chunk itself, each layer latent_steps residual "
-                        "stages over the whole chunk, fit by greedy residual k-means (no gradient "
-                        "training: the training flags are ignored)")
+                   help="'none': RVQ on the normalized chunk itself (whole-chunk layers, then "
+                        "step-group layers; see --chunk_layers), fit by greedy residual k-means (no "
+                        "gradient training: the training flags are ignored)")
     g.add_argument("--chunk_layers", type=int, default=RVQConfig.chunk_layers,
                    help="encoder 'none': the first layers code the whole chunk (latent_steps stages "
                         "each), the rest code latent_steps groups of steps with one shared codebook")
