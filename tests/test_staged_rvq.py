@@ -1,5 +1,5 @@
-"""RVQ without an encoder (``encoder="none"``): T' residual stages per layer over the whole
-normalized chunk, fit by greedy residual k-means. Synthetic smooth actions, no simulator."""
+"""RVQ without an encoder (``encoder="none"``): whole-chunk layers (T' residual stages each),
+then step-group layers, fit by greedy residual k-means. Synthetic smooth actions, no simulator."""
 
 import math
 
@@ -142,13 +142,17 @@ def test_leave_one_out_residual_is_the_error_without_the_chunk_itself():
     left = q.fit(z, iters=5)
     vq = q.layers[0]
     code = vq.quantize(z[:, 0])
+    checked = 0
     for i in range(len(z)):
         members = torch.nonzero(code == code[i]).squeeze(1)
         others = members[members != i]
-        # the centroid fit without chunk i is the mean of the others (nothing left: no code)
-        expected = z[i, 0] - (z[others, 0].mean(0) if len(others) else 0.0)
-        if len(others) and torch.allclose(vq.codebook[code[i]], z[members, 0].mean(0), atol=1e-5):
-            assert torch.allclose(left[i], expected, atol=1e-4)
-        elif not len(others):
+        if not len(others):  # a code of one chunk: the chunk is passed on
             assert torch.equal(left[i], z[i, 0])
+            checked += 1
+        elif torch.allclose(vq.codebook[code[i]], z[members, 0].mean(0), atol=1e-5):
+            # (k-means converged for this code) the centroid fit without chunk i is the mean
+            # of the others
+            assert torch.allclose(left[i], z[i, 0] - z[others, 0].mean(0), atol=1e-4)
+            checked += 1
+    assert checked > len(z) // 2
 
