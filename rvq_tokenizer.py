@@ -219,6 +219,11 @@ class VectorQuantizer(nn.Module):
         """codes: [...] -> vectors [..., C]."""
         return F.embedding(codes, self.codebook)
 
+    def quantize_and_lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [N], their vectors [N, C]) of x: [N, C]."""
+        code = self.quantize(x)
+        return code, self.lookup(code)
+
     @torch.no_grad()
     def kmeans_init(self, x: torch.Tensor, iters: int = 10, seeding: str = "kmeans++") -> None:
         """Lloyd's k-means on x [N, C]; empty clusters keep their starting point. ``seeding``:
@@ -311,22 +316,35 @@ class ScalarQuantizer(nn.Module):
         growth = lv.double() if layer_scale is None else torch.full((len(levels),), float(layer_scale), dtype=torch.float64)
         self.codebook_size = int(torch.prod(lv))
         basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), lv[:-1]]), 0)
+        n, scale = lv.double(), growth.pow(layer)
         self.register_buffer("levels", lv, persistent=False)
         self.register_buffer("basis", basis, persistent=False)
-        self.register_buffer("scale", growth.pow(layer).float(), persistent=False)
+        self.register_buffer("scale", scale.float(), persistent=False)
+        # the grid in the few constants the batch-1 path needs: level k of dim c sits at
+        # (k - center) * step, and x maps to level round(center + gain * x)
+        self.register_buffer("gain", (scale * n / 2).float(), persistent=False)
+        self.register_buffer("center", ((n - 1) / 2).float(), persistent=False)
+        self.register_buffer("step", (2 / (n * scale)).float(), persistent=False)
+        self.register_buffer("lowest", torch.zeros(len(levels)), persistent=False)
+        self.register_buffer("highest", (n - 1).float(), persistent=False)
+
+    def digits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, C] -> each dim's level in 0..n-1 (as floats)."""
+        return torch.clamp(torch.round(torch.addcmul(self.center, x, self.gain)), self.lowest, self.highest)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, C] -> codes [N] in [0, prod(levels))."""
-        n = self.levels.to(x.dtype)
-        digits = torch.round(x * self.scale * n / 2 + (n - 1) / 2)
-        digits = torch.minimum(digits.clamp(min=0), n - 1).long()
-        return (digits * self.basis).sum(-1)
+        return (self.digits(x).long() * self.basis).sum(-1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [...] -> vectors [..., C]."""
         digits = torch.div(codes[..., None], self.basis, rounding_mode="floor") % self.levels
-        n = self.levels.float()
-        return (digits.float() - (n - 1) / 2) * (2 / n) / self.scale
+        return (digits - self.center) * self.step
+
+    def quantize_and_lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quantize(x), lookup(quantize(x))) without turning the levels into a code and back."""
+        d = self.digits(x)
+        return (d.long() * self.basis).sum(-1), (d - self.center) * self.step
 
 
 @dataclass
@@ -369,12 +387,14 @@ class ResidualQuantizer(nn.Module):
             running = torch.zeros_like(residual)
             kept_sum = running
             for l, layer in enumerate(self.layers):
-                code = layer.quantize(residual)
                 active = None if keep_rows is None else keep_rows > l
                 if self.training and layer.has_codebook:
+                    code = layer.quantize(residual)
                     replaced.append(layer.update(residual if active is None else residual[active],
                                                  code if active is None else code[active]))
-                q = layer.lookup(code)
+                    q = layer.lookup(code)  # from the updated codebook
+                else:
+                    code, q = layer.quantize_and_lookup(residual)
                 running = running + q
                 kept_sum = running if active is None else torch.where(active[:, None], running, kept_sum)
                 residual = residual - q
