@@ -292,11 +292,7 @@ def save_history_plot(history: dict, path: str) -> None:
               xlabel="layers", ylabel="MSE (normalized units)")
         a.legend()
         a.grid(alpha=0.3)
-        fig.tight_layout()
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
+        _save_figure(fig, path)
         return
 
     epochs = history["epoch"]
@@ -319,6 +315,13 @@ def save_history_plot(history: dict, path: str) -> None:
     for a in ax:
         a.legend(fontsize=7)
         a.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str) -> None:
+    """Write the figure to a temporary file, then rename: a crash never leaves half a PNG."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
