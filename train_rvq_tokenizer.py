@@ -288,7 +288,7 @@ def save_history_plot(history: dict, path: str) -> None:
         a.semilogy(layers, history["train_prefix_mse"], "o-", label="training chunks")
         a.semilogy(layers, history["val_prefix_mse"][-1], "s-", label="held-out episodes")
         how = "leave-one-out residuals" if history["leave_one_out"] else "plain residuals"
-        a.set(title=f"residual k-means, {how} ({history['kmeans_iters']} iterations per stage)",
+        a.set(title=f"residual k-means on {how}\n({history['kmeans_iters']} Lloyd iterations per stage)",
               xlabel="layers", ylabel="MSE (normalized units)")
         a.legend()
         a.grid(alpha=0.3)
