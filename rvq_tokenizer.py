@@ -78,7 +78,7 @@ class RVQConfig:
     num_blocks: int = 2            # residual MLP blocks in the encoder and in the decoder
     code_dim: int = 16             # RVQ code vector size C (RFSQ uses C = len(fsq_levels))
     encoder: str = "mlp"           # "mlp" | "none" (RVQ on the chunk itself: StagedResidualQuantizer)
-    chunk_layers: int = 2          # encoder "none": layers coding the whole chunk; the rest code step groups
+    chunk_layers: int = 2          # encoder "none": layers coding the whole chunk (all of them if >= num_layers); the rest code step groups
     # quantizer
     quantizer: str = "rvq"         # "rvq" | "rfsq"
     num_layers: int = 8            # L residual layers
@@ -213,7 +213,16 @@ class VectorQuantizer(nn.Module):
         cb = self.codebook
         # ||x||^2 is the same for every code, so argmin over ||c||^2 - 2 x.c picks the same
         # code as the full distance; one fused addmm is several times faster at batch size.
-        return torch.addmm((cb * cb).sum(1), x, cb.t(), alpha=-2).argmin(1)
+        return torch.addmm(self._squared_norms(), x, cb.t(), alpha=-2).argmin(1)
+
+    def _squared_norms(self) -> torch.Tensor:
+        """||c||^2 of every code [K], kept until the codebook changes: every change (k-means,
+        EMA update, dead-code re-seeding, load_state_dict) writes the buffer in place, which
+        bumps its version counter; moving the module makes a new tensor."""
+        cb, cache = self.codebook, getattr(self, "_norm_cache", None)
+        if cache is None or cache[0] is not cb or cache[1] != cb._version:
+            self._norm_cache = cache = (cb, cb._version, (cb * cb).sum(1))
+        return cache[2]
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [...] -> vectors [..., C]."""
@@ -319,7 +328,6 @@ class ScalarQuantizer(nn.Module):
         n, scale = lv.double(), growth.pow(layer)
         self.register_buffer("levels", lv, persistent=False)
         self.register_buffer("basis", basis, persistent=False)
-        self.register_buffer("scale", scale.float(), persistent=False)
         # the grid in the few constants the batch-1 path needs: level k of dim c sits at
         # (k - center) * step, and x maps to level round(center + gain * x)
         self.register_buffer("gain", (scale * n / 2).float(), persistent=False)
@@ -479,15 +487,6 @@ class StagedResidualQuantizer(nn.Module):
         """The vectors one stage codes: the whole chunks [B, C] or their groups [B * T', C / T']."""
         return residual if t is not None else residual.reshape(-1, self.dim // self.steps)
 
-    def _tables(self):
-        """Per stage: (codebook, its squared norms), cached until a codebook changes (fit,
-        load_state_dict and EMA updates all write the codebooks in place)."""
-        key = tuple((id(vq.codebook), vq.codebook._version) for vq in self.layers)
-        if getattr(self, "_table_key", None) != key:
-            self._table = [(vq.codebook, (vq.codebook * vq.codebook).sum(1)) for vq in self.layers]
-            self._table_key = key
-        return self._table
-
     def forward(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> QuantizerOutput:
         """z: [B, 1, C] -> codes [B, T', L]; ``keep`` ([B] layers per sample) cuts the output."""
         codes, prefix = self._run(z, with_prefixes=True)
@@ -511,11 +510,9 @@ class StagedResidualQuantizer(nn.Module):
         residual = z.reshape(B, C)
         running = torch.zeros_like(residual) if with_prefixes else None
         layer_codes, pending, prefixes = [], [], []
-        for (l, t, _), (cb, norms) in zip(self._stages(), self._tables()):
-            rows = residual if t is not None else residual.reshape(B * n, -1)
-            # nearest code: argmin ||c||^2 - 2 x.c, as VectorQuantizer.quantize
-            code = torch.addmm(norms, rows, cb.t(), alpha=-2).argmin(1)
-            q = F.embedding(code, cb).reshape(B, C)
+        for l, t, vq in self._stages():
+            code, q = vq.quantize_and_lookup(self._rows(residual, t))
+            q = q.reshape(B, C)
             residual = residual - q
             if with_prefixes:
                 running = running + q
@@ -540,10 +537,10 @@ class StagedResidualQuantizer(nn.Module):
         """codes: [B, T', l] (l <= L) -> latent [B, 1, C], summed in the forward's order."""
         B, l = codes.shape[0], codes.shape[-1]
         running = None
-        for (layer, t, _), (cb, _) in zip(self._stages(), self._tables()):
+        for layer, t, vq in self._stages():
             if layer >= l:
                 break
-            q = F.embedding(codes[:, t, layer], cb) if t is not None else F.embedding(codes[:, :, layer], cb).reshape(B, -1)
+            q = vq.lookup(codes[:, t, layer]) if t is not None else vq.lookup(codes[:, :, layer]).reshape(B, -1)
             running = q if running is None else running + q
         return running.unsqueeze(1)
 
@@ -564,8 +561,8 @@ class StagedResidualQuantizer(nn.Module):
         for _, t, vq in self._stages():
             rows = self._rows(residual, t)
             vq.kmeans_init(rows, iters, seeding)
-            code = vq.quantize(rows)
-            left = rows - vq.lookup(code)
+            code, q = vq.quantize_and_lookup(rows)
+            left = rows - q
             if leave_one_out:
                 m = torch.bincount(code, minlength=vq.codebook_size)[code].to(left.dtype)[:, None]
                 left = torch.where(m > 1, left * m / (m - 1).clamp(min=1), rows)
