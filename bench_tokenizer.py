@@ -184,7 +184,9 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
     quantizer = "rfsq" if name.endswith("rfsq") else "rvq"
     cfg = RVQConfig(**{**config.__dict__, "quantizer": quantizer})
     if name == "rvq_direct":
-        model = RVQTokenizer(RVQConfig(**{**cfg.__dict__, "encoder": "none"}))
+        # its own defaults for the staged quantizer (cell scales, beam search)
+        model = RVQTokenizer(RVQConfig(**{**cfg.__dict__, "encoder": "none", "cell_scale": None,
+                                          "beam_width": None}))
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         model.normalizer.fit(train_raw)

@@ -56,6 +56,12 @@ ENCODERS = ("mlp", "none")   # "none": RVQ on the normalized chunk itself, fit b
 # A dimension whose q01..q99 range is narrower than this is treated as constant (e.g. a
 # rotation axis the expert never uses): it is centred but not scaled, so noise is not blown up.
 MIN_NORMALIZER_RANGE = 1e-6
+# Encoder "none" with cell scales: pseudo-vectors at the stage's mean residual energy added to
+# every cell when its scale is estimated, so that a code fit on few vectors keeps a scale near 1.
+CELL_SCALE_PRIOR = 1.0
+# Encoder "none": paths kept by the beam search of its encoding. On the main job's demos (README,
+# phase 1) 4 paths cut the held-out error at 160-320 bits about 1.6-3x below greedy encoding.
+DEFAULT_BEAM_WIDTH = 4
 
 
 # --------------------------------------------------------------------------- config
@@ -79,6 +85,10 @@ class RVQConfig:
     code_dim: int = 16             # RVQ code vector size C (RFSQ uses C = len(fsq_levels))
     encoder: str = "mlp"           # "mlp" | "none" (RVQ on the chunk itself: StagedResidualQuantizer)
     chunk_layers: int = 2          # encoder "none": layers coding the whole chunk (all of them if >= num_layers); the rest code step groups
+    # encoder "none" only (None: on for it, off for "mlp"): per-code residual scales
+    # (StagedResidualQuantizer) and the beam width of its encoding (1: greedy)
+    cell_scale: bool | None = None
+    beam_width: int | None = None
     # quantizer
     quantizer: str = "rvq"         # "rvq" | "rfsq"
     num_layers: int = 8            # L residual layers
@@ -115,6 +125,18 @@ class RVQConfig:
                 and self.chunk_size % self.latent_steps):
             raise ValueError(f"encoder 'none' with group layers cuts a chunk of {self.chunk_size} steps "
                              f"into latent_steps={self.latent_steps} equal groups: not divisible")
+        direct = self.encoder == "none"
+        if self.cell_scale is None:
+            self.cell_scale = direct
+        if self.beam_width is None:
+            self.beam_width = DEFAULT_BEAM_WIDTH if direct else 1
+        self.cell_scale = bool(self.cell_scale)
+        if not isinstance(self.beam_width, (int, np.integer)) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be a positive integer, got {self.beam_width!r}")
+        if not direct and (self.cell_scale or self.beam_width != 1):
+            raise ValueError(f"cell_scale and beam_width > 1 belong to encoder 'none' (the staged "
+                             f"quantizer), got cell_scale={self.cell_scale}, beam_width={self.beam_width} "
+                             f"with encoder {self.encoder!r}")
         if self.encoder == "none" and self.quantizer != "rvq":
             raise ValueError(f"encoder 'none' needs quantizer 'rvq' (codebooks fit by k-means), "
                              f"got {self.quantizer!r}")
@@ -450,46 +472,69 @@ class StagedResidualQuantizer(nn.Module):
       ``codes[:, t, l]``. Once the residual is mostly step-to-step detail, short vectors with
       T' times as many training samples per codebook generalize better than whole chunks.
 
-    Any prefix of layers (indeed of stages) decodes. ``layers`` lists the quantizers in stage
-    order. The codebooks are fit by ``fit`` (greedy residual k-means), never by EMA: fitting
-    all stages at once by EMA did not train the later stages on LIBERO demos.
+    ``cell_scale``: every code also carries a scale, the root-mean-square residual its cell
+    leaves (relative to the stage's mean), and the next stage codes the residual divided by
+    the product of the scales of the codes chosen so far (each group by that of its own
+    codes), then multiplies its code back. One codebook then serves residuals of tight and of
+    wide cells alike instead of spending most codes on the wide ones; the scales follow from
+    the codes, so nothing else is sent.
+
+    ``beam_width`` W > 1: encoding keeps the W paths with the smallest residual after every
+    chunk stage, codes the group layers of each with the nearest codes, and returns the path
+    with the smallest final residual, instead of the nearest code at every stage (W = 1).
+    Decoding is the same either way: any prefix of layers (indeed of stages) decodes to the
+    running sum of its codes.
+
+    ``layers`` lists the quantizers in stage order. The codebooks and scales are fit by ``fit``
+    (greedy residual k-means), never by EMA: fitting all stages at once by EMA did not train
+    the later stages on LIBERO demos.
     """
 
     def __init__(self, num_layers: int, steps: int, dim: int, codebook_size: int,
-                 chunk_layers: int, **vq_kwargs):
+                 chunk_layers: int, cell_scale: bool = False, beam_width: int = 1, **vq_kwargs):
         super().__init__()
         if not 0 <= chunk_layers <= num_layers:
             raise ValueError(f"chunk_layers must be in 0..{num_layers}, got {chunk_layers}")
         if chunk_layers < num_layers and dim % steps:
             raise ValueError(f"group layers cut the {dim} values of a chunk into {steps} equal groups: "
                              f"{dim} is not divisible by {steps}")
+        if beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {beam_width}")
         self.steps, self.chunk_layers, self.dim = steps, chunk_layers, dim
+        self.cell_scale, self.beam_width = cell_scale, beam_width
         self.kinds = ["chunk"] * chunk_layers + ["group"] * (num_layers - chunk_layers)
         quantizers = []
         for kind in self.kinds:
             n, d = (steps, dim) if kind == "chunk" else (1, dim // steps)
             quantizers += [VectorQuantizer(d, codebook_size, **vq_kwargs) for _ in range(n)]
         self.layers = nn.ModuleList(quantizers)
+        if cell_scale:  # scales[i, k]: what code k of stage i multiplies the next stages' scale by
+            self.register_buffer("scales", torch.ones(len(quantizers), codebook_size))
 
     @property
     def num_layers(self) -> int:
         return len(self.kinds)
 
     def _stages(self):
-        """(layer, position or None, quantizer) in stage order; position None: a group layer."""
+        """(stage index, layer, position or None, quantizer) in stage order; position None: a
+        group layer."""
         i = 0
         for l, kind in enumerate(self.kinds):
             for t in (range(self.steps) if kind == "chunk" else [None]):
-                yield l, t, self.layers[i]
+                yield i, l, t, self.layers[i]
                 i += 1
 
     def _rows(self, residual: torch.Tensor, t) -> torch.Tensor:
         """The vectors one stage codes: the whole chunks [B, C] or their groups [B * T', C / T']."""
         return residual if t is not None else residual.reshape(-1, self.dim // self.steps)
 
+    def _next_scale(self, scale: torch.Tensor, i: int, code: torch.Tensor) -> torch.Tensor:
+        return scale * self.scales[i, code].unsqueeze(-1) if self.cell_scale else scale
+
     def forward(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> QuantizerOutput:
         """z: [B, 1, C] -> codes [B, T', L]; ``keep`` ([B] layers per sample) cuts the output."""
-        codes, prefix = self._run(z, with_prefixes=True)
+        codes = self.encode_codes(z)
+        prefix = self._prefixes(codes)
         B, L = z.shape[0], self.num_layers
         if keep is None:
             out = prefix[-1]
@@ -499,74 +544,185 @@ class StagedResidualQuantizer(nn.Module):
                                prefix_latents=prefix.reshape(L, B, 1, self.dim), commit_loss=z.new_zeros(()),
                                dead_codes_replaced=[])
 
-    @torch.no_grad()
-    def _run(self, z: torch.Tensor, with_prefixes: bool = False):
-        """The stage loop: codes [B, T', L] and (with_prefixes) the running sums [L, B, C]."""
+    def _check(self, z: torch.Tensor) -> torch.Tensor:
         B, one, C = z.shape
         if one != 1 or C != self.dim:
             raise ValueError(f"the staged quantizer takes one {self.dim}-value vector per chunk, "
                              f"got {tuple(z.shape[1:])}")
-        n = self.steps
-        residual = z.reshape(B, C)
-        running = torch.zeros_like(residual) if with_prefixes else None
-        layer_codes, pending, prefixes = [], [], []
-        for l, t, vq in self._stages():
-            code, q = vq.quantize_and_lookup(self._rows(residual, t))
-            q = q.reshape(B, C)
-            residual = residual - q
-            if with_prefixes:
-                running = running + q
-            if t is not None:
-                pending.append(code)
-                if t < n - 1:
-                    continue
-                layer_codes.append(torch.stack(pending, 1))
-                pending = []
-            else:
-                layer_codes.append(code.view(B, n))
-            if with_prefixes:
-                prefixes.append(running)
-        codes = torch.stack(layer_codes, -1)
-        return codes, (torch.stack(prefixes, 0) if with_prefixes else None)
+        return z.reshape(B, C)
 
+    @torch.no_grad()
     def encode_codes(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [B, 1, C] -> codes [B, T', L] (the forward's codes, without its sums)."""
-        return self._run(z)[0]
+        """z: [B, 1, C] -> codes [B, T', L]: nearest codes stage by stage, or by beam search."""
+        return self._beam(self._check(z), self.beam_width) if self.beam_width > 1 else self._greedy(self._check(z))
+
+    def _greedy(self, residual: torch.Tensor) -> torch.Tensor:
+        """[B, C] -> codes [B, T', L], the nearest code at every stage."""
+        B, n = residual.shape[0], self.steps
+        stages = list(self._stages())
+        n_chunk = self.chunk_layers * n
+        scale, codes = residual.new_ones(B, 1), []
+        for i, _, _, vq in stages[:n_chunk]:
+            code, q = vq.quantize_and_lookup(residual / scale if self.cell_scale else residual)
+            residual = residual - (q * scale if self.cell_scale else q)
+            scale = self._next_scale(scale, i, code)
+            codes.append(code)
+        out = [torch.stack(codes, 1).view(B, self.chunk_layers, n).transpose(1, 2)] if codes else []
+        if n_chunk < len(stages):
+            groups, _ = self._greedy_groups(residual.reshape(B * n, -1), scale.repeat_interleave(n, 0))
+            out.append(groups.view(B, n, -1))
+        return torch.cat(out, -1)
+
+    def _greedy_groups(self, rows: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group layers on rows [R, C / T'] (scale [R, 1]): the nearest code at every layer.
+        Returns the codes [R, group layers] and the residual they leave [R, C / T']."""
+        codes = []
+        for i, _, _, vq in list(self._stages())[self.chunk_layers * self.steps:]:
+            code, q = vq.quantize_and_lookup(rows / scale if self.cell_scale else rows)
+            rows = rows - (q * scale if self.cell_scale else q)
+            scale = self._next_scale(scale, i, code)
+            codes.append(code)
+        return torch.stack(codes, 1), rows
+
+    def _beam_step(self, i: int, vq: "VectorQuantizer", residual, scale, width: int):
+        """One stage of beam search over [N, w] paths (residual [N, w, c], scale [N, w, 1]):
+        the ``width`` extensions with the smallest squared residual, as (residual, scale, the
+        path each extends [N, W], its code [N, W])."""
+        K = vq.codebook_size
+        # ||r - s c_k||^2 = ||r||^2 + s (s ||c_k||^2 - 2 r.c_k), for every path and code
+        inner = (scale * vq._squared_norms()).sub_(residual @ vq.codebook.t(), alpha=2)
+        err = torch.addcmul(residual.square().sum(-1, keepdim=True), scale, inner)
+        best = err.flatten(1).topk(min(width, err.shape[1] * K), dim=1, largest=False).indices
+        path = torch.div(best, K, rounding_mode="floor")
+        code = best - path * K
+        scale = scale.gather(1, path.unsqueeze(-1))
+        residual = residual.gather(1, path.unsqueeze(-1).expand(-1, -1, residual.shape[-1]))
+        residual = residual - scale * vq.lookup(code)
+        return residual, self._next_scale(scale, i, code), path, code
+
+    @staticmethod
+    def _backtrack(paths: list, codes: list, last: torch.Tensor) -> torch.Tensor:
+        """The codes, stage by stage, of the path ``last`` [N] of the final beam: [N, stages]."""
+        out = []
+        for path, code in zip(reversed(paths), reversed(codes)):
+            out.append(code.gather(1, last[:, None])[:, 0])
+            last = path.gather(1, last[:, None])[:, 0]
+        return torch.stack(out[::-1], 1)
+
+    def _beam(self, z: torch.Tensor, width: int) -> torch.Tensor:
+        """[B, C] -> codes [B, T', L] by beam search: the chunk stages keep ``width`` paths per
+        chunk; from each, the group layers take the nearest codes (a beam there gained little
+        on LIBERO demos); the path that leaves the least wins."""
+        B, n, C = z.shape[0], self.steps, self.dim
+        stages = list(self._stages())
+        n_chunk = self.chunk_layers * n
+        residual, scale = z.unsqueeze(1), z.new_ones(B, 1, 1)
+        paths, codes = [], []
+        for i, _, _, vq in stages[:n_chunk]:
+            residual, scale, path, code = self._beam_step(i, vq, residual, scale, width)
+            paths.append(path)
+            codes.append(code)
+        P = residual.shape[1]
+        if n_chunk < len(stages):
+            group_codes, left = self._greedy_groups(residual.reshape(B * P * n, C // n),
+                                                    scale.reshape(B * P, 1).repeat_interleave(n, 0))
+            err = left.square().sum(-1).view(B, P, n).sum(-1)
+        else:
+            err = residual.square().sum(-1)
+        pick = err.argmin(1)  # [B]
+        out = []
+        if n_chunk:
+            out.append(self._backtrack(paths, codes, pick).view(B, self.chunk_layers, n).transpose(1, 2))
+        if n_chunk < len(stages):
+            out.append(group_codes.view(B, P, n, -1)[torch.arange(B, device=z.device), pick])
+        return torch.cat(out, -1)
+
+    def _prefixes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, T', l] -> the running sum after each of the l layers, [l, B, C]. The
+        scales depend on the codes alone, so every stage's vector is looked up at once and
+        the sums are cumulative sums (no loop over stages)."""
+        B, n, l = codes.shape
+        lc, lg = min(l, self.chunk_layers), max(0, l - self.chunk_layers)
+        parts, scale = [], None
+        if lc:
+            stages = torch.arange(lc * n, device=codes.device)
+            idx = codes[:, :, :lc].transpose(1, 2).reshape(B, lc * n)           # stage order
+            vec = self._stacked_codebooks(0, lc * n)[stages, idx]                # [B, S, C]
+            if self.cell_scale:
+                after = torch.cumprod(self.scales[stages, idx], 1)               # [B, S]
+                vec = vec * torch.cat([after.new_ones(B, 1), after[:, :-1]], 1).unsqueeze(-1)
+                scale = after[:, -1:]
+            parts.append(vec.view(B, lc, n, self.dim).sum(2).cumsum(1))          # [B, lc, C]
+        if lg:
+            first = self.chunk_layers * n
+            layers = torch.arange(lg, device=codes.device)
+            idx = codes[:, :, lc:]                                               # [B, T', lg]
+            vec = self._stacked_codebooks(first, lg)[layers, idx]                # [B, T', lg, c]
+            if self.cell_scale:
+                after = torch.cumprod(self.scales[first + layers, idx], -1)      # [B, T', lg]
+                before = torch.cat([after.new_ones(B, n, 1), after[..., :-1]], -1)
+                vec = vec * (before if scale is None else before * scale.unsqueeze(-1)).unsqueeze(-1)
+            sums = vec.cumsum(2).transpose(1, 2).reshape(B, lg, self.dim)        # [B, lg, C]
+            parts.append(sums + parts[-1][:, -1:] if parts else sums)
+        return torch.cat(parts, 1).transpose(0, 1)
+
+    def _stacked_codebooks(self, first: int, count: int) -> torch.Tensor:
+        """The codebooks of stages first..first+count-1 as one tensor [count, K, c], kept until
+        one of them changes (a new tensor or an in-place write, as ``_squared_norms``)."""
+        books = [self.layers[i].codebook for i in range(first, first + count)]
+        key = tuple((id(b), b._version) for b in books)
+        cache = self.__dict__.setdefault("_stack_cache", {})
+        hit = cache.get((first, count))
+        if hit is None or hit[0] != key:
+            hit = cache[(first, count)] = (key, torch.stack(books))
+        return hit[1]
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [B, T', l] (l <= L) -> latent [B, 1, C], summed in the forward's order."""
-        B, l = codes.shape[0], codes.shape[-1]
-        running = None
-        for layer, t, vq in self._stages():
-            if layer >= l:
-                break
-            q = vq.lookup(codes[:, t, layer]) if t is not None else vq.lookup(codes[:, :, layer]).reshape(B, -1)
-            running = q if running is None else running + q
-        return running.unsqueeze(1)
+        return self._prefixes(codes)[-1].unsqueeze(1)
 
     @torch.no_grad()
     def fit(self, z: torch.Tensor, iters: int = 20, seeding: str = "random",
             leave_one_out: bool = True) -> torch.Tensor:
         """Greedy residual k-means on z [N, 1, C]: each stage's codebook is fit by k-means on
-        what the earlier stages left, stage after stage.
+        what the earlier stages left, stage after stage (divided by the running scale with
+        ``cell_scale``).
 
         ``leave_one_out``: the next stage is fit on the residual each vector would have if its
         code's centroid had been fit without it, m / (m - 1) times its own residual for a code
         of m vectors, and the vector itself for a code of one. Without it the stages soon
         memorise the training chunks (their residuals fall to zero within a few stages) and the
-        later stages, fit on those, do little for unseen chunks. Returns the residual [N, C]
-        the last stage leaves (leave-one-out or not, as the stages were fit).
+        later stages, fit on those, do little for unseen chunks. A code's scale is the root
+        mean square of its cell's (leave-one-out) residuals, with ``CELL_SCALE_PRIOR``
+        pseudo-vectors at the stage's mean so that a code of few vectors keeps a scale near 1,
+        over the stage's root mean square. Returns the residual [N, C] the last stage leaves
+        (leave-one-out or not, as the stages were fit).
         """
         residual = z.reshape(z.shape[0], self.dim)
-        for _, t, vq in self._stages():
+        N, n = residual.shape[0], self.steps
+        scale = residual.new_ones(N, 1)
+        for i, _, t, vq in self._stages():
             rows = self._rows(residual, t)
-            vq.kmeans_init(rows, iters, seeding)
-            code, q = vq.quantize_and_lookup(rows)
-            left = rows - q
+            if t is None and scale.shape[0] == N:
+                scale = scale.repeat_interleave(n, 0)
+            u = rows / scale
+            vq.kmeans_init(u, iters, seeding)
+            code, q = vq.quantize_and_lookup(u)
+            left = u - q
             if leave_one_out:
                 m = torch.bincount(code, minlength=vq.codebook_size)[code].to(left.dtype)[:, None]
-                left = torch.where(m > 1, left * m / (m - 1).clamp(min=1), rows)
-            residual = left.reshape(residual.shape)
+                left = torch.where(m > 1, left * m / (m - 1).clamp(min=1), u)
+            if self.cell_scale:
+                energy = left.square().mean(1)
+                mean = energy.mean()
+                if mean > 0:
+                    count = torch.bincount(code, minlength=vq.codebook_size).to(energy.dtype)
+                    total = torch.zeros_like(count).index_add_(0, code, energy)
+                    self.scales[i] = ((total + CELL_SCALE_PRIOR * mean) / (count + CELL_SCALE_PRIOR) / mean).sqrt()
+                else:  # nothing left to code: every later stage sees zeros at any scale
+                    self.scales[i] = 1.0
+            residual = (left * scale).reshape(residual.shape)
+            scale = self._next_scale(scale, i, code)
         return residual
 
 
@@ -630,6 +786,7 @@ class RVQTokenizer(nn.Module):
             self.encoder = self.decoder = None
             self.quantizer = StagedResidualQuantizer(
                 c.num_layers, c.latent_steps, C, c.codebook_size, min(c.chunk_layers, c.num_layers),
+                cell_scale=c.cell_scale, beam_width=c.beam_width,
                 decay=c.ema_decay, dead_code_fraction=c.dead_code_fraction)
             return
         self.encoder = ChunkMLP(c.chunk_size * c.action_dim, c.hidden_dim, c.latent_steps * C, c.num_blocks)
@@ -740,12 +897,21 @@ class RVQTokenizer(nn.Module):
             raise ValueError(f"prefix of {l} layers requested, but this tokenizer has "
                              f"num_layers={c.num_layers} (valid prefixes: 1..{c.num_layers})")
         codes = codes.long()
-        for i, size in enumerate(self.layer_codebook_sizes()[:l]):
-            lo, hi = int(codes[..., i].min()), int(codes[..., i].max())
-            if lo < 0 or hi >= size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"code {bad} in layer {i} is out of range [0, {size - 1}]")
+        if codes.numel():  # one reduction over all layers; the loop below only names the culprit
+            lo, hi = codes.amin(dim=(0, 1)), codes.amax(dim=(0, 1))
+            if bool((lo < 0).any() | (hi >= self._layer_sizes(codes.device)[:l]).any()):
+                for i, size in enumerate(self.layer_codebook_sizes()[:l]):
+                    if lo[i] < 0 or hi[i] >= size:
+                        bad = int(lo[i]) if lo[i] < 0 else int(hi[i])
+                        raise ValueError(f"code {bad} in layer {i} is out of range [0, {size - 1}]")
         return codes
+
+    def _layer_sizes(self, device) -> torch.Tensor:
+        """``layer_codebook_sizes()`` as a tensor on ``device``, made once."""
+        cache = self.__dict__.get("_sizes_cache")
+        if cache is None or cache.device != torch.device(device):
+            cache = self.__dict__["_sizes_cache"] = torch.tensor(self.layer_codebook_sizes(), device=device)
+        return cache
 
     @torch.no_grad()
     def decode(self, codes, check: bool = True) -> torch.Tensor:
@@ -883,8 +1049,12 @@ def load_tokenizer(path: str, map_location="cpu") -> tuple[RVQTokenizer, dict]:
     for key in ("config", "state_dict", "provenance"):
         if key not in ckpt:
             raise ValueError(f"{path}: checkpoint has no {key!r} entry")
+    saved = dict(ckpt["config"])
+    if saved.get("encoder") == "none" and "cell_scale" not in saved:
+        # written before cell scales and beam encoding existed: fit and encoded without them
+        saved.update(cell_scale=False, beam_width=1)
     try:
-        config = RVQConfig(**ckpt["config"])
+        config = RVQConfig(**saved)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: invalid tokenizer config: {exc}") from exc
     model = RVQTokenizer(config)

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from collect_actions import TARGETS
-from rvq_tokenizer import ENCODERS, QUANTIZERS, RVQConfig, RVQTokenizer, code_usage, save_tokenizer
+from rvq_tokenizer import DEFAULT_BEAM_WIDTH, ENCODERS, QUANTIZERS, RVQConfig, RVQTokenizer, code_usage, save_tokenizer
 
 log = logging.getLogger("train_rvq_tokenizer")
 
@@ -68,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no_leave_one_out", action="store_true",
                    help="encoder 'none': fit each stage on the plain training residuals, which the "
                         "stages memorise, instead of the leave-one-out ones")
+    g.add_argument("--no_cell_scale", action="store_true",
+                   help="encoder 'none': no per-code residual scales (every stage codes the plain residual)")
+    g.add_argument("--beam_width", type=int, default=None,
+                   help=f"encoder 'none': paths kept by the beam search that encodes (1: the nearest "
+                        f"code at every stage; default {DEFAULT_BEAM_WIDTH})")
     g.add_argument("--kmeans_iters", type=int, default=20,
                    help="Lloyd iterations per codebook (encoder 'none'; the MLP tokenizer's "
                         "initialisation uses 10)")
@@ -117,6 +122,7 @@ def config_from_args(args, action_dim: int) -> RVQConfig:
         action_dim=action_dim, chunk_size=args.chunk_size, latent_steps=args.latent_steps,
         hidden_dim=args.hidden_dim, code_dim=args.code_dim, quantizer=args.quantizer, encoder=args.encoder,
         chunk_layers=args.chunk_layers,
+        cell_scale=False if args.no_cell_scale else None, beam_width=args.beam_width,
         num_layers=args.num_layers, codebook_size=args.codebook_size,
         fsq_levels=tuple(args.fsq_levels), fsq_layer_scale=args.fsq_layer_scale or None,
         residual_dropout=args.residual_dropout,
