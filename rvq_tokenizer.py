@@ -449,6 +449,18 @@ class ResidualQuantizer(nn.Module):
             dead_codes_replaced=replaced,
         )
 
+    @torch.no_grad()
+    def encode_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [B, T', C] -> codes [B, T', L]: the eval forward's codes, without its sums (and
+        never an update of a codebook)."""
+        B, Tp, C = z.shape
+        residual, codes = z.reshape(B * Tp, C), []
+        for layer in self.layers:
+            code, q = layer.quantize_and_lookup(residual)
+            residual = residual - q
+            codes.append(code)
+        return torch.stack(codes, -1).reshape(B, Tp, -1)
+
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [B, T', l] (l <= L) -> latent [B, T', C], summed in the forward's order."""
         running = self.layers[0].lookup(codes[..., 0])
@@ -874,14 +886,7 @@ class RVQTokenizer(nn.Module):
     def encode(self, actions) -> torch.Tensor:
         """actions: [B, T, D] raw units -> codes LongTensor [B, T', L]."""
         x = self.normalize(self._check_actions(actions))
-        if self.config.encoder == "none":
-            return self.quantizer.encode_codes(self._encode_latent(x))
-        was_training = self.training
-        self.quantizer.eval()  # encoding must never update codebooks
-        try:
-            return self.quantizer(self._encode_latent(x)).codes
-        finally:
-            self.quantizer.train(was_training)
+        return self.quantizer.encode_codes(self._encode_latent(x))  # never updates a codebook
 
     def check_codes(self, codes) -> torch.Tensor:
         """Validate codes [B, T', l] with 1 <= l <= L and every value inside its layer."""

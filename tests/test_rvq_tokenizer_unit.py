@@ -58,6 +58,7 @@ def test_decode_of_encode_equals_eval_forward(trained, data):
     forward = model.denormalize(model(x).recon)
     codes = model.encode(x)
     assert codes.dtype == torch.long and codes.shape == (len(x), 2, LAYERS)
+    assert torch.equal(codes, model(x).codes)
     assert torch.equal(model.decode(codes), forward)
 
 
