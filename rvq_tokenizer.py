@@ -26,9 +26,12 @@ A third variant drops the encoder and decoder (``encoder="none"``, ``StagedResid
 RVQ directly on the normalized chunk, flattened to one ``T * D`` vector. A layer still carries
 ``T'`` codes (``T' * log2(K)`` bits): the first layers are ``T'`` residual stages over the whole
 chunk, one code each; the later ones code ``T'`` groups of consecutive steps with one shared
-codebook. The codebooks are fit by greedy residual k-means on leave-one-out residuals (stage
-after stage) instead of by gradient training, and nothing bounds the error from below but the
-data: there is no autoencoder whose own reconstruction error the layers level off at.
+codebook. Each code also carries a scale, the spread of the residuals its cell leaves, by which
+the next stages divide what they code (and multiply their codes back), and encoding searches a
+beam of paths instead of taking the nearest code at every stage. The codebooks and scales are
+fit by greedy residual k-means on leave-one-out residuals (stage after stage) instead of by
+gradient training, and nothing bounds the error from below but the data: there is no
+autoencoder whose own reconstruction error the layers level off at.
 
 Shapes: actions ``[B, T, D]``, latents ``[B, T', C]`` (``[B, 1, T * D]`` without an encoder),
 codes ``[B, T', L]``.

@@ -9,9 +9,9 @@ validation chunk overlaps a training chunk. The checkpoint kept is the epoch wit
 validation error (geometric mean over prefixes 1..L of the normalized-action MSE), and it
 records the data files, the train / validation episodes, the arguments, the seed and the
 metrics. Beside it: ``<stem>_training_history.png`` and, when collecting, ``<stem>_demos.hdf5``.
-With ``--encoder none`` there is nothing to train by gradient: the codebooks are fit stage by
-stage by k-means on the training chunks' leave-one-out residuals, and the plot shows train and
-validation MSE per layer.
+With ``--encoder none`` there is nothing to train by gradient: the codebooks (and each code's
+residual scale, unless ``--no_cell_scale``) are fit stage by stage by k-means on the training
+chunks' leave-one-out residuals, and the plot shows train and validation MSE per layer.
 """
 
 from __future__ import annotations
