@@ -17,7 +17,8 @@ chunks; its ``train_seconds`` is that fit.
 
 Measured on this CPU (torch threads: --threads): encode and decode throughput at batch
 --batch (chunks/s, median over repeats; `chunks_per_s` is the encode+decode round trip),
-batch-1 encode+decode latency (median µs), and full-depth reconstruction MSE of normalized
+batch-1 encode+decode latency and batch-1 decode alone, what a policy pays at run time (median
+µs), and full-depth reconstruction MSE of normalized
 actions. Encode starts from raw actions and decode ends in raw actions for every method
 (normalization included). FAST (scale --fast_scale, BPE on the training chunks) is timed
 the same way; it runs in numpy/Python on one core.
@@ -212,9 +213,12 @@ def measure(encode, decode, batch, single, args) -> dict:
     t_enc = median_seconds(lambda: encode(batch), args.repeats)
     t_dec = median_seconds(lambda: decode(codes), args.repeats)
     t_rt1 = median_seconds(lambda: decode(encode(single)), args.latency_repeats, warmup=20)
+    single_codes = encode(single)  # a policy at run time only decodes: batch-1 decode alone
+    t_dec1 = median_seconds(lambda: decode(single_codes), args.latency_repeats, warmup=20)
     n = len(batch)
     return {"chunks_per_s": n / (t_enc + t_dec), "encode_chunks_per_s": n / t_enc,
-            "decode_chunks_per_s": n / t_dec, "batch1_latency_us": 1e6 * t_rt1}
+            "decode_chunks_per_s": n / t_dec, "batch1_latency_us": 1e6 * t_rt1,
+            "batch1_decode_us": 1e6 * t_dec1}
 
 
 def bench_torch(model, val_raw: torch.Tensor, batch: torch.Tensor, args) -> dict:
@@ -304,10 +308,11 @@ def print_table(r: dict) -> None:
     s = r["settings"]
     print(f"\nTokenizer benchmark ({s['threads']} thread(s), batch {s['batch']}, {s['steps']} training steps, "
           f"{r['data']['val_chunks']} held-out chunks)")
-    print(f"{'method':>15} {'rt chunks/s':>12} {'enc chunks/s':>13} {'dec chunks/s':>13} {'b1 rt µs':>9} {'MSE':>10}")
+    print(f"{'method':>15} {'rt chunks/s':>12} {'enc chunks/s':>13} {'dec chunks/s':>13} {'b1 rt µs':>9} "
+          f"{'b1 dec µs':>10} {'MSE':>10}")
     for name, m in r["methods"].items():
         print(f"{name:>15} {m['chunks_per_s']:>12.0f} {m['encode_chunks_per_s']:>13.0f} {m['decode_chunks_per_s']:>13.0f} "
-              f"{m['batch1_latency_us']:>9.0f} {m['mse']:>10.6f}")
+              f"{m['batch1_latency_us']:>9.0f} {m['batch1_decode_us']:>10.0f} {m['mse']:>10.6f}")
     for name, reason in r["skipped"].items():
         print(f"{name:>15} skipped: {reason}")
     for k, v in r["bars"].items():

@@ -192,6 +192,7 @@ def fit_residual_kmeans(config: RVQConfig, train_chunks: np.ndarray, val_chunks:
     model.init_codebooks(train, iters, leave_one_out=leave_one_out)
     model.eval()
     return model, {"epoch": [], "best_epoch": 0, "kmeans_iters": iters, "leave_one_out": leave_one_out,
+                   "cell_scale": config.cell_scale, "beam_width": config.beam_width,
                    "train_prefix_mse": model.prefix_mse(train).tolist(),
                    "val_prefix_mse": [model.prefix_mse(torch.as_tensor(val_chunks, dtype=torch.float32,
                                                                        device=device)).tolist()]}
@@ -294,7 +295,9 @@ def save_history_plot(history: dict, path: str) -> None:
         a.semilogy(layers, history["train_prefix_mse"], "o-", label="training chunks")
         a.semilogy(layers, history["val_prefix_mse"][-1], "s-", label="held-out episodes")
         how = "leave-one-out residuals" if history["leave_one_out"] else "plain residuals"
-        a.set(title=f"residual k-means on {how}\n({history['kmeans_iters']} Lloyd iterations per stage)",
+        scales = "cell scales" if history.get("cell_scale") else "no cell scales"
+        a.set(title=f"residual k-means on {how}\n({history['kmeans_iters']} Lloyd iterations per stage, "
+                    f"{scales}, beam {history.get('beam_width', 1)})",
               xlabel="layers", ylabel="MSE (normalized units)")
         a.legend()
         a.grid(alpha=0.3)
@@ -339,7 +342,8 @@ def print_table(result: dict) -> None:
     m = result["metrics"]
     c = result["config"]
     how = (f"best epoch {m['best_epoch']}" if c.get("encoder", "mlp") == "mlp"
-           else "no encoder, residual k-means")
+           else f"no encoder, residual k-means, {'cell scales' if c.get('cell_scale') else 'no cell scales'}, "
+                f"beam {c.get('beam_width', 1)}")
     print(f"\n{c['quantizer']} tokenizer | {m['train_chunks']} train / {m['val_chunks']} "
           f"val chunks ({m['train_episodes']} / {m['val_episodes']} episodes) | {how} | "
           f"training {m['train_seconds']:.0f} s")

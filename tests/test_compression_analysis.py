@@ -227,4 +227,5 @@ def test_bench_fits_and_measures_the_encoder_free_rvq():
     r = bt.main(args)
     m = r["methods"]["rvq_direct"]
     assert 0 < m["mse"] < 0.05 and m["chunks_per_s"] > 0 and m["batch1_latency_us"] > 0
+    assert 0 < m["batch1_decode_us"] and "batch1_decode_us" in r["methods"]["fast"]
     assert "rvq_direct_batch1_latency_ok" in r["bars"]
