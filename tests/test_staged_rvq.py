@@ -277,3 +277,18 @@ def test_cell_scale_and_beam_belong_to_the_staged_quantizer():
         rt.RVQConfig(cell_scale=True)
     with pytest.raises(ValueError, match="beam_width must be a positive integer"):
         config(beam_width=0)
+
+
+@pytest.mark.parametrize("chunk_layers", [0, LAYERS])
+def test_groups_only_and_chunks_only_encode_and_decode(chunk_layers, data):
+    torch.manual_seed(0)
+    model, _ = fit_residual_kmeans(config(chunk_layers=chunk_layers), data[0], data[1], iters=5)
+    assert model.quantizer.kinds == ["group" if chunk_layers == 0 else "chunk"] * LAYERS
+    x = torch.as_tensor(data[1])
+    codes = model.encode(x)
+    for l, expected in enumerate(reference_decode(model, codes), 1):
+        assert torch.allclose(model.normalize(model.decode(codes[..., :l])), expected.reshape(x.shape), atol=1e-5)
+    greedy, _ = reference_greedy(model, x)
+    assert torch.equal(with_beam(model, 1).encode(x), greedy)
+    beam_err, greedy_err = model.prefix_mse(x)[-1], with_beam(model, 1).prefix_mse(x)[-1]
+    assert beam_err <= greedy_err
