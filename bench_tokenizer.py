@@ -18,7 +18,8 @@ chunks; its ``train_seconds`` is that fit.
 Measured on this CPU (torch threads: --threads): encode and decode throughput at batch
 --batch (chunks/s, median over repeats; `chunks_per_s` is the encode+decode round trip),
 batch-1 encode+decode latency and batch-1 decode alone, what a policy pays at run time (median
-µs), and full-depth reconstruction MSE of normalized
+µs; every method's batch-1 calls are timed at the end, one call of each in turn, so that all
+see the same machine load), and full-depth reconstruction MSE of normalized
 actions. Encode starts from raw actions and decode ends in raw actions for every method
 (normalization included). FAST (scale --fast_scale, BPE on the training chunks) is timed
 the same way; it runs in numpy/Python on one core.
@@ -40,7 +41,7 @@ from tqdm import tqdm
 import collect_actions as ca
 from compression_baselines import FASTTokenizer
 from rvq_tokenizer import RVQConfig, RVQTokenizer, synthetic_episodes
-from timing import median_seconds
+from timing import interleaved_median_seconds, median_seconds
 
 log = logging.getLogger("bench_tokenizer")
 
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     # timing
     p.add_argument("--batch", type=int, default=1024, help="batch size of the throughput measurement")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats at --batch")
-    p.add_argument("--latency_repeats", type=int, default=300, help="timed batch-1 round trips")
+    p.add_argument("--latency_repeats", type=int, default=300, help="timed batch-1 calls of each kind per method (round trip, decode alone)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--fast_scale", type=float, default=10.0)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -207,29 +208,47 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
     return model, seconds
 
 
-def measure(encode, decode, batch, single, args) -> dict:
-    """Timing of encode(raw) / decode(codes) at batch --batch and batch 1."""
+LATENCY_KEYS = ("batch1_latency_us", "batch1_decode_us")
+
+
+def measure(encode, decode, batch, single, args) -> tuple[dict, dict]:
+    """Throughput of encode(raw) / decode(codes) at batch --batch, and the batch-1 calls whose
+    latency ``main`` times later, in turn with every other method's: the round trip, and
+    decode alone (what a policy pays at run time)."""
     codes = encode(batch)
     t_enc = median_seconds(lambda: encode(batch), args.repeats)
     t_dec = median_seconds(lambda: decode(codes), args.repeats)
-    t_rt1 = median_seconds(lambda: decode(encode(single)), args.latency_repeats, warmup=20)
-    single_codes = encode(single)  # a policy at run time only decodes: batch-1 decode alone
-    t_dec1 = median_seconds(lambda: decode(single_codes), args.latency_repeats, warmup=20)
+    single_codes = encode(single)
     n = len(batch)
-    return {"chunks_per_s": n / (t_enc + t_dec), "encode_chunks_per_s": n / t_enc,
-            "decode_chunks_per_s": n / t_dec, "batch1_latency_us": 1e6 * t_rt1,
-            "batch1_decode_us": 1e6 * t_dec1}
+    return ({"chunks_per_s": n / (t_enc + t_dec), "encode_chunks_per_s": n / t_enc,
+             "decode_chunks_per_s": n / t_dec},
+            {"batch1_latency_us": lambda: decode(encode(single)),
+             "batch1_decode_us": lambda: decode(single_codes)})
 
 
-def bench_torch(model, val_raw: torch.Tensor, batch: torch.Tensor, args) -> dict:
+def time_batch1(calls: dict, repeats: int) -> dict:
+    """{method: {key: median µs}} of every method's batch-1 calls, timed in turn (one call of
+    each, then again): on a machine whose load drifts, timing one method's calls after
+    another's let the drift decide their order."""
+    keys = [(name, key) for name in calls for key in LATENCY_KEYS]
+    with torch.inference_mode():
+        seconds = interleaved_median_seconds([calls[name][key] for name, key in keys], repeats, warmup=20)
+    out = {name: {} for name in calls}
+    for (name, key), t in zip(keys, seconds):
+        out[name][key] = 1e6 * t
+    return out
+
+
+def bench_torch(model, val_raw: torch.Tensor, batch: torch.Tensor, args) -> tuple[dict, dict]:
     with torch.inference_mode():
         recon = model.decode(model.encode(val_raw))
         norm = model.normalizer.normalize
         mse = float(F.mse_loss(norm(recon), norm(val_raw)))
-        return {"mse": mse, **measure(model.encode, model.decode, batch, batch[:1], args)}
+        numbers, calls = measure(model.encode, model.decode, batch, batch[:1], args)
+        return {"mse": mse, **numbers}, calls
 
 
-def bench_fast(train_raw: np.ndarray, val_raw: np.ndarray, batch: np.ndarray, args) -> dict:
+def bench_fast(train_raw: np.ndarray, val_raw: np.ndarray, batch: np.ndarray, args) -> tuple[dict, dict]:
     """FAST on the same normalization (q01/q99 of the training chunks, as our tokenizer's)."""
     from rvq_tokenizer import ActionNormalizer
 
@@ -244,9 +263,9 @@ def bench_fast(train_raw: np.ndarray, val_raw: np.ndarray, batch: np.ndarray, ar
         raise RuntimeError(f"FAST failed to decode {failed.sum()} of its own encodings")
     encode = lambda a: fast.encode(norm(a))
     decode = lambda t: denorm(fast.decode(t)[0])
+    numbers, calls = measure(encode, decode, batch, batch[:1], args)
     return {"mse": float(np.mean((recon - norm(val_raw)) ** 2)),
-            "tokens_per_chunk": fast.budget(tokens).tokens_per_chunk,
-            **measure(encode, decode, batch, batch[:1], args)}
+            "tokens_per_chunk": fast.budget(tokens).tokens_per_chunk, **numbers}, calls
 
 
 def bars(methods: dict) -> dict:
@@ -279,7 +298,7 @@ def main(args) -> dict:
     rng = np.random.default_rng(args.seed)
     batch_np = val_np[rng.integers(len(val_np), size=args.batch)]
     train_t, val_t, batch_t = (torch.as_tensor(a) for a in (train_np, val_np, batch_np))
-    methods, skipped = {}, {}
+    methods, skipped, calls = {}, {}, {}
     codes = math.prod(config.fsq_levels)
     for name in args.methods:
         if name == "vqpytorch_rfsq" and codes > VQPYTORCH_FSQ_MAX_CODES:
@@ -288,11 +307,15 @@ def main(args) -> dict:
             log.warning("skipping %s: %s", name, skipped[name])
             continue
         if name == "fast":
-            methods[name] = bench_fast(train_np, val_np, batch_np, args)
+            methods[name], calls[name] = bench_fast(train_np, val_np, batch_np, args)
         else:
             model, seconds = build_torch_method(name, config, train_t, args)
-            methods[name] = {**bench_torch(model, val_t, batch_t, args), "train_seconds": seconds}
+            methods[name], calls[name] = bench_torch(model, val_t, batch_t, args)
+            methods[name]["train_seconds"] = seconds
         log.info("%s: %s", name, {k: round(v, 6) for k, v in methods[name].items()})
+    log.info("batch-1 latencies: %d calls of each method, in turn", args.latency_repeats)
+    for name, numbers in time_batch1(calls, args.latency_repeats).items():
+        methods[name].update(numbers)
     result = {"data": data, "config": {**config.__dict__, "fsq_levels": list(config.fsq_levels)},
               "settings": {"threads": args.threads, "batch": args.batch, "steps": args.steps,
                            "batch_size": args.batch_size, "lr": args.lr, "fast_scale": args.fast_scale},
