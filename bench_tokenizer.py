@@ -18,8 +18,8 @@ chunks; its ``train_seconds`` is that fit.
 Measured on this CPU (torch threads: --threads): encode and decode throughput at batch
 --batch (chunks/s, median over repeats; `chunks_per_s` is the encode+decode round trip),
 batch-1 encode+decode latency and batch-1 decode alone, what a policy pays at run time (median
-µs; every method's batch-1 calls are timed at the end, one call of each in turn, so that all
-see the same machine load), and full-depth reconstruction MSE of normalized
+µs; every method's batch-1 calls are timed at the end, in turns of a few calls per method,
+round after round, so that all see the same machine load), and full-depth reconstruction MSE of normalized
 actions. Encode starts from raw actions and decode ends in raw actions for every method
 (normalization included). FAST (scale --fast_scale, BPE on the training chunks) is timed
 the same way; it runs in numpy/Python on one core.
@@ -209,6 +209,9 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
 
 
 LATENCY_KEYS = ("batch1_latency_us", "batch1_decode_us")
+# batch-1 calls timed per turn: one call after another method's runs on cold caches (FAST's
+# round trip took 5x longer timed one call per turn than 25)
+LATENCY_BLOCK = 25
 
 
 def measure(encode, decode, batch, single, args) -> tuple[dict, dict]:
@@ -227,12 +230,14 @@ def measure(encode, decode, batch, single, args) -> tuple[dict, dict]:
 
 
 def time_batch1(calls: dict, repeats: int) -> dict:
-    """{method: {key: median µs}} of every method's batch-1 calls, timed in turn (one call of
-    each, then again): on a machine whose load drifts, timing one method's calls after
-    another's let the drift decide their order."""
+    """{method: {key: median µs}} of every method's batch-1 calls, timed in turns of
+    ``LATENCY_BLOCK`` calls (after one untimed call), method after method, round after round:
+    on a machine whose load drifts, timing all of one method's calls and then another's let
+    the drift decide their order."""
     keys = [(name, key) for name in calls for key in LATENCY_KEYS]
     with torch.inference_mode():
-        seconds = interleaved_median_seconds([calls[name][key] for name, key in keys], repeats, warmup=20)
+        seconds = interleaved_median_seconds([calls[name][key] for name, key in keys], repeats, warmup=20,
+                                             block=LATENCY_BLOCK)
     out = {name: {} for name in calls}
     for (name, key), t in zip(keys, seconds):
         out[name][key] = 1e6 * t
@@ -313,7 +318,7 @@ def main(args) -> dict:
             methods[name], calls[name] = bench_torch(model, val_t, batch_t, args)
             methods[name]["train_seconds"] = seconds
         log.info("%s: %s", name, {k: round(v, 6) for k, v in methods[name].items()})
-    log.info("batch-1 latencies: %d calls of each method, in turn", args.latency_repeats)
+    log.info("batch-1 latencies: %d calls of each method, in turns of %d", args.latency_repeats, LATENCY_BLOCK)
     for name, numbers in time_batch1(calls, args.latency_repeats).items():
         methods[name].update(numbers)
     result = {"data": data, "config": {**config.__dict__, "fsq_levels": list(config.fsq_levels)},
