@@ -210,7 +210,7 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
 
 LATENCY_KEYS = ("batch1_latency_us", "batch1_decode_us")
 # batch-1 calls timed per turn: one call after another method's runs on cold caches (FAST's
-# round trip took 5x longer timed one call per turn than 25)
+# round trip took 4x longer timed one call per turn than 25)
 LATENCY_BLOCK = 25
 
 
