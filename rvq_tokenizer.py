@@ -518,6 +518,9 @@ class StagedResidualQuantizer(nn.Module):
         self.steps, self.chunk_layers, self.dim = steps, chunk_layers, dim
         self.cell_scale, self.beam_width = cell_scale, beam_width
         self.kinds = ["chunk"] * chunk_layers + ["group"] * (num_layers - chunk_layers)
+        # (layer, position or None) of every stage, in order
+        self._plan = [(l, t) for l, kind in enumerate(self.kinds)
+                      for t in (range(steps) if kind == "chunk" else [None])]
         quantizers = []
         for kind in self.kinds:
             n, d = (steps, dim) if kind == "chunk" else (1, dim // steps)
@@ -530,14 +533,10 @@ class StagedResidualQuantizer(nn.Module):
     def num_layers(self) -> int:
         return len(self.kinds)
 
-    def _stages(self):
-        """(stage index, layer, position or None, quantizer) in stage order; position None: a
-        group layer."""
-        i = 0
-        for l, kind in enumerate(self.kinds):
-            for t in (range(self.steps) if kind == "chunk" else [None]):
-                yield i, l, t, self.layers[i]
-                i += 1
+    def _stages(self) -> list:
+        """[(stage index, layer, position or None, quantizer)] in stage order; position None:
+        a group layer."""
+        return [(i, l, t, vq) for i, ((l, t), vq) in enumerate(zip(self._plan, self.layers))]
 
     def _rows(self, residual: torch.Tensor, t) -> torch.Tensor:
         """The vectors one stage codes: the whole chunks [B, C] or their groups [B * T', C / T']."""
@@ -574,7 +573,7 @@ class StagedResidualQuantizer(nn.Module):
     def _greedy(self, residual: torch.Tensor) -> torch.Tensor:
         """[B, C] -> codes [B, T', L], the nearest code at every stage."""
         B, n = residual.shape[0], self.steps
-        stages = list(self._stages())
+        stages = self._stages()
         n_chunk = self.chunk_layers * n
         scale, codes = residual.new_ones(B, 1), []
         for i, _, _, vq in stages[:n_chunk]:
@@ -592,7 +591,7 @@ class StagedResidualQuantizer(nn.Module):
         """The group layers on rows [R, C / T'] (scale [R, 1]): the nearest code at every layer.
         Returns the codes [R, group layers] and the residual they leave [R, C / T']."""
         codes = []
-        for i, _, _, vq in list(self._stages())[self.chunk_layers * self.steps:]:
+        for i, _, _, vq in self._stages()[self.chunk_layers * self.steps:]:
             code, q = vq.quantize_and_lookup(rows / scale if self.cell_scale else rows)
             rows = rows - (q * scale if self.cell_scale else q)
             scale = self._next_scale(scale, i, code)
@@ -629,7 +628,7 @@ class StagedResidualQuantizer(nn.Module):
         chunk; from each, the group layers take the nearest codes (a beam there gained little
         on LIBERO demos); the path that leaves the least wins."""
         B, n, C = z.shape[0], self.steps, self.dim
-        stages = list(self._stages())
+        stages = self._stages()
         n_chunk = self.chunk_layers * n
         residual, scale = z.unsqueeze(1), z.new_ones(B, 1, 1)
         paths, codes = [], []
