@@ -16,6 +16,10 @@ state to state), batch 1 on one thread, so:
   early, so their codes differ by construction), and every mode reports how far its actions
   move from dense (max abs difference per chunk, normalized units).
 
+``--oracle_draft`` replaces the draft by a perfect one (the main policy's own greedy codes,
+proposed at no cost): ``rsd:K`` then shows how fast exact speculation with K proposed layers
+can be on this CPU whatever the draft.
+
 Use states the models never trained on: record the main policy's own rollouts from held-out
 init states (``eval_libero.py --mode dense --record FILE``, init states 0-19). The script
 reports which init states the episodes started from.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,7 +39,7 @@ from tqdm import tqdm
 import collect_actions as ca
 from eval_libero import base_mode, engine_config, load_engine, parse_modes
 from policy_data import action_history, obs_vector
-from rsd_engine_core import ACCEPTANCE, chunk_summary
+from rsd_engine_core import ACCEPTANCE, RSDEngine, chunk_summary
 
 log = logging.getLogger("bench_decoding")
 
@@ -43,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Decoding modes on recorded observations (phase 3, offline).")
     p.add_argument("--policy", required=True, help="main policy checkpoint (variant ar)")
     p.add_argument("--draft", help="draft checkpoint (modes rsd, rsd+adaptive)")
+    p.add_argument("--oracle_draft", action="store_true",
+                   help="instead of --draft, a perfect draft: it proposes the main policy's own greedy "
+                        "codes of the state, at no cost (an upper bound of exact speculation's speed-up "
+                        "for any k; give the k as rsd:K)")
     p.add_argument("--tokenizer", help="default: the tokenizer recorded in the policy (hash-checked)")
     p.add_argument("--data", nargs="+", required=True, help="demo / rollout files (HDF5) whose states are decoded")
     p.add_argument("--mode", type=parse_modes, default=["dense", "rsd", "adaptive", "rsd+adaptive"],
@@ -59,6 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at batch 1)")
     p.add_argument("--json", default=None)
     return p
+
+
+class OracleDraft:
+    """A perfect draft for ``RSDEngine``: it proposes ``codes`` [1, T', L], set to the main
+    policy's dense greedy codes of the state before each speculative decode, as one-hot
+    logits, without a network (the engine reads ``config.num_layers``, ``config.source`` and
+    calls ``fused()(features, task)``). Exact acceptance then accepts every proposed layer, so
+    the verify pass and the layers after the proposal are all that speculation costs."""
+
+    def __init__(self, num_layers: int, vocab: int):
+        self.config = SimpleNamespace(num_layers=num_layers, source="oracle")
+        self.vocab = vocab
+        self.codes: torch.Tensor | None = None
+
+    def eval(self) -> "OracleDraft":
+        return self
+
+    def fused(self) -> "OracleDraft":
+        return self
+
+    def __call__(self, features, task) -> torch.Tensor:
+        if self.codes is None:
+            raise RuntimeError("OracleDraft.codes must be set to the state's dense codes first")
+        return torch.nn.functional.one_hot(self.codes, self.vocab).float()  # [1, T', L, vocab]
 
 
 def chunk_start_states(episodes: list, keys, history: int, chunk_size: int) -> tuple[np.ndarray, list[str]]:
@@ -86,7 +119,16 @@ def main(args) -> dict:
     args.modes = ["dense"] + [m for m in args.mode if m != "dense"]
     if "parallel" in map(base_mode, args.modes):
         raise ValueError("--mode parallel is not benchmarked here (use eval_libero.py --parallel_policy)")
-    engine = load_engine(args, args.modes)
+    oracle = None
+    if args.oracle_draft:
+        if args.draft:
+            raise ValueError("give --draft or --oracle_draft, not both")
+        base = load_engine(args, ["dense"])
+        pc = base.policy.config
+        oracle = OracleDraft(pc.num_layers, pc.vocab)
+        engine = RSDEngine(base.policy, base.tokenizer, oracle)
+    else:
+        engine = load_engine(args, args.modes)
     episodes = ca.load_episodes(args.data, only_success=False)
     pc = engine.policy.config
     obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history,
@@ -109,6 +151,8 @@ def main(args) -> dict:
     for n, (i, task) in enumerate(tqdm(list(zip(order, tasks)), desc="states", unit="state")):
         shift = n % len(args.modes)
         out = {}
+        if oracle is not None:  # the perfect draft proposes dense greedy decoding's codes (untimed)
+            oracle.codes = engine.act(obs[i], task, cfgs["dense"], gen)[2]
         for m in args.modes[shift:] + args.modes[:shift]:
             actions, stats, codes = engine.act(obs[i], task, cfgs[m], gen)
             out[m] = (actions, stats, codes)
@@ -124,6 +168,8 @@ def main(args) -> dict:
                       "held_out_init_states_only": all(s in ca.HELD_OUT_INIT_STATES for s in init_ids),
                       "states_decoded": len(rows["dense"])}
     result["config"] = {k: v for k, v in vars(args).items() if k != "modes"} | {"modes": args.modes}
+    if oracle is not None:
+        result["draft"] = "oracle: the main policy's own greedy codes, proposed at no cost"
     print_table(result)
     if args.json:
         ca.write_json(args.json, result)
@@ -155,6 +201,8 @@ def summarize(rows: dict) -> dict:
 
 def print_table(result: dict) -> None:
     modes = result["modes"]
+    if "draft" in result:
+        print(f"\ndraft: {result['draft']}")
     w = max(13, *(len(m) for m in modes))
     print(f"\n{'mode':>{w}} | {'latency ms':>10} | {'speedup':>7} | {'main passes':>11} | {'layers':>6} | "
           f"{'accepted':>8} | {'acceptance':>10} | {'same as dense':>13} | {'gap mean':>8} | {'gap max':>7} | "

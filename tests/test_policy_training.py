@@ -618,6 +618,28 @@ def test_bench_decoding_compares_every_mode_with_dense_on_recorded_states(traine
         bench_decoding.main(args)
 
 
+def test_bench_decoding_with_a_perfect_draft_accepts_every_proposed_layer(trained, tmp_path):
+    d, _, _ = trained
+    policy, _ = pm.load_policy(str(d / "policy.pt"))
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    roll = rollout_file(tmp_path / "held_out.hdf5", policy, tok, init_states=[0, 1], n=4)
+    args = bench_decoding.build_parser().parse_args([
+        "--policy", str(d / "policy.pt"), "--oracle_draft", "--data", roll, "--warmup", "1",
+        "--mode", "rsd:1,rsd:2,rsd:3"])
+    result = bench_decoding.main(args)
+    modes = result["modes"]
+    assert result["draft"].startswith("oracle")
+    for k in (1, 2, 3):
+        m = modes[f"rsd:{k}"]
+        assert m["acceptance_rate"] == 1.0 and m["accepted_layers_per_chunk"] == k
+        assert m["same_codes_as_dense"] == 1.0
+        # the verify pass, then dense passes for the layers after k + 1 (3 layers in all)
+        assert m["main_passes_per_chunk"] == 1 + max(0, 3 - k - 1)
+    args.draft = "some_draft.pt"
+    with pytest.raises(ValueError, match="not both"):
+        bench_decoding.main(args)
+
+
 # ---------------------------------------------------------------- statistics of a result
 
 def test_wilson_interval_matches_reference_values():
