@@ -380,6 +380,17 @@ class ScalarQuantizer(nn.Module):
         return (d.long() * self.basis).sum(-1), (d - self.center) * self.step
 
 
+def _stacked(owner: nn.Module, name, tensors: list) -> torch.Tensor:
+    """``torch.stack(tensors)``, kept on ``owner`` until one of them changes: a new tensor
+    (load, move) or an in-place write (k-means, EMA update), which bumps its version."""
+    key = tuple((id(t), t._version) for t in tensors)
+    cache = owner.__dict__.setdefault("_stack_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, torch.stack(tensors))
+    return hit[1]
+
+
 @dataclass
 class QuantizerOutput:
     """Result of the residual loop over z: [B, T', C]."""
@@ -414,11 +425,9 @@ class ResidualQuantizer(nn.Module):
         L = self.num_layers
         flat_z = z.reshape(B * Tp, C)
         keep_rows = None if keep is None else keep.repeat_interleave(Tp)  # [B*T']
-        codes, prefixes, replaced = [], [], []
+        codes, vectors, replaced = [], [], []
         with torch.no_grad():
             residual = flat_z.detach()
-            running = torch.zeros_like(residual)
-            kept_sum = running
             for l, layer in enumerate(self.layers):
                 active = None if keep_rows is None else keep_rows > l
                 if self.training and layer.has_codebook:
@@ -428,12 +437,16 @@ class ResidualQuantizer(nn.Module):
                     q = layer.lookup(code)  # from the updated codebook
                 else:
                     code, q = layer.quantize_and_lookup(residual)
-                running = running + q
-                kept_sum = running if active is None else torch.where(active[:, None], running, kept_sum)
                 residual = residual - q
                 codes.append(code)
-                prefixes.append(running)
-        prefix = torch.stack(prefixes, 0)  # [L, B*T', C]
+                vectors.append(q)
+            # the running sums as decode_codes forms them, so that decoding a prefix of the
+            # codes gives exactly the forward's sum
+            prefix = self.prefix_sums(torch.stack(vectors, 0))  # [L, B*T', C]
+            if keep_rows is None:
+                kept_sum = prefix[-1]
+            else:
+                kept_sum = prefix[(keep_rows - 1).clamp(0, L - 1), torch.arange(len(keep_rows), device=z.device)]
         commit = flat_z.new_zeros(())
         if self.training and any(layer.has_codebook for layer in self.layers):
             # layer l's commitment ||r_l - q_l||^2 = ||z - (q_0 + ... + q_l)||^2
@@ -464,12 +477,29 @@ class ResidualQuantizer(nn.Module):
             codes.append(code)
         return torch.stack(codes, -1).reshape(B, Tp, -1)
 
+    @staticmethod
+    def prefix_sums(vectors: torch.Tensor) -> torch.Tensor:
+        """[l, N, C] layer vectors -> their running sums [l, N, C] (one cumulative sum; the
+        forward and decode_codes both sum this way)."""
+        return torch.cumsum(vectors, 0)
+
+    def layer_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, T', l] -> every layer's vectors [l, B * T', C], looked up at once."""
+        B, Tp, l = codes.shape
+        flat = codes.reshape(B * Tp, l).t()  # [l, N]
+        first = self.layers[0]
+        if first.has_codebook:  # RVQ: every layer's codebook in one [l, K, C] tensor
+            books = _stacked(self, l, [layer.codebook for layer in self.layers[:l]])
+            return books[torch.arange(l, device=codes.device)[:, None], flat]
+        # RFSQ: the layers share their levels; only the grid step differs
+        steps = _stacked(self, ("step", l), [layer.step for layer in self.layers[:l]]).unsqueeze(1)
+        digits = torch.div(flat.unsqueeze(-1), first.basis, rounding_mode="floor") % first.levels
+        return (digits - first.center) * steps
+
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: [B, T', l] (l <= L) -> latent [B, T', C], summed in the forward's order."""
-        running = self.layers[0].lookup(codes[..., 0])
-        for l in range(1, codes.shape[-1]):
-            running = running + self.layers[l].lookup(codes[..., l])
-        return running
+        """codes: [B, T', l] (l <= L) -> latent [B, T', C], summed as the forward sums."""
+        B, Tp = codes.shape[:2]
+        return self.prefix_sums(self.layer_vectors(codes))[-1].view(B, Tp, -1)
 
 
 class StagedResidualQuantizer(nn.Module):
@@ -681,15 +711,8 @@ class StagedResidualQuantizer(nn.Module):
         return torch.cat(parts, 1).transpose(0, 1)
 
     def _stacked_codebooks(self, first: int, count: int) -> torch.Tensor:
-        """The codebooks of stages first..first+count-1 as one tensor [count, K, c], kept until
-        one of them changes (a new tensor or an in-place write, as ``_squared_norms``)."""
-        books = [self.layers[i].codebook for i in range(first, first + count)]
-        key = tuple((id(b), b._version) for b in books)
-        cache = self.__dict__.setdefault("_stack_cache", {})
-        hit = cache.get((first, count))
-        if hit is None or hit[0] != key:
-            hit = cache[(first, count)] = (key, torch.stack(books))
-        return hit[1]
+        """The codebooks of stages first..first+count-1 as one tensor [count, K, c]."""
+        return _stacked(self, (first, count), [self.layers[i].codebook for i in range(first, first + count)])
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [B, T', l] (l <= L) -> latent [B, 1, C], summed in the forward's order."""
