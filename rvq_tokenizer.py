@@ -605,28 +605,26 @@ class StagedResidualQuantizer(nn.Module):
         B, n = residual.shape[0], self.steps
         stages = self._stages()
         n_chunk = self.chunk_layers * n
-        scale, codes = residual.new_ones(B, 1), []
-        for i, _, _, vq in stages[:n_chunk]:
-            code, q = vq.quantize_and_lookup(residual / scale if self.cell_scale else residual)
-            residual = residual - (q * scale if self.cell_scale else q)
-            scale = self._next_scale(scale, i, code)
-            codes.append(code)
-        out = [torch.stack(codes, 1).view(B, self.chunk_layers, n).transpose(1, 2)] if codes else []
+        scale, out = residual.new_ones(B, 1), []
+        if n_chunk:
+            codes, residual, scale = self._nearest(stages[:n_chunk], residual, scale)
+            out.append(codes.view(B, self.chunk_layers, n).transpose(1, 2))
         if n_chunk < len(stages):
-            groups, _ = self._greedy_groups(residual.reshape(B * n, -1), scale.repeat_interleave(n, 0))
+            groups, _, _ = self._nearest(stages[n_chunk:], residual.reshape(B * n, -1), scale.repeat_interleave(n, 0))
             out.append(groups.view(B, n, -1))
         return torch.cat(out, -1)
 
-    def _greedy_groups(self, rows: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The group layers on rows [R, C / T'] (scale [R, 1]): the nearest code at every layer.
-        Returns the codes [R, group layers] and the residual they leave [R, C / T']."""
+    def _nearest(self, stages: list, rows: torch.Tensor, scale: torch.Tensor):
+        """The nearest code at each of ``stages`` (a non-empty run of ``_stages()``) in turn, on
+        rows [R, c] with their running scale [R, 1]: the codes [R, stages], and the residual and
+        scale they leave."""
         codes = []
-        for i, _, _, vq in self._stages()[self.chunk_layers * self.steps:]:
+        for i, _, _, vq in stages:
             code, q = vq.quantize_and_lookup(rows / scale if self.cell_scale else rows)
             rows = rows - (q * scale if self.cell_scale else q)
             scale = self._next_scale(scale, i, code)
             codes.append(code)
-        return torch.stack(codes, 1), rows
+        return torch.stack(codes, 1), rows, scale
 
     def _beam_step(self, i: int, vq: "VectorQuantizer", residual, scale, width: int):
         """One stage of beam search over [N, w] paths (residual [N, w, c], scale [N, w, 1]):
@@ -668,8 +666,8 @@ class StagedResidualQuantizer(nn.Module):
             codes.append(code)
         P = residual.shape[1]
         if n_chunk < len(stages):
-            group_codes, left = self._greedy_groups(residual.reshape(B * P * n, C // n),
-                                                    scale.reshape(B * P, 1).repeat_interleave(n, 0))
+            group_codes, left, _ = self._nearest(stages[n_chunk:], residual.reshape(B * P * n, C // n),
+                                                 scale.reshape(B * P, 1).repeat_interleave(n, 0))
             err = left.square().sum(-1).view(B, P, n).sum(-1)
         else:
             err = residual.square().sum(-1)
