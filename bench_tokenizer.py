@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import collect_actions as ca
 from compression_baselines import FASTTokenizer
-from rvq_tokenizer import RVQConfig, RVQTokenizer, synthetic_episodes
+from rvq_tokenizer import DIRECT_KMEANS_ITERS, RVQConfig, RVQTokenizer, synthetic_episodes
 from timing import interleaved_median_seconds, median_seconds
 
 log = logging.getLogger("bench_tokenizer")
@@ -192,7 +192,7 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         model.normalizer.fit(train_raw)
-        model.init_codebooks(train_raw, iters=20)
+        model.init_codebooks(train_raw, iters=DIRECT_KMEANS_ITERS)
         return model.eval(), time.perf_counter() - t0
     if name.startswith("vqpytorch"):
         # our dead-code rule (EMA usage < fraction x mean usage) as an absolute count per batch

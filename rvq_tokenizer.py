@@ -65,6 +65,8 @@ CELL_SCALE_PRIOR = 1.0
 # Encoder "none": paths kept by the beam search of its encoding. On the main job's demos (README,
 # phase 1) 4 paths cut the held-out error at 160-320 bits 1.7-3.4x below greedy encoding.
 DEFAULT_BEAM_WIDTH = 4
+# Encoder "none": Lloyd iterations per stage of its residual k-means fit.
+DIRECT_KMEANS_ITERS = 20
 
 
 # --------------------------------------------------------------------------- config
@@ -717,7 +719,7 @@ class StagedResidualQuantizer(nn.Module):
         return self._prefixes(codes)[-1].unsqueeze(1)
 
     @torch.no_grad()
-    def fit(self, z: torch.Tensor, iters: int = 20, seeding: str = "random",
+    def fit(self, z: torch.Tensor, iters: int = DIRECT_KMEANS_ITERS, seeding: str = "random",
             leave_one_out: bool = True) -> torch.Tensor:
         """Greedy residual k-means on z [N, 1, C]: each stage's codebook is fit by k-means on
         what the earlier stages left, stage after stage (divided by the running scale with

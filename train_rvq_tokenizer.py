@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from collect_actions import TARGETS
-from rvq_tokenizer import DEFAULT_BEAM_WIDTH, ENCODERS, QUANTIZERS, RVQConfig, RVQTokenizer, code_usage, save_tokenizer
+from rvq_tokenizer import DEFAULT_BEAM_WIDTH, DIRECT_KMEANS_ITERS, ENCODERS, QUANTIZERS, RVQConfig, RVQTokenizer, code_usage, save_tokenizer
 
 log = logging.getLogger("train_rvq_tokenizer")
 
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--beam_width", type=int, default=None,
                    help=f"encoder 'none': paths kept by the beam search that encodes (1: the nearest "
                         f"code at every stage; default {DEFAULT_BEAM_WIDTH})")
-    g.add_argument("--kmeans_iters", type=int, default=20,
+    g.add_argument("--kmeans_iters", type=int, default=DIRECT_KMEANS_ITERS,
                    help="Lloyd iterations per codebook (encoder 'none'; the MLP tokenizer's "
                         "initialisation uses 10)")
     g.add_argument("--num_layers", type=int, default=8)
