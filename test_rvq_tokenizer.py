@@ -116,7 +116,7 @@ def layers_on_smooth_actions(quantizer: str, epochs: int, encoder: str = "mlp") 
     train, val = rt.sliding_chunks(episodes[4:], 10), rt.sliding_chunks(episodes[:4], 10)
     config = rt.RVQConfig(quantizer=quantizer, num_layers=6, encoder=encoder)
     if encoder == "none":
-        model, _ = fit_residual_kmeans(config, train, val, iters=20)
+        model, _ = fit_residual_kmeans(config, train, val, iters=rt.DIRECT_KMEANS_ITERS)
     else:
         model, _ = train_tokenizer(config, train, val, epochs=epochs, batch_size=64, lr=2e-3, progress=False)
     x = torch.as_tensor(val)
