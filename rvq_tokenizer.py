@@ -470,14 +470,39 @@ class ResidualQuantizer(nn.Module):
     @torch.no_grad()
     def encode_codes(self, z: torch.Tensor) -> torch.Tensor:
         """z: [B, T', C] -> codes [B, T', L]: the eval forward's codes, without its sums (and
-        never an update of a codebook)."""
+        never an update of a codebook).
+
+        The forward's arithmetic, bit for bit, in fewer calls, since at batch 1 (a policy's
+        tokenizer call) each call costs more than its arithmetic: RVQ takes each layer's
+        codebook, its transpose and its squared norms from one cache; RFSQ keeps each layer's
+        levels and forms all layers' codes from them at the end."""
         B, Tp, C = z.shape
-        residual, codes = z.reshape(B * Tp, C), []
+        residual = z.reshape(B * Tp, C)
+        if self.layers[0].has_codebook:
+            codes = []
+            for book, book_t, norms in self._search_tables():
+                code = torch.addmm(norms, residual, book_t, alpha=-2).argmin(1)
+                residual = residual - book.index_select(0, code)
+                codes.append(code)
+            return torch.stack(codes, -1).reshape(B, Tp, -1)
+        digits = []
         for layer in self.layers:
-            code, q = layer.quantize_and_lookup(residual)
-            residual = residual - q
-            codes.append(code)
-        return torch.stack(codes, -1).reshape(B, Tp, -1)
+            d = layer.digits(residual)
+            residual = residual - (d - layer.center) * layer.step
+            digits.append(d)
+        first = self.layers[0]  # the layers share their levels
+        return (torch.stack(digits, 1).long() * first.basis).sum(-1).reshape(B, Tp, -1)
+
+    def _search_tables(self) -> list:
+        """[(codebook, its transpose, squared norms)] of every RVQ layer, kept until a codebook
+        changes (a new tensor, or an in-place write, which bumps its version)."""
+        books = [layer.codebook for layer in self.layers]
+        key = tuple((id(b), b._version) for b in books)
+        cache = self.__dict__.get("_tables_cache")
+        if cache is None or cache[0] != key:
+            tables = [(b, b.t(), layer._squared_norms()) for b, layer in zip(books, self.layers)]
+            cache = self.__dict__["_tables_cache"] = (key, tables)
+        return cache[1]
 
     @staticmethod
     def prefix_sums(vectors: torch.Tensor) -> torch.Tensor:
@@ -490,9 +515,13 @@ class ResidualQuantizer(nn.Module):
         B, Tp, l = codes.shape
         flat = codes.reshape(B * Tp, l).t()  # [l, N]
         first = self.layers[0]
-        if first.has_codebook:  # RVQ: every layer's codebook in one [l, K, C] tensor
-            books = _stacked(self, l, [layer.codebook for layer in self.layers[:l]])
-            return books[torch.arange(l, device=codes.device)[:, None], flat]
+        if first.has_codebook:  # RVQ: all codebooks as one table [L * K, C]; layer i's rows from i * K
+            books = _stacked(self, "books", [layer.codebook for layer in self.layers])
+            L, K, C = books.shape
+            offsets = self.__dict__.get("_row_offsets")
+            if offsets is None or offsets.device != codes.device or offsets.shape[0] != L:
+                offsets = self.__dict__["_row_offsets"] = torch.arange(0, L * K, K, device=codes.device)[:, None]
+            return F.embedding(flat + offsets[:l], books.view(L * K, C))
         # RFSQ: the layers share their levels; only the grid step differs
         steps = _stacked(self, ("step", l), [layer.step for layer in self.layers[:l]]).unsqueeze(1)
         digits = torch.div(flat.unsqueeze(-1), first.basis, rounding_mode="floor") % first.levels
@@ -776,7 +805,10 @@ class MLPBlock(nn.Module):
         self.fc2 = nn.Linear(dim * expansion, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        # the submodules' own functional ops (what their forwards compute), called directly
+        n, f1, f2 = self.norm, self.fc1, self.fc2
+        h = F.layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps)
+        return x + F.linear(F.gelu(F.linear(h, f1.weight, f1.bias)), f2.weight, f2.bias)
 
 
 class ChunkMLP(nn.Module):
@@ -794,7 +826,15 @@ class ChunkMLP(nn.Module):
                                  nn.LayerNorm(hidden), nn.Linear(hidden, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.mlp(x)
+        """The same arithmetic as ``self.linear(x) + self.mlp(x)``, bit for bit, without the
+        thirteen nested module calls: at batch 1 (a policy's tokenizer call) their overhead
+        cost as much as the arithmetic."""
+        first, *blocks, norm, last = self.mlp
+        h = F.linear(x, first.weight, first.bias)
+        for block in blocks:
+            h = block.forward(h)
+        h = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return F.linear(x, self.linear.weight, self.linear.bias) + F.linear(h, last.weight, last.bias)
 
 
 @dataclass
@@ -927,21 +967,17 @@ class RVQTokenizer(nn.Module):
             raise ValueError(f"prefix of {l} layers requested, but this tokenizer has "
                              f"num_layers={c.num_layers} (valid prefixes: 1..{c.num_layers})")
         codes = codes.long()
-        if codes.numel():  # one reduction over all layers; the loop below only names the culprit
-            lo, hi = codes.amin(dim=(0, 1)), codes.amax(dim=(0, 1))
-            if bool((lo < 0).any() | (hi >= self._layer_sizes(codes.device)[:l]).any()):
-                for i, size in enumerate(self.layer_codebook_sizes()[:l]):
-                    if lo[i] < 0 or hi[i] >= size:
-                        bad = int(lo[i]) if lo[i] < 0 else int(hi[i])
-                        raise ValueError(f"code {bad} in layer {i} is out of range [0, {size - 1}]")
+        if codes.numel():
+            # one reduction over all layers, which catches every bad code (each is < 0 or at
+            # least the smallest size); the loop only runs then, to name the culprit
+            sizes = self.layer_codebook_sizes()[:l]
+            lo, hi = torch.aminmax(codes)
+            if int(lo) < 0 or int(hi) >= min(sizes):
+                for i, size in enumerate(sizes):
+                    lo_i, hi_i = int(codes[..., i].min()), int(codes[..., i].max())
+                    if lo_i < 0 or hi_i >= size:
+                        raise ValueError(f"code {lo_i if lo_i < 0 else hi_i} in layer {i} is out of range [0, {size - 1}]")
         return codes
-
-    def _layer_sizes(self, device) -> torch.Tensor:
-        """``layer_codebook_sizes()`` as a tensor on ``device``, made once."""
-        cache = self.__dict__.get("_sizes_cache")
-        if cache is None or cache.device != torch.device(device):
-            cache = self.__dict__["_sizes_cache"] = torch.tensor(self.layer_codebook_sizes(), device=device)
-        return cache
 
     @torch.no_grad()
     def decode(self, codes, check: bool = True) -> torch.Tensor:
