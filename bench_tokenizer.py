@@ -49,6 +49,7 @@ log = logging.getLogger("bench_tokenizer")
 MSE_RATIO_BAR = 1.1          # our MSE <= 1.1x vector-quantize-pytorch's
 THROUGHPUT_RATIO_BAR = 1.5   # our encode+decode throughput >= 1.5x theirs
 LATENCY_BAR_US = 1000.0      # batch-1 encode+decode median <= 1 ms
+WARMUP_FRACTION = 0.05       # of the training steps, the one-cycle schedule's warm-up
 # vector-quantize-pytorch's FSQ materializes its whole implicit codebook ([prod(levels), C]
 # floats per layer) and computes indices in float32 (exact only below 2**24); beyond this many
 # codes it runs out of memory or mis-decodes, so the peer is skipped.
@@ -167,7 +168,7 @@ def train(model: nn.Module, loss_fn, train_chunks: torch.Tensor, args, name: str
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=WARMUP_FRACTION)
     model.train()
     t0 = time.perf_counter()
     for _ in tqdm(range(args.steps), desc=f"train {name}", leave=False, disable=None):  # no bar off a terminal
@@ -185,11 +186,11 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
     """A trained tokenizer exposing encode(raw) -> codes and decode(codes) -> raw."""
     quantizer = "rfsq" if name.endswith("rfsq") else "rvq"
     cfg = RVQConfig(**{**config.__dict__, "quantizer": quantizer})
+    torch.manual_seed(args.seed)  # the initial weights and codebooks: the same in every run
     if name == "rvq_direct":
         # its own defaults for the staged quantizer (cell scales, beam search)
         model = RVQTokenizer(RVQConfig(**{**cfg.__dict__, "encoder": "none", "cell_scale": None,
                                           "beam_width": None}))
-        torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         model.normalizer.fit(train_raw)
         model.init_codebooks(train_raw, iters=DIRECT_KMEANS_ITERS)
@@ -295,6 +296,9 @@ def main(args) -> dict:
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown --methods {sorted(unknown)}")
+    if args.steps * WARMUP_FRACTION <= 1:
+        raise ValueError(f"--steps must be more than {int(1 / WARMUP_FRACTION)} (the one-cycle schedule warms "
+                         f"up over {WARMUP_FRACTION:.0%} of them), got {args.steps}")
     torch.set_num_threads(args.threads)
     train_np, val_np, data = load_chunks(args)
     config = RVQConfig(action_dim=train_np.shape[-1], chunk_size=args.chunk_size, latent_steps=args.latent_steps,

@@ -229,3 +229,24 @@ def test_bench_fits_and_measures_the_encoder_free_rvq():
     assert 0 < m["mse"] < 0.05 and m["chunks_per_s"] > 0 and m["batch1_latency_us"] > 0
     assert 0 < m["batch1_decode_us"] and "batch1_decode_us" in r["methods"]["fast"]
     assert "rvq_direct_batch1_latency_ok" in r["bars"]
+
+
+def test_bench_trains_the_same_tokenizers_in_every_run():
+    """Two runs of the benchmark (even with other random draws between them) train the same
+    models: initial weights, codebooks and batches all come from --seed."""
+    import bench_tokenizer as bt
+
+    argv = ["--synthetic", "12", "--methods", "rvq", "rfsq", "--steps", "30", "--batch", "64",
+            "--repeats", "1", "--latency_repeats", "2", "--num_layers", "2", "--codebook_size", "16"]
+    first = bt.main(bt.build_parser().parse_args(argv))
+    torch.rand(1000)  # the global generator moves on
+    second = bt.main(bt.build_parser().parse_args(argv))
+    for name in ("rvq", "rfsq"):
+        assert first["methods"][name]["mse"] == second["methods"][name]["mse"]
+
+
+def test_bench_refuses_too_few_steps_for_its_schedule():
+    import bench_tokenizer as bt
+
+    with pytest.raises(ValueError, match="--steps must be more than 20.*got 20"):
+        bt.main(bt.build_parser().parse_args(["--synthetic", "12", "--steps", "20"]))
