@@ -631,83 +631,105 @@ class StagedResidualQuantizer(nn.Module):
         """z: [B, 1, C] -> codes [B, T', L]: nearest codes stage by stage, or by beam search."""
         return self._beam(self._check(z), self.beam_width) if self.beam_width > 1 else self._greedy(self._check(z))
 
+    def _search_tables(self) -> list:
+        """Per stage, in stage order: (codebook [K, c], its transpose, squared norms [K], the
+        codes' scales [K, 1] or None without cell scales), kept until a codebook or the scales
+        change (a new tensor, or an in-place write, which bumps its version). At batch 1 every
+        call counts: encoding reads all it needs from here."""
+        books = [vq.codebook for vq in self.layers]
+        key = tuple((id(b), b._version) for b in books)
+        if self.cell_scale:
+            key += ((id(self.scales), self.scales._version),)
+        cache = self.__dict__.get("_tables_cache")
+        if cache is None or cache[0] != key:
+            tables = [(b, b.t(), vq._squared_norms(), self.scales[i].unsqueeze(-1) if self.cell_scale else None)
+                      for i, (b, vq) in enumerate(zip(books, self.layers))]
+            cache = self.__dict__["_tables_cache"] = (key, tables)
+        return cache[1]
+
     def _greedy(self, residual: torch.Tensor) -> torch.Tensor:
         """[B, C] -> codes [B, T', L], the nearest code at every stage."""
         B, n = residual.shape[0], self.steps
-        stages = self._stages()
+        tables = self._search_tables()
         n_chunk = self.chunk_layers * n
         scale, out = residual.new_ones(B, 1), []
         if n_chunk:
-            codes, residual, scale = self._nearest(stages[:n_chunk], residual, scale)
+            codes, residual, scale = self._nearest(tables[:n_chunk], residual, scale)
             out.append(codes.view(B, self.chunk_layers, n).transpose(1, 2))
-        if n_chunk < len(stages):
-            groups, _, _ = self._nearest(stages[n_chunk:], residual.reshape(B * n, -1), scale.repeat_interleave(n, 0))
+        if n_chunk < len(tables):
+            groups, _, _ = self._nearest(tables[n_chunk:], residual.reshape(B * n, -1), scale.repeat_interleave(n, 0))
             out.append(groups.view(B, n, -1))
         return torch.cat(out, -1)
 
-    def _nearest(self, stages: list, rows: torch.Tensor, scale: torch.Tensor):
-        """The nearest code at each of ``stages`` (a non-empty run of ``_stages()``) in turn, on
-        rows [R, c] with their running scale [R, 1]: the codes [R, stages], and the residual and
-        scale they leave."""
+    @staticmethod
+    def _nearest(tables: list, rows: torch.Tensor, scale: torch.Tensor):
+        """The nearest code at each stage of ``tables`` (a run of ``_search_tables()``) in
+        turn, on rows [R, c] with their running scale [R, 1]: the codes [R, stages], and the
+        residual and scale they leave."""
         codes = []
-        for i, _, _, vq in stages:
-            code, q = vq.quantize_and_lookup(rows / scale if self.cell_scale else rows)
-            rows = rows - (q * scale if self.cell_scale else q)
-            scale = self._next_scale(scale, i, code)
+        for book, book_t, norms, scales in tables:
+            # VectorQuantizer.quantize and lookup, from the tables
+            code = torch.addmm(norms, rows if scales is None else rows / scale, book_t, alpha=-2).argmin(1)
+            vector = F.embedding(code, book)
+            if scales is None:
+                rows = rows - vector
+            else:
+                rows = rows - vector * scale
+                scale = scale * F.embedding(code, scales)
             codes.append(code)
         return torch.stack(codes, 1), rows, scale
 
-    def _beam_step(self, i: int, vq: "VectorQuantizer", residual, scale, width: int):
+    @staticmethod
+    def _beam_step(table: tuple, residual: torch.Tensor, scale: torch.Tensor, width: int):
         """One stage of beam search over [N, w] paths (residual [N, w, c], scale [N, w, 1]):
         the ``width`` extensions with the smallest squared residual, as (residual, scale, the
-        path each extends [N, W], its code [N, W])."""
-        K = vq.codebook_size
+        path each extends [N, W, 1] or None when w = 1, its code [N, W])."""
+        book, book_t, norms, scales = table
+        N, w, c = residual.shape
+        K = book.shape[0]
         # ||r - s c_k||^2 = ||r||^2 + s (s ||c_k||^2 - 2 r.c_k), for every path and code
-        inner = (scale * vq._squared_norms()).sub_(residual @ vq.codebook.t(), alpha=2)
+        inner = (scale * norms).sub_(residual @ book_t, alpha=2)
         err = torch.addcmul(residual.square().sum(-1, keepdim=True), scale, inner)
-        best = err.flatten(1).topk(min(width, err.shape[1] * K), dim=1, largest=False).indices
-        path = torch.div(best, K, rounding_mode="floor")
-        code = best - path * K
-        scale = scale.gather(1, path.unsqueeze(-1))
-        residual = residual.gather(1, path.unsqueeze(-1).expand(-1, -1, residual.shape[-1]))
-        residual = residual - scale * vq.lookup(code)
-        return residual, self._next_scale(scale, i, code), path, code
-
-    @staticmethod
-    def _backtrack(paths: list, codes: list, last: torch.Tensor) -> torch.Tensor:
-        """The codes, stage by stage, of the path ``last`` [N] of the final beam: [N, stages]."""
-        out = []
-        for path, code in zip(reversed(paths), reversed(codes)):
-            out.append(code.gather(1, last[:, None])[:, 0])
-            last = path.gather(1, last[:, None])[:, 0]
-        return torch.stack(out[::-1], 1)
+        best = err.flatten(1).topk(min(width, w * K), dim=1, largest=False).indices
+        code, path = best.remainder(K), None
+        if w == 1:  # every extension extends the one path
+            scale, residual = scale.expand(N, best.shape[1], 1), residual.expand(N, best.shape[1], c)
+        else:
+            path = torch.div(best, K, rounding_mode="floor").unsqueeze(-1)
+            scale, residual = scale.gather(1, path), residual.gather(1, path.expand(-1, -1, c))
+        residual = residual - scale * F.embedding(code, book)
+        if scales is not None:
+            scale = scale * F.embedding(code, scales)
+        return residual, scale, path, code
 
     def _beam(self, z: torch.Tensor, width: int) -> torch.Tensor:
         """[B, C] -> codes [B, T', L] by beam search: the chunk stages keep ``width`` paths per
         chunk; from each, the group layers take the nearest codes (a beam there gained little
         on LIBERO demos); the path that leaves the least wins."""
         B, n, C = z.shape[0], self.steps, self.dim
-        stages = self._stages()
+        tables = self._search_tables()
         n_chunk = self.chunk_layers * n
         residual, scale = z.unsqueeze(1), z.new_ones(B, 1, 1)
-        paths, codes = [], []
-        for i, _, _, vq in stages[:n_chunk]:
-            residual, scale, path, code = self._beam_step(i, vq, residual, scale, width)
-            paths.append(path)
-            codes.append(code)
+        history = None  # [B, W, stages so far]: the codes of each path
+        for table in tables[:n_chunk]:
+            residual, scale, path, code = self._beam_step(table, residual, scale, width)
+            if path is not None:
+                history = history.gather(1, path.expand(-1, -1, history.shape[-1]))
+            history = code.unsqueeze(-1) if history is None else torch.cat([history, code.unsqueeze(-1)], -1)
         P = residual.shape[1]
-        if n_chunk < len(stages):
-            group_codes, left, _ = self._nearest(stages[n_chunk:], residual.reshape(B * P * n, C // n),
+        if n_chunk < len(tables):
+            group_codes, left, _ = self._nearest(tables[n_chunk:], residual.reshape(B * P * n, C // n),
                                                  scale.reshape(B * P, 1).repeat_interleave(n, 0))
             err = left.square().sum(-1).view(B, P, n).sum(-1)
         else:
             err = residual.square().sum(-1)
         pick = err.argmin(1)  # [B]
+        rows = torch.arange(B, device=z.device)
         out = []
         if n_chunk:
-            out.append(self._backtrack(paths, codes, pick).view(B, self.chunk_layers, n).transpose(1, 2))
-        if n_chunk < len(stages):
-            out.append(group_codes.view(B, P, n, -1)[torch.arange(B, device=z.device), pick])
+            out.append(history[rows, pick].view(B, self.chunk_layers, n).transpose(1, 2))
+        if n_chunk < len(tables):
+            out.append(group_codes.view(B, P, n, -1)[rows, pick])
         return torch.cat(out, -1)
 
     def _prefixes(self, codes: torch.Tensor) -> torch.Tensor:
