@@ -389,7 +389,8 @@ def _stacked(owner: nn.Module, name, tensors: list) -> torch.Tensor:
     cache = owner.__dict__.setdefault("_stack_cache", {})
     hit = cache.get(name)
     if hit is None or hit[0] != key:
-        hit = cache[name] = (key, torch.stack(tensors))
+        # the entry keeps the tensors themselves, so that no new tensor can take their ids
+        hit = cache[name] = (key, torch.stack(tensors), list(tensors))
     return hit[1]
 
 
