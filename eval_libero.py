@@ -5,6 +5,7 @@
     python eval_libero.py ... --parallel_policy policy_parallel.pt --mode all   # one table
     python eval_libero.py ... --mode dense,rsd,rsd+adaptive@relaxed --workers 2 --plot results.png
     python eval_libero.py --from_json results.json --plot results.png   # re-report a saved run
+    python eval_libero.py --compare before.json after.json   # two runs of the same trials, trial by trial
 
 A mode spec is MODE, MODE@ACCEPTANCE (``rsd@relaxed``: the acceptance rule of that mode,
 overriding ``--acceptance``) and, for the speculative modes, a trailing ``:K`` (``rsd:3``,
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from_json", default=None, metavar="PATH",
                    help="run nothing: print the table (with intervals and paired tests) and write "
                         "--plot / --json from a result this script saved")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("FIRST", "SECOND"),
+                   help="run nothing: compare two saved results of the same trials (suite, tasks, "
+                        "trials, init states, seed) mode by mode, trial by trial: how many end the "
+                        "same, which only one run solved, and the exact McNemar test (--json writes it)")
     p.add_argument("--record", default=None, metavar="PATH",
                    help="write every trial's episode to this HDF5 demo file (train_draft.py --rollouts)")
     p.add_argument("--takeover", type=parse_takeover, default=None, metavar="FIRST:LAST",
@@ -539,21 +544,79 @@ def plot_results(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def load_result(path: str) -> dict:
+def load_result(path: str, flag: str = "--from_json") -> dict:
     """A result JSON written by this script, checked enough to report."""
     try:
         with open(path) as fh:
             result = json.load(fh)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--from_json: no such file: {path}") from None
+        raise FileNotFoundError(f"{flag}: no such file: {path}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--from_json {path}: not valid JSON ({exc})") from None
+        raise ValueError(f"{flag} {path}: not valid JSON ({exc})") from None
     modes = result.get("modes") if isinstance(result, dict) else None
     if not isinstance(modes, dict) or not modes or not all(
             isinstance(s, dict) and {"successes", "trials", "success_rate"} <= set(s) for s in modes.values()):
-        raise ValueError(f"--from_json {path}: not an eval_libero.py result (needs 'modes' with "
+        raise ValueError(f"{flag} {path}: not an eval_libero.py result (needs 'modes' with "
                          "successes, trials and success_rate per mode)")
     return result
+
+
+# what makes trial i of task t the same trial in two runs: its init state and its scene's seed
+TRIAL_KEYS = ("task_suite", "task_ids", "num_trials", "init_states", "seed")
+
+
+def compare_runs(first: dict, second: dict, names: tuple[str, str]) -> dict:
+    """Two results of the same trials (e.g. one command at two commits): for every mode both
+    ran, the trials that end the same, those only one run solved, and the exact McNemar test
+    of "same success rate" on the discordant trials ({mode: {...}})."""
+    ca_, cb = first.get("config", {}), second.get("config", {})
+    for key in TRIAL_KEYS:
+        if key in ca_ and key in cb and ca_[key] != cb[key]:
+            raise ValueError(f"--compare: {names[0]} and {names[1]} ran different trials "
+                             f"({key} {ca_[key]!r} against {cb[key]!r})")
+    common = [m for m in first["modes"] if m in second["modes"]]
+    if not common:
+        raise ValueError(f"--compare: {names[0]} ({', '.join(first['modes'])}) and {names[1]} "
+                         f"({', '.join(second['modes'])}) have no mode in common")
+    tasks_a, tasks_b = first.get("per_task", {}), second.get("per_task", {})
+    if sorted(tasks_a, key=int) != sorted(tasks_b, key=int):
+        raise ValueError(f"--compare: {names[0]} has tasks {sorted(tasks_a, key=int)}, {names[1]} "
+                         f"{sorted(tasks_b, key=int)}")
+    out = {}
+    for m in common:
+        a, b = [], []
+        for t in sorted(tasks_a, key=int):
+            oa = tasks_a[t].get(m, {}).get("outcomes")
+            ob = tasks_b[t].get(m, {}).get("outcomes")
+            if oa is None or ob is None:
+                missing = names[0] if oa is None else names[1]
+                raise ValueError(f"--compare: {missing} has no per-trial outcomes for {m} in task {t} "
+                                 "(a result saved before they were recorded)")
+            if len(oa) != len(ob):
+                raise ValueError(f"--compare: task {t}, {m}: {len(oa)} trials in {names[0]}, "
+                                 f"{len(ob)} in {names[1]}")
+            a += oa
+            b += ob
+        paired = paired_comparison(a, b)
+        out[m] = {"first_successes": sum(a), "second_successes": sum(b), "trials": len(a),
+                  "same_outcome": sum(1 for x, y in zip(a, b) if bool(x) == bool(y)),
+                  "only_second_solved": paired["only_this_solved"],
+                  "only_first_solved": paired["only_reference_solved"],
+                  "mcnemar_p": paired["mcnemar_p"]}
+    return out
+
+
+def print_comparison(comparison: dict, names: tuple[str, str]) -> None:
+    w = max(13, *(len(m) for m in comparison))
+    print(f"\nfirst: {names[0]}\nsecond: {names[1]}")
+    print(f"{'mode':>{w}} | {'first':>17} | {'second':>17} | {'same outcome':>12} | "
+          f"{'only second solved':>18} | {'only first solved':>17} | {'McNemar p':>9}")
+    for m, c in comparison.items():
+        n = c["trials"]
+        print(f"{m:>{w}} | {c['first_successes']:>5}/{n:<4} {100 * c['first_successes'] / n:5.1f}% | "
+              f"{c['second_successes']:>5}/{n:<4} {100 * c['second_successes'] / n:5.1f}% | "
+              f"{c['same_outcome']:>5}/{n:<6} | {c['only_second_solved']:>18} | "
+              f"{c['only_first_solved']:>17} | {c['mcnemar_p']:>9.2f}")
 
 
 def report(result: dict, args) -> None:
@@ -569,6 +632,14 @@ def report(result: dict, args) -> None:
 def main(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("OpenGL").setLevel(logging.WARNING)
+    if args.compare:
+        names = tuple(args.compare)
+        comparison = compare_runs(load_result(names[0], "--compare"), load_result(names[1], "--compare"), names)
+        print_comparison(comparison, names)
+        if args.json:
+            ca.write_json(args.json, {"first": names[0], "second": names[1], "modes": comparison})
+            log.info("wrote %s", args.json)
+        return comparison
     if args.from_json:
         result = load_result(args.from_json)
         add_statistics(result)

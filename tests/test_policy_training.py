@@ -714,3 +714,42 @@ def test_from_json_refuses_what_it_cannot_report(tmp_path):
     bad.write_text(json.dumps(unpaired))
     with pytest.raises(ValueError, match="task 0: rsd\\+adaptive has 5 trial outcomes, dense 4"):
         eval_libero.main(eval_args(from_json=str(bad)))
+
+
+def test_compare_pairs_two_runs_trial_by_trial(tmp_path, capsys):
+    first, second = saved_result(), saved_result()
+    second["per_task"]["1"]["dense"]["outcomes"] = [1, 0, 1, 1]      # trial 1 of task 1 now fails
+    second["per_task"]["0"]["rsd+adaptive"]["outcomes"] = [1, 1, 1, 1]  # trial 1 of task 0 now solved
+    second["modes"]["expert"] = {"successes": 8, "trials": 8, "success_rate": 1.0}  # only in one run
+    for r in (first, second):
+        r["config"] = {"task_suite": "libero_spatial", "task_ids": [0, 1], "num_trials": 4,
+                       "init_states": "held_out", "seed": 0, "adaptive_threshold": 0.1}
+    second["config"]["adaptive_threshold"] = 0.07  # another setting of the same trials
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(second))
+    out = eval_libero.main(eval_args(compare=[str(a), str(b)], json=str(tmp_path / "cmp.json")))
+    assert set(out) == {"dense", "rsd+adaptive"}
+    d, r = out["dense"], out["rsd+adaptive"]
+    assert (d["first_successes"], d["second_successes"], d["same_outcome"]) == (7, 6, 7)
+    assert (d["only_second_solved"], d["only_first_solved"]) == (0, 1)
+    assert (r["first_successes"], r["second_successes"], r["same_outcome"]) == (6, 7, 7)
+    assert (r["only_second_solved"], r["only_first_solved"], r["mcnemar_p"]) == (1, 0, 1.0)
+    assert json.loads((tmp_path / "cmp.json").read_text())["modes"] == out
+    assert "only second solved" in capsys.readouterr().out
+    # what cannot be paired is refused, naming why
+    second["config"]["seed"] = 1
+    b.write_text(json.dumps(second))
+    with pytest.raises(ValueError, match="different trials \\(seed 0 against 1\\)"):
+        eval_libero.main(eval_args(compare=[str(a), str(b)]))
+    second["config"]["seed"] = 0
+    del second["per_task"]["1"]["dense"]["outcomes"]
+    b.write_text(json.dumps(second))
+    with pytest.raises(ValueError, match="no per-trial outcomes for dense in task 1"):
+        eval_libero.main(eval_args(compare=[str(a), str(b)]))
+    with pytest.raises(FileNotFoundError, match="--compare: no such file"):
+        eval_libero.main(eval_args(compare=[str(a), str(tmp_path / "missing.json")]))
+    only_expert = {"modes": {"expert": second["modes"]["expert"]}, "per_task": {}}
+    b.write_text(json.dumps(only_expert))
+    with pytest.raises(ValueError, match="no mode in common"):
+        eval_libero.main(eval_args(compare=[str(a), str(b)]))
