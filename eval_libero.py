@@ -569,16 +569,18 @@ def compare_runs(first: dict, second: dict, names: tuple[str, str]) -> dict:
     """Two results of the same trials (e.g. one command at two commits): for every mode both
     ran, the trials that end the same, those only one run solved, and the exact McNemar test
     of "same success rate" on the discordant trials ({mode: {...}})."""
-    ca_, cb = first.get("config", {}), second.get("config", {})
+    cfg_a, cfg_b = first.get("config", {}), second.get("config", {})
     for key in TRIAL_KEYS:
-        if key in ca_ and key in cb and ca_[key] != cb[key]:
+        if key in cfg_a and key in cfg_b and cfg_a[key] != cfg_b[key]:
             raise ValueError(f"--compare: {names[0]} and {names[1]} ran different trials "
-                             f"({key} {ca_[key]!r} against {cb[key]!r})")
+                             f"({key} {cfg_a[key]!r} against {cfg_b[key]!r})")
     common = [m for m in first["modes"] if m in second["modes"]]
     if not common:
         raise ValueError(f"--compare: {names[0]} ({', '.join(first['modes'])}) and {names[1]} "
                          f"({', '.join(second['modes'])}) have no mode in common")
     tasks_a, tasks_b = first.get("per_task", {}), second.get("per_task", {})
+    if not tasks_a:
+        raise ValueError(f"--compare: {names[0]} has no per-task results to pair")
     if sorted(tasks_a, key=int) != sorted(tasks_b, key=int):
         raise ValueError(f"--compare: {names[0]} has tasks {sorted(tasks_a, key=int)}, {names[1]} "
                          f"{sorted(tasks_b, key=int)}")
