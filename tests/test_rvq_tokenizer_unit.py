@@ -302,23 +302,15 @@ def test_prefixes_approach_the_unquantized_autoencoder():
     torch.testing.assert_close(ae, direct)
 
 
-def test_encoding_and_decoding_follow_changed_codebooks(data):
+def test_encoding_and_decoding_follow_changed_codebooks(data, codes_like_a_fresh_copy):
     """RVQ's search tables and stacked codebooks are cached: after a codebook changes (in
     place, or replaced by a new tensor) the tokenizer must code as a fresh copy does."""
     model = untrained("rvq", data[0]).eval()
     x = torch.as_tensor(data[1][:40])
     codes = model.encode(x)
     model.decode(codes)  # every cache warm
-
-    def fresh():
-        other = rt.RVQTokenizer(model.config)
-        other.load_state_dict(model.state_dict())
-        return other.eval()
-
     layers = model.quantizer.layers
-    for change in (lambda: layers[0].codebook.mul_(1.5),
-                   lambda: setattr(layers[1], "codebook", layers[1].codebook.flip(0).clone())):
-        change()
-        assert torch.equal(model.encode(x), fresh().encode(x))
-        assert torch.equal(model.decode(codes), fresh().decode(codes))
+    codes_like_a_fresh_copy(model, x, codes, [
+        lambda: layers[0].codebook.mul_(1.5),
+        lambda: setattr(layers[1], "codebook", layers[1].codebook.flip(0).clone())])
     assert not torch.equal(model.encode(x), codes)

@@ -294,24 +294,16 @@ def test_groups_only_and_chunks_only_encode_and_decode(chunk_layers, data):
     assert beam_err <= greedy_err
 
 
-def test_encoding_and_decoding_follow_changed_codebooks_and_scales(fitted, data):
+def test_encoding_and_decoding_follow_changed_codebooks_and_scales(fitted, data, codes_like_a_fresh_copy):
     """The search tables and stacked codebooks are cached: after codebooks or scales change
     (in place, or replaced by new tensors) the tokenizer must code as a fresh copy does."""
     model = with_beam(fitted[0], 4)
     x = torch.as_tensor(data[1][:40])
     codes = model.encode(x)
     model.decode(codes)  # every cache warm
-
-    def fresh():
-        other = rt.RVQTokenizer(model.config)
-        other.load_state_dict(model.state_dict())
-        return other.eval()
-
     q = model.quantizer
-    for change in (lambda: q.layers[0].codebook.mul_(1.5), lambda: q.scales.mul_(0.8),
-                   lambda: setattr(q, "scales", q.scales.flip(1).clone()),
-                   lambda: setattr(q.layers[STEPS], "codebook", q.layers[STEPS].codebook.flip(0).clone())):
-        change()
-        assert torch.equal(model.encode(x), fresh().encode(x))
-        assert torch.equal(model.decode(codes), fresh().decode(codes))
+    codes_like_a_fresh_copy(model, x, codes, [
+        lambda: q.layers[0].codebook.mul_(1.5), lambda: q.scales.mul_(0.8),
+        lambda: setattr(q, "scales", q.scales.flip(1).clone()),
+        lambda: setattr(q.layers[STEPS], "codebook", q.layers[STEPS].codebook.flip(0).clone())])
     assert not torch.equal(model.encode(x), codes)
