@@ -850,8 +850,8 @@ class ChunkMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same arithmetic as ``self.linear(x) + self.mlp(x)``, bit for bit, without the
-        thirteen nested module calls: at batch 1 (a policy's tokenizer call) their overhead
-        cost as much as the arithmetic."""
+        nested module calls (thirteen with two blocks), whose overhead at batch 1 (a policy's
+        tokenizer call) is a good part of the cost."""
         first, *blocks, norm, last = self.mlp
         h = F.linear(x, first.weight, first.bias)
         for block in blocks:
