@@ -246,10 +246,8 @@ class VectorQuantizer(nn.Module):
         """||c||^2 of every code [K], kept until the codebook changes: every change (k-means,
         EMA update, dead-code re-seeding, load_state_dict) writes the buffer in place, which
         bumps its version counter; moving the module makes a new tensor."""
-        cb, cache = self.codebook, getattr(self, "_norm_cache", None)
-        if cache is None or cache[0] is not cb or cache[1] != cb._version:
-            self._norm_cache = cache = (cb, cb._version, (cb * cb).sum(1))
-        return cache[2]
+        cb = self.codebook
+        return _cached(self, "norms", [cb], lambda: (cb * cb).sum(1))
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [...] -> vectors [..., C]."""
@@ -382,16 +380,23 @@ class ScalarQuantizer(nn.Module):
         return (d.long() * self.basis).sum(-1), (d - self.center) * self.step
 
 
-def _stacked(owner: nn.Module, name, tensors: list) -> torch.Tensor:
-    """``torch.stack(tensors)``, kept on ``owner`` until one of them changes: a new tensor
-    (load, move) or an in-place write (k-means, EMA update), which bumps its version."""
+def _cached(owner: nn.Module, name, tensors: list, build):
+    """``build()``, kept on ``owner`` under ``name`` until one of ``tensors`` (what it is made
+    from) changes: a new tensor (load, move) or an in-place write (k-means, EMA update, fit),
+    which bumps its version. At batch 1 every call counts, so what the codebooks imply is made
+    once, not per call."""
     key = tuple((id(t), t._version) for t in tensors)
-    cache = owner.__dict__.setdefault("_stack_cache", {})
+    cache = owner.__dict__.setdefault("_cache", {})
     hit = cache.get(name)
     if hit is None or hit[0] != key:
         # the entry keeps the tensors themselves, so that no new tensor can take their ids
-        hit = cache[name] = (key, torch.stack(tensors), list(tensors))
+        hit = cache[name] = (key, build(), list(tensors))
     return hit[1]
+
+
+def _stacked(owner: nn.Module, name, tensors: list) -> torch.Tensor:
+    """``torch.stack(tensors)``, kept until one of them changes (``_cached``)."""
+    return _cached(owner, name, tensors, lambda: torch.stack(tensors))
 
 
 @dataclass
@@ -496,14 +501,10 @@ class ResidualQuantizer(nn.Module):
 
     def _search_tables(self) -> list:
         """[(codebook, its transpose, squared norms)] of every RVQ layer, kept until a codebook
-        changes (a new tensor, or an in-place write, which bumps its version)."""
+        changes (``_cached``)."""
         books = [layer.codebook for layer in self.layers]
-        key = tuple((id(b), b._version) for b in books)
-        cache = self.__dict__.get("_tables_cache")
-        if cache is None or cache[0] != key:
-            tables = [(b, b.t(), layer._squared_norms()) for b, layer in zip(books, self.layers)]
-            cache = self.__dict__["_tables_cache"] = (key, tables)
-        return cache[1]
+        return _cached(self, "tables", books,
+                       lambda: [(b, b.t(), layer._squared_norms()) for b, layer in zip(books, self.layers)])
 
     @staticmethod
     def prefix_sums(vectors: torch.Tensor) -> torch.Tensor:
@@ -517,12 +518,15 @@ class ResidualQuantizer(nn.Module):
         flat = codes.reshape(B * Tp, l).t()  # [l, N]
         first = self.layers[0]
         if first.has_codebook:  # RVQ: all codebooks as one table [L * K, C]; layer i's rows from i * K
-            books = _stacked(self, "books", [layer.codebook for layer in self.layers])
-            L, K, C = books.shape
-            offsets = self.__dict__.get("_row_offsets")
-            if offsets is None or offsets.device != codes.device or offsets.shape[0] != L:
-                offsets = self.__dict__["_row_offsets"] = torch.arange(0, L * K, K, device=codes.device)[:, None]
-            return F.embedding(flat + offsets[:l], books.view(L * K, C))
+            books = [layer.codebook for layer in self.layers]
+
+            def table():
+                stacked = torch.stack(books)  # [L, K, C]
+                L, K, C = stacked.shape
+                return stacked.view(L * K, C), torch.arange(0, L * K, K, device=stacked.device)[:, None]
+
+            rows, offsets = _cached(self, "books", books, table)
+            return F.embedding(flat + offsets[:l], rows)
         # RFSQ: the layers share their levels; only the grid step differs
         steps = _stacked(self, ("step", l), [layer.step for layer in self.layers[:l]]).unsqueeze(1)
         digits = torch.div(flat.unsqueeze(-1), first.basis, rounding_mode="floor") % first.levels
@@ -635,18 +639,11 @@ class StagedResidualQuantizer(nn.Module):
     def _search_tables(self) -> list:
         """Per stage, in stage order: (codebook [K, c], its transpose, squared norms [K], the
         codes' scales [K, 1] or None without cell scales), kept until a codebook or the scales
-        change (a new tensor, or an in-place write, which bumps its version). At batch 1 every
-        call counts: encoding reads all it needs from here."""
+        change (``_cached``): encoding reads all it needs from here."""
         books = [vq.codebook for vq in self.layers]
-        key = tuple((id(b), b._version) for b in books)
-        if self.cell_scale:
-            key += ((id(self.scales), self.scales._version),)
-        cache = self.__dict__.get("_tables_cache")
-        if cache is None or cache[0] != key:
-            tables = [(b, b.t(), vq._squared_norms(), self.scales[i].unsqueeze(-1) if self.cell_scale else None)
-                      for i, (b, vq) in enumerate(zip(books, self.layers))]
-            cache = self.__dict__["_tables_cache"] = (key, tables)
-        return cache[1]
+        return _cached(self, "tables", books + ([self.scales] if self.cell_scale else []), lambda: [
+            (b, b.t(), vq._squared_norms(), self.scales[i].unsqueeze(-1) if self.cell_scale else None)
+            for i, (b, vq) in enumerate(zip(books, self.layers))])
 
     def _greedy(self, residual: torch.Tensor) -> torch.Tensor:
         """[B, C] -> codes [B, T', L], the nearest code at every stage."""
