@@ -137,6 +137,19 @@ def test_beam_search_codes_unseen_chunks_better_than_greedy(fitted, data):
     assert beam[-1] < 0.95 * greedy[-1], (beam, greedy)
 
 
+def test_one_chunk_at_a_time_codes_and_decodes_as_the_batch(fitted, data):
+    """A policy encodes and decodes one chunk at a time: the batch-1 search and sums must give
+    the batch's codes and actions (greedy and beam)."""
+    x = torch.as_tensor(data[1][:60])
+    for model in (fitted[0], with_beam(fitted[0], 1)):
+        codes = model.encode(x)
+        one = torch.cat([model.encode(x[i:i + 1]) for i in range(len(x))])
+        assert torch.equal(one, codes)
+        for l in (1, LAYERS):
+            batch = model.decode(codes[..., :l])
+            assert torch.equal(torch.cat([model.decode(codes[i:i + 1, :, :l]) for i in range(len(x))]), batch)
+
+
 def test_a_wide_enough_beam_finds_the_best_codes():
     """With room for every path, beam search returns codes whose final residual is the
     smallest over all code combinations (enumerated here: 3 x 3 chunk paths, then the best of
