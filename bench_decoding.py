@@ -16,6 +16,13 @@ state to state), batch 1 on one thread, so:
   early, so their codes differ by construction), and every mode reports how far its actions
   move from dense (max abs difference per chunk, normalized units).
 
+``--stop_study`` asks how good adaptive depth's stop rule is, without timing anything: on the
+same states it decodes every layer densely and measures how far the actions of each prefix are
+from those of the whole code, then reports, for the engine's rule at several thresholds, for
+every fixed depth and for an oracle that stops at the first prefix within a tolerance of the
+whole code (it knows the layers to come, so no rule can do better at its depth), the mean
+number of layers and the action gap they leave.
+
 ``--oracle_draft`` replaces the draft by a perfect one (the main policy's own greedy codes,
 proposed at no cost): ``rsd:K`` then shows how fast exact speculation with K proposed layers
 can be on this CPU whatever the draft.
@@ -62,12 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive_threshold", type=float, default=0.05)
     p.add_argument("--min_layers", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=0.05, help="relaxed acceptance, normalized units")
+    p.add_argument("--stop_study", action="store_true",
+                   help="instead of timing modes: adaptive depth's stop rule (at --stop_thresholds, with "
+                        "--min_layers) against every fixed depth and an oracle stop (--oracle_tolerances): "
+                        "mean layers and the action gap to the whole code (no draft needed)")
+    p.add_argument("--stop_thresholds", type=float_list, default=[0.05, 0.07, 0.085, 0.1, 0.12],
+                   help="comma list of --adaptive_threshold values for --stop_study")
+    p.add_argument("--oracle_tolerances", type=float_list, default=[0.02, 0.05, 0.1, 0.15, 0.2],
+                   help="comma list of action gaps (normalized units) for --stop_study's oracle")
     p.add_argument("--max_states", type=int, default=2000, help="decode at most this many states (a random subset)")
     p.add_argument("--warmup", type=int, default=20, help="untimed states first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at batch 1)")
     p.add_argument("--json", default=None)
     return p
+
+
+def float_list(value: str) -> list[float]:
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {value!r}") from None
+    if not out or any(v < 0 or not np.isfinite(v) for v in out):
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers >= 0, got {value!r}")
+    return out
 
 
 class OracleDraft:
@@ -116,6 +141,12 @@ def main(args) -> dict:
     if args.mode in (["all"], ["expert"]) or "expert" in args.mode:
         raise ValueError("--mode: give policy modes (MODE[@ACCEPTANCE][:K]); 'all' and 'expert' are "
                          "closed-loop choices of eval_libero.py")
+    if args.stop_study:
+        if args.draft or args.oracle_draft:
+            raise ValueError("--stop_study decodes every layer densely: give neither --draft nor --oracle_draft")
+        engine = load_engine(args, ["dense"])
+        episodes, obs, order, tasks = recorded_states(args, engine)
+        return stop_study(args, engine, episodes, obs[order[args.warmup:]], tasks[args.warmup:])
     args.modes = ["dense"] + [m for m in args.mode if m != "dense"]
     if "parallel" in map(base_mode, args.modes):
         raise ValueError("--mode parallel is not benchmarked here (use eval_libero.py --parallel_policy)")
@@ -129,18 +160,7 @@ def main(args) -> dict:
         engine = RSDEngine(base.policy, base.tokenizer, oracle)
     else:
         engine = load_engine(args, args.modes)
-    episodes = ca.load_episodes(args.data, only_success=False)
-    pc = engine.policy.config
-    obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history,
-                                           engine.tokenizer.config.chunk_size)
-    unknown = sorted(set(instructions) - set(pc.instructions))
-    if unknown:
-        raise ValueError(f"{args.data}: the policy was not trained on the instruction(s) {unknown}")
-    if obs.shape[1] != pc.obs_dim:
-        raise ValueError(f"{args.data}: observation vectors have {obs.shape[1]} values, the policy expects {pc.obs_dim}")
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(obs))[: args.max_states + args.warmup]
-    tasks = [pc.instructions.index(instructions[i]) for i in order]
+    episodes, obs, order, tasks = recorded_states(args, engine)
     cfgs = {m: engine_config(m, args) for m in args.modes}
     gen = torch.Generator().manual_seed(args.seed)
     rows = {m: [] for m in args.modes}
@@ -171,6 +191,90 @@ def main(args) -> dict:
     if oracle is not None:
         result["draft"] = "oracle: the main policy's own greedy codes, proposed at no cost"
     print_table(result)
+    if args.json:
+        ca.write_json(args.json, result)
+        log.info("wrote %s", args.json)
+    return result
+
+
+def recorded_states(args, engine) -> tuple[list, np.ndarray, np.ndarray, list[int]]:
+    """The episodes of --data, their chunk-start observations [M, obs_dim], the order in which
+    to decode them (a random subset of --max_states + --warmup, warm-up first) and each
+    ordered state's task index."""
+    episodes = ca.load_episodes(args.data, only_success=False)
+    pc = engine.policy.config
+    obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history,
+                                           engine.tokenizer.config.chunk_size)
+    unknown = sorted(set(instructions) - set(pc.instructions))
+    if unknown:
+        raise ValueError(f"{args.data}: the policy was not trained on the instruction(s) {unknown}")
+    if obs.shape[1] != pc.obs_dim:
+        raise ValueError(f"{args.data}: observation vectors have {obs.shape[1]} values, the policy expects {pc.obs_dim}")
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(obs))[: args.max_states + args.warmup]
+    return episodes, obs, order, [pc.instructions.index(instructions[i]) for i in order]
+
+
+# ---------------------------------------------------------------- the stop rule study
+
+def layer_signals(engine: RSDEngine, obs: np.ndarray, task: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense greedy decoding of one state, every layer: adaptive depth's stop signal after each
+    layer (``RSDEngine.expected_refinement`` of its logits) [L], and the action gap of every
+    prefix, max abs difference (normalized units) between the actions of the first n layers and
+    of all L: gap[n - 1], so gap[L - 1] = 0."""
+    policy, tok = engine.policy, engine.tokenizer
+    L = policy.config.num_layers
+    with torch.no_grad():
+        o, t = torch.as_tensor(obs, dtype=torch.float32)[None], torch.tensor([task])
+        cache, ctx = policy.new_cache(), policy.embed_obs(o, t)
+        codes, signal = [], []
+        for l in range(L):
+            prev = codes[-1][..., None] if l else None
+            logits = policy.extend(cache, l, 1, prev, ctx if l == 0 else None)[:, :, 0]
+            codes.append(logits.argmax(-1))
+            signal.append(engine.expected_refinement(logits, l))
+        codes = torch.stack(codes, -1)
+        actions = torch.stack([tok.normalize(tok.decode(codes[..., :n], check=False))[0] for n in range(1, L + 1)])
+    return np.array(signal), (actions - actions[-1]).abs().amax(dim=(1, 2)).numpy()
+
+
+def stop_depths(values: np.ndarray, limit: float, min_layers: int) -> np.ndarray:
+    """values [N, L], one per layer: the layers kept when decoding stops after the first layer
+    l (1-based, l >= min_layers) whose value is <= limit, or all L. With the stop signal this is
+    adaptive depth's rule (``RSDEngine._stop``); with the prefix gaps, the oracle's."""
+    N, L = values.shape
+    ok = values <= limit
+    ok[:, : max(min_layers, 1) - 1] = False
+    return np.where(ok.any(1), ok.argmax(1) + 1, L)
+
+
+def stop_study(args, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: list[int]) -> dict:
+    L = engine.policy.config.num_layers
+    signals, gaps = zip(*(layer_signals(engine, o, t) for o, t in tqdm(list(zip(obs, tasks)), desc="states", unit="state")))
+    signals, gaps = np.stack(signals), np.stack(gaps)
+    rows = np.arange(len(gaps))
+
+    def row(rule: str, parameter, depth: np.ndarray) -> dict:
+        gap = gaps[rows, depth - 1]
+        return {"rule": rule, "parameter": parameter, "layers_mean": float(depth.mean()),
+                "gap_mean": float(gap.mean()), "gap_p90": float(np.percentile(gap, 90)),
+                "gap_max": float(gap.max()), "gap_above_0.1": float(np.mean(gap > 0.1))}
+
+    result = {"rules": (
+        [row("expected_norm", tau, stop_depths(signals, tau, args.min_layers)) for tau in args.stop_thresholds]
+        + [row("fixed", n, np.full(len(gaps), n)) for n in range(1, L + 1)]
+        + [row("oracle", tol, stop_depths(gaps, tol, args.min_layers)) for tol in args.oracle_tolerances])}
+    init_ids = sorted({ep.init_state_id for ep in episodes})
+    result["data"] = {"files": list(args.data), "episodes": len(episodes), "init_states": init_ids,
+                      "held_out_init_states_only": all(s in ca.HELD_OUT_INIT_STATES for s in init_ids),
+                      "states_decoded": len(gaps)}
+    result["config"] = vars(args)
+    print(f"\n{len(gaps)} states; gap: max abs difference between the actions of the kept layers and of "
+          f"all {L} (normalized units); expected_norm and oracle keep at least {args.min_layers} layers")
+    print(f"{'rule':>13} | {'parameter':>9} | {'layers':>6} | {'gap mean':>8} | {'gap p90':>7} | {'gap max':>7} | gap > 0.1")
+    for r in result["rules"]:
+        print(f"{r['rule']:>13} | {r['parameter']:>9g} | {r['layers_mean']:6.2f} | {r['gap_mean']:8.4f} | "
+              f"{r['gap_p90']:7.4f} | {r['gap_max']:7.4f} | {r['gap_above_0.1']:9.3f}")
     if args.json:
         ca.write_json(args.json, result)
         log.info("wrote %s", args.json)

@@ -640,6 +640,60 @@ def test_bench_decoding_with_a_perfect_draft_accepts_every_proposed_layer(traine
         bench_decoding.main(args)
 
 
+def test_stop_study_measures_the_engine_rule_fixed_depths_and_the_oracle(trained, tmp_path):
+    d, _, _ = trained
+    policy, _ = pm.load_policy(str(d / "policy.pt"))
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    L = policy.config.num_layers
+    roll = rollout_file(tmp_path / "held_out.hdf5", policy, tok, init_states=[0, 1, 2], n=6)
+    out = tmp_path / "stop.json"
+    args = bench_decoding.build_parser().parse_args([
+        "--policy", str(d / "policy.pt"), "--data", roll, "--warmup", "2", "--stop_study",
+        "--stop_thresholds", "0,0.3,1e9", "--oracle_tolerances", "0,0.05,1e9", "--min_layers", "2",
+        "--json", str(out)])
+    result = bench_decoding.main(args)
+    rules = {(r["rule"], r["parameter"]): r for r in result["rules"]}
+    assert result["data"]["states_decoded"] == 6 * 3 - 2
+    assert [n for rule, n in rules if rule == "fixed"] == list(range(1, L + 1))
+    assert rules[("fixed", L)]["gap_max"] == 0.0                  # all layers: the whole code
+    assert rules[("fixed", 1)]["gap_mean"] > 0
+    for name in ("expected_norm", "oracle"):                      # limits that stop nothing / everything
+        assert rules[(name, 0.0)]["layers_mean"] <= L and rules[(name, 1e9)]["layers_mean"] == 2
+    assert rules[("oracle", 0.0)]["gap_max"] == 0.0
+    assert rules[("oracle", 0.05)]["gap_max"] <= 0.05
+    assert json.loads(out.read_text())["rules"] == json.loads(json.dumps(result["rules"]))
+    # the study's rule keeps, state by state, the layers the engine's adaptive mode decodes (at a
+    # threshold that stops some states early and not others)
+    engine = RSDEngine(policy, tok)
+    episodes, obs, order, tasks = bench_decoding.recorded_states(args, engine)
+    signals = []
+    for i, task in zip(order, tasks):
+        signal, gap = bench_decoding.layer_signals(engine, obs[i], task)
+        assert gap[-1] == 0 and gap.shape == signal.shape == (L,)
+        signals.append(signal)
+    tau = float(np.median([s[1] for s in signals]))
+    cfg = EngineConfig(mode="adaptive", adaptive_threshold=tau, min_layers=2)
+    depths = []
+    for i, task, signal in zip(order, tasks, signals):
+        codes, _ = engine.decode_codes(torch.as_tensor(obs[i])[None], torch.tensor([task]), cfg)
+        depths.append(codes.shape[-1])
+        assert bench_decoding.stop_depths(signal[None], tau, 2)[0] == codes.shape[-1]
+    assert 2 in depths and L in depths
+    args.draft = "draft.pt"
+    with pytest.raises(ValueError, match="--stop_study.*--draft"):
+        bench_decoding.main(args)
+    for bad in ("", "a,b", "-1", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma list"):
+            bench_decoding.float_list(bad)
+
+
+def test_stop_depths_is_the_first_layer_at_or_under_the_limit():
+    values = np.array([[0.5, 0.1, 0.3, 0.0], [0.5, 0.4, 0.3, 0.2], [0.0, 0.9, 0.9, 0.9]])
+    assert bench_decoding.stop_depths(values, 0.1, 1).tolist() == [2, 4, 1]
+    assert bench_decoding.stop_depths(values, 0.1, 3).tolist() == [4, 4, 4]
+    assert bench_decoding.stop_depths(values, 0.3, 3).tolist() == [3, 3, 4]
+
+
 # ---------------------------------------------------------------- statistics of a result
 
 def test_wilson_interval_matches_reference_values():
