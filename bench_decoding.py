@@ -46,7 +46,7 @@ from tqdm import tqdm
 import collect_actions as ca
 from eval_libero import base_mode, engine_config, load_engine, parse_modes
 from policy_data import action_history, obs_vector
-from rsd_engine_core import ACCEPTANCE, RSDEngine, chunk_summary
+from rsd_engine_core import ACCEPTANCE, LearnedStop, RSDEngine, chunk_summary
 
 log = logging.getLogger("bench_decoding")
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it is the reference)")
     p.add_argument("--acceptance", default="exact", choices=ACCEPTANCE)
     p.add_argument("--k", type=int, default=None, help="layers the draft proposes (default: all it predicts)")
+    p.add_argument("--stop_model", default=None,
+                   help="a learned stop model (train_stop.py): the adaptive modes use it (--adaptive_threshold "
+                        "is then a predicted action gap); --stop_study adds its rule at --oracle_tolerances")
     p.add_argument("--adaptive_threshold", type=float, default=0.05)
     p.add_argument("--min_layers", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=0.05, help="relaxed acceptance, normalized units")
@@ -157,7 +160,7 @@ def main(args) -> dict:
         base = load_engine(args, ["dense"])
         pc = base.policy.config
         oracle = OracleDraft(pc.num_layers, pc.vocab)
-        engine = RSDEngine(base.policy, base.tokenizer, oracle)
+        engine = RSDEngine(base.policy, base.tokenizer, oracle, stop_model=base.stop_model)
     else:
         engine = load_engine(args, args.modes)
     episodes, obs, order, tasks = recorded_states(args, engine)
@@ -217,25 +220,20 @@ def recorded_states(args, engine) -> tuple[list, np.ndarray, np.ndarray, list[in
 
 # ---------------------------------------------------------------- the stop rule study
 
-def layer_signals(engine: RSDEngine, obs: np.ndarray, task: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dense greedy decoding of one state, every layer: adaptive depth's stop signal after each
-    layer (``RSDEngine.expected_refinement`` of its logits) [L], and the action gap of every
-    prefix, max abs difference (normalized units) between the actions of the first n layers and
-    of all L: gap[n - 1], so gap[L - 1] = 0."""
-    policy, tok = engine.policy, engine.tokenizer
-    L = policy.config.num_layers
-    with torch.no_grad():
-        o, t = torch.as_tensor(obs, dtype=torch.float32)[None], torch.tensor([task])
-        cache, ctx = policy.new_cache(), policy.embed_obs(o, t)
-        codes, signal = [], []
-        for l in range(L):
-            prev = codes[-1][..., None] if l else None
-            logits = policy.extend(cache, l, 1, prev, ctx if l == 0 else None)[:, :, 0]
-            codes.append(logits.argmax(-1))
-            signal.append(engine.expected_refinement(logits, l))
-        codes = torch.stack(codes, -1)
-        actions = torch.stack([tok.normalize(tok.decode(codes[..., :n], check=False))[0] for n in range(1, L + 1)])
-    return np.array(signal), (actions - actions[-1]).abs().amax(dim=(1, 2)).numpy()
+@torch.no_grad()
+def layer_signals(engine: RSDEngine, obs: np.ndarray, task: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Dense greedy decoding of one state, every layer (``RSDEngine.dense_trace``): the
+    ``expected_norm`` rule's stop signal after each layer [L], the action gap of every prefix
+    (gap[n - 1] for the first n layers, so gap[L - 1] = 0), and, with a stop model, its
+    predicted gap after each layer [L] (else None)."""
+    logits, codes, gap = engine.dense_trace(obs, task)
+    L = len(logits)
+    signal = np.array([engine.expected_refinement(logits[l], l) for l in range(L)])
+    learned = None
+    if engine.stop_model is not None:
+        stop = LearnedStop(engine)
+        learned = np.array([stop.predicted_gap(logits[l], l, codes[..., l]) for l in range(L)])
+    return signal, gap, learned
 
 
 def stop_depths(values: np.ndarray, limit: float, min_layers: int) -> np.ndarray:
@@ -250,7 +248,8 @@ def stop_depths(values: np.ndarray, limit: float, min_layers: int) -> np.ndarray
 
 def stop_study(args, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: list[int]) -> dict:
     L = engine.policy.config.num_layers
-    signals, gaps = zip(*(layer_signals(engine, o, t) for o, t in tqdm(list(zip(obs, tasks)), desc="states", unit="state")))
+    signals, gaps, learned = zip(*(layer_signals(engine, o, t)
+                                   for o, t in tqdm(list(zip(obs, tasks)), desc="states", unit="state")))
     signals, gaps = np.stack(signals), np.stack(gaps)
     rows = np.arange(len(gaps))
 
@@ -263,6 +262,8 @@ def stop_study(args, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: 
     result = {"rules": (
         [row("expected_norm", tau, stop_depths(signals, tau, args.min_layers)) for tau in args.stop_thresholds]
         + [row("fixed", n, np.full(len(gaps), n)) for n in range(1, L + 1)]
+        + ([row("learned", tol, stop_depths(np.stack(learned), tol, args.min_layers))
+            for tol in args.oracle_tolerances] if engine.stop_model is not None else [])
         + [row("oracle", tol, stop_depths(gaps, tol, args.min_layers)) for tol in args.oracle_tolerances])}
     init_ids = sorted({ep.init_state_id for ep in episodes})
     result["data"] = {"files": list(args.data), "episodes": len(episodes), "init_states": init_ids,
@@ -270,7 +271,8 @@ def stop_study(args, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: 
                       "states_decoded": len(gaps)}
     result["config"] = vars(args)
     print(f"\n{len(gaps)} states; gap: max abs difference between the actions of the kept layers and of "
-          f"all {L} (normalized units); expected_norm and oracle keep at least {args.min_layers} layers")
+          f"all {L} (normalized units); the rules but fixed keep at least {args.min_layers} layers"
+          + (f"; learned: {args.stop_model}, stopping at a predicted gap <= the parameter" if args.stop_model else ""))
     print(f"{'rule':>13} | {'parameter':>9} | {'layers':>6} | {'gap mean':>8} | {'gap p90':>7} | {'gap max':>7} | gap > 0.1")
     for r in result["rules"]:
         print(f"{r['rule']:>13} | {r['parameter']:>9g} | {r['layers_mean']:6.2f} | {r['gap_mean']:8.4f} | "

@@ -129,8 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     # decoding
     p.add_argument("--acceptance", default="exact", choices=ACCEPTANCE)
     p.add_argument("--k", type=int, default=None, help="layers the draft proposes (default: all it predicts)")
+    p.add_argument("--stop_model", default=None,
+                   help="a learned stop model (train_stop.py) for the adaptive modes: they stop once it "
+                        "predicts the actions within --adaptive_threshold (normalized units) of all layers' "
+                        "(default: the expected code norm rule)")
     p.add_argument("--adaptive_threshold", type=float, default=0.05,
-                   help="adaptive modes stop once the expected refinement of a layer is below this")
+                   help="adaptive modes stop once the expected refinement of a layer is at most this "
+                        "(with --stop_model: once the predicted action gap is)")
     p.add_argument("--min_layers", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=0.05, help="relaxed acceptance, normalized units")
     p.add_argument("--replan_steps", type=int, default=None,
@@ -342,14 +347,18 @@ def load_engine(args, modes) -> RSDEngine | None:
         parallel, _ = pm.load_policy(args.parallel_policy, tok_path)
         if parallel.config.variant != "parallel":
             raise ValueError(f"{args.parallel_policy} is not a parallel-variant policy")
-    return RSDEngine(policy, tokenizer, draft, parallel)
+    stop = None
+    if getattr(args, "stop_model", None):
+        stop, _ = pm.load_stop(args.stop_model, args.policy)
+    return RSDEngine(policy, tokenizer, draft, parallel, stop)
 
 
 def engine_config(spec: str, args) -> EngineConfig:
     mode, acceptance, k = split_spec(spec)
     return EngineConfig(mode=mode, acceptance=acceptance or args.acceptance, k=k or args.k,
                         adaptive_threshold=args.adaptive_threshold, min_layers=args.min_layers,
-                        tolerance=args.tolerance)
+                        tolerance=args.tolerance,
+                        stop_rule="learned" if getattr(args, "stop_model", None) else "expected_norm")
 
 
 def make_policy(mode: str, engine, args) -> ca.Policy:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 POLICY_FORMAT = "rsd_token_policy"
 DRAFT_FORMAT = "rsd_draft_model"
+STOP_FORMAT = "rsd_stop_model"
 CHECKPOINT_VERSION = 1
 VARIANTS = ("ar", "parallel")
 # Low-dim observations: robot proprioception (joint pos/cos/sin/vel, EEF pose, gripper) and
@@ -129,6 +130,24 @@ class DraftConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if len(self.codebook_sizes) != self.num_layers:
             raise ValueError(f"codebook_sizes must list {self.num_layers} sizes, got {self.codebook_sizes}")
+
+
+@dataclass
+class StopConfig:
+    """Everything needed to rebuild a ``StopModel``; stored in its checkpoint."""
+
+    in_dim: int              # features per decoded layer (``rsd_engine_core.LearnedStop``)
+    num_layers: int          # L of the main policy
+    hidden: int = 64
+    gap_eps: float = 0.01    # the model predicts log(gap + gap_eps)
+
+    def __post_init__(self):
+        for name in ("in_dim", "num_layers", "hidden"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not self.gap_eps > 0:
+            raise ValueError(f"gap_eps must be > 0, got {self.gap_eps!r}")
 
 
 # --------------------------------------------------------------------------- normalizer
@@ -467,6 +486,31 @@ class FusedDraft:
         return torch.addmm(b, h, w).view(-1, c.latent_steps, c.num_layers, self.vocab)
 
 
+class StopModel(nn.Module):
+    """Adaptive depth's learned stop signal: from what the decoder knows once a layer is
+    decoded (features built by ``rsd_engine_core.LearnedStop``: the main policy's distribution
+    over the layer's codes, the codes chosen, the latent they sum to), the action gap of
+    stopping there, i.e. the max abs difference (normalized action units) between the actions
+    of the layers so far and those of all L. Trained by ``train_stop.py`` on the main policy's
+    own dense decoding of recorded states. It predicts log(gap + gap_eps); the inputs are
+    standardized with the training set's statistics, kept as buffers."""
+
+    def __init__(self, config: StopConfig):
+        super().__init__()
+        self.config = c = config
+        self.register_buffer("mean", torch.zeros(c.in_dim))
+        self.register_buffer("std", torch.ones(c.in_dim))
+        self.net = nn.Sequential(nn.Linear(c.in_dim, c.hidden), nn.GELU(), nn.Linear(c.hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, in_dim] -> predicted log(gap + gap_eps) [N]."""
+        return self.net((x - self.mean) / self.std)[:, 0]
+
+    def predicted_gap(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, in_dim] -> the predicted action gap [N] (normalized action units)."""
+        return self(x).exp() - self.config.gap_eps
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -490,6 +534,14 @@ def save_draft(model: DraftModel, path: str, policy_sha256: str, num_tasks: int,
     _atomic_save({
         "format": DRAFT_FORMAT, "version": CHECKPOINT_VERSION,
         "config": asdict(model.config), "num_tasks": num_tasks, "state_dict": model.state_dict(),
+        "policy_sha256": policy_sha256, "provenance": provenance,
+    }, path)
+
+
+def save_stop(model: StopModel, path: str, policy_sha256: str, provenance: dict) -> None:
+    _atomic_save({
+        "format": STOP_FORMAT, "version": CHECKPOINT_VERSION,
+        "config": asdict(model.config), "state_dict": model.state_dict(),
         "policy_sha256": policy_sha256, "provenance": provenance,
     }, path)
 
@@ -536,6 +588,23 @@ def load_draft(path: str, policy_path: str | None = None) -> tuple[DraftModel, d
             raise ValueError(f"draft {path!r} was trained against a different main policy than "
                              f"{policy_path!r} (sha256 {ckpt['policy_sha256'][:12]}... vs {got[:12]}...)")
     model = DraftModel(DraftConfig(**ckpt["config"]), ckpt["num_tasks"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path!r}: weights do not match the stored config: {exc}") from exc
+    return model.eval(), ckpt
+
+
+def load_stop(path: str, policy_path: str | None = None) -> tuple[StopModel, dict]:
+    """Rebuild a learned stop model (eval mode); with ``policy_path``, refuse a different main
+    policy (its features and gaps are that policy's)."""
+    ckpt = _load_checkpoint(path, STOP_FORMAT)
+    if policy_path is not None:
+        got = file_sha256(policy_path)
+        if got != ckpt["policy_sha256"]:
+            raise ValueError(f"stop model {path!r} was trained on a different main policy than "
+                             f"{policy_path!r} (sha256 {ckpt['policy_sha256'][:12]}... vs {got[:12]}...)")
+    model = StopModel(StopConfig(**ckpt["config"]))
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:

@@ -9,7 +9,9 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
   first rejected layer (or for layer k when all are accepted); the remaining layers are
   decoded densely, reusing the verified part of the key/value cache.
 - ``adaptive``: dense, but stops adding layers once the main policy expects the next
-  refinement to be small (see ``expected_refinement``).
+  refinement to be small (stop rule ``expected_norm``: see ``expected_refinement``), or once a
+  learned stop model predicts that the actions of the layers so far are within the threshold
+  of those of all L (stop rule ``learned``: see ``LearnedStop``).
 - ``rsd+adaptive``: both.
 
 Acceptance rules for proposed layers:
@@ -35,10 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from policy_models import DraftModel, TokenPolicy
+from policy_models import DraftModel, StopModel, TokenPolicy
 
 MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
 ACCEPTANCE = ("exact", "sample", "relaxed")
+STOP_RULES = ("expected_norm", "learned")
 
 
 @dataclass
@@ -92,9 +95,12 @@ class EngineConfig:
     mode: str = "dense"
     acceptance: str = "exact"
     k: int | None = None               # layers the draft proposes (default: all it predicts)
-    adaptive_threshold: float = 0.0    # stop when the expected refinement falls below this
+    adaptive_threshold: float = 0.0    # stop when the stop signal falls to or below this
     min_layers: int = 1                # adaptive never stops before this many layers
     tolerance: float = 0.05            # relaxed acceptance, normalized action units
+    # the adaptive stop signal: "expected_norm" (the expected code norm of the layer just
+    # decoded) or "learned" (a StopModel's predicted action gap, normalized action units)
+    stop_rule: str = "expected_norm"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -107,6 +113,8 @@ class EngineConfig:
             raise ValueError(f"min_layers must be >= 1, got {self.min_layers}")
         if self.tolerance < 0 or self.adaptive_threshold < 0:
             raise ValueError("tolerance and adaptive_threshold must be >= 0")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {self.stop_rule!r}")
 
     @property
     def speculative(self) -> bool:
@@ -121,12 +129,62 @@ class EngineConfig:
         return self.acceptance == "sample"
 
 
+class LearnedStop:
+    """The features a ``StopModel`` reads, built layer by layer as one chunk is decoded.
+
+    After layer l is decoded the engine knows the main policy's logits for it and the codes kept.
+    Per latent position: the expected code norm under the policy's distribution (the
+    ``expected_norm`` rule's signal), the distribution's entropy and top probability, and the
+    norm of the kept code; and the latent the kept codes of layers 0..l sum to (what the
+    tokenizer's decoder will read). The model's input is these features for layer l and for
+    layer l - 1 (zeros for layer 0), and a one-hot of l. Features are the same whether the layers
+    came from dense decoding or from accepted proposals: training (``train_stop.py``) and the
+    engine both build them here, one call per layer in order.
+    """
+
+    def __init__(self, engine: "RSDEngine"):
+        self.engine = engine
+        self.latent = None                 # [T', C]: the kept codes' vectors summed
+        self.previous = None               # the last layer's features
+        self.layer = 0                     # the layer the next call must be for
+
+    @staticmethod
+    def input_size(engine: "RSDEngine") -> int:
+        c = engine.policy.config
+        per_layer = 4 * c.latent_steps + c.latent_steps * engine.code_vectors.shape[-1]
+        return 2 * per_layer + c.num_layers
+
+    def features(self, logits: torch.Tensor, layer: int, code: torch.Tensor) -> torch.Tensor:
+        """logits [1, T', vocab] of layer ``layer`` and its kept codes [1, T'] -> the model's
+        input [1, in_dim]."""
+        if layer != self.layer:
+            raise ValueError(f"stop features must be built layer after layer: expected layer {self.layer}, got {layer}")
+        e = self.engine
+        logp = torch.log_softmax(logits[0].float(), -1)             # [T', vocab]
+        p = logp.exp()
+        norms = e.code_norms[layer]
+        vectors = e.code_vectors[layer, code[0]]                    # [T', C]
+        self.latent = vectors if self.latent is None else self.latent + vectors
+        own = torch.cat([p @ norms, torch.special.entr(p).sum(-1), p.max(-1).values, norms[code[0]],
+                         self.latent.flatten()])
+        previous = torch.zeros_like(own) if self.previous is None else self.previous
+        self.previous, self.layer = own, layer + 1
+        onehot = torch.zeros(e.policy.config.num_layers)
+        onehot[layer] = 1
+        return torch.cat([own, previous, onehot])[None]
+
+    def predicted_gap(self, logits: torch.Tensor, layer: int, code: torch.Tensor) -> float:
+        """The stop model's predicted action gap of stopping after this layer."""
+        return float(self.engine.stop_model.predicted_gap(self.features(logits, layer, code))[0])
+
+
 class RSDEngine:
     """Decodes action chunks with a main policy, an optional draft and a tokenizer (batch 1)."""
 
     def __init__(self, policy: TokenPolicy, tokenizer, draft: DraftModel | None = None,
-                 parallel_policy: TokenPolicy | None = None):
+                 parallel_policy: TokenPolicy | None = None, stop_model: StopModel | None = None):
         self.policy = policy.eval()
+        self.stop_model = None if stop_model is None else stop_model.eval()
         self.tokenizer = tokenizer.eval()
         self.draft = None if draft is None else draft.eval()
         # the draft runs in its folded inference form (the same function in fewer operations)
@@ -152,6 +210,9 @@ class RSDEngine:
                 vectors[l, : layer.codebook_size] = layer.lookup(torch.arange(layer.codebook_size))
         self.code_vectors = vectors
         self.code_norms = vectors.norm(dim=-1)
+        if stop_model is not None and stop_model.config.in_dim != LearnedStop.input_size(self):
+            raise ValueError(f"the stop model reads {stop_model.config.in_dim} features, this policy and "
+                             f"tokenizer give {LearnedStop.input_size(self)}")
 
     # ------------------------------------------------------------------ helpers
     def expected_refinement(self, logits: torch.Tensor, layer: int) -> float:
@@ -163,6 +224,25 @@ class RSDEngine:
         """
         p = torch.softmax(logits.float(), -1)
         return float((p * self.code_norms[layer]).sum(-1).max())
+
+    @torch.no_grad()
+    def dense_trace(self, obs: np.ndarray, task: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Dense greedy decoding of one state, every layer, and what stopping early would cost:
+        (logits [L, 1, T', vocab] of each layer, codes [1, T', L], the action gap of every
+        prefix [L]: the max abs difference, normalized action units, between the actions of the
+        first n layers and of all L at index n - 1, so the last is 0)."""
+        L = self.policy.config.num_layers
+        o, t = torch.as_tensor(obs, dtype=torch.float32)[None], torch.tensor([task])
+        cache, ctx = self.policy.new_cache(), self.policy.embed_obs(o, t)
+        logits, codes = [], []
+        for l in range(L):
+            prev = codes[-1][..., None] if l else None
+            logits.append(self.policy.extend(cache, l, 1, prev, ctx if l == 0 else None)[:, :, 0])
+            codes.append(logits[-1].argmax(-1))
+        codes = torch.stack(codes, -1)
+        tok = self.tokenizer
+        actions = torch.stack([tok.normalize(tok.decode(codes[..., :n], check=False))[0] for n in range(1, L + 1)])
+        return torch.stack(logits), codes, (actions - actions[-1]).abs().amax(dim=(1, 2)).numpy()
 
     def _pick(self, logits: torch.Tensor, cfg: EngineConfig, gen) -> torch.Tensor:
         """logits [1, T', vocab] -> codes [1, T']: argmax, or a sample when sampling."""
@@ -178,9 +258,20 @@ class RSDEngine:
             return self.draft_fn(ctx.flatten(1))
         return self.draft_fn(self.policy.obs_encoder.normalizer(obs), task)
 
-    def _stop(self, cfg: EngineConfig, logits: torch.Tensor, layer: int) -> bool:
-        return (cfg.adaptive and layer + 1 >= cfg.min_layers
-                and self.expected_refinement(logits, layer) <= cfg.adaptive_threshold)
+    def stopper(self, cfg: EngineConfig):
+        """A new chunk's stop test ``stop(logits [1, T', vocab], layer, code [1, T']) -> bool``,
+        called once for every decoded layer, in order, with the main policy's logits for the
+        layer and the codes kept for it: whether to stop after that layer."""
+        if not cfg.adaptive:
+            return lambda logits, layer, code: False
+        if cfg.stop_rule == "learned":
+            if self.stop_model is None:
+                raise ValueError("stop rule 'learned' needs a stop model (train_stop.py; --stop_model)")
+            learned = LearnedStop(self)
+            return lambda logits, layer, code: (learned.predicted_gap(logits, layer, code) <= cfg.adaptive_threshold
+                                                and layer + 1 >= cfg.min_layers)
+        return lambda logits, layer, code: (layer + 1 >= cfg.min_layers
+                                            and self.expected_refinement(logits, layer) <= cfg.adaptive_threshold)
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -205,11 +296,12 @@ class RSDEngine:
         L = self.policy.config.num_layers
         ctx = self.policy.embed_obs(obs, task)
         cache = self.policy.new_cache()
+        stop = self.stopper(cfg)
         codes: list[torch.Tensor] = []   # each [1, T']
         next_layer = 0
         stopped = False
         if cfg.speculative:
-            codes, stopped = self._speculate(obs, task, ctx, cache, cfg, gen, stats)
+            codes, stopped = self._speculate(obs, task, ctx, cache, cfg, gen, stats, stop)
             next_layer = len(codes)
             ctx = None  # the ctx is in the cache now
         while next_layer < L and not stopped:
@@ -220,12 +312,12 @@ class RSDEngine:
             ctx = None
             stats.main_passes += 1
             codes.append(self._pick(logits, cfg, gen))
-            stopped = self._stop(cfg, logits, next_layer)
+            stopped = stop(logits, next_layer, codes[-1])
             next_layer += 1
         stats.layers = len(codes)
         return torch.stack(codes, -1), stats
 
-    def _speculate(self, obs, task, ctx, cache, cfg, gen, stats):
+    def _speculate(self, obs, task, ctx, cache, cfg, gen, stats, stop):
         """Draft pass + one verifying main pass. Returns (codes of layers 0..j, stop flag)."""
         if self.draft is None:
             raise ValueError(f"mode {cfg.mode!r} needs a draft model")
@@ -248,20 +340,27 @@ class RSDEngine:
         stats.proposed = k
 
         if cfg.sampling:
-            codes, stopped = self._accept_sampled(p_logits, q_logits, proposal, k, cfg, gen, stats)
+            codes, accepted = self._accept_sampled(p_logits, q_logits, proposal, k, cfg, gen)
         else:
-            codes, stopped = self._accept_greedy(p_logits, proposal, k, cfg, stats)
+            codes, accepted = self._accept_greedy(p_logits, proposal, k, cfg)
+        # adaptive depth: the stop test of every kept layer in turn, as dense decoding makes it
+        stopped = False
+        for l, code in enumerate(codes):
+            if stop(p_logits[:, :, l], l, code):
+                codes, stopped = codes[: l + 1], True
+                break
+        stats.accepted += min(accepted, len(codes))
         # blocks 0..len(codes)-1 had accepted inputs; later blocks read rejected proposals
         self.policy.keep_blocks(cache, len(codes))
-        if not stopped:
-            stopped = self._stop(cfg, p_logits[:, :, len(codes) - 1], len(codes) - 1)
         return codes, stopped
 
-    def _accept_greedy(self, p_logits, proposal, k, cfg, stats):
+    def _accept_greedy(self, p_logits, proposal, k, cfg):
         """exact / relaxed: every proposed layer tested at once. Up to the first rejection the
         accepted prefix is the proposal itself, so the main policy's argmax of the verify pass
         and (relaxed) one batched decode of the prefixes decide every layer.
-        Returns (codes of layers 0..j, whether adaptive depth stopped at an accepted layer)."""
+        Returns (codes of layers 0..j: the accepted proposals, then the main policy's own
+        prediction for the first rejected layer or, all accepted, for layer k; the number
+        accepted)."""
         main = p_logits.argmax(-1)  # [1, T', n_verify]
         ok = (main[..., :k] == proposal).all(1)[0]  # [k]: the whole layer agrees
         if cfg.acceptance == "relaxed" and not bool(ok.all()):
@@ -270,17 +369,14 @@ class RSDEngine:
         for l, accepted in enumerate(ok.tolist()):
             if not accepted:
                 codes.append(main[..., l])  # the main policy's own prediction for the layer
-                return codes, False
+                return codes, l
             codes.append(proposal[..., l])
-            stats.accepted += 1
-            if self._stop(cfg, p_logits[:, :, l], l):
-                return codes, True
         if k < main.shape[-1]:  # every proposal accepted: the verify pass predicted layer k for free
             codes.append(main[..., k])
-        return codes, False
+        return codes, k
 
-    def _accept_sampled(self, p_logits, q_logits, proposal, k, cfg, gen, stats):
-        """Speculative sampling, layer by layer (see ``_accept``)."""
+    def _accept_sampled(self, p_logits, q_logits, proposal, k, cfg, gen):
+        """Speculative sampling, layer by layer (see ``_accept``); returns as ``_accept_greedy``."""
         codes: list[torch.Tensor] = []
         for l in range(p_logits.shape[2]):
             p_l = p_logits[:, :, l]
@@ -290,11 +386,8 @@ class RSDEngine:
             ok, chosen = self._accept(p_l, q_logits[:, :, l], proposal[..., l], cfg, gen)
             codes.append(chosen)
             if not ok:
-                break
-            stats.accepted += 1
-            if self._stop(cfg, p_l, l):
-                return codes, True
-        return codes, False
+                return codes, l
+        return codes, k
 
     def _accept(self, p_logits, q_logits, d, cfg, gen):
         """Speculative sampling of proposed codes d [1, T'] for one layer -> (accepted?, codes

@@ -125,11 +125,10 @@ def agreement(draft: pm.DraftModel, feats, task, targets) -> tuple[list[float], 
             float(accepted.mean()) / targets.shape[-1])
 
 
-def rollout_data(files, policy, tokenizer, args):
-    """The main policy's rollouts -> (train, main targets, val, main targets), split by episode.
-    Failed rollouts count too: they are states the main policy reaches. Rollouts that started
-    from a held-out init state are refused: the evaluation starts there."""
-    eps = ca.load_episodes(files, action_dim=tokenizer.config.action_dim, only_success=False)
+def training_rollouts(files, action_dim: int) -> list:
+    """The main policy's rollouts in ``files`` (failed ones too: they are states the policy
+    reaches), refusing any that started from a held-out init state: the evaluation starts there."""
+    eps = ca.load_episodes(files, action_dim=action_dim, only_success=False)
     held = [e for e in eps if e.init_state_id in ca.HELD_OUT_INIT_STATES]
     if held:
         e = held[0]
@@ -137,6 +136,13 @@ def rollout_data(files, policy, tokenizer, args):
                          f"state {e.init_state_id} ({ca.HELD_OUT_INIT_STATES.start}.."
                          f"{ca.HELD_OUT_INIT_STATES.stop - 1}), where the evaluation starts; record "
                          f"rollouts with eval_libero.py --init_states train")
+    return eps
+
+
+def rollout_data(files, policy, tokenizer, args):
+    """The main policy's rollouts -> (train, main targets, val, main targets), split by episode
+    (``training_rollouts``)."""
+    eps = training_rollouts(files, tokenizer.config.action_dim)
     tr_eps, val_eps = ca.split_by_episode(eps, 0.1, seed=args.seed)
     c = policy.config
     kw = dict(history=c.action_history)  # executed actions: what the history holds online too

@@ -17,7 +17,8 @@ import eval_libero
 import policy_models as pm
 import train_draft
 import train_policy
-from rsd_engine_core import EngineConfig, RSDEngine
+import train_stop
+from rsd_engine_core import EngineConfig, LearnedStop, RSDEngine
 from rvq_tokenizer import RVQConfig, RVQTokenizer, load_tokenizer, save_tokenizer, synthetic_episodes
 
 INSTRUCTIONS = ("put the bowl on the plate", "put the bowl on the stove")
@@ -668,7 +669,8 @@ def test_stop_study_measures_the_engine_rule_fixed_depths_and_the_oracle(trained
     episodes, obs, order, tasks = bench_decoding.recorded_states(args, engine)
     signals = []
     for i, task in zip(order, tasks):
-        signal, gap = bench_decoding.layer_signals(engine, obs[i], task)
+        signal, gap, learned = bench_decoding.layer_signals(engine, obs[i], task)
+        assert learned is None
         assert gap[-1] == 0 and gap.shape == signal.shape == (L,)
         signals.append(signal)
     tau = float(np.median([s[1] for s in signals]))
@@ -685,6 +687,68 @@ def test_stop_study_measures_the_engine_rule_fixed_depths_and_the_oracle(trained
     for bad in ("", "a,b", "-1", "nan"):
         with pytest.raises(argparse.ArgumentTypeError, match="comma list"):
             bench_decoding.float_list(bad)
+
+
+def test_learned_stop_rule_is_trained_and_speculation_keeps_its_depth(trained, tmp_path):
+    """train_stop.py fits a stop model on the policy's own rollouts; the engine's adaptive modes
+    stop where it predicts a small action gap, and exact speculation keeps the same layers and
+    codes as dense decoding with the same rule, state by state."""
+    d, _, _ = trained
+    policy_path = str(d / "policy.pt")
+    policy, _ = pm.load_policy(policy_path)
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    L = policy.config.num_layers
+    roll = rollout_file(tmp_path / "roll.hdf5", policy, tok, init_states=[20, 21, 22])
+    out, js = tmp_path / "stop.pt", tmp_path / "stop.json"
+    base = ["--policy", policy_path, "--epochs", "30", "--hidden", "16", "--threads", "1", "--lr", "1e-2"]
+    result = train_stop.main(train_stop.build_parser().parse_args(
+        base + ["--rollouts", roll, "--output", str(out), "--json", str(js)]))
+    # 10 episodes of 24 steps, chunk starts at 0, 10, 20; 1 episode held out
+    assert result["states"] == {"train": 27, "val": 3} and result["episodes"] == {"train": 9, "val": 1}
+    # it learns: the validation error of log(gap + eps) is well under its variance
+    assert result["val_mse"] < 0.5 * result["val_target_variance"], result
+    assert json.loads(js.read_text())["val_mse"] == result["val_mse"]
+    stop, ckpt = pm.load_stop(str(out), policy_path)
+    assert ckpt["provenance"]["metrics"]["val_mse"] == result["val_mse"]
+    with pytest.raises(ValueError, match="different main policy"):
+        pm.load_stop(str(out), str(d / "tok.pt"))
+
+    draft = tmp_path / "draft.pt"
+    train_draft.main(train_draft.build_parser().parse_args([
+        "--policy", policy_path, "--output", str(draft), "--k", "2", "--epochs", "3",
+        "--hidden", "32", "--threads", "1", "--source", "embedding"]))
+    engine = RSDEngine(policy, tok, pm.load_draft(str(draft), policy_path)[0], stop_model=stop)
+    states = rollout_file(tmp_path / "held_out.hdf5", policy, tok, init_states=[0, 1], n=4)
+    args = bench_decoding.build_parser().parse_args(["--policy", policy_path, "--data", states, "--warmup", "0"])
+    _, obs, order, tasks = bench_decoding.recorded_states(args, engine)
+    predicted = np.stack([bench_decoding.layer_signals(engine, obs[i], t)[2] for i, t in zip(order, tasks)])
+    tau = float(np.median(predicted[:, 1]))  # stops some states after 2 layers, not others
+    depths = []
+    for i, task, p in zip(order, tasks, predicted):
+        o, t = torch.as_tensor(obs[i])[None], torch.tensor([task])
+        kw = dict(adaptive_threshold=tau, min_layers=2, stop_rule="learned")
+        dense, _ = engine.decode_codes(o, t, EngineConfig("adaptive", **kw))
+        spec, stats = engine.decode_codes(o, t, EngineConfig("rsd+adaptive", **kw))
+        assert torch.equal(spec, dense)
+        assert stats.accepted <= min(stats.proposed, spec.shape[-1])
+        assert bench_decoding.stop_depths(p[None], tau, 2)[0] == dense.shape[-1]
+        depths.append(dense.shape[-1])
+        # the expected_norm rule is still the default
+        assert EngineConfig("adaptive").stop_rule == "expected_norm"
+    assert 2 in depths and L in depths
+    # features must come layer after layer
+    logits, codes, _ = engine.dense_trace(obs[0], tasks[0])
+    with pytest.raises(ValueError, match="layer after layer"):
+        LearnedStop(engine).features(logits[1], 1, codes[..., 1])
+    with pytest.raises(ValueError, match="needs a stop model"):
+        RSDEngine(policy, tok).decode_codes(torch.as_tensor(obs[0])[None], torch.tensor([0]),
+                                            EngineConfig("adaptive", stop_rule="learned"))
+    with pytest.raises(ValueError, match="stop_rule"):
+        EngineConfig("adaptive", stop_rule="entropy")
+    bad = rollout_file(tmp_path / "bad.hdf5", policy, tok, init_states=[20, 3])
+    with pytest.raises(ValueError, match="bad.hdf5.*held-out init state 3"):
+        train_stop.main(train_stop.build_parser().parse_args(base + ["--rollouts", bad, "--output", str(tmp_path / "s2.pt")]))
+    assert not (tmp_path / "s2.pt").exists()
 
 
 def test_stop_depths_is_the_first_layer_at_or_under_the_limit():

@@ -1,0 +1,208 @@
+"""Phase 3: learn adaptive depth's stop rule from the main policy's own decoding.
+
+    python train_stop.py --policy policy.pt --rollouts rollouts.hdf5 --output stop.pt --json stop.json
+
+Adaptive depth stops adding layers once it judges that the rest would not change the actions
+much. The ``expected_norm`` rule judges by the expected size of the layer just decoded, a
+latent-space quantity; ``bench_decoding.py --stop_study`` shows it does little better than a
+fixed depth. This script fits a small ``StopModel`` that predicts the quantity itself: the
+action gap of stopping after a layer, the max abs difference (normalized action units) between
+the actions of the layers so far and those of all L, from what the engine knows at that point
+(``rsd_engine_core.LearnedStop``: the policy's distribution over the layer's codes, the codes
+kept, the latent they sum to).
+
+Its data are the chunk-start states of the main policy's own rollouts on training init states
+(``eval_libero.py --init_states train --record FILE``; rollouts from the held-out init states,
+where the evaluation starts, are refused), each decoded densely once: every layer gives one
+example, its features and the log of its gap. Episodes are split into training and validation;
+the validation episodes' states report the model's error and a stop study (the learned rule at
+several thresholds against the ``expected_norm`` rule and fixed depths, as mean layers kept and
+the action gap left). ``eval_libero.py --stop_model stop.pt`` and ``bench_decoding.py
+--stop_model stop.pt`` use it; ``--adaptive_threshold`` is then the predicted action gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import collect_actions as ca
+import policy_models as pm
+from bench_decoding import chunk_start_states, float_list, stop_depths
+from policy_data import batches
+from rsd_engine_core import LearnedStop, RSDEngine
+from rvq_tokenizer import load_tokenizer
+from train_draft import training_rollouts
+
+log = logging.getLogger("train_stop")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train adaptive depth's learned stop rule (phase 3).")
+    p.add_argument("--policy", required=True, help="main policy checkpoint (variant ar)")
+    p.add_argument("--rollouts", nargs="+", required=True, metavar="FILE",
+                   help="the main policy's own rollouts on training init states (eval_libero.py "
+                        "--init_states train --record FILE)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer checkpoint; default: the one recorded in the policy (hash-checked)")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="episodes held out for validation")
+    p.add_argument("--min_layers", type=int, default=2, help="as eval_libero.py's, for the validation study")
+    p.add_argument("--thresholds", type=float_list, default=[0.05, 0.1, 0.15, 0.2],
+                   help="comma list of predicted action gaps for the validation study")
+    p.add_argument("--expected_norm_thresholds", type=float_list, default=[0.07, 0.1],
+                   help="comma list of the expected_norm rule's thresholds for the validation study")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output", default="stop.pt")
+    p.add_argument("--json", default=None)
+    return p
+
+
+@torch.no_grad()
+def examples(engine: RSDEngine, episodes: list, desc: str) -> dict:
+    """Dense decoding of every chunk-start state of ``episodes``: the stop model's inputs
+    [M * (L-1), in_dim] for stopping after layers 1..L-1 (after the last there is nothing left),
+    the gaps [M, L], and the expected_norm signals [M, L]."""
+    pc = engine.policy.config
+    obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history,
+                                           engine.tokenizer.config.chunk_size)
+    unknown = sorted(set(instructions) - set(pc.instructions))
+    if unknown:
+        raise ValueError(f"the policy was not trained on the instruction(s) {unknown} of the rollouts")
+    L = pc.num_layers
+    x, gaps, signals = [], [], []
+    for o, instruction in tqdm(list(zip(obs, instructions)), desc=desc, unit="state"):
+        logits, codes, gap = engine.dense_trace(o, pc.instructions.index(instruction))
+        stop = LearnedStop(engine)
+        x += [stop.features(logits[l], l, codes[..., l]) for l in range(L - 1)]
+        gaps.append(gap)
+        signals.append([engine.expected_refinement(logits[l], l) for l in range(L)])
+    return {"x": torch.cat(x), "gap": np.array(gaps), "signal": np.array(signals)}
+
+
+def targets(model_eps: float, gap: np.ndarray) -> torch.Tensor:
+    """log(gap + eps) of stopping after layers 1..L-1, in the order of ``examples``' inputs."""
+    return torch.as_tensor(np.log(gap[:, :-1] + model_eps).reshape(-1), dtype=torch.float32)
+
+
+def fit(train: dict, val: dict, args, num_layers: int) -> tuple[pm.StopModel, list[dict]]:
+    config = pm.StopConfig(in_dim=train["x"].shape[1], num_layers=num_layers, hidden=args.hidden)
+    torch.manual_seed(args.seed)
+    model = pm.StopModel(config)
+    model.mean.copy_(train["x"].mean(0))
+    model.std.copy_(train["x"].std(0).clamp(min=1e-6))
+    y_train, y_val = targets(config.gap_eps, train["gap"]), targets(config.gap_eps, val["gap"])
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    n = len(y_train)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * math.ceil(n / args.batch_size),
+                                                pct_start=0.05)
+    gen = torch.Generator().manual_seed(args.seed)
+    best, history = None, []
+    for epoch in tqdm(range(1, args.epochs + 1), desc="stop model", unit="epoch"):
+        model.train()
+        total = 0.0
+        for idx in batches(n, args.batch_size, gen):
+            loss = ((model(train["x"][idx]) - y_train[idx]) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        model.eval()
+        with torch.no_grad():
+            val_mse = float(((model(val["x"]) - y_val) ** 2).mean())
+        history.append({"epoch": epoch, "train_mse": total / n, "val_mse": val_mse})
+        if best is None or val_mse < best["val_mse"]:
+            best = {**history[-1], "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    model.load_state_dict(best.pop("state"))
+    return model.eval(), history
+
+
+def study(model: pm.StopModel, val: dict, args) -> list[dict]:
+    """On the validation states: layers kept and action gap left by the learned rule, the
+    expected_norm rule and every fixed depth (as ``bench_decoding.py --stop_study``)."""
+    gaps = val["gap"]
+    M, L = gaps.shape
+    with torch.no_grad():
+        predicted = model.predicted_gap(val["x"]).numpy().reshape(M, L - 1)
+    predicted = np.concatenate([predicted, np.zeros((M, 1))], 1)  # after the last layer: done
+    rows = np.arange(M)
+
+    def row(rule, parameter, depth):
+        gap = gaps[rows, depth - 1]
+        return {"rule": rule, "parameter": parameter, "layers_mean": float(depth.mean()),
+                "gap_mean": float(gap.mean()), "gap_p90": float(np.percentile(gap, 90)),
+                "gap_max": float(gap.max())}
+
+    return ([row("learned", t, stop_depths(predicted, t, args.min_layers)) for t in args.thresholds]
+            + [row("expected_norm", t, stop_depths(val["signal"], t, args.min_layers))
+               for t in args.expected_norm_thresholds]
+            + [row("fixed", n, np.full(M, n)) for n in range(1, L + 1)])
+
+
+def main(args) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log.info("config: %s", vars(args))
+    torch.set_num_threads(args.threads)
+    policy, pckpt = pm.load_policy(args.policy)
+    if policy.config.variant != "ar":
+        raise ValueError(f"{args.policy} is a {policy.config.variant!r} policy; adaptive depth decodes the 'ar' policy")
+    if policy.config.num_layers < 2:
+        raise ValueError(f"{args.policy} has one layer: there is no depth to choose")
+    tok_path = args.tokenizer or pckpt["provenance"]["tokenizer"]
+    pm.load_policy(args.policy, tok_path)  # refuses a tokenizer other than the policy's
+    tokenizer, _ = load_tokenizer(tok_path)
+    engine = RSDEngine(policy, tokenizer)
+    episodes = training_rollouts(args.rollouts, tokenizer.config.action_dim)
+    train_eps, val_eps = ca.split_by_episode(episodes, args.val_fraction, seed=args.seed)
+    t0 = time.perf_counter()
+    train, val = examples(engine, train_eps, "train states"), examples(engine, val_eps, "validation states")
+    L = policy.config.num_layers
+    log.info("%d train and %d validation states (%d and %d episodes)", len(train["gap"]), len(val["gap"]),
+             len(train_eps), len(val_eps))
+    model, history = fit(train, val, args, L)
+    best = min(history, key=lambda h: h["val_mse"])
+    y_val = targets(model.config.gap_eps, val["gap"])
+    rules = study(model, val, args)
+    provenance = {"args": vars(args), "seed": args.seed, "policy": os.path.abspath(args.policy),
+                  "tokenizer": os.path.abspath(tok_path),
+                  "data": {"files": [os.path.abspath(p) for p in args.rollouts],
+                           "train_episodes": [ca.episode_identity(e) for e in train_eps],
+                           "val_episodes": [ca.episode_identity(e) for e in val_eps]},
+                  "metrics": {"val_mse": best["val_mse"], "best_epoch": best["epoch"]}}
+    pm.save_stop(model, args.output, pm.file_sha256(args.policy), provenance)
+    result = {"states": {"train": len(train["gap"]), "val": len(val["gap"])},
+              "episodes": {"train": len(train_eps), "val": len(val_eps)},
+              "val_mse": best["val_mse"], "val_target_variance": float(y_val.var()),
+              "best_epoch": best["epoch"], "history": history, "val_study": rules,
+              "train_seconds": time.perf_counter() - t0, "output": args.output}
+    print(f"\nvalidation: log(gap + {model.config.gap_eps}) predicted with MSE {best['val_mse']:.4f} "
+          f"(its variance: {result['val_target_variance']:.4f}), best epoch {best['epoch']} of {args.epochs}")
+    print(f"on the {len(val['gap'])} validation states (at least {args.min_layers} layers kept but fixed):")
+    print(f"{'rule':>13} | {'parameter':>9} | {'layers':>6} | {'gap mean':>8} | {'gap p90':>7} | {'gap max':>7}")
+    for r in rules:
+        print(f"{r['rule']:>13} | {r['parameter']:>9g} | {r['layers_mean']:6.2f} | {r['gap_mean']:8.4f} | "
+              f"{r['gap_p90']:7.4f} | {r['gap_max']:7.4f}")
+    print(f"wrote {args.output}")
+    if args.json:
+        ca.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        sys.exit(f"error: {exc}")
