@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from types import SimpleNamespace
 
@@ -225,14 +226,14 @@ def layer_signals(engine: RSDEngine, obs: np.ndarray, task: int) -> tuple[np.nda
     """Dense greedy decoding of one state, every layer (``RSDEngine.dense_trace``): the
     ``expected_norm`` rule's stop signal after each layer [L], the action gap of every prefix
     (gap[n - 1] for the first n layers, so gap[L - 1] = 0), and, with a stop model, its
-    predicted gap after each layer [L] (else None)."""
+    prediction after each layer [L], log(gap + gap_eps) as the engine compares it (else None)."""
     logits, codes, gap = engine.dense_trace(obs, task)
     L = len(logits)
     signal = np.array([engine.expected_refinement(logits[l], l) for l in range(L)])
     learned = None
     if engine.stop_model is not None:
         stop = LearnedStop(engine)
-        learned = np.array([stop.predicted_gap(logits[l], l, codes[..., l]) for l in range(L)])
+        learned = np.array([stop.predicted_log_gap(l, codes[..., l]) for l in range(L)])
     return signal, gap, learned
 
 
@@ -262,7 +263,8 @@ def stop_study(args, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: 
     result = {"rules": (
         [row("expected_norm", tau, stop_depths(signals, tau, args.min_layers)) for tau in args.stop_thresholds]
         + [row("fixed", n, np.full(len(gaps), n)) for n in range(1, L + 1)]
-        + ([row("learned", tol, stop_depths(np.stack(learned), tol, args.min_layers))
+        + ([row("learned", tol, stop_depths(np.stack(learned), math.log(tol + engine.stop_model.config.gap_eps),
+                                            args.min_layers))
             for tol in args.oracle_tolerances] if engine.stop_model is not None else [])
         + [row("oracle", tol, stop_depths(gaps, tol, args.min_layers)) for tol in args.oracle_tolerances])}
     init_ids = sorted({ep.init_state_id for ep in episodes})

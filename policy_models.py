@@ -488,12 +488,11 @@ class FusedDraft:
 
 class StopModel(nn.Module):
     """Adaptive depth's learned stop signal: from what the decoder knows once a layer is
-    decoded (features built by ``rsd_engine_core.LearnedStop``: the main policy's distribution
-    over the layer's codes, the codes chosen, the latent they sum to), the action gap of
-    stopping there, i.e. the max abs difference (normalized action units) between the actions
-    of the layers so far and those of all L. Trained by ``train_stop.py`` on the main policy's
-    own dense decoding of recorded states. It predicts log(gap + gap_eps); the inputs are
-    standardized with the training set's statistics, kept as buffers."""
+    decoded (features built by ``rsd_engine_core.LearnedStop``), the action gap of stopping
+    there, i.e. the max abs difference (normalized action units) between the actions of the
+    layers so far and those of all L. Trained by ``train_stop.py`` on the main policy's own dense
+    decoding of recorded states. It predicts log(gap + gap_eps); the inputs are standardized
+    with the training set's statistics, kept as buffers."""
 
     def __init__(self, config: StopConfig):
         super().__init__()
@@ -509,6 +508,33 @@ class StopModel(nn.Module):
     def predicted_gap(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, in_dim] -> the predicted action gap [N] (normalized action units)."""
         return self(x).exp() - self.config.gap_eps
+
+    def fused(self) -> "FusedStop":
+        """The batch-1 inference form of this model as its weights are now (``FusedStop``)."""
+        return FusedStop(self)
+
+
+class FusedStop:
+    """A ``StopModel`` whose input ends with a one-hot of the layer (``LearnedStop``'s
+    features), folded for one call per decoded layer: the standardization goes into the first
+    layer's weights, and the one-hot's column of them into a bias per layer, so a call is two
+    ``addmm`` and a ``gelu`` on the rest of the input. Equals ``StopModel.forward`` up to float
+    rounding (tested); a snapshot of the weights."""
+
+    def __init__(self, model: StopModel):
+        c = model.config
+        first, last = model.net[0], model.net[2]
+        with torch.no_grad():
+            w = first.weight / model.std                       # [hidden, in_dim]
+            b = first.bias - w @ model.mean
+            d = c.in_dim - c.num_layers                         # where the one-hot starts
+            self.w1 = w[:, :d].T.contiguous()                   # [d, hidden]
+            self.b1 = (b[None] + w[:, d:].T).contiguous()       # [L, hidden]: bias of layer l
+            self.w2, self.b2 = last.weight.T.clone(), last.bias.clone()  # [hidden, 1], [1]
+
+    def __call__(self, x: torch.Tensor, layer: int) -> float:
+        """x: [1, in_dim - L] (the features before the one-hot) -> predicted log(gap + gap_eps)."""
+        return float(torch.addmm(self.b2, F.gelu(torch.addmm(self.b1[layer], x, self.w1)), self.w2))
 
 
 # --------------------------------------------------------------------------- checkpoints

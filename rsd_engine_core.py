@@ -29,6 +29,7 @@ Acceptance rules for proposed layers:
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -130,52 +131,48 @@ class EngineConfig:
 
 
 class LearnedStop:
-    """The features a ``StopModel`` reads, built layer by layer as one chunk is decoded.
-
-    After layer l is decoded the engine knows the main policy's logits for it and the codes kept.
-    Per latent position: the expected code norm under the policy's distribution (the
-    ``expected_norm`` rule's signal), the distribution's entropy and top probability, and the
-    norm of the kept code; and the latent the kept codes of layers 0..l sum to (what the
-    tokenizer's decoder will read). The model's input is these features for layer l and for
-    layer l - 1 (zeros for layer 0), and a one-hot of l. Features are the same whether the layers
-    came from dense decoding or from accepted proposals: training (``train_stop.py``) and the
-    engine both build them here, one call per layer in order.
+    """The features a ``StopModel`` reads, built layer by layer as one chunk is decoded: the
+    latent that the kept codes of layers 0..l sum to (what the tokenizer's decoder will read,
+    [T' * C]), then a one-hot of l. Whether the layers after l will move the actions depends on
+    where that latent sits for the decoder and on the residual its code path tends to leave;
+    richer inputs (the policy's distribution over the layer's codes: expected code norm, entropy,
+    top probability, and the last layer's of them) predicted no better on held-out states. The
+    features are the same whether the layers came from dense decoding or from accepted
+    proposals: training (``train_stop.py``) and the engine both build them here, one call per
+    layer in order.
     """
 
     def __init__(self, engine: "RSDEngine"):
         self.engine = engine
-        self.latent = None                 # [T', C]: the kept codes' vectors summed
-        self.previous = None               # the last layer's features
+        self.latent = torch.zeros(1, engine.code_vectors[0].shape[-1] * engine.policy.config.latent_steps)
         self.layer = 0                     # the layer the next call must be for
 
     @staticmethod
     def input_size(engine: "RSDEngine") -> int:
         c = engine.policy.config
-        per_layer = 4 * c.latent_steps + c.latent_steps * engine.code_vectors.shape[-1]
-        return 2 * per_layer + c.num_layers
+        return c.latent_steps * engine.code_vectors.shape[-1] + c.num_layers
 
-    def features(self, logits: torch.Tensor, layer: int, code: torch.Tensor) -> torch.Tensor:
-        """logits [1, T', vocab] of layer ``layer`` and its kept codes [1, T'] -> the model's
-        input [1, in_dim]."""
+    def _add(self, layer: int, code: torch.Tensor) -> None:
         if layer != self.layer:
             raise ValueError(f"stop features must be built layer after layer: expected layer {self.layer}, got {layer}")
-        e = self.engine
-        logp = torch.log_softmax(logits[0].float(), -1)             # [T', vocab]
-        p = logp.exp()
-        norms = e.code_norms[layer]
-        vectors = e.code_vectors[layer, code[0]]                    # [T', C]
-        self.latent = vectors if self.latent is None else self.latent + vectors
-        own = torch.cat([p @ norms, torch.special.entr(p).sum(-1), p.max(-1).values, norms[code[0]],
-                         self.latent.flatten()])
-        previous = torch.zeros_like(own) if self.previous is None else self.previous
-        self.previous, self.layer = own, layer + 1
-        onehot = torch.zeros(e.policy.config.num_layers)
-        onehot[layer] = 1
-        return torch.cat([own, previous, onehot])[None]
+        self.latent = self.latent + self.engine.code_vectors[layer, code[0]].view(1, -1)
+        self.layer = layer + 1
 
-    def predicted_gap(self, logits: torch.Tensor, layer: int, code: torch.Tensor) -> float:
-        """The stop model's predicted action gap of stopping after this layer."""
-        return float(self.engine.stop_model.predicted_gap(self.features(logits, layer, code))[0])
+    def features(self, layer: int, code: torch.Tensor) -> torch.Tensor:
+        """The kept codes [1, T'] of layer ``layer`` -> the model's input [1, in_dim]."""
+        self._add(layer, code)
+        onehot = torch.zeros(1, self.engine.policy.config.num_layers)
+        onehot[0, layer] = 1
+        return torch.cat([self.latent, onehot], 1)
+
+    def predicted_log_gap(self, layer: int, code: torch.Tensor) -> float:
+        """The stop model's predicted log(gap + gap_eps) of stopping after this layer (its
+        folded form, ``FusedStop``)."""
+        self._add(layer, code)
+        return self.engine.stop_fused(self.latent, layer)
+
+    def predicted_gap(self, layer: int, code: torch.Tensor) -> float:
+        return math.exp(self.predicted_log_gap(layer, code)) - self.engine.stop_model.config.gap_eps
 
 
 class RSDEngine:
@@ -185,6 +182,7 @@ class RSDEngine:
                  parallel_policy: TokenPolicy | None = None, stop_model: StopModel | None = None):
         self.policy = policy.eval()
         self.stop_model = None if stop_model is None else stop_model.eval()
+        self.stop_fused = None if stop_model is None else stop_model.fused()
         self.tokenizer = tokenizer.eval()
         self.draft = None if draft is None else draft.eval()
         # the draft runs in its folded inference form (the same function in fewer operations)
@@ -268,7 +266,9 @@ class RSDEngine:
             if self.stop_model is None:
                 raise ValueError("stop rule 'learned' needs a stop model (train_stop.py; --stop_model)")
             learned = LearnedStop(self)
-            return lambda logits, layer, code: (learned.predicted_gap(logits, layer, code) <= cfg.adaptive_threshold
+            limit = math.log(cfg.adaptive_threshold + self.stop_model.config.gap_eps)
+            # every layer's codes go into the features, also those before min_layers
+            return lambda logits, layer, code: (learned.predicted_log_gap(layer, code) <= limit
                                                 and layer + 1 >= cfg.min_layers)
         return lambda logits, layer, code: (layer + 1 >= cfg.min_layers
                                             and self.expected_refinement(logits, layer) <= cfg.adaptive_threshold)

@@ -8,8 +8,7 @@ latent-space quantity; ``bench_decoding.py --stop_study`` shows it does little b
 fixed depth. This script fits a small ``StopModel`` that predicts the quantity itself: the
 action gap of stopping after a layer, the max abs difference (normalized action units) between
 the actions of the layers so far and those of all L, from what the engine knows at that point
-(``rsd_engine_core.LearnedStop``: the policy's distribution over the layer's codes, the codes
-kept, the latent they sum to).
+(``rsd_engine_core.LearnedStop``: the latent the kept codes sum to, and which layer it is).
 
 Its data are the chunk-start states of the main policy's own rollouts on training init states
 (``eval_libero.py --init_states train --record FILE``; rollouts from the held-out init states,
@@ -86,7 +85,7 @@ def examples(engine: RSDEngine, episodes: list, desc: str) -> dict:
     for o, instruction in tqdm(list(zip(obs, instructions)), desc=desc, unit="state"):
         logits, codes, gap = engine.dense_trace(o, pc.instructions.index(instruction))
         stop = LearnedStop(engine)
-        x += [stop.features(logits[l], l, codes[..., l]) for l in range(L - 1)]
+        x += [stop.features(l, codes[..., l]) for l in range(L - 1)]
         gaps.append(gap)
         signals.append([engine.expected_refinement(logits[l], l) for l in range(L)])
     return {"x": torch.cat(x), "gap": np.array(gaps), "signal": np.array(signals)}
@@ -102,7 +101,8 @@ def fit(train: dict, val: dict, args, num_layers: int) -> tuple[pm.StopModel, li
     torch.manual_seed(args.seed)
     model = pm.StopModel(config)
     model.mean.copy_(train["x"].mean(0))
-    model.std.copy_(train["x"].std(0).clamp(min=1e-6))
+    std = train["x"].std(0)
+    model.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))  # constant features: left as they are
     y_train, y_val = targets(config.gap_eps, train["gap"]), targets(config.gap_eps, val["gap"])
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     n = len(y_train)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import h5py
@@ -722,7 +723,8 @@ def test_learned_stop_rule_is_trained_and_speculation_keeps_its_depth(trained, t
     args = bench_decoding.build_parser().parse_args(["--policy", policy_path, "--data", states, "--warmup", "0"])
     _, obs, order, tasks = bench_decoding.recorded_states(args, engine)
     predicted = np.stack([bench_decoding.layer_signals(engine, obs[i], t)[2] for i, t in zip(order, tasks)])
-    tau = float(np.median(predicted[:, 1]))  # stops some states after 2 layers, not others
+    eps = stop.config.gap_eps
+    tau = math.exp(float(np.median(predicted[:, 1]))) - eps  # stops some states after 2 layers, not others
     depths = []
     for i, task, p in zip(order, tasks, predicted):
         o, t = torch.as_tensor(obs[i])[None], torch.tensor([task])
@@ -731,7 +733,7 @@ def test_learned_stop_rule_is_trained_and_speculation_keeps_its_depth(trained, t
         spec, stats = engine.decode_codes(o, t, EngineConfig("rsd+adaptive", **kw))
         assert torch.equal(spec, dense)
         assert stats.accepted <= min(stats.proposed, spec.shape[-1])
-        assert bench_decoding.stop_depths(p[None], tau, 2)[0] == dense.shape[-1]
+        assert bench_decoding.stop_depths(p[None], math.log(tau + eps), 2)[0] == dense.shape[-1]
         depths.append(dense.shape[-1])
         # the expected_norm rule is still the default
         assert EngineConfig("adaptive").stop_rule == "expected_norm"
@@ -739,7 +741,13 @@ def test_learned_stop_rule_is_trained_and_speculation_keeps_its_depth(trained, t
     # features must come layer after layer
     logits, codes, _ = engine.dense_trace(obs[0], tasks[0])
     with pytest.raises(ValueError, match="layer after layer"):
-        LearnedStop(engine).features(logits[1], 1, codes[..., 1])
+        LearnedStop(engine).features(1, codes[..., 1])
+    # the folded model the engine calls is the model
+    trace, direct = LearnedStop(engine), LearnedStop(engine)
+    for l in range(L):
+        with torch.no_grad():
+            expected = float(stop(trace.features(l, codes[..., l]))[0])
+        assert direct.predicted_log_gap(l, codes[..., l]) == pytest.approx(expected, rel=1e-5, abs=1e-5)
     with pytest.raises(ValueError, match="needs a stop model"):
         RSDEngine(policy, tok).decode_codes(torch.as_tensor(obs[0])[None], torch.tensor([0]),
                                             EngineConfig("adaptive", stop_rule="learned"))
