@@ -206,17 +206,24 @@ def recorded_states(args, engine) -> tuple[list, np.ndarray, np.ndarray, list[in
     to decode them (a random subset of --max_states + --warmup, warm-up first) and each
     ordered state's task index."""
     episodes = ca.load_episodes(args.data, only_success=False)
+    obs, tasks = policy_states(engine, episodes, args.data)
+    order = np.random.default_rng(args.seed).permutation(len(obs))[: args.max_states + args.warmup]
+    return episodes, obs, order, [int(tasks[i]) for i in order]
+
+
+def policy_states(engine: RSDEngine, episodes: list, source) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk-start observations of ``episodes`` as the policy reads them [M, obs_dim], and
+    each one's task index [M]; episodes of an instruction the policy was not trained on, or
+    observations of another size, are an error naming ``source``."""
     pc = engine.policy.config
     obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history,
                                            engine.tokenizer.config.chunk_size)
     unknown = sorted(set(instructions) - set(pc.instructions))
     if unknown:
-        raise ValueError(f"{args.data}: the policy was not trained on the instruction(s) {unknown}")
+        raise ValueError(f"{source}: the policy was not trained on the instruction(s) {unknown}")
     if obs.shape[1] != pc.obs_dim:
-        raise ValueError(f"{args.data}: observation vectors have {obs.shape[1]} values, the policy expects {pc.obs_dim}")
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(obs))[: args.max_states + args.warmup]
-    return episodes, obs, order, [pc.instructions.index(instructions[i]) for i in order]
+        raise ValueError(f"{source}: observation vectors have {obs.shape[1]} values, the policy expects {pc.obs_dim}")
+    return obs, np.array([pc.instructions.index(i) for i in instructions])
 
 
 # ---------------------------------------------------------------- the stop rule study

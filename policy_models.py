@@ -588,51 +588,42 @@ def _load_checkpoint(path: str, fmt: str) -> dict:
     return ckpt
 
 
-def load_policy(path: str, tokenizer_path: str | None = None) -> tuple[TokenPolicy, dict]:
-    """Rebuild a main policy from its file alone (eval mode). With ``tokenizer_path``, refuse a
-    tokenizer other than the one the policy was trained with."""
-    ckpt = _load_checkpoint(path, POLICY_FORMAT)
-    if tokenizer_path is not None:
-        got = file_sha256(tokenizer_path)
-        if got != ckpt["tokenizer_sha256"]:
-            raise ValueError(f"policy {path!r} was trained with a different tokenizer than "
-                             f"{tokenizer_path!r} (sha256 {ckpt['tokenizer_sha256'][:12]}... vs {got[:12]}...)")
-    model = TokenPolicy(PolicyConfig(**ckpt["config"]))
+def _refuse_other(ckpt: dict, path: str, what: str, key: str, other: str, other_path: str | None) -> None:
+    """Refuse ``other_path`` when its sha256 is not the one ``path`` (a ``what``) recorded under
+    ``key`` for the ``other`` it was trained with."""
+    if other_path is not None:
+        got = file_sha256(other_path)
+        if got != ckpt[key]:
+            raise ValueError(f"{what} {path!r} was trained with a different {other} than {other_path!r} "
+                             f"(sha256 {ckpt[key][:12]}... vs {got[:12]}...)")
+
+
+def _with_weights(model: nn.Module, ckpt: dict, path: str) -> nn.Module:
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path!r}: weights do not match the stored config: {exc}") from exc
-    return model.eval(), ckpt
+    return model.eval()
+
+
+def load_policy(path: str, tokenizer_path: str | None = None) -> tuple[TokenPolicy, dict]:
+    """Rebuild a main policy from its file alone (eval mode). With ``tokenizer_path``, refuse a
+    tokenizer other than the one the policy was trained with."""
+    ckpt = _load_checkpoint(path, POLICY_FORMAT)
+    _refuse_other(ckpt, path, "policy", "tokenizer_sha256", "tokenizer", tokenizer_path)
+    return _with_weights(TokenPolicy(PolicyConfig(**ckpt["config"])), ckpt, path), ckpt
 
 
 def load_draft(path: str, policy_path: str | None = None) -> tuple[DraftModel, dict]:
     """Rebuild a draft model (eval mode); with ``policy_path``, refuse a different main policy."""
     ckpt = _load_checkpoint(path, DRAFT_FORMAT)
-    if policy_path is not None:
-        got = file_sha256(policy_path)
-        if got != ckpt["policy_sha256"]:
-            raise ValueError(f"draft {path!r} was trained against a different main policy than "
-                             f"{policy_path!r} (sha256 {ckpt['policy_sha256'][:12]}... vs {got[:12]}...)")
-    model = DraftModel(DraftConfig(**ckpt["config"]), ckpt["num_tasks"])
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path!r}: weights do not match the stored config: {exc}") from exc
-    return model.eval(), ckpt
+    _refuse_other(ckpt, path, "draft", "policy_sha256", "main policy", policy_path)
+    return _with_weights(DraftModel(DraftConfig(**ckpt["config"]), ckpt["num_tasks"]), ckpt, path), ckpt
 
 
 def load_stop(path: str, policy_path: str | None = None) -> tuple[StopModel, dict]:
     """Rebuild a learned stop model (eval mode); with ``policy_path``, refuse a different main
     policy (its features and gaps are that policy's)."""
     ckpt = _load_checkpoint(path, STOP_FORMAT)
-    if policy_path is not None:
-        got = file_sha256(policy_path)
-        if got != ckpt["policy_sha256"]:
-            raise ValueError(f"stop model {path!r} was trained on a different main policy than "
-                             f"{policy_path!r} (sha256 {ckpt['policy_sha256'][:12]}... vs {got[:12]}...)")
-    model = StopModel(StopConfig(**ckpt["config"]))
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path!r}: weights do not match the stored config: {exc}") from exc
-    return model.eval(), ckpt
+    _refuse_other(ckpt, path, "stop model", "policy_sha256", "main policy", policy_path)
+    return _with_weights(StopModel(StopConfig(**ckpt["config"])), ckpt, path), ckpt

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import collect_actions as ca
 import policy_models as pm
-from bench_decoding import chunk_start_states, float_list, stop_depths
+from bench_decoding import float_list, policy_states, stop_depths
 from policy_data import batches
 from rsd_engine_core import LearnedStop, RSDEngine
 from rvq_tokenizer import load_tokenizer
@@ -74,16 +74,11 @@ def examples(engine: RSDEngine, episodes: list, desc: str) -> dict:
     """Dense decoding of every chunk-start state of ``episodes``: the stop model's inputs
     [M * (L-1), in_dim] for stopping after layers 1..L-1 (after the last there is nothing left),
     the gaps [M, L], and the expected_norm signals [M, L]."""
-    pc = engine.policy.config
-    obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history,
-                                           engine.tokenizer.config.chunk_size)
-    unknown = sorted(set(instructions) - set(pc.instructions))
-    if unknown:
-        raise ValueError(f"the policy was not trained on the instruction(s) {unknown} of the rollouts")
-    L = pc.num_layers
+    obs, tasks = policy_states(engine, episodes, sorted({e.source for e in episodes}))
+    L = engine.policy.config.num_layers
     x, gaps, signals = [], [], []
-    for o, instruction in tqdm(list(zip(obs, instructions)), desc=desc, unit="state"):
-        logits, codes, gap = engine.dense_trace(o, pc.instructions.index(instruction))
+    for o, task in tqdm(list(zip(obs, tasks)), desc=desc, unit="state"):
+        logits, codes, gap = engine.dense_trace(o, int(task))
         stop = LearnedStop(engine)
         x += [stop.features(l, codes[..., l]) for l in range(L - 1)]
         gaps.append(gap)
