@@ -150,6 +150,11 @@ def study(model: pm.StopModel, val: dict, args) -> list[dict]:
 def main(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     log.info("config: %s", vars(args))
+    for name in ("epochs", "batch_size", "hidden", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
     torch.set_num_threads(args.threads)
     policy, pckpt = pm.load_policy(args.policy)
     if policy.config.variant != "ar":

@@ -757,6 +757,8 @@ def test_learned_stop_rule_is_trained_and_speculation_keeps_its_depth(trained, t
     with pytest.raises(ValueError, match="bad.hdf5.*held-out init state 3"):
         train_stop.main(train_stop.build_parser().parse_args(base + ["--rollouts", bad, "--output", str(tmp_path / "s2.pt")]))
     assert not (tmp_path / "s2.pt").exists()
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
+        train_stop.main(train_stop.build_parser().parse_args(base + ["--rollouts", roll, "--epochs", "0"]))
 
 
 def test_stop_depths_is_the_first_layer_at_or_under_the_limit():
