@@ -259,13 +259,9 @@ def stop_study(args, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: 
     signals, gaps, learned = zip(*(layer_signals(engine, o, t)
                                    for o, t in tqdm(list(zip(obs, tasks)), desc="states", unit="state")))
     signals, gaps = np.stack(signals), np.stack(gaps)
-    rows = np.arange(len(gaps))
 
     def row(rule: str, parameter, depth: np.ndarray) -> dict:
-        gap = gaps[rows, depth - 1]
-        return {"rule": rule, "parameter": parameter, "layers_mean": float(depth.mean()),
-                "gap_mean": float(gap.mean()), "gap_p90": float(np.percentile(gap, 90)),
-                "gap_max": float(gap.max()), "gap_above_0.1": float(np.mean(gap > 0.1))}
+        return stop_rule_row(gaps, rule, parameter, depth)
 
     result = {"rules": (
         [row("expected_norm", tau, stop_depths(signals, tau, args.min_layers)) for tau in args.stop_thresholds]
@@ -282,14 +278,27 @@ def stop_study(args, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: 
     print(f"\n{len(gaps)} states; gap: max abs difference between the actions of the kept layers and of "
           f"all {L} (normalized units); the rules but fixed keep at least {args.min_layers} layers"
           + (f"; learned: {args.stop_model}, stopping at a predicted gap <= the parameter" if args.stop_model else ""))
-    print(f"{'rule':>13} | {'parameter':>9} | {'layers':>6} | {'gap mean':>8} | {'gap p90':>7} | {'gap max':>7} | gap > 0.1")
-    for r in result["rules"]:
-        print(f"{r['rule']:>13} | {r['parameter']:>9g} | {r['layers_mean']:6.2f} | {r['gap_mean']:8.4f} | "
-              f"{r['gap_p90']:7.4f} | {r['gap_max']:7.4f} | {r['gap_above_0.1']:9.3f}")
+    print_stop_rules(result["rules"])
     if args.json:
         ca.write_json(args.json, result)
         log.info("wrote %s", args.json)
     return result
+
+
+def stop_rule_row(gaps: np.ndarray, rule: str, parameter, depth: np.ndarray) -> dict:
+    """One rule's line of a stop study: gaps [M, L] (gap of the first n layers at n - 1),
+    depth [M] the layers the rule keeps per state -> mean layers and the gap they leave."""
+    gap = gaps[np.arange(len(gaps)), depth - 1]
+    return {"rule": rule, "parameter": parameter, "layers_mean": float(depth.mean()),
+            "gap_mean": float(gap.mean()), "gap_p90": float(np.percentile(gap, 90)),
+            "gap_max": float(gap.max()), "gap_above_0.1": float(np.mean(gap > 0.1))}
+
+
+def print_stop_rules(rules: list[dict]) -> None:
+    print(f"{'rule':>13} | {'parameter':>9} | {'layers':>6} | {'gap mean':>8} | {'gap p90':>7} | {'gap max':>7} | gap > 0.1")
+    for r in rules:
+        print(f"{r['rule']:>13} | {r['parameter']:>9g} | {r['layers_mean']:6.2f} | {r['gap_mean']:8.4f} | "
+              f"{r['gap_p90']:7.4f} | {r['gap_max']:7.4f} | {r['gap_above_0.1']:9.3f}")
 
 
 def _ranges(ids: list[int]) -> str:

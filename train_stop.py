@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import collect_actions as ca
 import policy_models as pm
-from bench_decoding import float_list, policy_states, stop_depths
+from bench_decoding import float_list, policy_states, print_stop_rules, stop_depths, stop_rule_row
 from policy_data import batches
 from rsd_engine_core import LearnedStop, RSDEngine
 from rvq_tokenizer import load_tokenizer
@@ -130,18 +130,15 @@ def study(model: pm.StopModel, val: dict, args) -> list[dict]:
     expected_norm rule and every fixed depth (as ``bench_decoding.py --stop_study``)."""
     gaps = val["gap"]
     M, L = gaps.shape
-    with torch.no_grad():
-        predicted = model.predicted_gap(val["x"]).numpy().reshape(M, L - 1)
-    predicted = np.concatenate([predicted, np.zeros((M, 1))], 1)  # after the last layer: done
-    rows = np.arange(M)
+    eps = model.config.gap_eps
+    with torch.no_grad():  # log(gap + eps), compared as the engine compares it
+        predicted = model(val["x"]).numpy().reshape(M, L - 1)
+    predicted = np.concatenate([predicted, np.full((M, 1), -np.inf)], 1)  # after the last layer: done
 
     def row(rule, parameter, depth):
-        gap = gaps[rows, depth - 1]
-        return {"rule": rule, "parameter": parameter, "layers_mean": float(depth.mean()),
-                "gap_mean": float(gap.mean()), "gap_p90": float(np.percentile(gap, 90)),
-                "gap_max": float(gap.max())}
+        return stop_rule_row(gaps, rule, parameter, depth)
 
-    return ([row("learned", t, stop_depths(predicted, t, args.min_layers)) for t in args.thresholds]
+    return ([row("learned", t, stop_depths(predicted, math.log(t + eps), args.min_layers)) for t in args.thresholds]
             + [row("expected_norm", t, stop_depths(val["signal"], t, args.min_layers))
                for t in args.expected_norm_thresholds]
             + [row("fixed", n, np.full(M, n)) for n in range(1, L + 1)])
@@ -191,10 +188,7 @@ def main(args) -> dict:
     print(f"\nvalidation: log(gap + {model.config.gap_eps}) predicted with MSE {best['val_mse']:.4f} "
           f"(its variance: {result['val_target_variance']:.4f}), best epoch {best['epoch']} of {args.epochs}")
     print(f"on the {len(val['gap'])} validation states (at least {args.min_layers} layers kept but fixed):")
-    print(f"{'rule':>13} | {'parameter':>9} | {'layers':>6} | {'gap mean':>8} | {'gap p90':>7} | {'gap max':>7}")
-    for r in rules:
-        print(f"{r['rule']:>13} | {r['parameter']:>9g} | {r['layers_mean']:6.2f} | {r['gap_mean']:8.4f} | "
-              f"{r['gap_p90']:7.4f} | {r['gap_max']:7.4f}")
+    print_stop_rules(rules)
     print(f"wrote {args.output}")
     if args.json:
         ca.write_json(args.json, result)
