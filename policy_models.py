@@ -547,29 +547,24 @@ def _atomic_save(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _save_checkpoint(fmt: str, model: nn.Module, path: str, provenance: dict, **extra) -> None:
+    """Write ``model`` (its config dataclass and weights) under format tag ``fmt`` with its
+    provenance and ``extra`` entries (hashes of the files it depends on), atomically."""
+    _atomic_save({"format": fmt, "version": CHECKPOINT_VERSION, "config": asdict(model.config),
+                  "state_dict": model.state_dict(), "provenance": provenance, **extra}, path)
+
+
 def save_policy(model: TokenPolicy, path: str, tokenizer_sha256: str, provenance: dict) -> None:
-    _atomic_save({
-        "format": POLICY_FORMAT, "version": CHECKPOINT_VERSION,
-        "config": asdict(model.config), "state_dict": model.state_dict(),
-        "tokenizer_sha256": tokenizer_sha256, "provenance": provenance,
-    }, path)
+    _save_checkpoint(POLICY_FORMAT, model, path, provenance, tokenizer_sha256=tokenizer_sha256)
 
 
 def save_draft(model: DraftModel, path: str, policy_sha256: str, num_tasks: int,
                provenance: dict) -> None:
-    _atomic_save({
-        "format": DRAFT_FORMAT, "version": CHECKPOINT_VERSION,
-        "config": asdict(model.config), "num_tasks": num_tasks, "state_dict": model.state_dict(),
-        "policy_sha256": policy_sha256, "provenance": provenance,
-    }, path)
+    _save_checkpoint(DRAFT_FORMAT, model, path, provenance, policy_sha256=policy_sha256, num_tasks=num_tasks)
 
 
 def save_stop(model: StopModel, path: str, policy_sha256: str, provenance: dict) -> None:
-    _atomic_save({
-        "format": STOP_FORMAT, "version": CHECKPOINT_VERSION,
-        "config": asdict(model.config), "state_dict": model.state_dict(),
-        "policy_sha256": policy_sha256, "provenance": provenance,
-    }, path)
+    _save_checkpoint(STOP_FORMAT, model, path, provenance, policy_sha256=policy_sha256)
 
 
 def _load_checkpoint(path: str, fmt: str) -> dict:

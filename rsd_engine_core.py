@@ -152,7 +152,8 @@ class LearnedStop:
         c = engine.policy.config
         return c.latent_steps * engine.code_vectors.shape[-1] + c.num_layers
 
-    def _add(self, layer: int, code: torch.Tensor) -> None:
+    def add(self, layer: int, code: torch.Tensor) -> None:
+        """Take in the kept codes [1, T'] of layer ``layer`` (layers must come in order)."""
         if layer != self.layer:
             raise ValueError(f"stop features must be built layer after layer: expected layer {self.layer}, got {layer}")
         self.latent = self.latent + self.engine.code_vectors[layer, code[0]].view(1, -1)
@@ -160,7 +161,7 @@ class LearnedStop:
 
     def features(self, layer: int, code: torch.Tensor) -> torch.Tensor:
         """The kept codes [1, T'] of layer ``layer`` -> the model's input [1, in_dim]."""
-        self._add(layer, code)
+        self.add(layer, code)
         onehot = torch.zeros(1, self.engine.policy.config.num_layers)
         onehot[0, layer] = 1
         return torch.cat([self.latent, onehot], 1)
@@ -168,7 +169,7 @@ class LearnedStop:
     def predicted_log_gap(self, layer: int, code: torch.Tensor) -> float:
         """The stop model's predicted log(gap + gap_eps) of stopping after this layer (its
         folded form, ``FusedStop``)."""
-        self._add(layer, code)
+        self.add(layer, code)
         return self.engine.stop_fused(self.latent, layer)
 
     def predicted_gap(self, layer: int, code: torch.Tensor) -> float:
@@ -267,9 +268,13 @@ class RSDEngine:
                 raise ValueError("stop rule 'learned' needs a stop model (train_stop.py; --stop_model)")
             learned = LearnedStop(self)
             limit = math.log(cfg.adaptive_threshold + self.stop_model.config.gap_eps)
-            # every layer's codes go into the features, also those before min_layers
-            return lambda logits, layer, code: (learned.predicted_log_gap(layer, code) <= limit
-                                                and layer + 1 >= cfg.min_layers)
+
+            def stop(logits, layer, code):
+                if layer + 1 < cfg.min_layers:  # its codes still go into the features
+                    learned.add(layer, code)
+                    return False
+                return learned.predicted_log_gap(layer, code) <= limit
+            return stop
         return lambda logits, layer, code: (layer + 1 >= cfg.min_layers
                                             and self.expected_refinement(logits, layer) <= cfg.adaptive_threshold)
 
