@@ -103,8 +103,9 @@ class OracleDraft:
     """A perfect draft for ``RSDEngine``: it proposes ``codes`` [1, T', L], set to the main
     policy's dense greedy codes of the state before each speculative decode, as one-hot
     logits, without a network (the engine reads ``config.num_layers``, ``config.source`` and
-    calls ``fused()(features, task)``). Exact acceptance then accepts every proposed layer, so
-    the verify pass and the layers after the proposal are all that speculation costs."""
+    calls ``fused().propose(features, task, k, pick)``). Exact acceptance then accepts every
+    proposed layer, so the verify pass and the layers after the proposal are all that
+    speculation costs."""
 
     def __init__(self, num_layers: int, vocab: int):
         self.config = SimpleNamespace(num_layers=num_layers, source="oracle")
@@ -121,6 +122,12 @@ class OracleDraft:
         if self.codes is None:
             raise RuntimeError("OracleDraft.codes must be set to the state's dense codes first")
         return torch.nn.functional.one_hot(self.codes, self.vocab).float()  # [1, T', L, vocab]
+
+    def propose(self, features, task, k: int, pick=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(one-hot logits [1, T', k, vocab], the dense codes [1, T', k]): exact acceptance only."""
+        if pick is not None:
+            raise ValueError("the oracle draft proposes the dense greedy codes: use exact acceptance, not sampling")
+        return self(features, task)[:, :, :k], self.codes[..., :k]
 
 
 def chunk_start_states(episodes: list, keys, history: int, chunk_size: int) -> tuple[np.ndarray, list[str]]:

@@ -17,8 +17,9 @@ observation and on all codes of layers < l, at every position. Hence
 The ``parallel`` variant is the one-pass baseline: block l carries no codes and sees only the
 ctx and itself, so all layers come out of one pass, independently.
 
-The draft model predicts the first k layers in one cheap pass from the main policy's
-observation embedding (before the transformer) through a trained projection.
+The draft model predicts the first k layers cheaply from the main policy's observation
+embedding (before the transformer) through a trained projection: all k at once, or (a chained
+draft) one small step per layer, each reading the codes proposed for the layers before it.
 
 Shapes: obs ``[B, obs_dim]``, task ``[B]`` (instruction index), codes ``[B, T', L]``,
 logits ``[B, T', L, K]``.
@@ -118,10 +119,13 @@ class DraftConfig:
     source: str = "embedding"  # "embedding": main policy's obs embedding; "obs": raw normalized obs
     hidden: int = 256
     depth: int = 2
-    rank: int = 32           # size of the factorized output head's vectors
+    rank: int = 32           # size of the factorized output head's vectors (not chained)
+    chained: bool = False    # layer l's step also reads the codes of layers < l (DraftModel)
 
     def __post_init__(self):
         self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
+        if not isinstance(self.chained, bool):
+            raise ValueError(f"chained must be True or False, got {self.chained!r}")
         if self.source not in ("embedding", "obs"):
             raise ValueError(f"draft source must be 'embedding' or 'obs', got {self.source!r}")
         for name in ("in_dim", "latent_steps", "num_layers", "hidden", "depth", "rank"):
@@ -388,15 +392,25 @@ class TokenPolicy(nn.Module):
 
 
 class DraftModel(nn.Module):
-    """Predicts layers 0..k-1 in one pass: input features -> logits [B, T', k, vocab].
+    """Predicts layers 0..k-1 cheaply: input features -> logits [B, T', k, vocab].
 
     ``source == "embedding"``: input = the main policy's observation embedding [B, n_ctx, d]
     flattened (computed anyway before the main's first pass), through a trained projection.
     ``source == "obs"``: input = the normalized raw observation and a task embedding.
 
-    The output head is factorized (hidden -> T'*k vectors of size ``rank`` -> a shared
-    rank -> vocab projection): a full hidden -> T'*k*vocab matrix would cost as much as a
-    main pass.
+    Not chained (the default), all k layers come out of one pass, each latent position and
+    layer on its own; the output head is factorized (hidden -> T'*k vectors of size ``rank``
+    -> a shared rank -> vocab projection): a full hidden -> T'*k*vocab matrix would cost as
+    much as a main pass.
+
+    Chained (``config.chained``), layer l has its own small step: the trunk's output plus an
+    embedding of the codes of layers 0..l-1 (one vector per layer, latent position and code,
+    summed), a hidden layer, and a head to its T' x vocab logits. A layer's codes depend on the
+    codes chosen below it (each layer quantizes what the layers below left), which a one-pass
+    draft can only guess at; exact speculation only gains from layer l when layers 0..l-1 were
+    accepted, i.e. equal the main policy's codes, so training feeds the main policy's codes of
+    the layers below (teacher forcing) and the engine feeds the draft's own proposals
+    (``propose``).
     """
 
     def __init__(self, config: DraftConfig, num_tasks: int = 1):
@@ -407,41 +421,114 @@ class DraftModel(nn.Module):
         for _ in range(c.depth - 1):
             layers += [nn.Linear(c.hidden, c.hidden), nn.GELU()]
         self.trunk = nn.Sequential(*layers)
-        self.proj = nn.Linear(c.hidden, c.latent_steps * c.num_layers * c.rank)
-        # one output embedding shared by all layers and positions (the projection already
-        # gives each (position, layer) its own vector); a bias per layer
-        self.out_w = nn.Parameter(torch.randn(c.rank, self.vocab) / math.sqrt(c.rank))
-        self.out_b = nn.Parameter(torch.zeros(c.num_layers, self.vocab))
+        if c.chained:
+            # row t * vocab + code of table l: code `code` at latent position t of layer l
+            self.code_emb = nn.Parameter(torch.zeros(c.num_layers - 1, c.latent_steps * self.vocab, c.hidden))
+            self.steps = nn.ModuleList(nn.Linear(c.hidden, c.hidden) for _ in range(c.num_layers))
+            self.heads = nn.ModuleList(nn.Linear(c.hidden, c.latent_steps * self.vocab)
+                                       for _ in range(c.num_layers))
+        else:
+            self.proj = nn.Linear(c.hidden, c.latent_steps * c.num_layers * c.rank)
+            # one output embedding shared by all layers and positions (the projection already
+            # gives each (position, layer) its own vector); a bias per layer
+            self.out_w = nn.Parameter(torch.randn(c.rank, self.vocab) / math.sqrt(c.rank))
+            self.out_b = nn.Parameter(torch.zeros(c.num_layers, self.vocab))
         if c.source == "obs":
             self.task = nn.Embedding(num_tasks, 32)
         invalid = torch.zeros(c.num_layers, self.vocab, dtype=torch.bool)
         for l, k in enumerate(c.codebook_sizes):
             invalid[l, k:] = True
         self.register_buffer("invalid", invalid, persistent=False)
+        self.register_buffer("position_rows", torch.arange(c.latent_steps) * self.vocab, persistent=False)
         self.mask_needed = bool(invalid.any())
 
-    def forward(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
-        """features: [B, in_dim] (source "obs": [B, obs_dim] and task [B]) -> logits [B, T', k, vocab]."""
-        c = self.config
-        if c.source == "obs":
+    def _trunk(self, features, task):
+        if self.config.source == "obs":
             features = torch.cat([features, self.task(task)], -1)
-        h = self.proj(self.trunk(features)).view(-1, c.latent_steps, c.num_layers, c.rank)
+        return self.trunk(features)
+
+    def _step(self, z: torch.Tensor, l: int) -> torch.Tensor:
+        """Chained: the running input z [B, hidden] -> layer l's logits [B, T', vocab]."""
+        logits = self.heads[l](F.gelu(self.steps[l](z))).view(-1, self.config.latent_steps, self.vocab)
+        return logits.masked_fill(self.invalid[l], float("-inf")) if self.mask_needed else logits
+
+    def _add_codes(self, z: torch.Tensor, l: int, codes: torch.Tensor) -> torch.Tensor:
+        """Chained: z plus the embedding of layer l's codes [B, T']."""
+        return z + self.code_emb[l][codes + self.position_rows].sum(1)
+
+    def forward(self, features: torch.Tensor, task: torch.Tensor | None = None,
+                codes: torch.Tensor | None = None) -> torch.Tensor:
+        """features: [B, in_dim] (source "obs": [B, obs_dim] and task [B]) -> logits [B, T', k, vocab].
+
+        A chained draft needs ``codes`` [B, T', >= k-1]: the codes of the layers below each
+        layer's step (teacher forcing; the main policy's codes in training). ``propose`` feeds
+        its own."""
+        c = self.config
+        h = self._trunk(features, task)
+        if c.chained:
+            return _teacher_forced(self, h, codes)
+        h = self.proj(h).view(-1, c.latent_steps, c.num_layers, c.rank)
         logits = h @ self.out_w + self.out_b
         return logits.masked_fill(self.invalid, float("-inf")) if self.mask_needed else logits
+
+    def propose(self, features: torch.Tensor, task: torch.Tensor | None = None, k: int | None = None,
+                pick=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft's proposal for layers 0..k-1: (logits [B, T', k, vocab], codes [B, T', k]).
+        ``pick`` (logits [B, T', vocab] -> codes [B, T']) chooses each layer's codes, argmax by
+        default; a chained draft conditions each layer on the codes picked below it."""
+        return _propose(self, features, task, k, pick)
 
     def fused(self) -> "FusedDraft":
         """The inference form of this draft as its weights are now (see ``FusedDraft``)."""
         return FusedDraft(self)
 
 
+def _teacher_forced(draft, h, codes):
+    """A chained draft's logits [B, T', k, vocab] from its trunk output h with the given codes
+    of the layers below each step (``DraftModel`` or ``FusedDraft``)."""
+    k = draft.config.num_layers
+    if codes is None or codes.shape[-1] < k - 1:
+        raise ValueError(f"a chained draft needs the codes of layers 0..{k - 2} (codes [B, T', >= {k - 1}]), "
+                         f"got {None if codes is None else tuple(codes.shape)}")
+    out = [draft._step(h, 0)]
+    for l in range(1, k):
+        h = draft._add_codes(h, l - 1, codes[..., l - 1])
+        out.append(draft._step(h, l))
+    return torch.stack(out, 2)
+
+
+def _propose(draft, features, task, k, pick):
+    """``propose`` of a ``DraftModel`` or a ``FusedDraft`` (the two share ``_trunk``, ``_step``,
+    ``_add_codes`` and calling them)."""
+    c = draft.config
+    k = c.num_layers if k is None else k
+    if not 1 <= k <= c.num_layers:
+        raise ValueError(f"k must be in 1..{c.num_layers}, got {k}")
+    if not c.chained:
+        logits = draft(features, task)[:, :, :k]
+        if pick is None:
+            return logits, logits.argmax(-1)
+        return logits, torch.stack([pick(logits[:, :, l]) for l in range(k)], -1)
+    pick = pick or (lambda logits: logits.argmax(-1))
+    h = draft._trunk(features, task)
+    out, codes = [], []
+    for l in range(k):
+        if l:
+            h = draft._add_codes(h, l - 1, codes[-1])
+        out.append(draft._step(h, l))
+        codes.append(pick(out[-1]))
+    return torch.stack(out, 2), torch.stack(codes, -1)
+
+
 class FusedDraft:
     """A ``DraftModel`` folded for batch-1 inference: the same function in fewer operations.
 
     At batch 1 a pass of a small MLP costs mostly per-operation overhead (module calls,
-    dispatch), not arithmetic. Three exact rewrites remove operations:
+    dispatch), not arithmetic. Exact rewrites remove operations:
 
     - the factorized head (``proj``, then ``out_w`` and ``out_b``) is linear, so it becomes one
-      matrix ``[T'*k*vocab, hidden]`` with one bias; codes a layer cannot emit get a -inf bias;
+      matrix ``[T'*k*vocab, hidden]`` with one bias; codes a layer cannot emit get a -inf bias
+      (a chained draft's heads too);
     - the obs draft's task embedding enters the first layer linearly, so it becomes a bias per
       task;
     - the layers run as ``torch.addmm`` and ``gelu`` on plain tensors, no module calls.
@@ -465,25 +552,50 @@ class FusedDraft:
                 self.task_bias = None
             self.first = (w0.T.contiguous(), b0.clone())
             self.rest = [(m.weight.T.contiguous(), m.bias.clone()) for m in linears[1:]]
-            P = draft.proj.weight.view(c.latent_steps, c.num_layers, c.rank, -1)  # [T', k, r, hidden]
-            w = torch.einsum("tkrh,rv->tkvh", P, draft.out_w).reshape(-1, P.shape[-1])
-            pb = draft.proj.bias.view(c.latent_steps, c.num_layers, c.rank)
-            b = pb @ draft.out_w + draft.out_b  # [T', k, vocab]
-            b = b.masked_fill(draft.invalid, float("-inf"))
-            self.head = (w.T.contiguous(), b.reshape(-1).contiguous())
+            if c.chained:
+                self.code_emb = draft.code_emb.detach().clone()
+                self.position_rows = draft.position_rows.clone()
+                self.steps = [(m.weight.T.contiguous(), m.bias.clone()) for m in draft.steps]
+                self.heads = []
+                for l, m in enumerate(draft.heads):
+                    b = m.bias.view(c.latent_steps, self.vocab).masked_fill(draft.invalid[l], float("-inf"))
+                    self.heads.append((m.weight.T.contiguous(), b.reshape(-1).contiguous()))
+            else:
+                P = draft.proj.weight.view(c.latent_steps, c.num_layers, c.rank, -1)  # [T', k, r, hidden]
+                w = torch.einsum("tkrh,rv->tkvh", P, draft.out_w).reshape(-1, P.shape[-1])
+                pb = draft.proj.bias.view(c.latent_steps, c.num_layers, c.rank)
+                b = pb @ draft.out_w + draft.out_b  # [T', k, vocab]
+                b = b.masked_fill(draft.invalid, float("-inf"))
+                self.head = (w.T.contiguous(), b.reshape(-1).contiguous())
 
-    def __call__(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
-        """Same inputs and output as ``DraftModel.forward``: logits [B, T', k, vocab]."""
-        c = self.config
+    def _trunk(self, features, task):
         w0, b0 = self.first
-        if self.task_bias is not None:
-            h = F.gelu(torch.addmm(self.task_bias[task], features, w0))
-        else:
-            h = F.gelu(torch.addmm(b0, features, w0))
+        h = F.gelu(torch.addmm(self.task_bias[task] if self.task_bias is not None else b0, features, w0))
         for w, b in self.rest:
             h = F.gelu(torch.addmm(b, h, w))
+        return h
+
+    def _step(self, z, l):
+        (ws, bs), (wh, bh) = self.steps[l], self.heads[l]
+        return torch.addmm(bh, F.gelu(torch.addmm(bs, z, ws)), wh).view(-1, self.config.latent_steps, self.vocab)
+
+    def _add_codes(self, z, l, codes):
+        return z + self.code_emb[l][codes + self.position_rows].sum(1)
+
+    def __call__(self, features: torch.Tensor, task: torch.Tensor | None = None,
+                 codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Same inputs and output as ``DraftModel.forward``: logits [B, T', k, vocab]."""
+        c = self.config
+        h = self._trunk(features, task)
+        if c.chained:
+            return _teacher_forced(self, h, codes)
         w, b = self.head
         return torch.addmm(b, h, w).view(-1, c.latent_steps, c.num_layers, self.vocab)
+
+    def propose(self, features: torch.Tensor, task: torch.Tensor | None = None, k: int | None = None,
+                pick=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same as ``DraftModel.propose``."""
+        return _propose(self, features, task, k, pick)
 
 
 class StopModel(nn.Module):

@@ -4,7 +4,8 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
 
 - ``dense``: one main pass per layer, L passes.
 - ``parallel``: the one-pass baseline policy (variant "parallel") predicts every layer at once.
-- ``rsd``: the draft proposes layers 0..k-1 in one cheap pass; ONE main pass over the ctx and
+- ``rsd``: the draft proposes layers 0..k-1 in one cheap pass (a chained draft: one small step
+  per layer, each reading the codes proposed below it); ONE main pass over the ctx and
   code blocks 0..k verifies them all and yields the main policy's own prediction for the
   first rejected layer (or for layer k when all are accepted); the remaining layers are
   decoded densely, reusing the verified part of the key/value cache.
@@ -250,12 +251,14 @@ class RSDEngine:
             return torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
         return logits.argmax(-1)
 
-    def draft_logits(self, obs, task, ctx) -> torch.Tensor:
-        """One draft pass: [1, T', k, vocab]. The embedding draft reads the ctx embedding the
-        main policy needs anyway; the obs draft reads the normalized observation."""
+    def draft_proposal(self, obs, task, ctx, k: int, pick=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft's proposal for layers 0..k-1: (logits [1, T', k, vocab], codes [1, T', k]);
+        ``pick`` chooses each layer's codes from its logits (argmax by default). The embedding
+        draft reads the ctx embedding the main policy needs anyway; the obs draft reads the
+        normalized observation. A chained draft conditions each layer on the codes picked below it."""
         if self.draft.config.source == "embedding":
-            return self.draft_fn(ctx.flatten(1))
-        return self.draft_fn(self.policy.obs_encoder.normalizer(obs), task)
+            return self.draft_fn.propose(ctx.flatten(1), None, k, pick)
+        return self.draft_fn.propose(self.policy.obs_encoder.normalizer(obs), task, k, pick)
 
     def stopper(self, cfg: EngineConfig):
         """A new chunk's stop test ``stop(logits [1, T', vocab], layer, code [1, T']) -> bool``,
@@ -329,13 +332,10 @@ class RSDEngine:
         L = self.policy.config.num_layers
         k = min(cfg.k or self.draft.config.num_layers, self.draft.config.num_layers, L)
         t0 = time.perf_counter()
-        q_logits = self.draft_logits(obs, task, ctx)[:, :, :k]  # [1, T', k, V]
+        pick = (lambda logits: self._pick(logits, cfg, gen)) if cfg.sampling else None
+        q_logits, proposal = self.draft_proposal(obs, task, ctx, k, pick)  # [1, T', k, V], [1, T', k]
         stats.draft_seconds += time.perf_counter() - t0
         stats.draft_passes += 1
-        if cfg.sampling:
-            proposal = torch.stack([self._pick(q_logits[:, :, l], cfg, gen) for l in range(k)], -1)
-        else:
-            proposal = q_logits.argmax(-1)  # [1, T', k]
         n_verify = min(k + 1, L)
         prev = torch.cat([torch.zeros_like(proposal[..., :1]), proposal[..., : n_verify - 1]], -1)
         t0 = time.perf_counter()

@@ -1,14 +1,21 @@
-"""Phase 2: train the draft model that proposes the first k code layers in one cheap pass.
+"""Phase 2: train the draft model that proposes the first k code layers cheaply.
 
     python train_draft.py --policy policy.pt --data data/spatial_train.hdf5 \\
-        --output draft.pt --json draft.json [--k 3] [--source embedding|obs|both]
+        --output draft.pt --json draft.json [--k 3] [--source embedding|obs|both] [--chained]
 
 The draft is distilled from the main policy: its targets are the main policy's own dense
 greedy codes (what exact speculative acceptance compares against), mixed with the ground-truth
 codes. It reads either the main policy's observation embedding (before the transformer, so it
 costs nothing extra) through a trained projection (``embedding``), or the normalized raw
 observation and a task embedding (``obs``); ``both`` trains the two and keeps the one with the
-higher validation agreement (summed over layers; plus the held-out rollouts' with ``--rollouts``). It uses the main policy's own train / validation episodes.
+higher validation agreement (summed over layers; plus the held-out rollouts' with
+``--rollouts``). It uses the main policy's own train / validation episodes.
+
+By default the k layers come out of one pass, each on its own. ``--chained`` gives each layer
+a small step of its own that also reads the codes of the layers below it (``DraftModel``): a
+layer's codes depend on the codes chosen below it, and exact acceptance only reaches layer l
+when the layers below were accepted, i.e. equal the main policy's codes, which is what the
+chained draft is trained to read.
 
 ``--rollouts FILE...`` adds the states the main policy itself visits in closed loop (its
 rollouts on training init states, recorded by ``eval_libero.py --init_states train --record
@@ -59,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=["embedding", "obs", "both"], default="both")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--rank", type=int, default=32, help="size of the factorized output head's vectors")
+    p.add_argument("--rank", type=int, default=32,
+                   help="size of the factorized output head's vectors (one-pass draft)")
+    p.add_argument("--chained", action="store_true",
+                   help="one small step per layer, each reading the codes of the layers below "
+                        "(trained on the main policy's codes, fed its own proposals by the engine)")
     p.add_argument("--gt_weight", type=float, default=0.2,
                    help="weight of the ground-truth codes next to the main policy's (weight 1)")
     p.add_argument("--epochs", type=int, default=60)
@@ -114,9 +125,12 @@ def agreement(draft: pm.DraftModel, feats, task, targets) -> tuple[list[float], 
     and the expected exact acceptance rate: the mean length of the leading run of whole layers
     that agree, over k. Exact ``rsd`` accepts exactly that prefix (the main policy's greedy
     codes of the layers before are the accepted ones), so this is the acceptance rate ``rsd``
-    would show on these observations."""
+    would show on these observations. A chained draft reads the main policy's codes of the
+    layers below each layer (``targets``): its per-layer agreement is given the layers below
+    agree, and along the leading agreeing run its proposals are those codes, so the expected
+    acceptance is the same measure for both kinds of draft."""
     draft.eval()
-    pred = torch.cat([draft(feats[i], task[i]).argmax(-1)
+    pred = torch.cat([draft(feats[i], task[i], targets[i]).argmax(-1)
                       for i in batches(len(feats), 2048, shuffle=False)])
     match = pred == targets  # [M, T', k]
     layer = match.all(1)  # [M, k]
@@ -170,7 +184,7 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
     in_dim = f_train.shape[1] + (32 if source == "obs" else 0)  # + the task embedding
     cfg = pm.DraftConfig(in_dim=in_dim, latent_steps=c.latent_steps, num_layers=args.k,
                          codebook_sizes=c.codebook_sizes[: args.k], source=source,
-                         hidden=args.hidden, depth=args.depth, rank=args.rank)
+                         hidden=args.hidden, depth=args.depth, rank=args.rank, chained=args.chained)
     torch.manual_seed(args.seed)
     draft = pm.DraftModel(cfg, num_tasks=n_tasks)
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.01)
@@ -182,12 +196,16 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
     for epoch in tqdm(range(1, args.epochs + 1), desc=f"draft ({source})", unit="epoch"):
         draft.train()
         for idx in batches(n, args.batch_size, gen):
-            logits = draft(f_train[idx], task_train[idx])  # [B, T', k, V]
+            # a chained draft reads the codes below each layer: the main policy's for its loss,
+            # the ground truth's for the ground-truth loss
+            logits = draft(f_train[idx], task_train[idx], t_train[idx])  # [B, T', k, V]
             loss = F.cross_entropy(logits.flatten(0, 2), t_train[idx].flatten())
             gt = has_gt[idx]
             if args.gt_weight > 0 and bool(gt.any()):
-                loss = loss + args.gt_weight * F.cross_entropy(logits[gt].flatten(0, 2),
-                                                               gt_train[idx][gt].flatten())
+                g_codes = gt_train[idx][gt]
+                g_logits = (draft(f_train[idx][gt], task_train[idx][gt], g_codes) if args.chained
+                            else logits[gt])
+                loss = loss + args.gt_weight * F.cross_entropy(g_logits.flatten(0, 2), g_codes.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -236,21 +254,22 @@ def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset)
     # first pass, so only the draft's own layers are its cost; the obs draft pays for
     # normalizing the observation too.
     # The engine runs the draft in its folded form (pm.FusedDraft, the same function in fewer
-    # operations); that is the pass timed. The module's own forward is timed too, for reference.
+    # operations); its proposal of all k layers (argmax) is the pass timed. The module's own
+    # proposal is timed too, for reference.
     ctx_flat = policy.embed_obs(obs, task).flatten(1)
     fused = draft.fused()
     if draft.config.source == "embedding":
         def draft_pass():
-            fused(ctx_flat)
+            fused.propose(ctx_flat)
 
         def module_pass():
-            draft(ctx_flat)
+            draft.propose(ctx_flat)
     else:
         def draft_pass():
-            fused(policy.obs_encoder.normalizer(obs), task)
+            fused.propose(policy.obs_encoder.normalizer(obs), task)
 
         def module_pass():
-            draft(policy.obs_encoder.normalizer(obs), task)
+            draft.propose(policy.obs_encoder.normalizer(obs), task)
 
     # Timed on one thread, as eval_libero.py decodes (batch 1, --threads 1), whatever --threads
     # the training used.

@@ -507,7 +507,7 @@ def test_expected_acceptance_counts_the_leading_agreeing_layers():
     pred[2, 1, 0] = 0   # chunk 2: layer 0 differs
 
     class Fixed(torch.nn.Module):
-        def forward(self, feats, task):
+        def forward(self, feats, task, codes=None):
             return torch.nn.functional.one_hot(pred[feats.long().squeeze(1)], 8).float()
 
     per_pos, per_layer, acc = train_draft.agreement(Fixed(), torch.arange(3.0)[:, None],
@@ -585,13 +585,15 @@ def test_takeover_needs_a_record_file_and_training_init_states(monkeypatch, tmp_
 
 
 def test_bench_decoding_compares_every_mode_with_dense_on_recorded_states(trained, tmp_path):
+    """With a chained draft (trained here), which the engine feeds its own proposals."""
     d, _, _ = trained
     policy, _ = pm.load_policy(str(d / "policy.pt"))
     tok, _ = load_tokenizer(str(d / "tok.pt"))
     draft = tmp_path / "draft.pt"
     train_draft.main(train_draft.build_parser().parse_args([
         "--policy", str(d / "policy.pt"), "--output", str(draft), "--k", "2", "--epochs", "3",
-        "--hidden", "32", "--threads", "1", "--source", "embedding"]))
+        "--hidden", "32", "--threads", "1", "--source", "embedding", "--chained"]))
+    assert pm.load_draft(str(draft))[0].config.chained
     roll = rollout_file(tmp_path / "held_out.hdf5", policy, tok, init_states=[0, 1, 2], n=6)
     out = tmp_path / "bench.json"
     args = bench_decoding.build_parser().parse_args([

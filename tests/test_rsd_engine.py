@@ -35,13 +35,17 @@ def make_policy(tok, variant="ar", seed=0, d=32):
     return model.eval()
 
 
-def make_draft(policy, k=3, seed=0, source="embedding"):
+def make_draft(policy, k=3, seed=0, source="embedding", chained=False):
     torch.manual_seed(seed)
     c = policy.config
     in_dim = policy.n_ctx * c.d_model if source == "embedding" else c.obs_dim + 32
     cfg = pm.DraftConfig(in_dim=in_dim, latent_steps=c.latent_steps, num_layers=k,
-                         codebook_sizes=c.codebook_sizes[:k], source=source, hidden=32)
-    return pm.DraftModel(cfg, num_tasks=len(c.instructions)).eval()
+                         codebook_sizes=c.codebook_sizes[:k], source=source, hidden=32, chained=chained)
+    draft = pm.DraftModel(cfg, num_tasks=len(c.instructions)).eval()
+    if chained:  # the code embeddings start at zero: make each layer's step depend on the codes below
+        with torch.no_grad():
+            draft.code_emb.normal_(0, 1.0)
+    return draft
 
 
 def random_obs(gen):
@@ -113,14 +117,16 @@ def test_policy_and_draft_save_reload_exact_and_mismatch_refused(tmp_path):
 
 # ---------------------------------------------------------------- exact speculation
 
-@pytest.mark.parametrize("K, Tp, source", [(3, 1, "embedding"), (4, 1, "obs"), (16, 2, "embedding")])
-def test_rsd_exact_equals_dense_greedy(K, Tp, source):
+@pytest.mark.parametrize("K, Tp, source, chained", [(3, 1, "embedding", False), (4, 1, "obs", False),
+                                                    (16, 2, "embedding", False), (3, 1, "embedding", True),
+                                                    (16, 2, "obs", True)])
+def test_rsd_exact_equals_dense_greedy(K, Tp, source, chained):
     """Random models: the draft is right sometimes (small vocab) and wrong often."""
     tok = make_tokenizer(K=K, L=4, Tp=Tp)
     accepted_total, proposed_total = 0, 0
     for seed in range(40):
         policy = make_policy(tok, seed=seed)
-        engine = RSDEngine(policy, tok, make_draft(policy, k=3, seed=seed, source=source))
+        engine = RSDEngine(policy, tok, make_draft(policy, k=3, seed=seed, source=source, chained=chained))
         gen = torch.Generator().manual_seed(seed)
         obs, task = random_obs(gen)
         dense, ds = engine.decode_codes(obs, task, EngineConfig("dense"))
@@ -174,11 +180,14 @@ def exact_distribution(policy, obs, task, K):
     return joint
 
 
-def test_speculative_sampling_reproduces_the_main_distribution():
+@pytest.mark.parametrize("chained", [False, True])
+def test_speculative_sampling_reproduces_the_main_distribution(chained):
+    """A chained draft samples layer 1 given the code it sampled for layer 0; the main policy's
+    distribution comes out either way."""
     K, n = 3, 3000
     tok = make_tokenizer(K=K, L=2, Tp=1)
     policy = make_policy(tok, seed=5)
-    draft = make_draft(policy, k=2, seed=7)
+    draft = make_draft(policy, k=2, seed=7, chained=chained)
     engine = RSDEngine(policy, tok, draft)
     obs, task = random_obs(torch.Generator().manual_seed(3))
     target = exact_distribution(policy, obs, task, K)
@@ -195,9 +204,12 @@ def test_speculative_sampling_reproduces_the_main_distribution():
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 26.1, (chi2, counts / n, target)
     # and the draft's own distribution is clearly rejected by the same test
+    q_joint = torch.zeros(K, K)
     with torch.no_grad():
-        q = torch.softmax(engine.draft_logits(obs, task, policy.embed_obs(obs, task)), -1)[0, 0]
-    q_joint = q[0][:, None] * q[1][None, :]
+        feats = policy.embed_obs(obs, task).flatten(1)
+        for c0 in range(K):
+            q = torch.softmax(draft(feats, None, torch.tensor([[[c0, 0]]])), -1)[0, 0]  # [k, V]
+            q_joint[c0] = q[0, c0] * q[1]
     assert float(((counts - q_joint * n) ** 2 / (q_joint * n)).sum()) > 26.1
 
 
@@ -298,37 +310,67 @@ def test_engine_refuses_bad_setups():
         EngineConfig("turbo")
 
 
+@pytest.mark.parametrize("chained", [False, True])
 @pytest.mark.parametrize("source", ["embedding", "obs"])
 @pytest.mark.parametrize("depth", [1, 3])
-def test_fused_draft_computes_the_module_function(source, depth):
+def test_fused_draft_computes_the_module_function(source, depth, chained):
     """The folded inference form (one head matrix, per-task bias, no module calls) gives the
-    module's logits, -inf for codes a smaller codebook cannot emit, and the same argmax."""
+    module's logits, -inf for codes a smaller codebook cannot emit, and the same argmax; its
+    proposal is the module's, layer by layer from its own codes when chained."""
     torch.manual_seed(depth)
     sizes = (8, 5, 8)
     cfg = pm.DraftConfig(in_dim=20 if source == "embedding" else 12 + 32, latent_steps=2,
                          num_layers=3, codebook_sizes=sizes, source=source, hidden=24,
-                         depth=depth, rank=6)
+                         depth=depth, rank=6, chained=chained)
     draft = pm.DraftModel(cfg, num_tasks=4).eval()
-    with torch.no_grad():  # non-trivial biases everywhere
-        draft.out_b.normal_()
+    with torch.no_grad():  # non-trivial biases and code embeddings everywhere
         for p in draft.parameters():
             p.add_(0.1 * torch.randn_like(p))
+        (draft.code_emb if chained else draft.out_b).normal_()
     fused = draft.fused()
     for seed in range(5):
         gen = torch.Generator().manual_seed(seed)
         B = 1 if seed % 2 == 0 else 6
         x = torch.randn(B, 20 if source == "embedding" else 12, generator=gen)
         task = torch.randint(0, 4, (B,), generator=gen)
+        codes = torch.stack([torch.randint(0, k, (B, 2), generator=gen) for k in sizes], -1)
         with torch.no_grad():
-            ref = draft(x, task)
-        out = fused(x, task)
+            ref = draft(x, task, codes)
+        out = fused(x, task, codes)
         assert out.shape == ref.shape
         assert torch.equal(torch.isinf(out), torch.isinf(ref))
         assert torch.isinf(out[:, :, 1, 5:]).all() and not torch.isinf(out[:, :, 1, :5]).any()
         finite = torch.isfinite(ref)
         assert torch.allclose(out[finite], ref[finite], atol=1e-5, rtol=1e-5)
         assert torch.equal(out.argmax(-1), ref.argmax(-1))
+        with torch.no_grad():
+            ref_logits, ref_codes = draft.propose(x, task)
+        logits, proposal = fused.propose(x, task)
+        assert torch.equal(proposal, ref_codes) and torch.allclose(logits[finite], ref_logits[finite], atol=1e-5)
+        # the proposal's logits are the draft's given the proposal's own codes below each layer
+        assert torch.allclose(logits, fused(x, task, proposal), atol=1e-6)
+        assert torch.equal(proposal, logits.argmax(-1))
+        short_logits, short = fused.propose(x, task, k=2)
+        assert torch.equal(short, proposal[..., :2])
+        if chained:  # the codes below a layer move its logits; a one-pass draft ignores them
+            assert not torch.allclose(out[:, :, 1:], fused(x, task, (codes + 1) % 5)[:, :, 1:])
+            assert torch.equal(out[:, :, 0], fused(x, task, (codes + 1) % 5)[:, :, 0])
+        else:
+            assert torch.equal(out, fused(x, task))
     # a snapshot: changing the module afterwards does not change the fused form
     with torch.no_grad():
-        draft.out_b.add_(1.0)
-    assert not torch.allclose(fused(x, task)[finite], draft(x, task)[finite])
+        (draft.heads[1].bias if chained else draft.out_b).add_(1.0)
+    assert not torch.allclose(fused(x, task, codes)[finite], draft(x, task, codes)[finite])
+
+
+def test_chained_draft_needs_the_codes_below_and_a_boolean_flag():
+    cfg = pm.DraftConfig(in_dim=6, latent_steps=2, num_layers=3, codebook_sizes=(4, 4, 4), chained=True)
+    draft = pm.DraftModel(cfg)
+    with pytest.raises(ValueError, match=r"codes of layers 0..1"):
+        draft(torch.zeros(1, 6))
+    with pytest.raises(ValueError, match=r"codes of layers 0..1"):
+        draft.fused()(torch.zeros(1, 6), None, torch.zeros(1, 2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="k must be in 1..3"):
+        draft.propose(torch.zeros(1, 6), k=4)
+    with pytest.raises(ValueError, match="chained must be True or False"):
+        pm.DraftConfig(in_dim=6, latent_steps=2, num_layers=3, codebook_sizes=(4, 4, 4), chained="yes")
