@@ -126,7 +126,8 @@ class OracleDraft:
     def propose(self, features, task, k: int, pick=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(one-hot logits [1, T', k, vocab], the dense codes [1, T', k]): exact acceptance only."""
         if pick is not None:
-            raise ValueError("the oracle draft proposes the dense greedy codes: use exact acceptance, not sampling")
+            raise ValueError("the oracle draft proposes the dense greedy codes: use exact acceptance, "
+                             "not sampling")
         return self(features, task)[:, :, :k], self.codes[..., :k]
 
 

@@ -577,7 +577,8 @@ class FusedDraft:
 
     def _step(self, z, l):
         (ws, bs), (wh, bh) = self.steps[l], self.heads[l]
-        return torch.addmm(bh, F.gelu(torch.addmm(bs, z, ws)), wh).view(-1, self.config.latent_steps, self.vocab)
+        logits = torch.addmm(bh, F.gelu(torch.addmm(bs, z, ws)), wh)
+        return logits.view(-1, self.config.latent_steps, self.vocab)
 
     def _add_codes(self, z, l, codes):
         return z + self.code_emb[l][codes + self.position_rows].sum(1)

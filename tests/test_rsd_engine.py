@@ -346,7 +346,8 @@ def test_fused_draft_computes_the_module_function(source, depth, chained):
         with torch.no_grad():
             ref_logits, ref_codes = draft.propose(x, task)
         logits, proposal = fused.propose(x, task)
-        assert torch.equal(proposal, ref_codes) and torch.allclose(logits[finite], ref_logits[finite], atol=1e-5)
+        assert torch.equal(proposal, ref_codes)
+        assert torch.allclose(logits[finite], ref_logits[finite], atol=1e-5)
         # the proposal's logits are the draft's given the proposal's own codes below each layer
         assert torch.allclose(logits, fused(x, task, proposal), atol=1e-6)
         assert torch.equal(proposal, logits.argmax(-1))
