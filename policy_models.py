@@ -122,11 +122,15 @@ class DraftConfig:
     depth: int = 2
     rank: int = 32           # size of the factorized output head's vectors (not chained)
     chained: bool = False    # layer l's step also reads the codes of layers < l (DraftModel)
+    step_hidden: int | None = None  # width of a chained draft's per-layer step (default: hidden)
 
     def __post_init__(self):
         self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
         if not isinstance(self.chained, bool):
             raise ValueError(f"chained must be True or False, got {self.chained!r}")
+        if self.step_hidden is not None and (not isinstance(self.step_hidden, (int, np.integer))
+                                             or self.step_hidden < 1):
+            raise ValueError(f"step_hidden must be a positive integer or None, got {self.step_hidden!r}")
         if self.source not in ("embedding", "obs"):
             raise ValueError(f"draft source must be 'embedding' or 'obs', got {self.source!r}")
         for name in ("in_dim", "latent_steps", "num_layers", "hidden", "depth", "rank"):
@@ -406,7 +410,7 @@ class DraftModel(nn.Module):
 
     Chained (``config.chained``), layer l has its own small step: the trunk's output plus an
     embedding of the codes of layers 0..l-1 (one vector per layer, latent position and code,
-    summed), a hidden layer, and a head to its T' x vocab logits. A layer's codes depend on the
+    summed), a hidden layer (``step_hidden`` wide), and a head to its T' x vocab logits. A layer's codes depend on the
     codes chosen below it (each layer quantizes what the layers below left), which a one-pass
     draft can only guess at; exact speculation only gains from layer l when layers 0..l-1 were
     accepted, i.e. equal the main policy's codes, so training feeds the main policy's codes of
@@ -425,8 +429,9 @@ class DraftModel(nn.Module):
         if c.chained:
             # row t * vocab + code of table l: code `code` at latent position t of layer l
             self.code_emb = nn.Parameter(torch.zeros(c.num_layers - 1, c.latent_steps * self.vocab, c.hidden))
-            self.steps = nn.ModuleList(nn.Linear(c.hidden, c.hidden) for _ in range(c.num_layers))
-            self.heads = nn.ModuleList(nn.Linear(c.hidden, c.latent_steps * self.vocab)
+            width = c.step_hidden or c.hidden
+            self.steps = nn.ModuleList(nn.Linear(c.hidden, width) for _ in range(c.num_layers))
+            self.heads = nn.ModuleList(nn.Linear(width, c.latent_steps * self.vocab)
                                        for _ in range(c.num_layers))
         else:
             self.proj = nn.Linear(c.hidden, c.latent_steps * c.num_layers * c.rank)

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chained", action="store_true",
                    help="one small step per layer, each reading the codes of the layers below "
                         "(trained on the main policy's codes, fed its own proposals by the engine)")
+    p.add_argument("--step_hidden", type=int, default=None,
+                   help="width of the chained draft's per-layer step (default: --hidden); "
+                        "narrower steps cost less to read at batch 1")
     p.add_argument("--gt_weight", type=float, default=0.2,
                    help="weight of the ground-truth codes next to the main policy's (weight 1)")
     p.add_argument("--epochs", type=int, default=60)
@@ -184,7 +187,8 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
     in_dim = f_train.shape[1] + (32 if source == "obs" else 0)  # + the task embedding
     cfg = pm.DraftConfig(in_dim=in_dim, latent_steps=c.latent_steps, num_layers=args.k,
                          codebook_sizes=c.codebook_sizes[: args.k], source=source,
-                         hidden=args.hidden, depth=args.depth, rank=args.rank, chained=args.chained)
+                         hidden=args.hidden, depth=args.depth, rank=args.rank, chained=args.chained,
+                         step_hidden=args.step_hidden)
     torch.manual_seed(args.seed)
     draft = pm.DraftModel(cfg, num_tasks=n_tasks)
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.01)
@@ -300,6 +304,9 @@ def main(args) -> dict:
         raise ValueError(f"{args.policy} is a {policy.config.variant!r} policy; the draft serves the 'ar' policy")
     if not 1 <= args.k <= policy.config.num_layers:
         raise ValueError(f"--k must be in 1..{policy.config.num_layers}, got {args.k}")
+    if args.step_hidden is not None and (not args.chained or args.step_hidden < 1):
+        raise ValueError(f"--step_hidden {args.step_hidden}: the width of a chained draft's steps, "
+                         f"a positive integer with --chained")
     tok_path = args.tokenizer or pckpt["provenance"]["tokenizer"]
     pm.load_policy(args.policy, tok_path)  # refuses a tokenizer other than the policy's
     tokenizer, _ = load_tokenizer(tok_path)

@@ -121,6 +121,10 @@ def test_draft_training_reports_agreement_and_refuses_other_policy(trained, tmp_
     train_policy.main(other)
     with pytest.raises(ValueError, match="different main policy"):
         pm.load_draft(str(d / "draft.pt"), str(tmp_path / "other.pt"))
+    with pytest.raises(ValueError, match="--step_hidden 16: .* with --chained"):
+        train_draft.main(train_draft.build_parser().parse_args([
+            "--policy", str(d / "policy.pt"), "--output", str(tmp_path / "d.pt"), "--step_hidden", "16"]))
+    assert not (tmp_path / "d.pt").exists()
 
 
 def test_targets_select_what_the_policy_imitates(workdir, tmp_path):
@@ -592,8 +596,9 @@ def test_bench_decoding_compares_every_mode_with_dense_on_recorded_states(traine
     draft = tmp_path / "draft.pt"
     train_draft.main(train_draft.build_parser().parse_args([
         "--policy", str(d / "policy.pt"), "--output", str(draft), "--k", "2", "--epochs", "3",
-        "--hidden", "32", "--threads", "1", "--source", "embedding", "--chained"]))
-    assert pm.load_draft(str(draft))[0].config.chained
+        "--hidden", "32", "--threads", "1", "--source", "embedding", "--chained", "--step_hidden", "16"]))
+    loaded = pm.load_draft(str(draft))[0]
+    assert loaded.config.chained and loaded.steps[0].out_features == 16
     roll = rollout_file(tmp_path / "held_out.hdf5", policy, tok, init_states=[0, 1, 2], n=6)
     out = tmp_path / "bench.json"
     args = bench_decoding.build_parser().parse_args([

@@ -321,7 +321,7 @@ def test_fused_draft_computes_the_module_function(source, depth, chained):
     sizes = (8, 5, 8)
     cfg = pm.DraftConfig(in_dim=20 if source == "embedding" else 12 + 32, latent_steps=2,
                          num_layers=3, codebook_sizes=sizes, source=source, hidden=24,
-                         depth=depth, rank=6, chained=chained)
+                         depth=depth, rank=6, chained=chained, step_hidden=10 if chained else None)
     draft = pm.DraftModel(cfg, num_tasks=4).eval()
     with torch.no_grad():  # non-trivial biases and code embeddings everywhere
         for p in draft.parameters():
@@ -380,3 +380,6 @@ def test_chained_draft_needs_the_codes_below_and_a_boolean_flag():
         draft.propose(torch.zeros(1, 6), k=4)
     with pytest.raises(ValueError, match="chained must be True or False"):
         pm.DraftConfig(in_dim=6, latent_steps=2, num_layers=3, codebook_sizes=(4, 4, 4), chained="yes")
+    with pytest.raises(ValueError, match="step_hidden must be a positive integer"):
+        pm.DraftConfig(in_dim=6, latent_steps=2, num_layers=3, codebook_sizes=(4, 4, 4), chained=True,
+                       step_hidden=0)
