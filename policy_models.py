@@ -410,12 +410,12 @@ class DraftModel(nn.Module):
 
     Chained (``config.chained``), layer l has its own small step: the trunk's output plus an
     embedding of the codes of layers 0..l-1 (one vector per layer, latent position and code,
-    summed), a hidden layer (``step_hidden`` wide), and a head to its T' x vocab logits. A layer's codes depend on the
-    codes chosen below it (each layer quantizes what the layers below left), which a one-pass
-    draft can only guess at; exact speculation only gains from layer l when layers 0..l-1 were
-    accepted, i.e. equal the main policy's codes, so training feeds the main policy's codes of
-    the layers below (teacher forcing) and the engine feeds the draft's own proposals
-    (``propose``).
+    summed), a hidden layer (``step_hidden`` wide), and a head to its T' x vocab logits. A
+    layer's codes depend on the codes chosen below it (each layer quantizes what the layers
+    below left), which a one-pass draft can only guess at; exact speculation only gains from
+    layer l when layers 0..l-1 were accepted, i.e. equal the main policy's codes, so training
+    feeds the main policy's codes of the layers below (teacher forcing) and the engine feeds
+    the draft's own proposals (``propose``).
     """
 
     def __init__(self, config: DraftConfig, num_tasks: int = 1):
