@@ -23,6 +23,9 @@ every fixed depth and for an oracle that stops at the first prefix within a tole
 whole code (it knows the layers to come, so no rule can do better at its depth), the mean
 number of layers and the action gap they leave.
 
+``--draft A.pt B.pt ...`` compares drafts: every speculative mode runs with each (rows
+``MODE (A)``, ``MODE (B)``), in the same rotation on the same states.
+
 ``--oracle_draft`` replaces the draft by a perfect one (the main policy's own greedy codes,
 proposed at no cost): ``rsd:K`` then shows how fast exact speculation with K proposed layers
 can be on this CPU whatever the draft.
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from types import SimpleNamespace
 
@@ -45,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 import collect_actions as ca
+import policy_models as pm
 from eval_libero import base_mode, engine_config, load_engine, parse_modes
 from policy_data import action_history, obs_vector
 from rsd_engine_core import ACCEPTANCE, LearnedStop, RSDEngine, chunk_summary
@@ -55,7 +60,9 @@ log = logging.getLogger("bench_decoding")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Decoding modes on recorded observations (phase 3, offline).")
     p.add_argument("--policy", required=True, help="main policy checkpoint (variant ar)")
-    p.add_argument("--draft", help="draft checkpoint (modes rsd, rsd+adaptive)")
+    p.add_argument("--draft", nargs="+", default=None, metavar="PATH",
+                   help="draft checkpoint(s) (modes rsd, rsd+adaptive); with several, every "
+                        "speculative mode runs with each, as 'MODE (file stem)', on the same states")
     p.add_argument("--oracle_draft", action="store_true",
                    help="instead of --draft, a perfect draft: it proposes the main policy's own greedy "
                         "codes of the state, at no cost (an upper bound of exact speculation's speed-up "
@@ -170,24 +177,24 @@ def main(args) -> dict:
         pc = base.policy.config
         oracle = OracleDraft(pc.num_layers, pc.vocab)
         engine = RSDEngine(base.policy, base.tokenizer, oracle, stop_model=base.stop_model)
-    else:
-        engine = load_engine(args, args.modes)
+    runs = {m: (engine, engine_config(m, args)) for m in args.modes} if oracle is not None else draft_runs(args)
+    engine = runs["dense"][0]
     episodes, obs, order, tasks = recorded_states(args, engine)
-    cfgs = {m: engine_config(m, args) for m in args.modes}
+    names = list(runs)
     gen = torch.Generator().manual_seed(args.seed)
-    rows = {m: [] for m in args.modes}
+    rows = {m: [] for m in names}
     init_ids = sorted({ep.init_state_id for ep in episodes})
     log.info("%d episodes (init states %s), %d chunk-start states, decoding %d (+%d warm-up) in %d modes",
              len(episodes), _ranges(init_ids), len(obs), len(order) - min(args.warmup, len(order)),
-             min(args.warmup, len(order)), len(args.modes))
+             min(args.warmup, len(order)), len(names))
     for n, (i, task) in enumerate(tqdm(list(zip(order, tasks)), desc="states", unit="state")):
-        shift = n % len(args.modes)
+        shift = n % len(names)
         out = {}
         if oracle is not None:  # the perfect draft proposes dense greedy decoding's codes (untimed)
-            oracle.codes = engine.act(obs[i], task, cfgs["dense"], gen)[2]
-        for m in args.modes[shift:] + args.modes[:shift]:
-            actions, stats, codes = engine.act(obs[i], task, cfgs[m], gen)
-            out[m] = (actions, stats, codes)
+            oracle.codes = engine.act(obs[i], task, runs["dense"][1], gen)[2]
+        for m in names[shift:] + names[:shift]:
+            eng, cfg = runs[m]
+            out[m] = eng.act(obs[i], task, cfg, gen)  # (actions, stats, codes)
         if n < args.warmup:
             continue
         dense_actions, _, dense_codes = out["dense"]
@@ -207,6 +214,29 @@ def main(args) -> dict:
         ca.write_json(args.json, result)
         log.info("wrote %s", args.json)
     return result
+
+
+def draft_runs(args) -> dict[str, tuple[RSDEngine, object]]:
+    """Row name -> (engine, EngineConfig) of every mode; with several --draft files, every
+    speculative mode once per draft, named 'MODE (file stem)', the engines sharing the policy,
+    tokenizer and stop model."""
+    paths = args.draft or []
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) < len(stems):
+        raise ValueError(f"--draft: give files with different names, got {paths}")
+    first = load_engine(SimpleNamespace(**{**vars(args), "draft": paths[0] if paths else None}), args.modes)
+    engines = {stems[0]: first} if paths else {}
+    for path, stem in zip(paths[1:], stems[1:]):
+        engines[stem] = RSDEngine(first.policy, first.tokenizer, pm.load_draft(path, args.policy)[0],
+                                  stop_model=first.stop_model)
+    runs = {}
+    for m in args.modes:
+        cfg = engine_config(m, args)
+        if not cfg.speculative or len(engines) < 2:
+            runs[m] = (first, cfg)
+        else:
+            runs.update({f"{m} ({stem})": (eng, cfg) for stem, eng in engines.items()})
+    return runs
 
 
 def recorded_states(args, engine) -> tuple[list, np.ndarray, np.ndarray, list[int]]:

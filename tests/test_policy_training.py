@@ -608,6 +608,19 @@ def test_bench_decoding_compares_every_mode_with_dense_on_recorded_states(traine
     result = bench_decoding.main(args)
     modes = result["modes"]
     assert list(modes) == ["dense", "rsd", "rsd@relaxed:1", "rsd+adaptive", "adaptive"]
+    # two drafts on the same states in one run: every speculative mode once per draft
+    one_pass = tmp_path / "one_pass.pt"
+    train_draft.main(train_draft.build_parser().parse_args([
+        "--policy", str(d / "policy.pt"), "--output", str(one_pass), "--k", "2", "--epochs", "1",
+        "--hidden", "32", "--threads", "1", "--source", "embedding"]))
+    two = bench_decoding.main(bench_decoding.build_parser().parse_args([
+        "--policy", str(d / "policy.pt"), "--draft", str(draft), str(one_pass), "--data", roll,
+        "--warmup", "0", "--max_states", "6", "--mode", "rsd,adaptive"]))["modes"]
+    assert list(two) == ["dense", "rsd (draft)", "rsd (one_pass)", "adaptive"]
+    assert two["rsd (draft)"]["same_codes_as_dense"] == two["rsd (one_pass)"]["same_codes_as_dense"] == 1.0
+    with pytest.raises(ValueError, match="different names"):
+        bench_decoding.main(bench_decoding.build_parser().parse_args([
+            "--policy", str(d / "policy.pt"), "--draft", str(draft), str(draft), "--data", roll]))
     assert modes["rsd@relaxed:1"]["accepted_layers_per_chunk"] <= 1
     # 6 episodes of 24 steps: chunks start at steps 0, 10 and 20; all decoded after the warm-up
     assert result["data"]["states_decoded"] == 6 * 3 - 2 and result["data"]["held_out_init_states_only"]
