@@ -599,8 +599,7 @@ class FusedDraft:
     def _step(self, z: np.ndarray, l: int) -> torch.Tensor:
         """Chained: the running input z [B, hidden] -> layer l's logits [B, T', vocab]."""
         (ws, bs), (wh, bh) = self.steps[l], self.heads[l]
-        logits = np_gelu(z @ ws + bs) @ wh + bh
-        return torch.from_numpy(logits.reshape(-1, self.config.latent_steps, self.vocab))
+        return torch.from_numpy((np_gelu(z @ ws + bs) @ wh + bh).reshape(-1, self.config.latent_steps, self.vocab))
 
     def _add_codes(self, z: np.ndarray, l: int, codes: torch.Tensor) -> np.ndarray:
         return z + self.code_emb[l][codes.numpy() + self.position_rows].sum(1)
