@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.special import erf
 
 log = logging.getLogger(__name__)
 
@@ -504,9 +503,8 @@ def _teacher_forced(draft, h, codes):
 
 
 def _propose(draft, features, task, k, pick):
-    """``propose`` of a ``DraftModel`` or a ``FusedDraft``: both give torch logits from
-    ``draft(features, task)`` and, chained, from ``_step``; their running input (``_trunk``,
-    ``_add_codes``) is theirs (a tensor, or a NumPy array for the folded form)."""
+    """``propose`` of a ``DraftModel`` or a ``FusedDraft`` (the two share ``_trunk``, ``_step``,
+    ``_add_codes`` and calling them)."""
     c = draft.config
     k = c.num_layers if k is None else k
     if not 1 <= k <= c.num_layers:
@@ -516,45 +514,32 @@ def _propose(draft, features, task, k, pick):
         if pick is None:
             return logits, logits.argmax(-1)
         return logits, torch.stack([pick(logits[:, :, l]) for l in range(k)], -1)
+    pick = pick or (lambda logits: logits.argmax(-1))
     h = draft._trunk(features, task)
     out, codes = [], []
     for l in range(k):
         if l:
             h = draft._add_codes(h, l - 1, codes[-1])
         out.append(draft._step(h, l))
-        codes.append(out[-1].argmax(-1) if pick is None else pick(out[-1]))
+        codes.append(pick(out[-1]))
     return torch.stack(out, 2), torch.stack(codes, -1)
 
 
-_SQRT_HALF = np.float32(1.0 / math.sqrt(2.0))
-
-
-def np_gelu(x: np.ndarray) -> np.ndarray:
-    """GELU in NumPy, the erf form ``F.gelu`` computes (equal up to float rounding)."""
-    return 0.5 * x * (1.0 + erf(x * _SQRT_HALF))
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32, copy=True)
-
-
 class FusedDraft:
-    """A ``DraftModel`` folded for batch-1 inference: the same function in fewer, cheaper
-    operations.
+    """A ``DraftModel`` folded for batch-1 inference: the same function in fewer operations.
 
-    At batch 1 a pass of a small MLP costs mostly per-operation overhead, not arithmetic, and a
-    NumPy operation on arrays this small costs a fraction of a PyTorch one. So:
+    At batch 1 a pass of a small MLP costs mostly per-operation overhead (module calls,
+    dispatch), not arithmetic. Exact rewrites remove operations:
 
     - the factorized head (``proj``, then ``out_w`` and ``out_b``) is linear, so it becomes one
-      matrix ``[hidden, T'*k*vocab]`` with one bias; codes a layer cannot emit get a -inf bias
+      matrix ``[T'*k*vocab, hidden]`` with one bias; codes a layer cannot emit get a -inf bias
       (a chained draft's heads too);
     - the obs draft's task embedding enters the first layer linearly, so it becomes a bias per
       task;
-    - it runs in NumPy (float32 matrix products, GELU through ``scipy.special.erf``) on copies
-      of the weights, taking and returning torch tensors.
+    - the layers run as ``torch.addmm`` and ``gelu`` on plain tensors, no module calls.
 
-    Logits equal ``DraftModel.forward`` up to float rounding and the proposals are the same
-    (tested). It is a snapshot: build it again after the draft's weights change.
+    Logits equal ``DraftModel.forward`` up to float rounding (tested). It is a snapshot:
+    build it again after the draft's weights change.
     """
 
     def __init__(self, draft: DraftModel):
@@ -566,43 +551,42 @@ class FusedDraft:
             w0, b0 = first.weight, first.bias
             if c.source == "obs":  # [obs | task embedding] @ W0^T = obs @ W_obs^T + per-task bias
                 n_in = w0.shape[1] - draft.task.embedding_dim
-                self.task_bias = _np(draft.task.weight @ w0[:, n_in:].T + b0)  # [tasks, hidden]
+                self.task_bias = (draft.task.weight @ w0[:, n_in:].T + b0).contiguous()  # [tasks, hidden]
                 w0 = w0[:, :n_in]
             else:
                 self.task_bias = None
-            self.first = (_np(w0.T), _np(b0))
-            self.rest = [(_np(m.weight.T), _np(m.bias)) for m in linears[1:]]
+            self.first = (w0.T.contiguous(), b0.clone())
+            self.rest = [(m.weight.T.contiguous(), m.bias.clone()) for m in linears[1:]]
             if c.chained:
-                self.code_emb = _np(draft.code_emb)
-                self.position_rows = draft.position_rows.numpy().copy()
-                self.steps = [(_np(m.weight.T), _np(m.bias)) for m in draft.steps]
+                self.code_emb = draft.code_emb.detach().clone()
+                self.position_rows = draft.position_rows.clone()
+                self.steps = [(m.weight.T.contiguous(), m.bias.clone()) for m in draft.steps]
                 self.heads = []
                 for l, m in enumerate(draft.heads):
                     b = m.bias.view(c.latent_steps, self.vocab).masked_fill(draft.invalid[l], float("-inf"))
-                    self.heads.append((_np(m.weight.T), _np(b.reshape(-1))))
+                    self.heads.append((m.weight.T.contiguous(), b.reshape(-1).contiguous()))
             else:
                 P = draft.proj.weight.view(c.latent_steps, c.num_layers, c.rank, -1)  # [T', k, r, hidden]
                 w = torch.einsum("tkrh,rv->tkvh", P, draft.out_w).reshape(-1, P.shape[-1])
                 pb = draft.proj.bias.view(c.latent_steps, c.num_layers, c.rank)
                 b = pb @ draft.out_w + draft.out_b  # [T', k, vocab]
                 b = b.masked_fill(draft.invalid, float("-inf"))
-                self.head = (_np(w.T), _np(b.reshape(-1)))
+                self.head = (w.T.contiguous(), b.reshape(-1).contiguous())
 
-    def _trunk(self, features: torch.Tensor, task: torch.Tensor | None) -> np.ndarray:
+    def _trunk(self, features, task):
         w0, b0 = self.first
-        x = features.detach().numpy()
-        h = np_gelu(x @ w0 + (self.task_bias[task.numpy()] if self.task_bias is not None else b0))
+        h = F.gelu(torch.addmm(self.task_bias[task] if self.task_bias is not None else b0, features, w0))
         for w, b in self.rest:
-            h = np_gelu(h @ w + b)
+            h = F.gelu(torch.addmm(b, h, w))
         return h
 
-    def _step(self, z: np.ndarray, l: int) -> torch.Tensor:
-        """Chained: the running input z [B, hidden] -> layer l's logits [B, T', vocab]."""
+    def _step(self, z, l):
         (ws, bs), (wh, bh) = self.steps[l], self.heads[l]
-        return torch.from_numpy((np_gelu(z @ ws + bs) @ wh + bh).reshape(-1, self.config.latent_steps, self.vocab))
+        logits = torch.addmm(bh, F.gelu(torch.addmm(bs, z, ws)), wh)
+        return logits.view(-1, self.config.latent_steps, self.vocab)
 
-    def _add_codes(self, z: np.ndarray, l: int, codes: torch.Tensor) -> np.ndarray:
-        return z + self.code_emb[l][codes.numpy() + self.position_rows].sum(1)
+    def _add_codes(self, z, l, codes):
+        return z + self.code_emb[l][codes + self.position_rows].sum(1)
 
     def __call__(self, features: torch.Tensor, task: torch.Tensor | None = None,
                  codes: torch.Tensor | None = None) -> torch.Tensor:
@@ -612,23 +596,12 @@ class FusedDraft:
         if c.chained:
             return _teacher_forced(self, h, codes)
         w, b = self.head
-        return torch.from_numpy((h @ w + b).reshape(-1, c.latent_steps, c.num_layers, self.vocab))
+        return torch.addmm(b, h, w).view(-1, c.latent_steps, c.num_layers, self.vocab)
 
     def propose(self, features: torch.Tensor, task: torch.Tensor | None = None, k: int | None = None,
                 pick=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as ``DraftModel.propose``."""
         return _propose(self, features, task, k, pick)
-
-    def flops(self, k: int | None = None) -> int:
-        """Multiply-adds x 2 of the matrix products of one proposal of k layers at batch 1 (the
-        count ``torch.utils.flop_counter`` gives a torch pass)."""
-        k = self.config.num_layers if k is None else k
-        mats = [self.first[0]] + [w for w, _ in self.rest]
-        if self.config.chained:
-            mats += [w for w, _ in self.steps[:k]] + [w for w, _ in self.heads[:k]]
-        else:
-            mats.append(self.head[0])
-        return int(sum(2 * w.shape[0] * w.shape[1] for w in mats))
 
 
 class StopModel(nn.Module):

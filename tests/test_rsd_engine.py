@@ -354,11 +354,6 @@ def test_fused_draft_computes_the_module_function(source, depth, chained):
         short_logits, short = fused.propose(x, task, k=2)
         assert torch.equal(short, proposal[..., :2])
         if chained:  # the codes below a layer move its logits; a one-pass draft ignores them
-            from torch.utils.flop_counter import FlopCounterMode
-            with FlopCounterMode(display=False) as fc:  # the same matrix products as the module's
-                draft.propose(x[:1], task[:1], k=2)
-            folded = 2 * 32 * 24 if source == "obs" else 0  # the task embedding's product: a bias now
-            assert fused.flops(2) == fc.get_total_flops() - folded > 0
             assert not torch.allclose(out[:, :, 1:], fused(x, task, (codes + 1) % 5)[:, :, 1:])
             assert torch.equal(out[:, :, 0], fused(x, task, (codes + 1) % 5)[:, :, 0])
         else:
