@@ -131,10 +131,8 @@ class OracleDraft:
         return torch.nn.functional.one_hot(self.codes, self.vocab).float()  # [1, T', L, vocab]
 
     def propose(self, features, task, k: int, pick=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(one-hot logits [1, T', k, vocab], the dense codes [1, T', k]): exact acceptance only."""
-        if pick is not None:
-            raise ValueError("the oracle draft proposes the dense greedy codes: use exact acceptance, "
-                             "not sampling")
+        """(one-hot logits [1, T', k, vocab], the dense codes [1, T', k]); never sampled (``main``
+        refuses sample acceptance with the oracle)."""
         return self(features, task)[:, :, :k], self.codes[..., :k]
 
 
@@ -173,11 +171,17 @@ def main(args) -> dict:
     if args.oracle_draft:
         if args.draft:
             raise ValueError("give --draft or --oracle_draft, not both")
+        if any(engine_config(m, args).sampling for m in args.modes):
+            raise ValueError("--oracle_draft proposes the dense greedy codes: give modes with exact or "
+                             "relaxed acceptance, not sample")
         base = load_engine(args, ["dense"])
         pc = base.policy.config
         oracle = OracleDraft(pc.num_layers, pc.vocab)
         engine = RSDEngine(base.policy, base.tokenizer, oracle, stop_model=base.stop_model)
-    runs = {m: (engine, engine_config(m, args)) for m in args.modes} if oracle is not None else draft_runs(args)
+    if oracle is not None:
+        runs = {m: (engine, engine_config(m, args)) for m in args.modes}
+    else:
+        runs = draft_runs(args)
     engine = runs["dense"][0]
     episodes, obs, order, tasks = recorded_states(args, engine)
     names = list(runs)

@@ -657,8 +657,11 @@ def test_bench_decoding_with_a_perfect_draft_accepts_every_proposed_layer(traine
         assert m["same_codes_as_dense"] == 1.0
         # the verify pass, then dense passes for the layers after k + 1 (3 layers in all)
         assert m["main_passes_per_chunk"] == 1 + max(0, 3 - k - 1)
-    args.draft = "some_draft.pt"
+    args.draft = ["some_draft.pt"]
     with pytest.raises(ValueError, match="not both"):
+        bench_decoding.main(args)
+    args.draft, args.mode = None, ["rsd@sample:2"]
+    with pytest.raises(ValueError, match="not sample"):
         bench_decoding.main(args)
 
 
