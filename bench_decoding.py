@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import collect_actions as ca
 import policy_models as pm
-from eval_libero import base_mode, engine_config, load_engine, parse_modes
+from eval_libero import ORACLE_STOP_HELP, base_mode, engine_config, load_engine, parse_modes
 from policy_data import action_history, obs_vector
 from rsd_engine_core import ACCEPTANCE, LearnedStop, RSDEngine, chunk_summary
 
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop_model", default=None,
                    help="a learned stop model (train_stop.py): the adaptive modes use it (--adaptive_threshold "
                         "is then a predicted action gap); --stop_study adds its rule at --oracle_tolerances")
+    p.add_argument("--oracle_stop", action="store_true", help=ORACLE_STOP_HELP)
     p.add_argument("--adaptive_threshold", type=float, default=0.05)
     p.add_argument("--min_layers", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=0.05, help="relaxed acceptance, normalized units")
@@ -161,6 +162,9 @@ def main(args) -> dict:
     if args.stop_study:
         if args.draft or args.oracle_draft:
             raise ValueError("--stop_study decodes every layer densely: give neither --draft nor --oracle_draft")
+        if args.oracle_stop:
+            raise ValueError("--stop_study has the oracle's rows already (--oracle_tolerances); "
+                             "--oracle_stop is for timing the adaptive modes")
         engine = load_engine(args, ["dense"])
         episodes, obs, order, tasks = recorded_states(args, engine)
         return stop_study(args, engine, episodes, obs[order[args.warmup:]], tasks[args.warmup:])

@@ -109,6 +109,13 @@ def parse_takeover(value: str) -> tuple[int, int]:
     return first, last
 
 
+ORACLE_STOP_HELP = (
+    "a study tool: the adaptive modes stop at the first layer (from --min_layers on) whose actions "
+    "are within --adaptive_threshold (normalized units) of all layers', known from a dense decode "
+    "of the chunk beforehand that is not timed; success and latency are then those of a perfect "
+    "stop rule (exact acceptance only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Closed-loop LIBERO evaluation (phase 3).")
     # what to evaluate
@@ -133,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a learned stop model (train_stop.py) for the adaptive modes: they stop once it "
                         "predicts the actions within --adaptive_threshold (normalized units) of all layers' "
                         "(default: the expected code norm rule)")
+    p.add_argument("--oracle_stop", action="store_true", help=ORACLE_STOP_HELP)
     p.add_argument("--adaptive_threshold", type=float, default=0.05,
                    help="adaptive modes stop once the expected refinement of a layer is at most this "
-                        "(with --stop_model: once the predicted action gap is)")
+                        "(with --stop_model: once the predicted action gap is; with --oracle_stop: "
+                        "once the true one is)")
     p.add_argument("--min_layers", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=0.05, help="relaxed acceptance, normalized units")
     p.add_argument("--replan_steps", type=int, default=None,
@@ -353,12 +362,19 @@ def load_engine(args, modes) -> RSDEngine | None:
     return RSDEngine(policy, tokenizer, draft, parallel, stop)
 
 
+def stop_rule(args) -> str:
+    """The adaptive modes' stop rule from --stop_model and --oracle_stop."""
+    learned, oracle = getattr(args, "stop_model", None), getattr(args, "oracle_stop", False)
+    if learned and oracle:
+        raise ValueError(f"give --stop_model ({learned}) or --oracle_stop, not both")
+    return "oracle" if oracle else "learned" if learned else "expected_norm"
+
+
 def engine_config(spec: str, args) -> EngineConfig:
     mode, acceptance, k = split_spec(spec)
     return EngineConfig(mode=mode, acceptance=acceptance or args.acceptance, k=k or args.k,
                         adaptive_threshold=args.adaptive_threshold, min_layers=args.min_layers,
-                        tolerance=args.tolerance,
-                        stop_rule="learned" if getattr(args, "stop_model", None) else "expected_norm")
+                        tolerance=args.tolerance, stop_rule=stop_rule(args))
 
 
 def make_policy(mode: str, engine, args) -> ca.Policy:

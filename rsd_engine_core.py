@@ -12,7 +12,10 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
 - ``adaptive``: dense, but stops adding layers once the main policy expects the next
   refinement to be small (stop rule ``expected_norm``: see ``expected_refinement``), or once a
   learned stop model predicts that the actions of the layers so far are within the threshold
-  of those of all L (stop rule ``learned``: see ``LearnedStop``).
+  of those of all L (stop rule ``learned``: see ``LearnedStop``). A study tool, stop rule
+  ``oracle``, stops at the first layer whose actions ARE within the threshold of all L's: it
+  knows the layers to come (``act`` decodes them densely first, untimed), so it shows what a
+  perfect stop rule would give, in success and in latency, not something a robot can run.
 - ``rsd+adaptive``: both.
 
 Acceptance rules for proposed layers:
@@ -43,7 +46,7 @@ from policy_models import DraftModel, StopModel, TokenPolicy
 
 MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
 ACCEPTANCE = ("exact", "sample", "relaxed")
-STOP_RULES = ("expected_norm", "learned")
+STOP_RULES = ("expected_norm", "learned", "oracle")
 
 
 @dataclass
@@ -101,7 +104,9 @@ class EngineConfig:
     min_layers: int = 1                # adaptive never stops before this many layers
     tolerance: float = 0.05            # relaxed acceptance, normalized action units
     # the adaptive stop signal: "expected_norm" (the expected code norm of the layer just
-    # decoded) or "learned" (a StopModel's predicted action gap, normalized action units)
+    # decoded), "learned" (a StopModel's predicted action gap, normalized action units) or
+    # "oracle" (the true action gap of the layers so far, from a dense decode beforehand: a study
+    # tool, with exact acceptance only)
     stop_rule: str = "expected_norm"
 
     def __post_init__(self):
@@ -117,6 +122,9 @@ class EngineConfig:
             raise ValueError("tolerance and adaptive_threshold must be >= 0")
         if self.stop_rule not in STOP_RULES:
             raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {self.stop_rule!r}")
+        if self.stop_rule == "oracle" and self.adaptive and self.acceptance != "exact":
+            raise ValueError("the oracle stop rule knows the layers of dense greedy decoding: it needs "
+                             f"exact acceptance, got {self.acceptance!r}")
 
     @property
     def speculative(self) -> bool:
@@ -260,12 +268,19 @@ class RSDEngine:
             return self.draft_fn.propose(ctx.flatten(1), None, k, pick)
         return self.draft_fn.propose(self.policy.obs_encoder.normalizer(obs), task, k, pick)
 
-    def stopper(self, cfg: EngineConfig):
+    def stopper(self, cfg: EngineConfig, oracle_gaps: np.ndarray | None = None):
         """A new chunk's stop test ``stop(logits [1, T', vocab], layer, code [1, T']) -> bool``,
         called once for every decoded layer, in order, with the main policy's logits for the
-        layer and the codes kept for it: whether to stop after that layer."""
+        layer and the codes kept for it: whether to stop after that layer. The oracle rule reads
+        ``oracle_gaps`` [L], the chunk's prefix gaps from ``dense_trace``."""
         if not cfg.adaptive:
             return lambda logits, layer, code: False
+        if cfg.stop_rule == "oracle":
+            if oracle_gaps is None:
+                raise ValueError("the oracle stop rule needs the chunk's prefix gaps (dense_trace; "
+                                 "act computes them before decoding, untimed)")
+            return lambda logits, layer, code: (layer + 1 >= cfg.min_layers
+                                                and float(oracle_gaps[layer]) <= cfg.adaptive_threshold)
         if cfg.stop_rule == "learned":
             if self.stop_model is None:
                 raise ValueError("stop rule 'learned' needs a stop model (train_stop.py; --stop_model)")
@@ -284,8 +299,10 @@ class RSDEngine:
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
     def decode_codes(self, obs: torch.Tensor, task: torch.Tensor, cfg: EngineConfig,
-                     gen: torch.Generator | None = None) -> tuple[torch.Tensor, ChunkStats]:
-        """obs [1, obs_dim], task [1] -> codes [1, T', l] and the chunk's statistics."""
+                     gen: torch.Generator | None = None,
+                     oracle_gaps: np.ndarray | None = None) -> tuple[torch.Tensor, ChunkStats]:
+        """obs [1, obs_dim], task [1] -> codes [1, T', l] and the chunk's statistics
+        (``oracle_gaps``: see ``stopper``)."""
         if obs.shape[0] != 1:
             raise ValueError(f"the engine decodes one chunk at a time (batch 1), got batch {obs.shape[0]}")
         stats = ChunkStats()
@@ -304,7 +321,7 @@ class RSDEngine:
         L = self.policy.config.num_layers
         ctx = self.policy.embed_obs(obs, task)
         cache = self.policy.new_cache()
-        stop = self.stopper(cfg)
+        stop = self.stopper(cfg, oracle_gaps)
         codes: list[torch.Tensor] = []   # each [1, T']
         next_layer = 0
         stopped = False
@@ -434,11 +451,14 @@ class RSDEngine:
     def act(self, obs: np.ndarray, task: int, cfg: EngineConfig,
             gen: torch.Generator | None = None) -> tuple[np.ndarray, ChunkStats, torch.Tensor]:
         """obs [obs_dim] -> (actions [T, D] raw units, stats, codes [1, T', l]); the wall time
-        covers the policy passes, the draft and the tokenizer decode."""
+        covers the policy passes, the draft and the tokenizer decode. With the oracle stop rule,
+        the dense decode that tells it the prefix gaps runs first, outside the wall time: the
+        statistics are those of a stop rule that knew them for free."""
+        gaps = self.dense_trace(obs, task)[2] if cfg.adaptive and cfg.stop_rule == "oracle" else None
         t0 = time.perf_counter()
         o = torch.as_tensor(obs, dtype=torch.float32)[None]
         t = torch.tensor([task])
-        codes, stats = self.decode_codes(o, t, cfg, gen)
+        codes, stats = self.decode_codes(o, t, cfg, gen, gaps)
         t1 = time.perf_counter()
         # the engine's codes come from heads that cannot emit an invalid code: no check
         actions = self.tokenizer.decode(codes, check=False)[0].numpy()

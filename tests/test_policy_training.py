@@ -705,7 +705,17 @@ def test_stop_study_measures_the_engine_rule_fixed_depths_and_the_oracle(trained
         depths.append(codes.shape[-1])
         assert bench_decoding.stop_depths(signal[None], tau, 2)[0] == codes.shape[-1]
     assert 2 in depths and L in depths
-    args.draft = "draft.pt"
+    # the engine's oracle stop keeps, on the same states, the layers of the study's oracle rows
+    timed = bench_decoding.main(bench_decoding.build_parser().parse_args([
+        "--policy", str(d / "policy.pt"), "--data", roll, "--warmup", "2", "--oracle_stop",
+        "--mode", "adaptive", "--adaptive_threshold", "0.05", "--min_layers", "2"]))["modes"]["adaptive"]
+    assert timed["states"] == result["data"]["states_decoded"]
+    assert timed["layers_per_chunk"] == pytest.approx(rules[("oracle", 0.05)]["layers_mean"])
+    assert timed["action_gap_vs_dense_max"] <= 0.05 + 1e-6
+    args.oracle_stop = True
+    with pytest.raises(ValueError, match="--oracle_stop"):
+        bench_decoding.main(args)
+    args.oracle_stop, args.draft = False, "draft.pt"
     with pytest.raises(ValueError, match="--stop_study.*--draft"):
         bench_decoding.main(args)
     for bad in ("", "a,b", "-1", "nan"):
@@ -776,6 +786,9 @@ def test_learned_stop_rule_is_trained_and_speculation_keeps_its_depth(trained, t
                                             EngineConfig("adaptive", stop_rule="learned"))
     with pytest.raises(ValueError, match="stop_rule"):
         EngineConfig("adaptive", stop_rule="entropy")
+    both = eval_libero.build_parser().parse_args(["--stop_model", str(out), "--oracle_stop"])
+    with pytest.raises(ValueError, match="--stop_model.*--oracle_stop, not both"):
+        eval_libero.engine_config("adaptive", both)
     bad = rollout_file(tmp_path / "bad.hdf5", policy, tok, init_states=[20, 3])
     with pytest.raises(ValueError, match="bad.hdf5.*held-out init state 3"):
         train_stop.main(train_stop.build_parser().parse_args(base + ["--rollouts", bad, "--output", str(tmp_path / "s2.pt")]))

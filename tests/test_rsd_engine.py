@@ -278,6 +278,39 @@ def test_adaptive_stops_early_and_decodes_a_prefix():
     assert actions.shape == (4, 3) and st.seconds > 0
 
 
+def test_oracle_stop_keeps_the_first_prefix_within_the_threshold():
+    """The oracle rule stops at the first layer (from min_layers on) whose actions are within the
+    threshold of all layers' (gaps decoded here prefix by prefix), with or without speculation;
+    its dense decode is not in the chunk's statistics."""
+    tok = make_tokenizer(K=8, L=4)
+    policy = make_policy(tok, seed=1)
+    engine = RSDEngine(policy, tok, make_draft(policy))
+    gen = torch.Generator().manual_seed(0)
+    depths = []
+    for _ in range(20):
+        obs, task = random_obs(gen)
+        o, t = obs[0].numpy(), int(task)
+        dense_actions, _, dense = engine.act(o, t, EngineConfig("dense"))
+        whole = tok.normalize(torch.as_tensor(dense_actions)[None])[0]
+        gaps = [float((tok.normalize(tok.decode(dense[..., :n], check=False))[0] - whole).abs().max())
+                for n in range(1, 5)]
+        for threshold in (0.0, gaps[2], 1e9):
+            expected = next(n for n in range(2, 5) if gaps[n - 1] <= threshold)
+            for mode in ("adaptive", "rsd+adaptive"):
+                cfg = EngineConfig(mode, stop_rule="oracle", adaptive_threshold=threshold, min_layers=2)
+                _, st, codes = engine.act(o, t, cfg)
+                assert torch.equal(codes, dense[..., :expected]) and st.layers == expected
+                assert st.main_passes <= expected
+            depths.append(expected)
+    assert {2, 3, 4} <= set(depths)
+    obs, task = random_obs(gen)
+    with pytest.raises(ValueError, match="prefix gaps"):
+        engine.decode_codes(obs, task, EngineConfig("adaptive", stop_rule="oracle"))
+    with pytest.raises(ValueError, match="exact acceptance"):
+        EngineConfig("rsd+adaptive", acceptance="sample", stop_rule="oracle")
+    EngineConfig("rsd", acceptance="sample", stop_rule="oracle")  # not adaptive: the rule is unused
+
+
 def test_chunk_time_split_adds_up_to_the_latency():
     tok = make_tokenizer(K=8, L=4)
     policy = make_policy(tok, seed=1)
