@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing: compare two saved results of the same trials (suite, tasks, "
                         "trials, init states, seed) mode by mode, trial by trial: how many end the "
                         "same, which only one run solved, and the exact McNemar test (--json writes it)")
+    p.add_argument("--pool", nargs="+", default=None, metavar="PATH",
+                   help="run nothing: pool saved results of the same trials and settings over other "
+                        "--seed values (scenes), mode by mode: successes, interval, the paired test "
+                        "against dense over all trials, each run's speed-up, passes per chunk "
+                        "(--json writes it)")
     p.add_argument("--record", default=None, metavar="PATH",
                    help="write every trial's episode to this HDF5 demo file (train_draft.py --rollouts)")
     p.add_argument("--takeover", type=parse_takeover, default=None, metavar="FIRST:LAST",
@@ -633,6 +638,98 @@ def compare_runs(first: dict, second: dict, names: tuple[str, str]) -> dict:
     return out
 
 
+# what must be the same in runs pooled over scene seeds: the trials but their seed, the decoding
+SETTING_KEYS = ("policy", "draft", "parallel_policy", "tokenizer", "acceptance", "k", "stop_model",
+                "oracle_stop", "adaptive_threshold", "min_layers", "tolerance", "replan_steps",
+                "max_steps", "expert_noise")
+
+
+def pool_runs(results: list[dict], names: list[str]) -> dict:
+    """Runs of the same init states and settings over different scene seeds, pooled mode by
+    mode (the modes every run has): successes and their interval, the paired test against dense
+    over all trials, each run's median latency and speed-up (medians of different runs are not
+    pooled), and passes, layers and acceptance over all chunks."""
+    if len(results) < 2:
+        raise ValueError(f"--pool: give two or more results, got {len(results)}")
+    cfgs = [r.get("config") for r in results]
+    for name, cfg in zip(names, cfgs):
+        if not isinstance(cfg, dict) or "seed" not in cfg:
+            raise ValueError(f"--pool: {name} has no recorded config (a result saved by an older version)")
+    for key in [k for k in TRIAL_KEYS if k != "seed"] + list(SETTING_KEYS):
+        values = [c.get(key) for c in cfgs]
+        for name, v in zip(names[1:], values[1:]):
+            if v != values[0]:
+                raise ValueError(f"--pool: {names[0]} and {name} differ in {key} ({values[0]!r} against "
+                                 f"{v!r}); pool runs of the same trials and settings over other seeds")
+    seen: dict = {}
+    for name, cfg in zip(names, cfgs):
+        if cfg["seed"] in seen:
+            raise ValueError(f"--pool: {seen[cfg['seed']]} and {name} both ran seed {cfg['seed']}: "
+                             "their trials would count twice")
+        seen[cfg["seed"]] = name
+    common = [m for m in results[0]["modes"] if all(m in r["modes"] for r in results[1:])]
+    if not common:
+        raise ValueError(f"--pool: {', '.join(names)} have no mode in common")
+    modes, per_task = {}, {}
+    for m in common:
+        rows = [r["modes"][m] for r in results]
+        out = {"successes": sum(s["successes"] for s in rows), "trials": sum(s["trials"] for s in rows),
+               "errors": sum(s.get("errors", 0) for s in rows),
+               "latency_ms_median_per_run": [s.get("latency_ms_median") for s in rows],
+               "speedup_vs_dense_per_run": [s.get("speedup_vs_dense") for s in rows]}
+        out["success_rate"] = out["successes"] / out["trials"]
+        chunks = [s.get("chunks", 0) for s in rows]
+        if all(c and "main_passes_per_chunk" in s for c, s in zip(chunks, rows)):
+            n = sum(chunks)
+            for key in ("main_passes_per_chunk", "layers_per_chunk", "accepted_layers_per_chunk",
+                        "proposed_layers_per_chunk"):
+                out[key] = sum(s[key] * c for s, c in zip(rows, chunks)) / n
+            out["chunks"] = n
+            out["acceptance_rate"] = (out["accepted_layers_per_chunk"] / out["proposed_layers_per_chunk"]
+                                      if out["proposed_layers_per_chunk"] else None)
+        modes[m] = out
+    for name, r in zip(names, results):  # trial outcomes run after run, task by task
+        for t, rows in r.get("per_task", {}).items():
+            for m in common:
+                if "outcomes" not in rows.get(m, {}):
+                    raise ValueError(f"--pool: {name} has no per-trial outcomes for {m} in task {t}")
+                row = per_task.setdefault(t, {}).setdefault(m, {"successes": 0, "trials": 0, "outcomes": []})
+                row["successes"] += rows[m]["successes"]
+                row["trials"] += rows[m]["trials"]
+                row["outcomes"] += rows[m]["outcomes"]
+    result = {"runs": list(names), "seeds": [c["seed"] for c in cfgs], "modes": modes, "per_task": per_task}
+    add_statistics(result)
+    return result
+
+
+def print_pooled(result: dict) -> None:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    def paired(s):
+        v = s.get("vs_dense")
+        return "-" if v is None else f"+{v['only_this_solved']}/-{v['only_reference_solved']} p={v['mcnemar_p']:.2f}"
+
+    def speedups(s):
+        v = [x for x in s["speedup_vs_dense_per_run"] if x is not None]
+        return ", ".join(f"{x:.2f}x" for x in v) if v else "-"
+
+    print(f"\n{len(result['runs'])} runs pooled, seeds {', '.join(map(str, result['seeds']))}: "
+          f"{', '.join(result['runs'])}")
+    w = max(13, *(len(m) for m in result["modes"]))
+    sw = max(18, *(len(speedups(s)) for s in result["modes"].values()))
+    print(f"{'mode':>{w}} | {'success':>15} | {'95% CI':>11} | {'vs dense':>15} | {'errors':>6} | "
+          f"{'speed-up per run':>{sw}} | {'main passes':>11} | {'layers':>6} | {'accepted':>8} | {'acceptance':>10}")
+    for m, s in result["modes"].items():
+        lo, hi = s["success_ci95"]
+        print(f"{m:>{w}} | {s['successes']:>4}/{s['trials']:<4} {100 * s['success_rate']:5.1f}% | "
+              f"{100 * lo:4.1f}-{100 * hi:5.1f}% | {paired(s):>15} | {s['errors']:>6} | {speedups(s):>{sw}} | "
+              f"{f(s.get('main_passes_per_chunk'), '11.2f'):>11} | {f(s.get('layers_per_chunk'), '6.2f'):>6} | "
+              f"{f(s.get('accepted_layers_per_chunk'), '8.2f'):>8} | {f(s.get('acceptance_rate'), '10.3f'):>10}")
+    print("Passes, layers and acceptance over all chunks of all runs; each run's speed-up is its own "
+          "(medians of different runs are not pooled).")
+
+
 def print_comparison(comparison: dict, names: tuple[str, str]) -> None:
     w = max(13, *(len(m) for m in comparison))
     print(f"\nfirst: {names[0]}\nsecond: {names[1]}")
@@ -667,6 +764,15 @@ def main(args) -> dict:
             ca.write_json(args.json, {"first": names[0], "second": names[1], "modes": comparison})
             log.info("wrote %s", args.json)
         return comparison
+    if sum(bool(x) for x in (args.compare, args.from_json, args.pool)) > 1:
+        raise ValueError("give one of --compare, --from_json and --pool")
+    if args.pool:
+        result = pool_runs([load_result(p, "--pool") for p in args.pool], list(args.pool))
+        print_pooled(result)
+        if args.json:
+            ca.write_json(args.json, result)
+            log.info("wrote %s", args.json)
+        return result
     if args.from_json:
         result = load_result(args.from_json)
         add_statistics(result)

@@ -880,6 +880,50 @@ def test_from_json_refuses_what_it_cannot_report(tmp_path):
         eval_libero.main(eval_args(from_json=str(bad)))
 
 
+def test_pool_sums_runs_over_seeds_and_tests_all_trials_against_dense(tmp_path, capsys):
+    runs = [saved_result(), saved_result(), saved_result()]
+    runs[1]["per_task"]["0"]["rsd+adaptive"]["outcomes"] = [0, 0, 1, 1]  # 1 fewer, now dense-only
+    runs[1]["per_task"]["0"]["rsd+adaptive"]["successes"] = 2
+    runs[1]["modes"]["rsd+adaptive"]["successes"] = 5
+    runs[2]["modes"]["expert"] = {"successes": 8, "trials": 8, "success_rate": 1.0}  # not in all runs
+    for seed, (r, passes) in enumerate(zip(runs, (2.0, 3.0, 4.0))):
+        r["config"] = {"task_suite": "libero_spatial", "task_ids": [0, 1], "num_trials": 4,
+                       "init_states": "held_out", "seed": seed, "adaptive_threshold": 0.1}
+        r["modes"]["dense"] |= {"chunks": 10, "main_passes_per_chunk": 8.0, "layers_per_chunk": 8.0,
+                                "accepted_layers_per_chunk": 0.0, "proposed_layers_per_chunk": 0.0}
+        r["modes"]["rsd+adaptive"] |= {"chunks": 10 * (seed + 1), "main_passes_per_chunk": passes,
+                                       "layers_per_chunk": 4.0, "accepted_layers_per_chunk": 1.0,
+                                       "proposed_layers_per_chunk": 3.0}
+    paths = []
+    for i, r in enumerate(runs):
+        paths.append(str(tmp_path / f"s{i}.json"))
+        (tmp_path / f"s{i}.json").write_text(json.dumps(r))
+    out = eval_libero.main(eval_args(pool=paths, json=str(tmp_path / "pool.json")))
+    assert list(out["modes"]) == ["dense", "rsd+adaptive"] and out["seeds"] == [0, 1, 2]
+    d, r = out["modes"]["dense"], out["modes"]["rsd+adaptive"]
+    assert (d["successes"], d["trials"], r["successes"], r["trials"]) == (21, 24, 17, 24)
+    # each run: task 0 trial 1 dense-only, trial 2 rsd-only, task 1 trial 0 dense-only; run 1 one more
+    assert (r["vs_dense"]["only_this_solved"], r["vs_dense"]["only_reference_solved"]) == (3, 7)
+    assert r["vs_dense"]["trials"] == 24 and r["speedup_vs_dense_per_run"] == [2.0, 2.0, 2.0]
+    assert r["main_passes_per_chunk"] == pytest.approx((2 * 10 + 3 * 20 + 4 * 30) / 60)
+    assert r["acceptance_rate"] == pytest.approx(1 / 3)
+    assert json.loads((tmp_path / "pool.json").read_text())["modes"]["rsd+adaptive"]["vs_dense"] == r["vs_dense"]
+    assert "3 runs pooled, seeds 0, 1, 2" in capsys.readouterr().out
+    # what cannot be pooled is refused, naming why
+    runs[2]["config"]["seed"] = 0
+    (tmp_path / "s2.json").write_text(json.dumps(runs[2]))
+    with pytest.raises(ValueError, match="s0.json and .*s2.json both ran seed 0"):
+        eval_libero.main(eval_args(pool=paths))
+    runs[2]["config"] |= {"seed": 2, "adaptive_threshold": 0.07}
+    (tmp_path / "s2.json").write_text(json.dumps(runs[2]))
+    with pytest.raises(ValueError, match="differ in adaptive_threshold \\(0.1 against 0.07\\)"):
+        eval_libero.main(eval_args(pool=paths))
+    with pytest.raises(ValueError, match="two or more"):
+        eval_libero.main(eval_args(pool=paths[:1]))
+    with pytest.raises(ValueError, match="one of --compare, --from_json and --pool"):
+        eval_libero.main(eval_args(pool=paths, from_json=paths[0]))
+
+
 def test_compare_pairs_two_runs_trial_by_trial(tmp_path, capsys):
     first, second = saved_result(), saved_result()
     second["per_task"]["1"]["dense"]["outcomes"] = [1, 0, 1, 1]      # trial 1 of task 1 now fails
