@@ -13,9 +13,9 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
   refinement to be small (stop rule ``expected_norm``: see ``expected_refinement``), or once a
   learned stop model predicts that the actions of the layers so far are within the threshold
   of those of all L (stop rule ``learned``: see ``LearnedStop``). A study tool, stop rule
-  ``oracle``, stops at the first layer whose actions ARE within the threshold of all L's: it
-  knows the layers to come (``act`` decodes them densely first, untimed), so it shows what a
-  perfect stop rule would give, in success and in latency, not something a robot can run.
+  ``oracle``, stops at the first layer whose actions are in fact within the threshold of all
+  L's: it knows the layers to come (``act`` decodes them densely first, untimed), so it shows
+  what a perfect stop rule would give, in success and in latency, not something a robot can run.
 - ``rsd+adaptive``: both.
 
 Acceptance rules for proposed layers:
