@@ -506,6 +506,8 @@ def add_statistics(result: dict) -> None:
 
 
 def print_table(result: dict) -> None:
+    """The results table; for a pooled result (``pool_runs``) each run's speed-up takes the
+    place of the latency and speed-up columns."""
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
@@ -514,21 +516,36 @@ def print_table(result: dict) -> None:
         return "-" if v is None else (f"+{v['only_this_solved']}/-{v['only_reference_solved']} "
                                       f"p={v['mcnemar_p']:.2f}")
 
+    pooled = "runs" in result
+    if pooled:
+        def timing(s):
+            return ", ".join(f"{x:.2f}x" for x in s["speedup_vs_dense_per_run"] if x is not None) or "-"
+        sw = max(16, *(len(timing(s)) for s in result["modes"].values()))
+        timing_header = f"{'speed-up per run':>{sw}}"
+        print(f"\n{len(result['runs'])} runs pooled, seeds {', '.join(map(str, result['seeds']))}: "
+              f"{', '.join(result['runs'])}", end="")
+    else:
+        def timing(s):
+            return (f"{f(s.get('latency_ms_median'), '10.2f')} | "
+                    f"{f(s.get('speedup_vs_dense'), '6.2f') + 'x' if s.get('speedup_vs_dense') else '-':>7}")
+        sw = 0
+        timing_header = f"{'latency ms':>10} | {'speedup':>7}"
     w = max(13, *(len(m) for m in result["modes"]))
     print(f"\n{'mode':>{w}} | {'success':>14} | {'95% CI':>11} | {'vs dense':>14} | {'errors':>6} | "
-          f"{'latency ms':>10} | {'speedup':>7} | {'main passes':>11} | {'layers':>6} | {'accepted':>8} | "
+          f"{timing_header} | {'main passes':>11} | {'layers':>6} | {'accepted':>8} | "
           f"{'acceptance':>10}")
     for m, s in result["modes"].items():
         lo, hi = s["success_ci95"]
         print(f"{m:>{w}} | {s['successes']:>4}/{s['trials']:<4} {100 * s['success_rate']:5.1f}% | "
               f"{100 * lo:4.1f}-{100 * hi:5.1f}% | {paired(s):>14} | "
-              f"{s['errors']:>6} | {f(s.get('latency_ms_median'), '10.2f')} | "
-              f"{f(s.get('speedup_vs_dense'), '6.2f') + 'x' if s.get('speedup_vs_dense') else '-':>7} | "
+              f"{s['errors']:>6} | {timing(s):>{sw}} | "
               f"{f(s.get('main_passes_per_chunk'), '11.2f')} | "
               f"{f(s.get('layers_per_chunk'), '6.2f')} | {f(s.get('accepted_layers_per_chunk'), '8.2f')} | "
               f"{f(s.get('acceptance_rate'), '10.3f')}")
     print("95% CI: Wilson interval of the success rate. vs dense: trials only this mode solved / only "
-          "dense solved, on the same init states, and the exact McNemar test's p-value.")
+          "dense solved, on the same init states, and the exact McNemar test's p-value."
+          + (" Pooled: passes, layers and acceptance over all chunks of all runs; each run's speed-up "
+             "is its own (medians of different runs are not pooled)." if pooled else ""))
 
 
 def plot_results(result: dict, path: str) -> None:
@@ -702,34 +719,6 @@ def pool_runs(results: list[dict], names: list[str]) -> dict:
     return result
 
 
-def print_pooled(result: dict) -> None:
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    def paired(s):
-        v = s.get("vs_dense")
-        return "-" if v is None else f"+{v['only_this_solved']}/-{v['only_reference_solved']} p={v['mcnemar_p']:.2f}"
-
-    def speedups(s):
-        v = [x for x in s["speedup_vs_dense_per_run"] if x is not None]
-        return ", ".join(f"{x:.2f}x" for x in v) if v else "-"
-
-    print(f"\n{len(result['runs'])} runs pooled, seeds {', '.join(map(str, result['seeds']))}: "
-          f"{', '.join(result['runs'])}")
-    w = max(13, *(len(m) for m in result["modes"]))
-    sw = max(18, *(len(speedups(s)) for s in result["modes"].values()))
-    print(f"{'mode':>{w}} | {'success':>15} | {'95% CI':>11} | {'vs dense':>15} | {'errors':>6} | "
-          f"{'speed-up per run':>{sw}} | {'main passes':>11} | {'layers':>6} | {'accepted':>8} | {'acceptance':>10}")
-    for m, s in result["modes"].items():
-        lo, hi = s["success_ci95"]
-        print(f"{m:>{w}} | {s['successes']:>4}/{s['trials']:<4} {100 * s['success_rate']:5.1f}% | "
-              f"{100 * lo:4.1f}-{100 * hi:5.1f}% | {paired(s):>15} | {s['errors']:>6} | {speedups(s):>{sw}} | "
-              f"{f(s.get('main_passes_per_chunk'), '11.2f'):>11} | {f(s.get('layers_per_chunk'), '6.2f'):>6} | "
-              f"{f(s.get('accepted_layers_per_chunk'), '8.2f'):>8} | {f(s.get('acceptance_rate'), '10.3f'):>10}")
-    print("Passes, layers and acceptance over all chunks of all runs; each run's speed-up is its own "
-          "(medians of different runs are not pooled).")
-
-
 def print_comparison(comparison: dict, names: tuple[str, str]) -> None:
     w = max(13, *(len(m) for m in comparison))
     print(f"\nfirst: {names[0]}\nsecond: {names[1]}")
@@ -768,7 +757,7 @@ def main(args) -> dict:
         raise ValueError("give one of --compare, --from_json and --pool")
     if args.pool:
         result = pool_runs([load_result(p, "--pool") for p in args.pool], list(args.pool))
-        print_pooled(result)
+        print_table(result)
         if args.json:
             ca.write_json(args.json, result)
             log.info("wrote %s", args.json)
