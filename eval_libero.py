@@ -745,6 +745,8 @@ def report(result: dict, args) -> None:
 def main(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("OpenGL").setLevel(logging.WARNING)
+    if sum(bool(x) for x in (args.compare, args.from_json, args.pool)) > 1:
+        raise ValueError("give one of --compare, --from_json and --pool")
     if args.compare:
         names = tuple(args.compare)
         comparison = compare_runs(load_result(names[0], "--compare"), load_result(names[1], "--compare"), names)
@@ -753,8 +755,6 @@ def main(args) -> dict:
             ca.write_json(args.json, {"first": names[0], "second": names[1], "modes": comparison})
             log.info("wrote %s", args.json)
         return comparison
-    if sum(bool(x) for x in (args.compare, args.from_json, args.pool)) > 1:
-        raise ValueError("give one of --compare, --from_json and --pool")
     if args.pool:
         result = pool_runs([load_result(p, "--pool") for p in args.pool], list(args.pool))
         print_table(result)

@@ -920,8 +920,9 @@ def test_pool_sums_runs_over_seeds_and_tests_all_trials_against_dense(tmp_path, 
         eval_libero.main(eval_args(pool=paths))
     with pytest.raises(ValueError, match="two or more"):
         eval_libero.main(eval_args(pool=paths[:1]))
-    with pytest.raises(ValueError, match="one of --compare, --from_json and --pool"):
-        eval_libero.main(eval_args(pool=paths, from_json=paths[0]))
+    for other in (dict(from_json=paths[0]), dict(compare=paths[:2])):
+        with pytest.raises(ValueError, match="one of --compare, --from_json and --pool"):
+            eval_libero.main(eval_args(pool=paths, **other))
 
 
 def test_compare_pairs_two_runs_trial_by_trial(tmp_path, capsys):
