@@ -672,8 +672,9 @@ def pool_runs(results: list[dict], names: list[str]) -> dict:
     for name, cfg in zip(names, cfgs):
         if not isinstance(cfg, dict) or "seed" not in cfg:
             raise ValueError(f"--pool: {name} has no recorded config (a result saved by an older version)")
+    defaults = vars(build_parser().parse_args([]))  # for a flag added after a run was saved
     for key in [k for k in TRIAL_KEYS if k != "seed"] + list(SETTING_KEYS):
-        values = [c.get(key) for c in cfgs]
+        values = [c.get(key, defaults.get(key)) for c in cfgs]
         for name, v in zip(names[1:], values[1:]):
             if v != values[0]:
                 raise ValueError(f"--pool: {names[0]} and {name} differ in {key} ({values[0]!r} against "

@@ -910,6 +910,9 @@ def test_pool_sums_runs_over_seeds_and_tests_all_trials_against_dense(tmp_path, 
     assert json.loads((tmp_path / "pool.json").read_text())["modes"]["rsd+adaptive"]["vs_dense"] == r["vs_dense"]
     assert "3 runs pooled, seeds 0, 1, 2" in capsys.readouterr().out
     # what cannot be pooled is refused, naming why
+    runs[1]["config"]["oracle_stop"] = False  # saved after the flag existed; the others before
+    (tmp_path / "s1.json").write_text(json.dumps(runs[1]))
+    assert eval_libero.main(eval_args(pool=paths))["modes"]["dense"]["trials"] == 24
     runs[2]["config"]["seed"] = 0
     (tmp_path / "s2.json").write_text(json.dumps(runs[2]))
     with pytest.raises(ValueError, match="s0.json and .*s2.json both ran seed 0"):
