@@ -691,8 +691,11 @@ def pool_runs(results: list[dict], names: list[str]) -> dict:
     modes, per_task = {}, {}
     for m in common:
         rows = [r["modes"][m] for r in results]
+        for name, row in zip(names, rows):
+            if "errors" not in row:  # a trial that raised must not pass for a plain failure
+                raise ValueError(f"--pool: {name} has no error count for {m}")
         out = {"successes": sum(s["successes"] for s in rows), "trials": sum(s["trials"] for s in rows),
-               "errors": sum(s.get("errors", 0) for s in rows),
+               "errors": sum(s["errors"] for s in rows),
                "latency_ms_median_per_run": [s.get("latency_ms_median") for s in rows],
                "speedup_vs_dense_per_run": [s.get("speedup_vs_dense") for s in rows]}
         out["success_rate"] = out["successes"] / out["trials"]
