@@ -6,6 +6,8 @@
     python eval_libero.py ... --mode dense,rsd,rsd+adaptive@relaxed --workers 2 --plot results.png
     python eval_libero.py --from_json results.json --plot results.png   # re-report a saved run
     python eval_libero.py --compare before.json after.json   # two runs of the same trials, trial by trial
+    python eval_libero.py --compare run.json run.json --compare_modes dense@sample rsd@sample   # two modes
+    python eval_libero.py --pool seed0.json seed1.json seed2.json   # runs over other scene seeds, pooled
 
 A mode spec is MODE, MODE@ACCEPTANCE (``rsd@relaxed``: the acceptance rule of that mode,
 overriding ``--acceptance``) and, for the speculative modes, a trailing ``:K`` (``rsd:3``,
@@ -173,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing: compare two saved results of the same trials (suite, tasks, "
                         "trials, init states, seed) mode by mode, trial by trial: how many end the "
                         "same, which only one run solved, and the exact McNemar test (--json writes it)")
+    p.add_argument("--compare_modes", nargs=2, default=None, metavar=("FIRST_MODE", "SECOND_MODE"),
+                   help="with --compare: pair FIRST_MODE of the first result with SECOND_MODE of the "
+                        "second instead of every mode both ran with its own (give one file twice to "
+                        "pair two modes of one run)")
     p.add_argument("--pool", nargs="+", default=None, metavar="PATH",
                    help="run nothing: pool saved results of the same trials and settings over other "
                         "--seed values (scenes), mode by mode: successes, interval, the paired test "
@@ -612,19 +618,30 @@ def load_result(path: str, flag: str = "--from_json") -> dict:
 TRIAL_KEYS = ("task_suite", "task_ids", "num_trials", "init_states", "seed")
 
 
-def compare_runs(first: dict, second: dict, names: tuple[str, str]) -> dict:
+def compare_runs(first: dict, second: dict, names: tuple[str, str],
+                 modes: tuple[str, str] | None = None) -> dict:
     """Two results of the same trials (e.g. one command at two commits): for every mode both
     ran, the trials that end the same, those only one run solved, and the exact McNemar test
-    of "same success rate" on the discordant trials ({mode: {...}})."""
+    of "same success rate" on the discordant trials ({mode: {...}}). With ``modes`` (A, B),
+    only mode A of ``first`` against mode B of ``second`` ({"A / B": {...}}, or {"A": ...}
+    when A == B); ``first`` and ``second`` may be one result, to pair two of its modes."""
     cfg_a, cfg_b = first.get("config", {}), second.get("config", {})
     for key in TRIAL_KEYS:
         if key in cfg_a and key in cfg_b and cfg_a[key] != cfg_b[key]:
             raise ValueError(f"--compare: {names[0]} and {names[1]} ran different trials "
                              f"({key} {cfg_a[key]!r} against {cfg_b[key]!r})")
-    common = [m for m in first["modes"] if m in second["modes"]]
-    if not common:
+    if modes is not None:
+        for mode, result, name in zip(modes, (first, second), names):
+            if mode not in result["modes"]:
+                raise ValueError(f"--compare_modes: {name} has no mode {mode!r} "
+                                 f"(it has {', '.join(result['modes'])})")
+        pairs = [tuple(modes)]
+    else:
+        pairs = [(m, m) for m in first["modes"] if m in second["modes"]]
+    if not pairs:
         raise ValueError(f"--compare: {names[0]} ({', '.join(first['modes'])}) and {names[1]} "
-                         f"({', '.join(second['modes'])}) have no mode in common")
+                         f"({', '.join(second['modes'])}) have no mode in common (--compare_modes pairs two "
+                         "modes of other names)")
     tasks_a, tasks_b = first.get("per_task", {}), second.get("per_task", {})
     if not tasks_a:
         raise ValueError(f"--compare: {names[0]} has no per-task results to pair")
@@ -632,14 +649,15 @@ def compare_runs(first: dict, second: dict, names: tuple[str, str]) -> dict:
         raise ValueError(f"--compare: {names[0]} has tasks {sorted(tasks_a, key=int)}, {names[1]} "
                          f"{sorted(tasks_b, key=int)}")
     out = {}
-    for m in common:
+    for ma, mb in pairs:
+        m = ma if ma == mb else f"{ma} / {mb}"
         a, b = [], []
         for t in sorted(tasks_a, key=int):
-            oa = tasks_a[t].get(m, {}).get("outcomes")
-            ob = tasks_b[t].get(m, {}).get("outcomes")
+            oa = tasks_a[t].get(ma, {}).get("outcomes")
+            ob = tasks_b[t].get(mb, {}).get("outcomes")
             if oa is None or ob is None:
-                missing = names[0] if oa is None else names[1]
-                raise ValueError(f"--compare: {missing} has no per-trial outcomes for {m} in task {t} "
+                missing, mode = (names[0], ma) if oa is None else (names[1], mb)
+                raise ValueError(f"--compare: {missing} has no per-trial outcomes for {mode} in task {t} "
                                  "(a result saved before they were recorded)")
             if len(oa) != len(ob):
                 raise ValueError(f"--compare: task {t}, {m}: {len(oa)} trials in {names[0]}, "
@@ -751,9 +769,13 @@ def main(args) -> dict:
     logging.getLogger("OpenGL").setLevel(logging.WARNING)
     if sum(bool(x) for x in (args.compare, args.from_json, args.pool)) > 1:
         raise ValueError("give one of --compare, --from_json and --pool")
+    if args.compare_modes and not args.compare:
+        raise ValueError("--compare_modes needs --compare FIRST.json SECOND.json (one file twice to pair "
+                         "two modes of one run)")
     if args.compare:
         names = tuple(args.compare)
-        comparison = compare_runs(load_result(names[0], "--compare"), load_result(names[1], "--compare"), names)
+        comparison = compare_runs(load_result(names[0], "--compare"), load_result(names[1], "--compare"), names,
+                                  tuple(args.compare_modes) if args.compare_modes else None)
         print_comparison(comparison, names)
         if args.json:
             ca.write_json(args.json, {"first": names[0], "second": names[1], "modes": comparison})

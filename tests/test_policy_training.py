@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 import h5py
 import numpy as np
@@ -965,3 +966,13 @@ def test_compare_pairs_two_runs_trial_by_trial(tmp_path, capsys):
     b.write_text(json.dumps(only_expert))
     with pytest.raises(ValueError, match="no mode in common"):
         eval_libero.main(eval_args(compare=[str(a), str(b)]))
+    # --compare_modes pairs two modes by name, here two of one run: its paired test against dense
+    one = eval_libero.main(eval_args(compare=[str(a), str(a)], compare_modes=["dense", "rsd+adaptive"]))
+    assert list(one) == ["dense / rsd+adaptive"]
+    c, vs = one["dense / rsd+adaptive"], eval_libero.main(eval_args(from_json=str(a)))["modes"]["rsd+adaptive"]["vs_dense"]
+    assert (c["first_successes"], c["second_successes"], c["same_outcome"]) == (7, 6, 5)
+    assert (c["only_second_solved"], c["only_first_solved"]) == (vs["only_this_solved"], vs["only_reference_solved"]) == (1, 2)
+    with pytest.raises(ValueError, match=re.escape(f"--compare_modes: {b} has no mode 'rsd+adaptive' (it has expert)")):
+        eval_libero.main(eval_args(compare=[str(a), str(b)], compare_modes=["dense", "rsd+adaptive"]))
+    with pytest.raises(ValueError, match="--compare_modes needs --compare"):
+        eval_libero.main(eval_args(from_json=str(a), compare_modes=["dense", "rsd+adaptive"]))
