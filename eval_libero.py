@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole chunk, the tokenizer's chunk size: 10 steps gave 57.5%% dense success where 5 "
                         "gave 34%%, README)")
     p.add_argument("--expert_noise", type=float, default=1.0, help="scripted expert variation (mode expert)")
+    p.add_argument("--action_noise", type=float, default=0.0, metavar="SIGMA",
+                   help="a control for approximate decoding: every policy mode (not the expert) "
+                        "executes its arm actions (all dims but the gripper) plus a smooth random "
+                        "perturbation, AR(1) over steps with correlation %(corr)s and standard "
+                        "deviation SIGMA in normalized action units (those of --adaptive_threshold), "
+                        "drawn from the trial's seed: what a change of the actions of that size costs "
+                        "in success, whatever makes it (default 0: none)" % {"corr": NOISE_CORRELATION})
     # run
     p.add_argument("--max_steps", type=int, default=None, help="default: the suite's standard limit")
     p.add_argument("--seed", type=int, default=0)
@@ -196,11 +203,32 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- policies
 
 
-class EnginePolicy(ca.Policy):
-    """The RSD engine behind collect_actions' policy interface; keeps per-chunk statistics."""
+# --action_noise: step correlation of the perturbation's AR(1), as collect_actions' DART-style
+# perturbation: it pushes the arm off course for several steps, as a policy's error does
+NOISE_CORRELATION = 0.9
 
-    def __init__(self, engine: RSDEngine, cfg: EngineConfig, replan_steps: int, seed: int):
+
+def check_action_noise(sigma: float) -> None:
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"--action_noise must be a finite number >= 0, got {sigma!r}")
+
+
+class EnginePolicy(ca.Policy):
+    """The RSD engine behind collect_actions' policy interface; keeps per-chunk statistics.
+
+    With ``action_noise`` > 0, the executed actions are the decoded ones plus a perturbation of
+    every dimension but the last (the gripper): an AR(1) over steps, correlation
+    ``NOISE_CORRELATION``, stationary standard deviation ``action_noise`` in the tokenizer's
+    normalized units (so that much of each dimension's q01..q99 half-range), clipped to [-1, 1],
+    drawn from the trial's seed; the action history holds the executed actions."""
+
+    def __init__(self, engine: RSDEngine, cfg: EngineConfig, replan_steps: int, seed: int,
+                 action_noise: float = 0.0):
+        check_action_noise(action_noise)
         self.engine, self.cfg, self.replan_steps = engine, cfg, replan_steps
+        self.action_noise = float(action_noise)
+        norm = engine.tokenizer.normalizer
+        self.noise_scale = ((norm.high - norm.low) / 2).double().numpy()[:-1] * self.action_noise
         self.keys = engine.policy.config.obs_keys
         self.history = ActionHistory(engine.policy.config.action_history, engine.tokenizer.config.action_dim)
         self.instructions = engine.policy.config.instructions
@@ -212,7 +240,10 @@ class EnginePolicy(ca.Policy):
         if task.instruction not in self.instructions:
             raise ValueError(f"the policy was not trained on the instruction {task.instruction!r}")
         self.task_index = self.instructions.index(task.instruction)
-        self.gen.manual_seed(int(rng.integers(2**31)))
+        seed = int(rng.integers(2**31))
+        self.gen.manual_seed(seed)
+        self.noise_rng = np.random.default_rng([seed, 1])  # apart from the sampling generator
+        self.noise = np.zeros(len(self.noise_scale))
         self.history.reset()
 
     def act(self, obs: dict) -> np.ndarray:
@@ -220,6 +251,12 @@ class EnginePolicy(ca.Policy):
         actions, stats, _ = self.engine.act(x, self.task_index, self.cfg, self.gen)
         self.stats.append(stats)
         actions = actions[: self.replan_steps]
+        if self.action_noise > 0:
+            actions = actions.copy()
+            innovation = math.sqrt(1.0 - NOISE_CORRELATION ** 2)
+            for row in actions:
+                self.noise = NOISE_CORRELATION * self.noise + innovation * self.noise_rng.standard_normal(len(self.noise))
+                row[:-1] = np.clip(row[:-1] + self.noise * self.noise_scale, -1.0, 1.0)
         self.history.push(actions)  # the runner executes every action returned
         return actions
 
@@ -391,7 +428,7 @@ def engine_config(spec: str, args) -> EngineConfig:
 def make_policy(mode: str, engine, args) -> ca.Policy:
     if mode == "expert":
         return ca.make_policy("scripted", noise=args.expert_noise)
-    policy = EnginePolicy(engine, engine_config(mode, args), args.replan_steps, args.seed)
+    policy = EnginePolicy(engine, engine_config(mode, args), args.replan_steps, args.seed, args.action_noise)
     if args.takeover:
         expert = ca.make_policy("scripted", noise=args.expert_noise)
         return ca.TakeoverPolicy(policy, expert, *args.takeover)
@@ -552,6 +589,10 @@ def print_table(result: dict) -> None:
           "dense solved, on the same init states, and the exact McNemar test's p-value."
           + (" Pooled: passes, layers and acceptance over all chunks of all runs; each run's speed-up "
              "is its own (medians of different runs are not pooled)." if pooled else ""))
+    noise = result.get("config", {}).get("action_noise")
+    if noise:
+        print(f"Every policy mode executed its arm actions perturbed (--action_noise {noise}: AR(1), "
+              f"standard deviation {noise} in normalized action units).")
 
 
 def plot_results(result: dict, path: str) -> None:
@@ -676,7 +717,7 @@ def compare_runs(first: dict, second: dict, names: tuple[str, str],
 # what must be the same in runs pooled over scene seeds: the trials but their seed, the decoding
 SETTING_KEYS = ("policy", "draft", "parallel_policy", "tokenizer", "acceptance", "k", "stop_model",
                 "oracle_stop", "adaptive_threshold", "min_layers", "tolerance", "replan_steps",
-                "max_steps", "expert_noise")
+                "max_steps", "expert_noise", "action_noise")
 
 
 def pool_runs(results: list[dict], names: list[str]) -> dict:
@@ -736,7 +777,8 @@ def pool_runs(results: list[dict], names: list[str]) -> dict:
                 row["successes"] += rows[m]["successes"]
                 row["trials"] += rows[m]["trials"]
                 row["outcomes"] += rows[m]["outcomes"]
-    result = {"runs": list(names), "seeds": [c["seed"] for c in cfgs], "modes": modes, "per_task": per_task}
+    result = {"runs": list(names), "seeds": [c["seed"] for c in cfgs], "modes": modes, "per_task": per_task,
+              "config": {k: cfgs[0].get(k, defaults.get(k)) for k in SETTING_KEYS}}  # the same in every run
     add_statistics(result)
     return result
 
@@ -805,6 +847,7 @@ def main(args) -> dict:
         raise ValueError(f"--replan_steps must be >= 1, got {args.replan_steps}")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    check_action_noise(args.action_noise)
     modes = mode_list(args)
     if "expert" in modes or args.takeover:
         ca.check_policy_supports("scripted", args.task_suite)
