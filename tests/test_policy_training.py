@@ -284,6 +284,42 @@ def test_engine_policy_statistics_add_up(trained):
     assert s["main_passes_per_chunk"] == 3 and s["acceptance_rate"] is None
 
 
+def test_action_noise_perturbs_the_arm_by_sigma_in_normalized_units_from_the_trial_seed(trained, monkeypatch):
+    d, _, _ = trained
+    policy, _ = pm.load_policy(str(d / "policy.pt"))
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    engine = RSDEngine(policy, tok)
+    x = np.random.default_rng(0).standard_normal(policy.config.obs_dim).astype(np.float32)
+    monkeypatch.setattr(eval_libero, "obs_vector", lambda obs, keys: x)  # one state, step after step
+    task = ca.TaskInfo("libero_spatial", 0, "t", policy.config.instructions[0], "", 10)
+    sigma, half = 0.05, ((tok.normalizer.high - tok.normalizer.low) / 2).double().numpy()
+
+    decoded = []  # what the engine decoded, chunk by chunk (with an action history, from the executed)
+    act = engine.act
+    monkeypatch.setattr(engine, "act", lambda *a: (decoded.append(act(*a)[0][:5]), act(*a))[1])
+
+    def executed(noise, trial_seed, chunks):
+        decoded.clear()
+        ep = eval_libero.EnginePolicy(engine, EngineConfig("dense"), replan_steps=5, seed=0, action_noise=noise)
+        ep.reset(task, np.random.default_rng(trial_seed))
+        return np.concatenate([ep.act({}) for _ in range(chunks)])
+
+    assert np.array_equal(executed(0.0, 1, 3), np.concatenate(decoded))  # no noise: the decoded actions
+    runs = [executed(sigma, seed, 120) for seed in (2, 1, 1)]
+    clean = np.concatenate(decoded)
+    assert np.array_equal(runs[1], runs[2]) and not np.array_equal(runs[0], runs[2])  # the trial's seed
+    dev = (runs[2] - clean) / half
+    assert np.all(dev[:, -1] == 0)  # never the gripper
+    assert np.all(np.abs(runs[2][:, :-1]) <= 1)
+    clipped = np.abs(runs[2][:, :-1]) == 1
+    dev = dev[50:, :-1][:, ~clipped.any(0)]  # past the AR(1)'s start; dimensions never clipped
+    assert dev.shape[1] >= 3 and dev.std() == pytest.approx(sigma, rel=0.2)
+    lag1 = np.mean([np.corrcoef(col[:-1], col[1:])[0, 1] for col in dev.T])
+    assert lag1 == pytest.approx(eval_libero.NOISE_CORRELATION, abs=0.1)  # smooth over steps
+    with pytest.raises(ValueError, match="--action_noise must be a finite number >= 0, got -0.1"):
+        eval_libero.main(eval_args(action_noise=-0.1))
+
+
 @pytest.mark.integration
 def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
     """Real LIBERO env, tiny models trained on synthetic demos with libero_spatial task 0's
