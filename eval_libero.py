@@ -220,7 +220,9 @@ class EnginePolicy(ca.Policy):
     every dimension but the last (the gripper): an AR(1) over steps, correlation
     ``NOISE_CORRELATION``, stationary standard deviation ``action_noise`` in the tokenizer's
     normalized units (so that much of each dimension's q01..q99 half-range), clipped to [-1, 1],
-    drawn from the trial's seed; the action history holds the executed actions."""
+    drawn from the trial's seed; the action history holds the executed actions.
+    ``perturbations`` keeps each chunk's largest change of an action (max abs, normalized units,
+    after clipping), the statistic of ``bench_decoding.py``'s action gap."""
 
     def __init__(self, engine: RSDEngine, cfg: EngineConfig, replan_steps: int, seed: int,
                  action_noise: float = 0.0):
@@ -228,7 +230,9 @@ class EnginePolicy(ca.Policy):
         self.engine, self.cfg, self.replan_steps = engine, cfg, replan_steps
         self.action_noise = float(action_noise)
         norm = engine.tokenizer.normalizer
-        self.noise_scale = ((norm.high - norm.low) / 2).double().numpy()[:-1] * self.action_noise
+        self.half_range = ((norm.high - norm.low) / 2).double().numpy()[:-1]
+        self.noise_scale = self.half_range * self.action_noise
+        self.perturbations: list[float] = []
         self.keys = engine.policy.config.obs_keys
         self.history = ActionHistory(engine.policy.config.action_history, engine.tokenizer.config.action_dim)
         self.instructions = engine.policy.config.instructions
@@ -252,11 +256,12 @@ class EnginePolicy(ca.Policy):
         self.stats.append(stats)
         actions = actions[: self.replan_steps]
         if self.action_noise > 0:
-            actions = actions.copy()
+            decoded, actions = actions, actions.copy()
             innovation = math.sqrt(1.0 - NOISE_CORRELATION ** 2)
             for row in actions:
                 self.noise = NOISE_CORRELATION * self.noise + innovation * self.noise_rng.standard_normal(len(self.noise))
                 row[:-1] = np.clip(row[:-1] + self.noise * self.noise_scale, -1.0, 1.0)
+            self.perturbations.append(float(np.abs((actions - decoded)[:, :-1] / self.half_range).max()))
         self.history.push(actions)  # the runner executes every action returned
         return actions
 
@@ -272,6 +277,7 @@ class ModeResult:
     episodes: list = field(default_factory=list)  # with --record: (episode, attrs) of every trial
     takeover_steps: list = field(default_factory=list)  # with --takeover: per trial (None: solved before)
     outcomes: list = field(default_factory=list)  # per trial in trial order: 1 success, 0 not (errors: 0)
+    perturbations: list = field(default_factory=list)  # with --action_noise: per chunk (EnginePolicy)
 
     def add(self, other: "ModeResult") -> None:
         self.trials += other.trials
@@ -282,6 +288,7 @@ class ModeResult:
         self.chunks += other.chunks
         self.takeover_steps += other.takeover_steps
         self.outcomes += other.outcomes
+        self.perturbations += other.perturbations
 
     def summary(self) -> dict:
         c = self.chunks
@@ -297,6 +304,9 @@ class ModeResult:
         }
         if c:
             out.update(chunk_summary(c))
+        if self.perturbations:  # the largest change of an action per chunk, normalized units
+            out["action_noise_max_mean"] = float(np.mean(self.perturbations))
+            out["action_noise_max_p90"] = float(np.percentile(self.perturbations, 90))
         if self.takeover_steps:
             taken = [s for s in self.takeover_steps if s is not None]
             out["takeover"] = {"taken_over": len(taken),
@@ -337,6 +347,7 @@ def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args,
     policy, added to ``res``."""
     seed = ca.episode_seed(args.seed, env.task.task_id, trial)
     n_chunks = len(getattr(policy, "stats", []))
+    n_perturbed = len(getattr(policy, "perturbations", []))
     init_state = init_state_of_trial(trial, args.init_states)
     try:
         ep = ca.run_episode(env, policy, init_state, seed, keep_images=args.video, max_steps=args.max_steps,
@@ -359,6 +370,7 @@ def run_trial(env: ca.LiberoEnv, policy: ca.Policy, mode: str, trial: int, args,
                                      f"trial{trial}_{mode.replace('+', '_')}_{outcome}.mp4"))
     if hasattr(policy, "stats"):
         res.chunks += policy.stats[n_chunks:]
+    res.perturbations += getattr(policy, "perturbations", [])[n_perturbed:]
     attrs = {"mode": mode, "policy": "scripted" if mode == "expert" else "token_policy"}
     if args.takeover:
         res.takeover_steps.append(policy.takeover_step)
@@ -591,8 +603,11 @@ def print_table(result: dict) -> None:
              "is its own (medians of different runs are not pooled)." if pooled else ""))
     noise = result.get("config", {}).get("action_noise")
     if noise:
+        changed = "; ".join(f"{m} {s['action_noise_max_mean']:.3f}" for m, s in result["modes"].items()
+                            if s.get("action_noise_max_mean") is not None)
         print(f"Every policy mode executed its arm actions perturbed (--action_noise {noise}: AR(1), "
-              f"standard deviation {noise} in normalized action units).")
+              f"standard deviation {noise} in normalized action units)"
+              + (f"; the largest change of an action per chunk, mean: {changed}." if changed else "."))
 
 
 def plot_results(result: dict, path: str) -> None:

@@ -282,6 +282,11 @@ def test_engine_policy_statistics_add_up(trained):
     assert s["successes"] == 3 and s["errors"] == 0 and s["outcomes"] == [1, 1, 1]
     assert s["chunks"] == 3 * 3  # 12 steps at 5 per chunk
     assert s["main_passes_per_chunk"] == 3 and s["acceptance_rate"] is None
+    assert "action_noise_max_mean" not in s
+    noisy = eval_libero.EnginePolicy(engine, EngineConfig("dense"), replan_steps=5, seed=0, action_noise=0.05)
+    s = run_trials(env, noisy, "dense", eval_args()).summary()
+    assert len(noisy.perturbations) == s["chunks"] == 9
+    assert s["action_noise_max_mean"] == pytest.approx(np.mean(noisy.perturbations)) and s["action_noise_max_mean"] > 0
 
 
 def test_action_noise_perturbs_the_arm_by_sigma_in_normalized_units_from_the_trial_seed(trained, monkeypatch):
@@ -298,10 +303,13 @@ def test_action_noise_perturbs_the_arm_by_sigma_in_normalized_units_from_the_tri
     act = engine.act
     monkeypatch.setattr(engine, "act", lambda *a: (decoded.append(act(*a)[0][:5]), act(*a))[1])
 
+    policies = []
+
     def executed(noise, trial_seed, chunks):
         decoded.clear()
         ep = eval_libero.EnginePolicy(engine, EngineConfig("dense"), replan_steps=5, seed=0, action_noise=noise)
         ep.reset(task, np.random.default_rng(trial_seed))
+        policies.append(ep)
         return np.concatenate([ep.act({}) for _ in range(chunks)])
 
     assert np.array_equal(executed(0.0, 1, 3), np.concatenate(decoded))  # no noise: the decoded actions
@@ -310,6 +318,8 @@ def test_action_noise_perturbs_the_arm_by_sigma_in_normalized_units_from_the_tri
     assert np.array_equal(runs[1], runs[2]) and not np.array_equal(runs[0], runs[2])  # the trial's seed
     dev = (runs[2] - clean) / half
     assert np.all(dev[:, -1] == 0)  # never the gripper
+    assert policies[0].perturbations == [] and len(policies[-1].perturbations) == 120
+    assert np.allclose(policies[-1].perturbations, np.abs(dev).reshape(120, 5, -1).max(axis=(1, 2)))
     assert np.all(np.abs(runs[2][:, :-1]) <= 1)
     clipped = np.abs(runs[2][:, :-1]) == 1
     dev = dev[50:, :-1][:, ~clipped.any(0)]  # past the AR(1)'s start; dimensions never clipped
