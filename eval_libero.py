@@ -782,6 +782,8 @@ def pool_runs(results: list[dict], names: list[str]) -> dict:
             out["chunks"] = n
             out["acceptance_rate"] = (out["accepted_layers_per_chunk"] / out["proposed_layers_per_chunk"]
                                       if out["proposed_layers_per_chunk"] else None)
+            if all("action_noise_max_mean" in s for s in rows):  # the mean over all chunks
+                out["action_noise_max_mean"] = sum(s["action_noise_max_mean"] * c for s, c in zip(rows, chunks)) / n
         modes[m] = out
     for name, r in zip(names, results):  # trial outcomes run after run, task by task
         for t, rows in r.get("per_task", {}).items():

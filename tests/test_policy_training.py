@@ -935,12 +935,12 @@ def test_pool_sums_runs_over_seeds_and_tests_all_trials_against_dense(tmp_path, 
     runs[2]["modes"]["expert"] = {"successes": 8, "trials": 8, "success_rate": 1.0}  # not in all runs
     for seed, (r, passes) in enumerate(zip(runs, (2.0, 3.0, 4.0))):
         r["config"] = {"task_suite": "libero_spatial", "task_ids": [0, 1], "num_trials": 4,
-                       "init_states": "held_out", "seed": seed, "adaptive_threshold": 0.1}
+                       "init_states": "held_out", "seed": seed, "adaptive_threshold": 0.1, "action_noise": 0.01}
         r["modes"]["dense"] |= {"chunks": 10, "main_passes_per_chunk": 8.0, "layers_per_chunk": 8.0,
                                 "accepted_layers_per_chunk": 0.0, "proposed_layers_per_chunk": 0.0}
         r["modes"]["rsd+adaptive"] |= {"chunks": 10 * (seed + 1), "main_passes_per_chunk": passes,
                                        "layers_per_chunk": 4.0, "accepted_layers_per_chunk": 1.0,
-                                       "proposed_layers_per_chunk": 3.0}
+                                       "proposed_layers_per_chunk": 3.0, "action_noise_max_mean": 0.1 * (seed + 1)}
     paths = []
     for i, r in enumerate(runs):
         paths.append(str(tmp_path / f"s{i}.json"))
@@ -954,8 +954,11 @@ def test_pool_sums_runs_over_seeds_and_tests_all_trials_against_dense(tmp_path, 
     assert r["vs_dense"]["trials"] == 24 and r["speedup_vs_dense_per_run"] == [2.0, 2.0, 2.0]
     assert r["main_passes_per_chunk"] == pytest.approx((2 * 10 + 3 * 20 + 4 * 30) / 60)
     assert r["acceptance_rate"] == pytest.approx(1 / 3)
+    assert r["action_noise_max_mean"] == pytest.approx((0.1 * 10 + 0.2 * 20 + 0.3 * 30) / 60)  # over all chunks
+    assert "action_noise_max_mean" not in d and out["config"]["action_noise"] == 0.01  # the runs' settings
     assert json.loads((tmp_path / "pool.json").read_text())["modes"]["rsd+adaptive"]["vs_dense"] == r["vs_dense"]
-    assert "3 runs pooled, seeds 0, 1, 2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 runs pooled, seeds 0, 1, 2" in printed and "--action_noise 0.01" in printed
     # what cannot be pooled is refused, naming why
     runs[1]["config"]["oracle_stop"] = False  # saved after the flag existed; the others before
     (tmp_path / "s1.json").write_text(json.dumps(runs[1]))
@@ -967,6 +970,10 @@ def test_pool_sums_runs_over_seeds_and_tests_all_trials_against_dense(tmp_path, 
     runs[2]["config"] |= {"seed": 2, "adaptive_threshold": 0.07}
     (tmp_path / "s2.json").write_text(json.dumps(runs[2]))
     with pytest.raises(ValueError, match="differ in adaptive_threshold \\(0.1 against 0.07\\)"):
+        eval_libero.main(eval_args(pool=paths))
+    runs[2]["config"] |= {"adaptive_threshold": 0.1, "action_noise": 0.0}
+    (tmp_path / "s2.json").write_text(json.dumps(runs[2]))
+    with pytest.raises(ValueError, match="differ in action_noise \\(0.01 against 0.0\\)"):
         eval_libero.main(eval_args(pool=paths))
     with pytest.raises(ValueError, match="two or more"):
         eval_libero.main(eval_args(pool=paths[:1]))
