@@ -686,6 +686,9 @@ def compare_runs(first: dict, second: dict, names: tuple[str, str],
         if key in cfg_a and key in cfg_b and cfg_a[key] != cfg_b[key]:
             raise ValueError(f"--compare: {names[0]} and {names[1]} ran different trials "
                              f"({key} {cfg_a[key]!r} against {cfg_b[key]!r})")
+    if "seeds" in first and "seeds" in second and first["seeds"] != second["seeds"]:  # two --pool results
+        raise ValueError(f"--compare: {names[0]} and {names[1]} pool different trials (seeds "
+                         f"{first['seeds']} against {second['seeds']}, in that order)")
     if modes is not None:
         for mode, result, name in zip(modes, (first, second), names):
             if mode not in result["modes"]:
@@ -795,7 +798,8 @@ def pool_runs(results: list[dict], names: list[str]) -> dict:
                 row["trials"] += rows[m]["trials"]
                 row["outcomes"] += rows[m]["outcomes"]
     result = {"runs": list(names), "seeds": [c["seed"] for c in cfgs], "modes": modes, "per_task": per_task,
-              "config": {k: cfgs[0].get(k, defaults.get(k)) for k in SETTING_KEYS}}  # the same in every run
+              "config": {k: cfgs[0].get(k, defaults.get(k))  # the same in every run
+                         for k in [k for k in TRIAL_KEYS if k != "seed"] + list(SETTING_KEYS)}}
     add_statistics(result)
     return result
 

@@ -959,6 +959,13 @@ def test_pool_sums_runs_over_seeds_and_tests_all_trials_against_dense(tmp_path, 
     assert json.loads((tmp_path / "pool.json").read_text())["modes"]["rsd+adaptive"]["vs_dense"] == r["vs_dense"]
     printed = capsys.readouterr().out
     assert "3 runs pooled, seeds 0, 1, 2" in printed and "--action_noise 0.01" in printed
+    # two pooled results pair trial by trial when they pool the same seeds in the same order
+    again = str(tmp_path / "again.json")
+    eval_libero.main(eval_args(pool=paths, json=again))
+    assert eval_libero.main(eval_args(compare=[str(tmp_path / "pool.json"), again]))["dense"]["same_outcome"] == 24
+    eval_libero.main(eval_args(pool=[paths[1], paths[0], paths[2]], json=again))
+    with pytest.raises(ValueError, match="pool different trials \\(seeds \\[0, 1, 2\\] against \\[1, 0, 2\\]"):
+        eval_libero.main(eval_args(compare=[str(tmp_path / "pool.json"), again]))
     # what cannot be pooled is refused, naming why
     runs[1]["config"]["oracle_stop"] = False  # saved after the flag existed; the others before
     (tmp_path / "s1.json").write_text(json.dumps(runs[1]))
