@@ -299,9 +299,14 @@ def test_action_noise_perturbs_the_arm_by_sigma_in_normalized_units_from_the_tri
     task = ca.TaskInfo("libero_spatial", 0, "t", policy.config.instructions[0], "", 10)
     sigma, half = 0.05, ((tok.normalizer.high - tok.normalizer.low) / 2).double().numpy()
 
-    decoded = []  # what the engine decoded, chunk by chunk (with an action history, from the executed)
+    decoded = []  # the engine's actions of every chunk, before the perturbation
     act = engine.act
-    monkeypatch.setattr(engine, "act", lambda *a: (decoded.append(act(*a)[0][:5]), act(*a))[1])
+
+    def recording_act(*a):
+        out = act(*a)
+        decoded.append(out[0][:5].copy())  # the 5 steps executed of it
+        return out
+    monkeypatch.setattr(engine, "act", recording_act)
 
     policies = []
 
