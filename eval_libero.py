@@ -221,8 +221,9 @@ class EnginePolicy(ca.Policy):
     ``NOISE_CORRELATION``, stationary standard deviation ``action_noise`` in the tokenizer's
     normalized units (so that much of each dimension's q01..q99 half-range), clipped to [-1, 1],
     drawn from the trial's seed; the action history holds the executed actions.
-    ``perturbations`` keeps each chunk's largest change of an action (max abs, normalized units,
-    after clipping), the statistic of ``bench_decoding.py``'s action gap."""
+    ``perturbations`` keeps each chunk's largest change of an action (max abs, normalized units)
+    from the decoded actions as the controller takes them (arm clipped to [-1, 1]), the statistic
+    of ``bench_decoding.py``'s action gap."""
 
     def __init__(self, engine: RSDEngine, cfg: EngineConfig, replan_steps: int, seed: int,
                  action_noise: float = 0.0):
@@ -261,7 +262,9 @@ class EnginePolicy(ca.Policy):
             for row in actions:
                 self.noise = NOISE_CORRELATION * self.noise + innovation * self.noise_rng.standard_normal(len(self.noise))
                 row[:-1] = np.clip(row[:-1] + self.noise * self.noise_scale, -1.0, 1.0)
-            self.perturbations.append(float(np.abs((actions - decoded)[:, :-1] / self.half_range).max()))
+            # against the decoded actions as the controller takes them (it clips the arm to [-1, 1])
+            change = actions[:, :-1] - np.clip(decoded[:, :-1], -1.0, 1.0)
+            self.perturbations.append(float(np.abs(change / self.half_range).max()))
         self.history.push(actions)  # the runner executes every action returned
         return actions
 

@@ -304,6 +304,7 @@ def test_action_noise_perturbs_the_arm_by_sigma_in_normalized_units_from_the_tri
 
     def recording_act(*a):
         out = act(*a)
+        out[0][:, 0] = 1.5  # a decoded action out of range, which the controller clips
         decoded.append(out[0][:5].copy())  # the 5 steps executed of it
         return out
     monkeypatch.setattr(engine, "act", recording_act)
@@ -324,7 +325,10 @@ def test_action_noise_perturbs_the_arm_by_sigma_in_normalized_units_from_the_tri
     dev = (runs[2] - clean) / half
     assert np.all(dev[:, -1] == 0)  # never the gripper
     assert policies[0].perturbations == [] and len(policies[-1].perturbations) == 120
-    assert np.allclose(policies[-1].perturbations, np.abs(dev).reshape(120, 5, -1).max(axis=(1, 2)))
+    taken = np.clip(clean[:, :-1], -1, 1)  # the decoded arm actions as the controller takes them
+    change = np.abs(runs[2][:, :-1] - taken) / half[:-1]
+    assert np.allclose(policies[-1].perturbations, change.reshape(120, 5, -1).max(axis=(1, 2)))
+    assert np.all(runs[2][:, 0] == 1) and np.all(change[:, 0] == 0)  # clipping back is no change
     assert np.all(np.abs(runs[2][:, :-1]) <= 1)
     clipped = np.abs(runs[2][:, :-1]) == 1
     dev = dev[50:, :-1][:, ~clipped.any(0)]  # past the AR(1)'s start; dimensions never clipped
