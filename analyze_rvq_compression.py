@@ -23,18 +23,20 @@ compression_ratio_tokens = T * D / tokens (FAST's: 256-bin tokens over tokens).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+import cli
 import collect_actions as ca
+from cli import arg
 from compression_baselines import BaselineConfig, baseline_curves, compression_ratios, error_stats
+from demos import TARGETS, chunk_actions, episode_targets, load_episodes
+from fileio import check_outputs, save_figure
 from rvq_tokenizer import code_usage, load_tokenizer
 
 log = logging.getLogger("analyze_rvq")
@@ -49,37 +51,57 @@ OUT_OF_RANGE_NORMALIZED = 3.0
 FRESH_SEED_BASE = 100_000
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="rvq_tokenizer.pt", help="tokenizer checkpoint")
+@dataclass
+class AnalysisArgs:
+    model: str = arg("rvq_tokenizer.pt", "tokenizer checkpoint", metavar="PATH")
     # test data
-    p.add_argument("--data", nargs="+", default=None, help="test demo files; else collect fresh episodes")
-    p.add_argument("--task_suite", default=None, help="task to collect (default: the checkpoint's, else libero_spatial)")
-    p.add_argument("--task_id", type=int, default=None, help="task id to collect (default: the checkpoint's, else 0)")
-    p.add_argument("--num_episodes", type=int, default=20, help="fresh episodes to collect")
-    p.add_argument("--seed", type=int, default=None,
-                   help="collection seed (default: the first one disjoint from the checkpoint's)")
-    p.add_argument("--workers", type=int, default=2, help="collection processes")
-    p.add_argument("--output", default=None, help="where fresh demos go (default: beside --json or runs/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    data: list[str] | None = arg(None, "test demo files or LeRobot folders (episodes the tokenizer saw are "
+                                       "dropped); without it, collect fresh held-out episodes", nargs="+",
+                                 metavar="PATH")
+    task_suite: str | None = arg(None, "suite to collect (default: the checkpoint's, else libero_spatial)")
+    task_id: int | None = arg(None, "task to collect (default: the checkpoint's, else 0)")
+    num_episodes: int = arg(20, "fresh episodes to collect")
+    seed: int | None = arg(None, "collection seed (default: the first one disjoint from the checkpoint's)")
+    workers: int = arg(2, "collection processes")
+    output: str | None = arg(None, "where fresh demos go (default: beside --json, else runs/)", metavar="PATH")
+    device: str = cli.device_arg()
     # baselines
-    p.add_argument("--fast_scales", type=float, nargs="+", default=list(BaselineConfig.fast_scales))
-    p.add_argument("--fast_vocab_size", type=int, default=BaselineConfig.fast_vocab_size)
-    p.add_argument("--bin_counts", type=int, nargs="+", default=list(BaselineConfig.bin_counts))
+    fast_scales: list[float] = arg(None, "FAST: DCT coefficient scales (one curve point each)",
+                                   factory=lambda: list(BaselineConfig.fast_scales), nargs="+")
+    fast_vocab_size: int = arg(BaselineConfig.fast_vocab_size, "FAST: BPE vocabulary size")
+    bin_counts: list[int] = arg(None, "binning: bins per dimension (one curve point each)",
+                                factory=lambda: list(BaselineConfig.bin_counts), nargs="+")
     # outputs
-    p.add_argument("--json", default=None, help="write every number as JSON to this path")
-    p.add_argument("--plot", default=None, help="write the figure (PNG) to this path")
-    return p
+    json: str | None = cli.json_arg()
+    plot: str | None = arg(None, "write the figure (PNG) to this path", metavar="PNG")
+
+    def __post_init__(self):
+        cli.require(self.num_episodes >= 1, f"--num_episodes must be >= 1, got {self.num_episodes}")
+        cli.require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+
+
+def build_parser() -> cli.ArgsParser:
+    return cli.ArgsParser(AnalysisArgs, "Measure a tokenizer's error against its number of layers on episodes it "
+                                        "never saw, beside DCT, FAST and binning at matching budgets (phase 1).")
 
 
 # ------------------------------------------------------------------------- provenance
 
 
-def _episode_key(e) -> tuple:
-    """Identity of an episode independent of where its file lives now."""
+def _episode_key(e, by_content: bool = True) -> tuple:
+    """Identity of an episode independent of where its file lives now: its content
+    (``demos.content_id``), or, for a checkpoint written before content ids were recorded,
+    (key, suite, task, seed, init state)."""
     get = (lambda k: e[k]) if isinstance(e, dict) else (lambda k: getattr(e, k))
+    if by_content:
+        return (str(get("content_id")),)
     return (str(get("key")), str(get("task_suite")), int(get("task_id")), int(get("seed")),
             int(get("init_state_id")))
+
+
+def by_content(seen: list[dict]) -> bool:
+    """Whether the checkpoint recorded its episodes' content ids (then they identify them)."""
+    return bool(seen) and all(e.get("content_id") for e in seen)
 
 
 def seen_episodes(provenance: dict, path: str) -> dict:
@@ -127,9 +149,10 @@ def fresh_test_episodes(args, seen: list[dict], provenance: dict) -> tuple[list,
                                          f"analysis_{args.task_suite}_t{args.task_id}_seed{seed}.hdf5")
     log.info("collecting %d fresh episodes of %s task %d: init states %d..%d, seed %d -> %s",
              args.num_episodes, args.task_suite, args.task_id, init_states[0], init_states[-1], seed, output)
-    summary = ca.collect(args.task_suite, [args.task_id], args.num_episodes, output,
-                         init_states=init_states, seed=seed, workers=args.workers)
-    episodes = ca.load_episodes([output])
+    summary = ca.collect(ca.CollectArgs(task_suite=args.task_suite, task_id=[args.task_id],
+                                        num_episodes=args.num_episodes, output=output, init_states=init_states,
+                                        seed=seed, workers=args.workers, overwrite=True))
+    episodes = load_episodes([output])
     got_seeds = {e.seed for e in episodes}
     got_states = {e.init_state_id for e in episodes}
     seen_seeds = {int(e["seed"]) for e in seen}
@@ -150,9 +173,10 @@ def fresh_test_episodes(args, seen: list[dict], provenance: dict) -> tuple[list,
 
 def file_test_episodes(args, seen: list[dict]) -> tuple[list, dict]:
     """Episodes of --data files, minus any the tokenizer trained or validated on."""
-    episodes = ca.load_episodes(args.data)
-    seen_keys = {_episode_key(e) for e in seen}
-    kept = [e for e in episodes if _episode_key(e) not in seen_keys]
+    episodes = load_episodes(args.data)
+    content = by_content(seen)
+    seen_keys = {_episode_key(e, content) for e in seen}
+    kept = [e for e in episodes if _episode_key(e, content) not in seen_keys]
     dropped = len(episodes) - len(kept)
     if dropped:
         log.warning("dropped %d of %d episodes of --data that the tokenizer trained or validated on",
@@ -177,8 +201,8 @@ def checkpoint_targets(provenance: dict) -> str:
     """Which action sequence the tokenizer was trained on (``train_rvq_tokenizer.py --targets``);
     checkpoints written before the flag existed trained on the executed ``actions``."""
     targets = (provenance.get("args") or {}).get("targets") or "actions"
-    if targets not in ca.TARGETS:
-        raise ValueError(f"checkpoint provenance names targets {targets!r}, expected one of {ca.TARGETS}")
+    if targets not in TARGETS:
+        raise ValueError(f"checkpoint provenance names targets {targets!r}, expected one of {TARGETS}")
     return targets
 
 
@@ -202,14 +226,15 @@ def training_chunks(provenance: dict, train_seen: list[dict], chunk_size: int, p
     if missing:
         raise ValueError(f"{path}: the baselines are fit on the tokenizer's training episodes, but "
                          f"file(s) {missing} named in its provenance are missing")
-    wanted = {_episode_key(e) for e in train_seen}
-    episodes = [e for e in ca.load_episodes(files, only_success=False) if _episode_key(e) in wanted]
+    content = by_content(train_seen)
+    wanted = {_episode_key(e, content) for e in train_seen}
+    episodes = [e for e in load_episodes(files, only_success=False) if _episode_key(e, content) in wanted]
     if len(episodes) != len(wanted):
         raise ValueError(f"{path}: found {len(episodes)} of the {len(wanted)} training episodes "
                          f"named in its provenance in {files}")
     targets = checkpoint_targets(provenance)
-    episodes = [replace(e, actions=ca.episode_targets(e, targets)) for e in episodes]
-    return ca.chunk_actions(episodes, chunk_size)
+    episodes = [replace(e, actions=episode_targets(e, targets)) for e in episodes]
+    return chunk_actions(episodes, chunk_size)
 
 
 # ------------------------------------------------------------------------- measurements
@@ -384,12 +409,8 @@ def plot_analysis(r: dict, test_norm: np.ndarray, recons: list, path: str) -> No
         a.legend(fontsize=8)
     fig.suptitle(f"{r['data']['source']}: {r['data']['chunks']} chunks, {r['data']['episodes']} episodes")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext or '.png'}"
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------- report
@@ -452,9 +473,11 @@ def print_report(r: dict) -> None:
     print(f"\nwall time {r['timing']['total_s']:.1f} s (collection {r['timing']['collect_s']:.1f} s)")
 
 
-def main(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    log.info("config: %s", vars(args))
+def main(args: AnalysisArgs) -> dict:
+    cli.start(args, log)
+    check_outputs({"--json": args.json, "--plot": args.plot, "--output": args.output},
+                  {"--model": args.model, "--data": args.data})
+    args.device = str(cli.resolve_device(args.device))
     t0 = time.perf_counter()
     model, ckpt = load_tokenizer(args.model, map_location=args.device)
     c = model.config
@@ -470,7 +493,7 @@ def main(args) -> dict:
     t_collect = time.perf_counter() - t0
     data["targets"] = checkpoint_targets(ckpt["provenance"])
     episodes, data["episodes_with_expert_actions"] = episodes_of_targets(episodes, data["targets"])
-    test_raw = ca.chunk_actions(episodes, c.chunk_size)
+    test_raw = chunk_actions(episodes, c.chunk_size)
     if len(test_raw) == 0:
         raise ValueError(f"test episodes are shorter than the tokenizer's chunk size {c.chunk_size}")
     if test_raw.shape[-1] != c.action_dim:
@@ -502,14 +525,9 @@ def main(args) -> dict:
         log.info("wrote %s", args.plot)
     result["timing"] = {"total_s": time.perf_counter() - t0, "collect_s": t_collect}
     print_report(result)
-    if args.json:
-        ca.write_json(args.json, result)
-        log.info("wrote %s", args.json)
+    cli.save_json(args.json, result, log)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (ValueError, FileNotFoundError, ca.DemoFileError) as exc:
-        sys.exit(f"error: {exc}")
+    cli.run(main, build_parser())

@@ -1,4 +1,4 @@
-"""Phase 3 without the simulator: every decoding mode on recorded observations.
+"""Benchmark every decoding mode on recorded observations, without the simulator (phase 3).
 
     python bench_decoding.py --policy policy.pt --draft draft.pt --data rollouts.hdf5 \\
         --mode dense,rsd,adaptive,rsd+adaptive --adaptive_threshold 0.1 --json decoding.json
@@ -31,80 +31,101 @@ proposed at no cost): ``rsd:K`` then shows how fast exact speculation with K pro
 can be on this CPU whatever the draft.
 
 Use states the models never trained on: record the main policy's own rollouts from held-out
-init states (``eval_libero.py --mode dense --record FILE``, init states 0-19). The script
-reports which init states the episodes started from.
+init states (``collect_actions.py --policy token --checkpoint P --init_states held_out
+--num_episodes 20 --task_id all --output FILE``). The script reports which init states the
+episodes started from.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 import os
-import sys
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-import collect_actions as ca
+import cli
 import policy_models as pm
-from eval_libero import ORACLE_STOP_HELP, base_mode, engine_config, load_engine, parse_modes
-from policy_data import action_history, obs_vector
-from rsd_engine_core import ACCEPTANCE, LearnedStop, RSDEngine, chunk_summary
+from cli import arg
+from collect_actions import HELD_OUT_INIT_STATES
+from demos import load_episodes
+from fileio import check_outputs
+from policy_data import policy_states
+from rsd_engine_core import DecodingArgs, RSDEngine, base_mode, build_engine, chunk_summary, parse_modes
+from stop_study import layer_signals, print_stop_rules, study_rows
 
 log = logging.getLogger("bench_decoding")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Decoding modes on recorded observations (phase 3, offline).")
-    p.add_argument("--policy", required=True, help="main policy checkpoint (variant ar)")
-    p.add_argument("--draft", nargs="+", default=None, metavar="PATH",
-                   help="draft checkpoint(s) (modes rsd, rsd+adaptive); with several, every "
-                        "speculative mode runs with each, as 'MODE (file stem)', on the same states")
-    p.add_argument("--oracle_draft", action="store_true",
-                   help="instead of --draft, a perfect draft: it proposes the main policy's own greedy "
-                        "codes of the state, at no cost (an upper bound of exact speculation's speed-up "
-                        "for any k; give the k as rsd:K)")
-    p.add_argument("--tokenizer", help="default: the tokenizer recorded in the policy (hash-checked)")
-    p.add_argument("--data", nargs="+", required=True, help="demo / rollout files (HDF5) whose states are decoded")
-    p.add_argument("--mode", type=parse_modes, default=["dense", "rsd", "adaptive", "rsd+adaptive"],
-                   help="comma list of MODE[@ACCEPTANCE][:K] as in eval_libero.py (dense is always run: "
-                        "it is the reference)")
-    p.add_argument("--acceptance", default="exact", choices=ACCEPTANCE)
-    p.add_argument("--k", type=int, default=None, help="layers the draft proposes (default: all it predicts)")
-    p.add_argument("--stop_model", default=None,
-                   help="a learned stop model (train_stop.py): the adaptive modes use it (--adaptive_threshold "
-                        "is then a predicted action gap); --stop_study adds its rule at --oracle_tolerances")
-    p.add_argument("--oracle_stop", action="store_true", help=ORACLE_STOP_HELP)
-    p.add_argument("--adaptive_threshold", type=float, default=0.05)
-    p.add_argument("--min_layers", type=int, default=2)
-    p.add_argument("--tolerance", type=float, default=0.05, help="relaxed acceptance, normalized units")
-    p.add_argument("--stop_study", action="store_true",
-                   help="instead of timing modes: adaptive depth's stop rule (at --stop_thresholds, with "
-                        "--min_layers) against every fixed depth and an oracle stop (--oracle_tolerances): "
-                        "mean layers and the action gap to the whole code (no draft needed)")
-    p.add_argument("--stop_thresholds", type=float_list, default=[0.05, 0.07, 0.085, 0.1, 0.12],
-                   help="comma list of --adaptive_threshold values for --stop_study")
-    p.add_argument("--oracle_tolerances", type=float_list, default=[0.02, 0.05, 0.1, 0.15, 0.2],
-                   help="comma list of action gaps (normalized units) for --stop_study's oracle")
-    p.add_argument("--max_states", type=int, default=2000, help="decode at most this many states (a random subset)")
-    p.add_argument("--warmup", type=int, default=20, help="untimed states first")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at batch 1)")
-    p.add_argument("--json", default=None)
-    return p
+def policy_mode_list(value: str) -> list[str]:
+    import argparse
 
-
-def float_list(value: str) -> list[float]:
     try:
-        out = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {value!r}") from None
-    if not out or any(v < 0 or not np.isfinite(v) for v in out):
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers >= 0, got {value!r}")
-    return out
+        return parse_modes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@dataclass
+class BenchArgs(DecodingArgs):
+    policy: str = arg(None, "main policy checkpoint (variant ar)", required=True, metavar="PATH")
+    draft: list[str] | None = arg(None, "draft checkpoint(s) (modes rsd, rsd+adaptive); with several, every "
+                                        "speculative mode runs with each, as 'MODE (file stem)', on the same states",
+                                  nargs="+", metavar="PATH")
+    oracle_draft: bool = arg(False, "instead of --draft, a perfect draft: it proposes the main policy's own greedy "
+                                    "codes of the state, at no cost (an upper bound of exact speculation's "
+                                    "speed-up for any k; give the k as rsd:K)")
+    tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
+                                      "hash-checked)", metavar="PATH")
+    data: list[str] = arg(None, "demo / rollout files (HDF5) whose states are decoded", factory=list,
+                          required=True, nargs="+", metavar="PATH")
+    mode: list[str] = arg(None, "comma list of MODE[@ACCEPTANCE][:K] as in eval_libero.py (dense always runs: "
+                                "it is the reference)",
+                          factory=lambda: ["dense", "rsd", "adaptive", "rsd+adaptive"], type=policy_mode_list)
+    stop_study: bool = arg(False, "instead of timing modes: adaptive depth's stop rule (at --stop_thresholds, "
+                                  "with --min_layers) against every fixed depth and an oracle stop "
+                                  "(--oracle_tolerances): mean layers and the action gap to the whole code")
+    stop_thresholds: list[float] = arg(None, "comma list of --adaptive_threshold values for --stop_study",
+                                       factory=lambda: [0.05, 0.07, 0.085, 0.1, 0.12], type=cli.float_list)
+    oracle_tolerances: list[float] = arg(None, "comma list of action gaps (normalized units) for --stop_study's "
+                                               "oracle (and its learned rule)",
+                                         factory=lambda: [0.02, 0.05, 0.1, 0.15, 0.2], type=cli.float_list)
+    max_states: int = arg(2000, "decode at most this many states (a random subset)")
+    warmup: int = arg(20, "untimed states first")
+    seed: int = cli.seed_arg()
+    threads: int = cli.threads_arg(1)
+    json: str | None = cli.json_arg()
+
+    def __post_init__(self):
+        if isinstance(self.mode, str):
+            self.mode = parse_modes(self.mode)
+        self.check_decoding()
+        cli.require(self.max_states >= 1, f"--max_states must be >= 1, got {self.max_states}")
+        cli.require(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        cli.require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        cli.require("parallel" not in map(base_mode, self.mode),
+                    "--mode parallel is not benchmarked here (use eval_libero.py --parallel_policy)")
+        if self.stop_study:
+            cli.require(not self.draft and not self.oracle_draft,
+                        "--stop_study decodes every layer densely: give neither --draft nor --oracle_draft")
+            cli.require(not self.oracle_stop, "--stop_study has the oracle's rows already (--oracle_tolerances); "
+                                              "--oracle_stop is for timing the adaptive modes")
+        cli.require(not (self.draft and self.oracle_draft), "give --draft or --oracle_draft, not both")
+        if self.oracle_draft:
+            cli.require(not any(self.engine_config(m).sampling for m in self.mode),
+                        "--oracle_draft proposes the dense greedy codes: give modes with exact or relaxed "
+                        "acceptance, not sample")
+
+    @property
+    def modes(self) -> list[str]:
+        """dense first (the reference), then the other modes asked for."""
+        return ["dense"] + [m for m in self.mode if m != "dense"]
+
+
+def build_parser() -> cli.ArgsParser:
+    return cli.ArgsParser(BenchArgs, __doc__.splitlines()[0])
 
 
 class OracleDraft:
@@ -137,55 +158,25 @@ class OracleDraft:
         return self(features, task)[:, :, :k], self.codes[..., :k]
 
 
-def chunk_start_states(episodes: list, keys, history: int, chunk_size: int) -> tuple[np.ndarray, list[str]]:
-    """The observation vector (with the executed-action history) at steps 0, T, 2T, ... of
-    every episode: [M, obs_dim], and each state's instruction."""
-    obs, instructions = [], []
-    for ep in episodes:
-        x = obs_vector(ep.obs, keys)
-        if history:
-            x = np.concatenate([x, action_history(ep.actions, history)], 1)
-        steps = np.arange(0, len(ep), chunk_size)
-        obs.append(x[steps])
-        instructions += [ep.instruction] * len(steps)
-    return np.concatenate(obs).astype(np.float32), instructions
-
-
-def main(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+def main(args: BenchArgs) -> dict:
+    cli.start(args, log)
     torch.set_num_threads(args.threads)
-    if args.max_states < 1 or args.warmup < 0:
-        raise ValueError(f"--max_states must be >= 1 and --warmup >= 0, got {args.max_states}, {args.warmup}")
-    if args.mode in (["all"], ["expert"]) or "expert" in args.mode:
-        raise ValueError("--mode: give policy modes (MODE[@ACCEPTANCE][:K]); 'all' and 'expert' are "
-                         "closed-loop choices of eval_libero.py")
+    check_outputs({"--json": args.json}, {"--policy": args.policy, "--draft": args.draft, "--data": args.data})
     if args.stop_study:
-        if args.draft or args.oracle_draft:
-            raise ValueError("--stop_study decodes every layer densely: give neither --draft nor --oracle_draft")
-        if args.oracle_stop:
-            raise ValueError("--stop_study has the oracle's rows already (--oracle_tolerances); "
-                             "--oracle_stop is for timing the adaptive modes")
-        engine = load_engine(args, ["dense"])
+        engine = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer)
         episodes, obs, order, tasks = recorded_states(args, engine)
         return stop_study(args, engine, episodes, obs[order[args.warmup:]], tasks[args.warmup:])
-    args.modes = ["dense"] + [m for m in args.mode if m != "dense"]
-    if "parallel" in map(base_mode, args.modes):
-        raise ValueError("--mode parallel is not benchmarked here (use eval_libero.py --parallel_policy)")
     oracle = None
     if args.oracle_draft:
-        if args.draft:
-            raise ValueError("give --draft or --oracle_draft, not both")
-        if any(engine_config(m, args).sampling for m in args.modes):
-            raise ValueError("--oracle_draft proposes the dense greedy codes: give modes with exact or "
-                             "relaxed acceptance, not sample")
-        base = load_engine(args, ["dense"])
+        base = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer)
         pc = base.policy.config
         oracle = OracleDraft(pc.num_layers, pc.vocab)
         engine = RSDEngine(base.policy, base.tokenizer, oracle, stop_model=base.stop_model)
-    if oracle is not None:
-        runs = {m: (engine, engine_config(m, args)) for m in args.modes}
+        runs = {m: (engine, args.engine_config(m)) for m in args.modes}
     else:
         runs = draft_runs(args)
+    for name, (eng, cfg) in runs.items():
+        eng.check_config(cfg, name)
     engine = runs["dense"][0]
     episodes, obs, order, tasks = recorded_states(args, engine)
     names = list(runs)
@@ -195,7 +186,7 @@ def main(args) -> dict:
     log.info("%d episodes (init states %s), %d chunk-start states, decoding %d (+%d warm-up) in %d modes",
              len(episodes), _ranges(init_ids), len(obs), len(order) - min(args.warmup, len(order)),
              min(args.warmup, len(order)), len(names))
-    for n, (i, task) in enumerate(tqdm(list(zip(order, tasks)), desc="states", unit="state")):
+    for n, (i, task) in enumerate(cli.progress(list(zip(order, tasks)), desc="states", unit="state")):
         shift = n % len(names)
         out = {}
         if oracle is not None:  # the perfect draft proposes dense greedy decoding's codes (untimed)
@@ -211,20 +202,23 @@ def main(args) -> dict:
             gap = float((engine.tokenizer.normalize(torch.as_tensor(actions)[None])[0] - norm_dense).abs().max())
             rows[m].append((stats, torch.equal(codes, dense_codes), gap))
     result = summarize(rows)
-    result["data"] = {"files": list(args.data), "episodes": len(episodes), "init_states": init_ids,
-                      "held_out_init_states_only": all(s in ca.HELD_OUT_INIT_STATES for s in init_ids),
-                      "states_decoded": len(rows["dense"])}
-    result["config"] = {k: v for k, v in vars(args).items() if k != "modes"} | {"modes": args.modes}
+    result["data"] = data_summary(args, episodes, len(rows["dense"]))
+    result["config"] = cli.settings_dict(args) | {"modes": args.modes}
     if oracle is not None:
         result["draft"] = "oracle: the main policy's own greedy codes, proposed at no cost"
     print_table(result)
-    if args.json:
-        ca.write_json(args.json, result)
-        log.info("wrote %s", args.json)
+    cli.save_json(args.json, result, log)
     return result
 
 
-def draft_runs(args) -> dict[str, tuple[RSDEngine, object]]:
+def data_summary(args: BenchArgs, episodes: list, states: int) -> dict:
+    init_ids = sorted({ep.init_state_id for ep in episodes})
+    return {"files": list(args.data), "episodes": len(episodes), "init_states": init_ids,
+            "held_out_init_states_only": all(s in HELD_OUT_INIT_STATES for s in init_ids),
+            "states_decoded": states}
+
+
+def draft_runs(args: BenchArgs) -> dict[str, tuple[RSDEngine, object]]:
     """Row name -> (engine, EngineConfig) of every mode; with several --draft files, every
     speculative mode once per draft, named 'MODE (file stem)', the engines sharing the policy,
     tokenizer and stop model."""
@@ -232,14 +226,15 @@ def draft_runs(args) -> dict[str, tuple[RSDEngine, object]]:
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if len(set(stems)) < len(stems):
         raise ValueError(f"--draft: give files with different names, got {paths}")
-    first = load_engine(SimpleNamespace(**{**vars(args), "draft": paths[0] if paths else None}), args.modes)
+    first = build_engine(args.policy, draft=paths[0] if paths else None, stop_model=args.stop_model,
+                         tokenizer=args.tokenizer)
     engines = {stems[0]: first} if paths else {}
     for path, stem in zip(paths[1:], stems[1:]):
         engines[stem] = RSDEngine(first.policy, first.tokenizer, pm.load_draft(path, args.policy)[0],
                                   stop_model=first.stop_model)
     runs = {}
     for m in args.modes:
-        cfg = engine_config(m, args)
+        cfg = args.engine_config(m)
         if not cfg.speculative or len(engines) < 2:
             runs[m] = (first, cfg)
         else:
@@ -247,104 +242,38 @@ def draft_runs(args) -> dict[str, tuple[RSDEngine, object]]:
     return runs
 
 
-def recorded_states(args, engine) -> tuple[list, np.ndarray, np.ndarray, list[int]]:
+def recorded_states(args: BenchArgs, engine: RSDEngine) -> tuple[list, np.ndarray, np.ndarray, list[int]]:
     """The episodes of --data, their chunk-start observations [M, obs_dim], the order in which
     to decode them (a random subset of --max_states + --warmup, warm-up first) and each
     ordered state's task index."""
-    episodes = ca.load_episodes(args.data, only_success=False)
-    obs, tasks = policy_states(engine, episodes, args.data)
+    episodes = load_episodes(args.data, only_success=False)
+    obs, tasks = policy_states(engine.policy.config, engine.tokenizer.config.chunk_size, episodes, args.data)
+    if len(obs) <= args.warmup:
+        raise ValueError(f"--data holds {len(obs)} chunk-start states, none left to measure after --warmup "
+                         f"{args.warmup}: lower --warmup or give more episodes")
     order = np.random.default_rng(args.seed).permutation(len(obs))[: args.max_states + args.warmup]
     return episodes, obs, order, [int(tasks[i]) for i in order]
 
 
-def policy_states(engine: RSDEngine, episodes: list, source) -> tuple[np.ndarray, np.ndarray]:
-    """The chunk-start observations of ``episodes`` as the policy reads them [M, obs_dim], and
-    each one's task index [M]; episodes of an instruction the policy was not trained on, or
-    observations of another size, are an error naming ``source``."""
-    pc = engine.policy.config
-    obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history,
-                                           engine.tokenizer.config.chunk_size)
-    unknown = sorted(set(instructions) - set(pc.instructions))
-    if unknown:
-        raise ValueError(f"{source}: the policy was not trained on the instruction(s) {unknown}")
-    if obs.shape[1] != pc.obs_dim:
-        raise ValueError(f"{source}: observation vectors have {obs.shape[1]} values, the policy expects {pc.obs_dim}")
-    return obs, np.array([pc.instructions.index(i) for i in instructions])
-
-
 # ---------------------------------------------------------------- the stop rule study
 
-@torch.no_grad()
-def layer_signals(engine: RSDEngine, obs: np.ndarray, task: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Dense greedy decoding of one state, every layer (``RSDEngine.dense_trace``): the
-    ``expected_norm`` rule's stop signal after each layer [L], the action gap of every prefix
-    (gap[n - 1] for the first n layers, so gap[L - 1] = 0), and, with a stop model, its
-    prediction after each layer [L], log(gap + gap_eps) as the engine compares it (else None)."""
-    logits, codes, gap = engine.dense_trace(obs, task)
-    L = len(logits)
-    signal = np.array([engine.expected_refinement(logits[l], l) for l in range(L)])
-    learned = None
-    if engine.stop_model is not None:
-        stop = LearnedStop(engine)
-        learned = np.array([stop.predicted_log_gap(l, codes[..., l]) for l in range(L)])
-    return signal, gap, learned
-
-
-def stop_depths(values: np.ndarray, limit: float, min_layers: int) -> np.ndarray:
-    """values [N, L], one per layer: the layers kept when decoding stops after the first layer
-    l (1-based, l >= min_layers) whose value is <= limit, or all L. With the stop signal this is
-    adaptive depth's rule (``RSDEngine._stop``); with the prefix gaps, the oracle's."""
-    N, L = values.shape
-    ok = values <= limit
-    ok[:, : max(min_layers, 1) - 1] = False
-    return np.where(ok.any(1), ok.argmax(1) + 1, L)
-
-
-def stop_study(args, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: list[int]) -> dict:
+def stop_study(args: BenchArgs, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: list[int]) -> dict:
     L = engine.policy.config.num_layers
     signals, gaps, learned = zip(*(layer_signals(engine, o, t)
-                                   for o, t in tqdm(list(zip(obs, tasks)), desc="states", unit="state")))
+                                   for o, t in cli.progress(list(zip(obs, tasks)), desc="states", unit="state")))
     signals, gaps = np.stack(signals), np.stack(gaps)
-
-    def row(rule: str, parameter, depth: np.ndarray) -> dict:
-        return stop_rule_row(gaps, rule, parameter, depth)
-
-    result = {"rules": (
-        [row("expected_norm", tau, stop_depths(signals, tau, args.min_layers)) for tau in args.stop_thresholds]
-        + [row("fixed", n, np.full(len(gaps), n)) for n in range(1, L + 1)]
-        + ([row("learned", tol, stop_depths(np.stack(learned), math.log(tol + engine.stop_model.config.gap_eps),
-                                            args.min_layers))
-            for tol in args.oracle_tolerances] if engine.stop_model is not None else [])
-        + [row("oracle", tol, stop_depths(gaps, tol, args.min_layers)) for tol in args.oracle_tolerances])}
-    init_ids = sorted({ep.init_state_id for ep in episodes})
-    result["data"] = {"files": list(args.data), "episodes": len(episodes), "init_states": init_ids,
-                      "held_out_init_states_only": all(s in ca.HELD_OUT_INIT_STATES for s in init_ids),
-                      "states_decoded": len(gaps)}
-    result["config"] = vars(args)
+    stop = engine.stop_model
+    result = {"rules": study_rows(gaps, signals, np.stack(learned) if stop is not None else None,
+                                  stop.config.gap_eps if stop is not None else None, args.stop_thresholds,
+                                  args.oracle_tolerances, args.oracle_tolerances, args.min_layers)}
+    result["data"] = data_summary(args, episodes, len(gaps))
+    result["config"] = cli.settings_dict(args)
     print(f"\n{len(gaps)} states; gap: max abs difference between the actions of the kept layers and of "
           f"all {L} (normalized units); the rules but fixed keep at least {args.min_layers} layers"
           + (f"; learned: {args.stop_model}, stopping at a predicted gap <= the parameter" if args.stop_model else ""))
     print_stop_rules(result["rules"])
-    if args.json:
-        ca.write_json(args.json, result)
-        log.info("wrote %s", args.json)
+    cli.save_json(args.json, result, log)
     return result
-
-
-def stop_rule_row(gaps: np.ndarray, rule: str, parameter, depth: np.ndarray) -> dict:
-    """One rule's line of a stop study: gaps [M, L] (gap of the first n layers at n - 1),
-    depth [M] the layers the rule keeps per state -> mean layers and the gap they leave."""
-    gap = gaps[np.arange(len(gaps)), depth - 1]
-    return {"rule": rule, "parameter": parameter, "layers_mean": float(depth.mean()),
-            "gap_mean": float(gap.mean()), "gap_p90": float(np.percentile(gap, 90)),
-            "gap_max": float(gap.max()), "gap_above_0.1": float(np.mean(gap > 0.1))}
-
-
-def print_stop_rules(rules: list[dict]) -> None:
-    print(f"{'rule':>13} | {'parameter':>9} | {'layers':>6} | {'gap mean':>8} | {'gap p90':>7} | {'gap max':>7} | gap > 0.1")
-    for r in rules:
-        print(f"{r['rule']:>13} | {r['parameter']:>9g} | {r['layers_mean']:6.2f} | {r['gap_mean']:8.4f} | "
-              f"{r['gap_p90']:7.4f} | {r['gap_max']:7.4f} | {r['gap_above_0.1']:9.3f}")
 
 
 def _ranges(ids: list[int]) -> str:
@@ -387,7 +316,4 @@ def print_table(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (ValueError, KeyError) as exc:  # DemoFileError is a ValueError; KeyError: missing obs keys
-        sys.exit(f"bench_decoding.py: error: {exc}")
+    cli.run(main, build_parser())

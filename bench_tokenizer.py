@@ -26,21 +26,23 @@ the same way; it runs in numpy/Python on one core.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import collect_actions as ca
+import cli
+from cli import arg
 from compression_baselines import FASTTokenizer
-from rvq_tokenizer import DIRECT_KMEANS_ITERS, RVQConfig, RVQTokenizer, synthetic_episodes
+from demos import Episode, chunk_actions, load_episodes, split_by_episode, validation_count
+from fileio import check_outputs
+from rvq_tokenizer import DIRECT_KMEANS_ITERS, RVQConfig, RVQTokenizer
+from synthetic_data import synthetic_episodes
 from timing import interleaved_median_seconds, median_seconds
 
 log = logging.getLogger("bench_tokenizer")
@@ -61,33 +63,50 @@ VQPYTORCH_FSQ_MAX_CODES = 2 ** 20
 METHODS = ("rvq", "rfsq", "rvq_direct", "vqpytorch_rvq", "vqpytorch_rfsq", "fast")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclass
+class BenchArgs:
     # data
-    p.add_argument("--data", nargs="+", default=None, help="demo files (data/demo_*/actions)")
-    p.add_argument("--synthetic", type=int, default=0, help="use N synthetic episodes instead of --data")
-    p.add_argument("--val_fraction", type=float, default=0.2)
-    p.add_argument("--chunk_size", type=int, default=10)
+    data: list[str] | None = arg(None, "demo files (data/demo_*/actions) or LeRobot folders", nargs="+",
+                                 metavar="PATH")
+    synthetic: int = arg(0, "use N synthetic episodes instead of --data")
+    val_fraction: float = arg(0.2, "share of episodes held out")
+    chunk_size: int = arg(10, "steps per chunk")
     # configuration shared by every torch tokenizer
-    p.add_argument("--num_layers", type=int, default=8)
-    p.add_argument("--codebook_size", type=int, default=256)
-    p.add_argument("--latent_steps", type=int, default=RVQConfig.latent_steps)
-    p.add_argument("--hidden_dim", type=int, default=64)
-    p.add_argument("--fsq_levels", type=int, nargs="+", default=list(RVQConfig().fsq_levels))
+    num_layers: int = arg(8, "residual layers")
+    codebook_size: int = arg(256, "codes per RVQ layer")
+    latent_steps: int = arg(RVQConfig.latent_steps, "latent vectors per chunk")
+    hidden_dim: int = arg(64, "encoder / decoder width")
+    fsq_levels: list[int] = arg(None, "RFSQ levels per latent dimension", factory=lambda: list(RVQConfig().fsq_levels),
+                                nargs="+")
     # training (identical for every method)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    steps: int = arg(3000, "training steps of every method")
+    batch_size: int = arg(64, "chunks per training step")
+    lr: float = arg(1e-3, "peak learning rate (one-cycle)")
+    seed: int = cli.seed_arg()
     # timing
-    p.add_argument("--batch", type=int, default=1024, help="batch size of the throughput measurement")
-    p.add_argument("--repeats", type=int, default=20, help="timed repeats at --batch")
-    p.add_argument("--latency_repeats", type=int, default=300, help="timed batch-1 calls of each kind per method (round trip, decode alone)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--fast_scale", type=float, default=10.0)
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--json", default=None)
-    return p
+    batch: int = arg(1024, "batch size of the throughput measurement")
+    repeats: int = arg(20, "timed repeats at --batch")
+    latency_repeats: int = arg(300, "timed batch-1 calls of each kind per method (round trip, decode alone)")
+    threads: int = cli.threads_arg(1)
+    fast_scale: float = arg(10.0, "FAST: DCT coefficient scale")
+    methods: list[str] = arg(None, "methods to measure", factory=lambda: list(METHODS), nargs="+",
+                             choices=list(METHODS))
+    json: str | None = cli.json_arg()
+
+    def __post_init__(self):
+        cli.require(bool(self.data) != bool(self.synthetic), "give exactly one of --data PATH... or --synthetic N")
+        cli.require_counts(self, "chunk_size", "num_layers", "codebook_size", "latent_steps", "hidden_dim", "batch_size",
+                     "batch", "repeats", "latency_repeats", "threads")
+        cli.require(self.synthetic >= 0, f"--synthetic must be >= 0, got {self.synthetic}")
+        cli.require(0 < self.lr <= 1, f"--lr must be in (0, 1], got {self.lr}")
+        cli.require(self.steps * WARMUP_FRACTION > 1,
+                    f"--steps must be more than {int(1 / WARMUP_FRACTION)} (the one-cycle schedule warms up over "
+                    f"{WARMUP_FRACTION:.0%} of them), got {self.steps}")
+
+
+def build_parser() -> cli.ArgsParser:
+    return cli.ArgsParser(BenchArgs, "Benchmark our RVQ / RFSQ against vector-quantize-pytorch's and FAST: "
+                                     "speed and reconstruction error in the same configuration (phase 1).")
 
 
 class PeerTokenizer(nn.Module):
@@ -142,19 +161,17 @@ class PeerTokenizer(nn.Module):
 
 def load_chunks(args) -> tuple[np.ndarray, np.ndarray, dict]:
     """Raw train / held-out chunks [M, T, D], split by episode."""
-    if bool(args.data) == bool(args.synthetic):
-        raise ValueError("give exactly one of --data PATH... or --synthetic N")
     if args.data:
-        episodes = ca.load_episodes(args.data)
-        train_eps, val_eps = ca.split_by_episode(episodes, args.val_fraction, seed=args.seed)
+        episodes = load_episodes(args.data)
+        train_eps, val_eps = split_by_episode(episodes, args.val_fraction, seed=args.seed)
         train_a, val_a = [e.actions for e in train_eps], [e.actions for e in val_eps]
         info = {"source": "files", "files": list(args.data)}
     else:
         eps = synthetic_episodes(args.synthetic, seed=args.seed)
-        n_val = max(1, int(round(args.val_fraction * len(eps))))
+        n_val = validation_count(len(eps), args.val_fraction)
         train_a, val_a = eps[n_val:], eps[:n_val]
         info = {"source": "synthetic", "episodes": args.synthetic}
-    cut = lambda eps: ca.chunk_actions([ca.Episode(a, {}, True, "", 0, "", -1, -1) for a in eps], args.chunk_size)
+    cut = lambda eps: chunk_actions([Episode(a, {}, True, "", 0, "", -1, -1) for a in eps], args.chunk_size)
     train, val = cut(train_a), cut(val_a)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"not enough chunks of {args.chunk_size} steps (train {len(train)}, held-out {len(val)})")
@@ -171,9 +188,12 @@ def train(model: nn.Module, loss_fn, train_chunks: torch.Tensor, args, name: str
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=WARMUP_FRACTION)
     model.train()
     t0 = time.perf_counter()
-    for _ in tqdm(range(args.steps), desc=f"train {name}", leave=False, disable=None):  # no bar off a terminal
+    for step in cli.progress(range(args.steps), desc=f"train {name}", unit="step"):
         idx = torch.randint(len(train_chunks), (args.batch_size,), generator=gen)
         loss = loss_fn(train_chunks[idx])
+        if not torch.isfinite(loss):
+            raise ValueError(f"{name}: training diverged at step {step} (loss {float(loss)}); lower --lr, or check "
+                             "the actions for extreme values")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -290,15 +310,23 @@ def bars(methods: dict) -> dict:
     return out
 
 
-def main(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    log.info("config: %s", vars(args))
-    unknown = set(args.methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown --methods {sorted(unknown)}")
-    if args.steps * WARMUP_FRACTION <= 1:
-        raise ValueError(f"--steps must be more than {int(1 / WARMUP_FRACTION)} (the one-cycle schedule warms "
-                         f"up over {WARMUP_FRACTION:.0%} of them), got {args.steps}")
+def print_table(r: dict) -> None:
+    s = r["settings"]
+    print(f"\nTokenizer benchmark ({s['threads']} thread(s), batch {s['batch']}, {s['steps']} training steps, "
+          f"{r['data']['val_chunks']} held-out chunks)")
+    print(f"{'method':>15} {'rt chunks/s':>12} {'enc chunks/s':>13} {'dec chunks/s':>13} {'b1 rt µs':>9} "
+          f"{'b1 dec µs':>10} {'MSE':>10}")
+    for name, m in r["methods"].items():
+        print(f"{name:>15} {m['chunks_per_s']:>12.0f} {m['encode_chunks_per_s']:>13.0f} {m['decode_chunks_per_s']:>13.0f} "
+              f"{m['batch1_latency_us']:>9.0f} {m['batch1_decode_us']:>10.0f} {m['mse']:>10.6f}")
+    for name, reason in r["skipped"].items():
+        print(f"{name:>15} skipped: {reason}")
+    for k, v in r["bars"].items():
+        print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+
+def main(args: BenchArgs) -> dict:
+    cli.start(args, log)
+    check_outputs({"--json": args.json}, {"--data": args.data})
     torch.set_num_threads(args.threads)
     train_np, val_np, data = load_chunks(args)
     config = RVQConfig(action_dim=train_np.shape[-1], chunk_size=args.chunk_size, latent_steps=args.latent_steps,
@@ -321,6 +349,8 @@ def main(args) -> dict:
             model, seconds = build_torch_method(name, config, train_t, args)
             methods[name], calls[name] = bench_torch(model, val_t, batch_t, args)
             methods[name]["train_seconds"] = seconds
+        if not math.isfinite(methods[name]["mse"]):
+            raise ValueError(f"{name}: held-out MSE is {methods[name]['mse']}; check the actions for extreme values")
         log.info("%s: %s", name, {k: round(v, 6) for k, v in methods[name].items()})
     log.info("batch-1 latencies: %d calls of each method, in turns of %d", args.latency_repeats, LATENCY_BLOCK)
     for name, numbers in time_batch1(calls, args.latency_repeats).items():
@@ -330,29 +360,10 @@ def main(args) -> dict:
                            "batch_size": args.batch_size, "lr": args.lr, "fast_scale": args.fast_scale},
               "methods": methods, "skipped": skipped, "bars": bars(methods)}
     print_table(result)
-    if args.json:
-        ca.write_json(args.json, result)
-        log.info("wrote %s", args.json)
+    cli.save_json(args.json, result, log)
     return result
 
 
-def print_table(r: dict) -> None:
-    s = r["settings"]
-    print(f"\nTokenizer benchmark ({s['threads']} thread(s), batch {s['batch']}, {s['steps']} training steps, "
-          f"{r['data']['val_chunks']} held-out chunks)")
-    print(f"{'method':>15} {'rt chunks/s':>12} {'enc chunks/s':>13} {'dec chunks/s':>13} {'b1 rt µs':>9} "
-          f"{'b1 dec µs':>10} {'MSE':>10}")
-    for name, m in r["methods"].items():
-        print(f"{name:>15} {m['chunks_per_s']:>12.0f} {m['encode_chunks_per_s']:>13.0f} {m['decode_chunks_per_s']:>13.0f} "
-              f"{m['batch1_latency_us']:>9.0f} {m['batch1_decode_us']:>10.0f} {m['mse']:>10.6f}")
-    for name, reason in r["skipped"].items():
-        print(f"{name:>15} skipped: {reason}")
-    for k, v in r["bars"].items():
-        print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
-
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (ValueError, ca.DemoFileError) as exc:
-        sys.exit(f"error: {exc}")
+    cli.run(main, build_parser())

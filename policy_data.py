@@ -1,8 +1,10 @@
 """Datasets for the token policies: (observation, instruction, target codes) per chunk.
 
-Shared by ``train_policy.py`` and ``train_draft.py``. A chunk starts at every step of a demo
-(the policy re-plans), lies inside the demo, and is paired with the observation at its first
-step; its target codes come from the frozen phase-1 tokenizer.
+Shared by the phase-2 and phase-3 scripts. A training chunk starts at every step of a demo (the
+policy re-plans), lies inside the demo, and is paired with the observation at its first step;
+its target codes come from the frozen phase-1 tokenizer. ``chunk_start_states`` gives the
+observations a closed loop sees when it executes whole chunks (steps 0, T, 2T, ...), for the
+offline benchmark and the stop model.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from collect_actions import SETTLE_ACTION, Episode, chunk_actions, episode_targets
+from collect_actions import HELD_OUT_INIT_STATES
+from demos import SETTLE_ACTION, Episode, chunk_actions, episode_targets, load_episodes
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +119,45 @@ def batches(n: int, batch_size: int, gen: torch.Generator | None = None, shuffle
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):
         yield order[i:i + batch_size]
+
+
+def chunk_start_states(episodes: list, keys, history: int, chunk_size: int) -> tuple[np.ndarray, list[str]]:
+    """The observation vector (with the executed-action history) at steps 0, T, 2T, ... of
+    every episode: [M, obs_dim], and each state's instruction."""
+    obs, instructions = [], []
+    for ep in episodes:
+        x = obs_vector(ep.obs, keys)
+        if history:
+            x = np.concatenate([x, action_history(ep.actions, history)], 1)
+        steps = np.arange(0, len(ep), chunk_size)
+        obs.append(x[steps])
+        instructions += [ep.instruction] * len(steps)
+    return np.concatenate(obs).astype(np.float32), instructions
+
+
+def policy_states(policy_config, chunk_size: int, episodes: list, source) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk-start observations of ``episodes`` as the policy reads them [M, obs_dim], and
+    each one's task index [M]; episodes of an instruction the policy was not trained on, or
+    observations of another size, are an error naming ``source``."""
+    pc = policy_config
+    obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history, chunk_size)
+    unknown = sorted(set(instructions) - set(pc.instructions))
+    if unknown:
+        raise ValueError(f"{source}: the policy was not trained on the instruction(s) {unknown}")
+    if obs.shape[1] != pc.obs_dim:
+        raise ValueError(f"{source}: observation vectors have {obs.shape[1]} values, the policy expects {pc.obs_dim}")
+    return obs, np.array([pc.instructions.index(i) for i in instructions])
+
+
+def training_rollouts(files, action_dim: int) -> list:
+    """The main policy's rollouts in ``files`` (failed ones too: they are states the policy
+    reaches), refusing any that started from a held-out init state: the evaluation starts there."""
+    eps = load_episodes(files, action_dim=action_dim, only_success=False)
+    held = [e for e in eps if e.init_state_id in HELD_OUT_INIT_STATES]
+    if held:
+        e = held[0]
+        raise ValueError(f"{e.source}: {len(held)} rollout(s) (e.g. {e.key}) start from held-out init "
+                         f"state {e.init_state_id} ({HELD_OUT_INIT_STATES.start}.."
+                         f"{HELD_OUT_INIT_STATES.stop - 1}), where the evaluation starts; record "
+                         f"rollouts with collect_actions.py --policy token --init_states train")
+    return eps

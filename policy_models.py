@@ -27,7 +27,6 @@ logits ``[B, T', L, K]``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fileio import file_sha256, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ VARIANTS = ("ar", "parallel")
 # Low-dim observations: robot proprioception (joint pos/cos/sin/vel, EEF pose, gripper) and
 # the object state LIBERO builds from every object's pose. Both have a fixed size per suite.
 DEFAULT_OBS_KEYS = ("robot0_proprio-state", "object-state")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- configs
@@ -171,6 +164,10 @@ class ObsNormalizer(nn.Module):
 
     def fit(self, obs: np.ndarray) -> "ObsNormalizer":
         obs = torch.as_tensor(obs, dtype=torch.float32)
+        if not bool(torch.isfinite(obs).all()):
+            bad = torch.nonzero(~torch.isfinite(obs))[0].tolist()
+            raise ValueError(f"observations hold NaN or inf (row {bad[0]}, feature {bad[1]}): the normalizer "
+                             "would make every weight trained through it NaN")
         self.mean.copy_(obs.mean(0))
         # constant dimensions (a fixture that never moves) keep unit scale
         self.std.copy_(obs.std(0).clamp(min=1e-3))
@@ -658,17 +655,10 @@ class FusedStop:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_save(obj: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _save_checkpoint(fmt: str, model: nn.Module, path: str, provenance: dict, **extra) -> None:
     """Write ``model`` (its config dataclass and weights) under format tag ``fmt`` with its
     provenance and ``extra`` entries (hashes of the files it depends on), atomically."""
-    _atomic_save({"format": fmt, "version": CHECKPOINT_VERSION, "config": asdict(model.config),
+    save_torch({"format": fmt, "version": CHECKPOINT_VERSION, "config": asdict(model.config),
                   "state_dict": model.state_dict(), "provenance": provenance, **extra}, path)
 
 
@@ -689,7 +679,9 @@ def _load_checkpoint(path: str, fmt: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is tensors and plain values; unpickling arbitrary objects
+        # from a file someone hands you would run their code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or not a torch file at all
         raise ValueError(f"{path!r} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
@@ -711,11 +703,22 @@ def _refuse_other(ckpt: dict, path: str, what: str, key: str, other: str, other_
                              f"(sha256 {ckpt[key][:12]}... vs {got[:12]}...)")
 
 
-def _with_weights(model: nn.Module, ckpt: dict, path: str) -> nn.Module:
+def _build(cls, config_cls, ckpt: dict, path: str, *args) -> nn.Module:
+    """The model from the checkpoint's config and weights (strict); a config this code does not
+    know, weights of another shape, or weights that are not finite are errors naming the file."""
+    try:
+        config = config_cls(**ckpt["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path!r}: its config does not fit this code's {config_cls.__name__} ({exc})") from None
+    model = cls(config, *args)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path!r}: weights do not match the stored config: {exc}") from exc
+    bad = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path!r}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}): a diverged "
+                         "or corrupted training run")
     return model.eval()
 
 
@@ -724,14 +727,14 @@ def load_policy(path: str, tokenizer_path: str | None = None) -> tuple[TokenPoli
     tokenizer other than the one the policy was trained with."""
     ckpt = _load_checkpoint(path, POLICY_FORMAT)
     _refuse_other(ckpt, path, "policy", "tokenizer_sha256", "tokenizer", tokenizer_path)
-    return _with_weights(TokenPolicy(PolicyConfig(**ckpt["config"])), ckpt, path), ckpt
+    return _build(TokenPolicy, PolicyConfig, ckpt, path), ckpt
 
 
 def load_draft(path: str, policy_path: str | None = None) -> tuple[DraftModel, dict]:
     """Rebuild a draft model (eval mode); with ``policy_path``, refuse a different main policy."""
     ckpt = _load_checkpoint(path, DRAFT_FORMAT)
     _refuse_other(ckpt, path, "draft", "policy_sha256", "main policy", policy_path)
-    return _with_weights(DraftModel(DraftConfig(**ckpt["config"]), ckpt["num_tasks"]), ckpt, path), ckpt
+    return _build(DraftModel, DraftConfig, ckpt, path, ckpt["num_tasks"]), ckpt
 
 
 def load_stop(path: str, policy_path: str | None = None) -> tuple[StopModel, dict]:
@@ -739,4 +742,4 @@ def load_stop(path: str, policy_path: str | None = None) -> tuple[StopModel, dic
     policy (its features and gaps are that policy's)."""
     ckpt = _load_checkpoint(path, STOP_FORMAT)
     _refuse_other(ckpt, path, "stop model", "policy_sha256", "main policy", policy_path)
-    return _with_weights(StopModel(StopConfig(**ckpt["config"])), ckpt, path), ckpt
+    return _build(StopModel, StopConfig, ckpt, path), ckpt

@@ -34,6 +34,7 @@ Acceptance rules for proposed layers:
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,11 +43,96 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cli
+import policy_models as pm
+from cli import arg
+from policy_data import ActionHistory, obs_vector
 from policy_models import DraftModel, StopModel, TokenPolicy
 
 MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
+SPECULATIVE_MODES = ("rsd", "rsd+adaptive")
 ACCEPTANCE = ("exact", "sample", "relaxed")
 STOP_RULES = ("expected_norm", "learned", "oracle")
+
+
+# ----------------------------------------------------------------------------- mode specs
+
+
+def split_spec(spec: str) -> tuple[str, str, int | None]:
+    """'MODE[@ACCEPTANCE][:K]' -> (mode, acceptance or '', k or None); a bad spec is a
+    ValueError naming it and what is allowed."""
+    rest, colon, k = spec.partition(":")
+    mode, _, acc = rest.partition("@")
+    ok = (mode in MODES and (not acc or acc in ACCEPTANCE) and (not colon or k.isdigit())
+          and (not colon or (int(k) >= 1 and mode in SPECULATIVE_MODES)))
+    if not ok:
+        raise ValueError(f"--mode: {spec!r} is not MODE[@ACCEPTANCE][:K] with MODE in {MODES}, ACCEPTANCE in "
+                         f"{ACCEPTANCE} and K >= 1 layers proposed by the draft (rsd modes only)")
+    return mode, acc, int(k) if colon else None
+
+
+def base_mode(spec: str) -> str:
+    return spec.partition(":")[0].partition("@")[0]
+
+
+def parse_modes(value: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """'all' (every mode), or a comma list of MODE[@ACCEPTANCE][:K] specs and the ``extra`` names
+    a caller allows (eval_libero.py: 'expert')."""
+    if value == "all" and "all" not in extra:
+        return list(MODES)
+    specs = [v.strip() for v in value.split(",") if v.strip()]
+    for spec in specs:
+        if spec not in extra:
+            split_spec(spec)
+    if not specs or len(set(specs)) != len(specs):
+        raise ValueError(f"--mode: give distinct mode specs, got {value!r}")
+    return specs
+
+
+def stop_rule_of(stop_model: str | None, oracle_stop: bool) -> str:
+    """The adaptive modes' stop rule from --stop_model and --oracle_stop."""
+    if stop_model and oracle_stop:
+        raise ValueError(f"give --stop_model ({stop_model}) or --oracle_stop, not both")
+    return "oracle" if oracle_stop else "learned" if stop_model else "expected_norm"
+
+
+ORACLE_STOP_HELP = (
+    "a study tool: the adaptive modes stop at the first layer (from --min_layers on) whose actions "
+    "are within --adaptive_threshold (normalized units) of all layers', known from a dense decode "
+    "of the chunk beforehand that is not timed; success and latency are then those of a perfect "
+    "stop rule (exact acceptance only)")
+
+
+@dataclass
+class DecodingArgs:
+    """The decoding flags of every script that runs the engine (a mode spec's @ACCEPTANCE and
+    :K override --acceptance and --k for that mode)."""
+
+    acceptance: str = arg("exact", "acceptance rule of the speculative modes", choices=list(ACCEPTANCE))
+    k: int | None = arg(None, "layers the draft proposes (default: all it predicts)")
+    stop_model: str | None = arg(None, "a learned stop model (train_stop.py) for the adaptive modes: they stop "
+                                       "once it predicts the actions within --adaptive_threshold (normalized "
+                                       "units) of all layers' (default: the expected code norm rule)",
+                                 metavar="PATH")
+    oracle_stop: bool = arg(False, ORACLE_STOP_HELP)
+    adaptive_threshold: float = arg(0.05, "adaptive modes stop once the expected refinement of a layer is at "
+                                          "most this (with --stop_model: once the predicted action gap is; "
+                                          "with --oracle_stop: once the true one is)")
+    min_layers: int = arg(2, "adaptive modes keep at least this many layers")
+    tolerance: float = arg(0.05, "relaxed acceptance: largest action change accepted (normalized units)")
+
+    def check_decoding(self) -> None:
+        cli.require(self.k is None or self.k >= 1, f"--k must be >= 1, got {self.k}")
+        cli.require_positive("--adaptive_threshold", self.adaptive_threshold, allow_zero=True)
+        cli.require_positive("--tolerance", self.tolerance, allow_zero=True)
+        cli.require(self.min_layers >= 1, f"--min_layers must be >= 1, got {self.min_layers}")
+        stop_rule_of(self.stop_model, self.oracle_stop)
+
+    def engine_config(self, spec: str) -> "EngineConfig":
+        mode, acceptance, k = split_spec(spec)
+        return EngineConfig(mode=mode, acceptance=acceptance or self.acceptance, k=k or self.k,
+                            adaptive_threshold=self.adaptive_threshold, min_layers=self.min_layers,
+                            tolerance=self.tolerance, stop_rule=stop_rule_of(self.stop_model, self.oracle_stop))
 
 
 @dataclass
@@ -465,3 +551,117 @@ class RSDEngine:
         t2 = time.perf_counter()
         stats.seconds, stats.decode_seconds = t2 - t0, t2 - t1
         return actions, stats, codes
+
+    def check_config(self, cfg: EngineConfig, spec: str | None = None) -> None:
+        """Refuse, before any decoding, settings this engine cannot honour (a mode label must say
+        what ran): a draft asked for more layers than it predicts, a missing model."""
+        name = spec or cfg.mode
+        L = self.policy.config.num_layers
+        if cfg.min_layers > L:
+            raise ValueError(f"--min_layers {cfg.min_layers} exceeds the policy's {L} layers")
+        if cfg.speculative:
+            if self.draft is None:
+                raise ValueError(f"--mode {name} needs a draft (--draft)")
+            if cfg.k is not None and cfg.k > min(self.draft.config.num_layers, L):
+                raise ValueError(f"--mode {name}: k = {cfg.k}, but the draft proposes at most "
+                                 f"{min(self.draft.config.num_layers, L)} layers")
+        if cfg.mode == "parallel" and self.parallel_policy is None:
+            raise ValueError(f"--mode {name} needs --parallel_policy")
+        if cfg.adaptive and cfg.stop_rule == "learned" and self.stop_model is None:
+            raise ValueError(f"--mode {name} with the learned stop rule needs --stop_model")
+
+
+def build_engine(policy: str, draft: str | None = None, parallel_policy: str | None = None,
+                 stop_model: str | None = None, tokenizer: str | None = None) -> RSDEngine:
+    """An engine from checkpoint paths: the main policy, and optionally a draft, a parallel-variant
+    policy and a learned stop model, each checked to belong to this policy (sha256); the
+    tokenizer is the one recorded in the policy unless given (then hash-checked too)."""
+    main, ckpt = pm.load_policy(policy)
+    tok_path = tokenizer or ckpt["provenance"]["tokenizer"]
+    if not tokenizer and not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"{policy} was trained with the tokenizer {tok_path}, which is not there; "
+                                "give its new path with --tokenizer")
+    pm.load_policy(policy, tok_path)  # refuses a different tokenizer
+    from rvq_tokenizer import load_tokenizer
+
+    tok, _ = load_tokenizer(tok_path)
+    d = pm.load_draft(draft, policy)[0] if draft else None
+    par = None
+    if parallel_policy:
+        par, _ = pm.load_policy(parallel_policy, tok_path)
+        if par.config.variant != "parallel":
+            raise ValueError(f"--parallel_policy {parallel_policy} is not a parallel-variant policy")
+    stop = pm.load_stop(stop_model, policy)[0] if stop_model else None
+    return RSDEngine(main, tok, d, par, stop)
+
+
+# ----------------------------------------------------------------------------- closed loop
+
+# --action_noise: step correlation of the perturbation's AR(1), as collect_actions' DART-style
+# perturbation: it pushes the arm off course for several steps, as a policy's error does
+NOISE_CORRELATION = 0.9
+
+
+def check_action_noise(sigma: float) -> None:
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"--action_noise must be a finite number >= 0, got {sigma!r}")
+
+
+class EnginePolicy:
+    """The engine as a rollout policy (collect_actions' interface: ``reset(task, rng)``, then
+    ``act(obs) -> actions [n, D]``, executed before the next call); keeps per-chunk statistics.
+
+    With ``action_noise`` > 0, the executed actions are the decoded ones plus a perturbation of
+    every dimension but the last (the gripper): an AR(1) over steps, correlation
+    ``NOISE_CORRELATION``, stationary standard deviation ``action_noise`` in the tokenizer's
+    normalized units (so that much of each dimension's q01..q99 half-range), clipped to [-1, 1],
+    drawn from the trial's seed; the action history holds the executed actions.
+    ``perturbations`` keeps each chunk's largest change of an action (max abs, normalized units)
+    from the decoded actions as the controller takes them (arm clipped to [-1, 1]), the statistic
+    of ``bench_decoding.py``'s action gap."""
+
+    needs_cameras = False
+
+    def __init__(self, engine: RSDEngine, cfg: EngineConfig, replan_steps: int, seed: int = 0,
+                 action_noise: float = 0.0):
+        check_action_noise(action_noise)
+        engine.check_config(cfg)
+        self.engine, self.cfg, self.replan_steps = engine, cfg, replan_steps
+        self.action_noise = float(action_noise)
+        norm = engine.tokenizer.normalizer
+        self.half_range = ((norm.high - norm.low) / 2).double().numpy()[:-1]
+        self.noise_scale = self.half_range * self.action_noise
+        self.perturbations: list[float] = []
+        self.keys = engine.policy.config.obs_keys
+        self.history = ActionHistory(engine.policy.config.action_history, engine.tokenizer.config.action_dim)
+        self.instructions = engine.policy.config.instructions
+        self.gen = torch.Generator().manual_seed(seed)
+        self.stats: list[ChunkStats] = []
+        self.task_index = 0
+
+    def reset(self, task, rng: np.random.Generator) -> None:
+        if task.instruction not in self.instructions:
+            raise ValueError(f"the policy was not trained on the instruction {task.instruction!r}")
+        self.task_index = self.instructions.index(task.instruction)
+        seed = int(rng.integers(2**31))
+        self.gen.manual_seed(seed)
+        self.noise_rng = np.random.default_rng([seed, 1])  # apart from the sampling generator
+        self.noise = np.zeros(len(self.noise_scale))
+        self.history.reset()
+
+    def act(self, obs: dict) -> np.ndarray:
+        x = np.concatenate([obs_vector(obs, self.keys), self.history.vector()])
+        actions, stats, _ = self.engine.act(x, self.task_index, self.cfg, self.gen)
+        self.stats.append(stats)
+        actions = actions[: self.replan_steps]
+        if self.action_noise > 0:
+            decoded, actions = actions, actions.copy()
+            innovation = math.sqrt(1.0 - NOISE_CORRELATION ** 2)
+            for row in actions:
+                self.noise = NOISE_CORRELATION * self.noise + innovation * self.noise_rng.standard_normal(len(self.noise))
+                row[:-1] = np.clip(row[:-1] + self.noise * self.noise_scale, -1.0, 1.0)
+            # against the decoded actions as the controller takes them (it clips the arm to [-1, 1])
+            change = actions[:, :-1] - np.clip(decoded[:, :-1], -1.0, 1.0)
+            self.perturbations.append(float(np.abs(change / self.half_range).max()))
+        self.history.push(actions)  # the runner executes every action returned
+        return actions

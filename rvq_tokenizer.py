@@ -39,10 +39,11 @@ codes ``[B, T', L]``.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -50,9 +51,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fileio import save_torch
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "rvq_tokenizer"
+# save_pretrained's files: the names huggingface_hub's model mixin uses, so tools of the field find them
+PRETRAINED_WEIGHTS = "model.safetensors"
+PRETRAINED_CONFIG = "config.json"
 CHECKPOINT_VERSION = 1
 QUANTIZERS = ("rvq", "rfsq")
 ENCODERS = ("mlp", "none")   # "none": RVQ on the normalized chunk itself, fit by residual k-means
@@ -1102,6 +1108,93 @@ class RVQTokenizer(nn.Module):
         sizes = self.layer_codebook_sizes()[:num_layers]
         return float(self.config.latent_steps * sum(math.log2(k) for k in sizes))
 
+    # ------------------------------------------------------------------ sharing and fitting
+    def save_pretrained(self, directory: str) -> str:
+        """Write the tokenizer the way the field shares models (huggingface_hub's model mixin):
+        ``directory/model.safetensors`` (every weight and buffer, bit-exact) and
+        ``directory/config.json`` (format tag, version, the config and the normalizer's q01/q99,
+        readable). Each file is written atomically. Returns the directory."""
+        from safetensors.torch import save_file
+
+        from fileio import atomic_write, write_json
+
+        os.makedirs(directory, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(os.path.join(directory, PRETRAINED_WEIGHTS),
+                     lambda tmp: save_file(weights, tmp, metadata={"format": CHECKPOINT_FORMAT}))
+        write_json(os.path.join(directory, PRETRAINED_CONFIG),
+                   {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(self.config),
+                    "normalizer": self.normalizer.stats()})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location="cpu") -> "RVQTokenizer":
+        """The tokenizer ``save_pretrained`` wrote (eval mode); a folder that is not one, a config
+        this code does not know, or weights that do not fit it are errors naming the folder."""
+        from safetensors.torch import load_file
+
+        config_path, weights_path = (os.path.join(directory, n) for n in (PRETRAINED_CONFIG, PRETRAINED_WEIGHTS))
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{directory}: no {os.path.basename(path)} (not a save_pretrained folder)")
+        with open(config_path) as f:
+            try:
+                saved = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{config_path}: not a tokenizer config (format {saved.get('format')!r})")
+        if saved.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{config_path}: version {saved.get('version')!r} is not supported "
+                             f"(this code reads version {CHECKPOINT_VERSION})")
+        config = _config_from_dict(saved.get("config"), config_path)
+        model = cls(config)
+        try:
+            model.load_state_dict(load_file(weights_path), strict=True)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"{weights_path}: the weights do not fit {config_path}: {exc}") from None
+        if saved.get("normalizer") != model.normalizer.stats():
+            raise ValueError(f"{directory}: the normalizer in {PRETRAINED_CONFIG} differs from the one in "
+                             f"{PRETRAINED_WEIGHTS} (an edited file?)")
+        return model.to(map_location).eval()
+
+    @classmethod
+    def fit(cls, actions, *, val_fraction: float = 0.1, seed: int = 0, epochs: int = 100, batch_size: int = 32,
+            lr: float = 1e-3, device: str = "cpu", progress: bool = False, **config) -> "RVQTokenizer":
+        """Fit a tokenizer on your own actions, raw units: ``actions`` is a list of episodes, each
+        an array [N_i, D] (or one array [N, D]: a single episode, cut by time instead). Episodes
+        are split into training and validation (``val_fraction``, at least one), chunks are every
+        window of ``chunk_size`` steps inside an episode, and ``config`` sets any ``RVQConfig``
+        field (``chunk_size``, ``num_layers``, ``codebook_size``, ``latent_steps``, ``encoder``...).
+        The validation error per prefix of layers is in ``tokenizer.fit_history``."""
+        from demos import chunk_actions, split_by_episode
+
+        episodes = [np.asarray(actions, dtype=np.float32)] if np.ndim(actions) == 2 else \
+            [np.asarray(a, dtype=np.float32) for a in actions]
+        if any(e.ndim != 2 for e in episodes) or len({e.shape[1] for e in episodes}) != 1:
+            raise ValueError("actions: give a list of episodes [N_i, D] with one action dimension D")
+        for i, e in enumerate(episodes):
+            if not np.all(np.isfinite(e)):
+                raise ValueError(f"actions: episode {i} holds NaN or inf")
+        if len(episodes) == 1:  # one long episode: its first part trains, its last part validates
+            cut = int(round(len(episodes[0]) * (1 - val_fraction)))
+            train_eps, val_eps = [episodes[0][:cut]], [episodes[0][cut:]]
+        else:
+            train_eps, val_eps = split_by_episode(episodes, val_fraction, seed)
+        config = RVQConfig(action_dim=episodes[0].shape[1], **config)
+        train, val = (chunk_actions(e, config.chunk_size) for e in (train_eps, val_eps))
+        if len(train) == 0 or len(val) == 0:
+            raise ValueError(f"actions: episodes shorter than chunk_size {config.chunk_size} leave "
+                             f"{len(train)} training and {len(val)} validation chunks")
+        torch.manual_seed(seed)
+        if config.encoder == "none":
+            model, history = fit_residual_kmeans(config, train, val, iters=DIRECT_KMEANS_ITERS, device=device)
+        else:
+            model, history = train_tokenizer(config, train, val, epochs=epochs, batch_size=batch_size, lr=lr,
+                                             device=device, progress=progress)
+        model.fit_history = history
+        return model
+
 
 def code_usage(codes: torch.Tensor, sizes: list[int]) -> list[dict]:
     """Per-layer code usage of codes [..., L]: used codes, their share of the codebook (and of
@@ -1135,17 +1228,24 @@ def save_tokenizer(model: RVQTokenizer, path: str, provenance: dict) -> None:
         "normalizer": model.normalizer.stats(),
         "provenance": provenance,
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=directory)
+    save_torch(ckpt, path)
+
+
+def _config_from_dict(saved, path: str) -> RVQConfig:
+    """The RVQConfig a checkpoint stored; a config this code does not know is an error naming ``path``."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: no tokenizer config")
+    saved = dict(saved)
+    if saved.get("encoder") == "none" and "cell_scale" not in saved:
+        # written before cell scales and beam encoding existed: fit and encoded without them
+        saved.update(cell_scale=False, beam_width=1)
+    for key in ("fsq_levels",):  # JSON turns tuples into lists
+        if isinstance(saved.get(key), list):
+            saved[key] = tuple(saved[key])
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        return RVQConfig(**saved)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid tokenizer config: {exc}") from exc
 
 
 def load_tokenizer(path: str, map_location="cpu") -> tuple[RVQTokenizer, dict]:
@@ -1171,15 +1271,7 @@ def load_tokenizer(path: str, map_location="cpu") -> tuple[RVQTokenizer, dict]:
     for key in ("config", "state_dict", "provenance"):
         if key not in ckpt:
             raise ValueError(f"{path}: checkpoint has no {key!r} entry")
-    saved = dict(ckpt["config"])
-    if saved.get("encoder") == "none" and "cell_scale" not in saved:
-        # written before cell scales and beam encoding existed: fit and encoded without them
-        saved.update(cell_scale=False, beam_width=1)
-    try:
-        config = RVQConfig(**saved)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: invalid tokenizer config: {exc}") from exc
-    model = RVQTokenizer(config)
+    model = RVQTokenizer(_config_from_dict(ckpt["config"], path))
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
@@ -1187,60 +1279,122 @@ def load_tokenizer(path: str, map_location="cpu") -> tuple[RVQTokenizer, dict]:
     return model.to(map_location).eval(), ckpt
 
 
-# --------------------------------------------------------------------------- synthetic data
+# --------------------------------------------------------------------------- fitting
+
+# k-means initialisation of the codebooks looks at this many training chunks (the first
+# batches of a shuffled epoch); more adds time and little else.
+KMEANS_INIT_CHUNKS = 4096
 
 
-def synthetic_episodes(num_episodes: int, seed: int = 0, action_dim: int = 7,
-                       noise: float = 0.002) -> list[np.ndarray]:
-    """Smooth pick-and-place-like action sequences for self-checks and tests, no simulator.
-
-    Like one task of a scripted expert: in each episode [N, action_dim] (N ~ 100-150) a clipped
-    proportional controller with its own gain moves the end effector (dims 0-2, in [-1, 1])
-    through approach / grasp / lift / carry / release, towards targets that vary by a few cm
-    between episodes; the middle dims turn towards a new random orientation in each phase;
-    the last dim is a binary gripper (-1 open, +1 closed) switching between phases.
-    Gaussian noise of std ``noise`` is added to all but the gripper.
-    """
-    if action_dim < 4:
-        raise ValueError(f"synthetic actions need action_dim >= 4 (xyz + gripper), got {action_dim}")
-    rng = np.random.default_rng(seed)
-    episodes = []
-    for _ in range(num_episodes):
-        pos, rot = np.zeros(3), np.zeros(action_dim - 4)
-
-        def near(centre, spread=0.06):  # one task: object positions vary by a few cm
-            return np.asarray(centre) + rng.uniform(-spread, spread, 3)
-
-        phases = [  # (target position, gripper, steps to hold still)
-            (near([0.2, -0.15, -0.2]), -1.0, 0),
-            (None, 1.0, int(rng.integers(8, 12))),
-            (near([0.2, -0.15, 0.0]), 1.0, 0),
-            (near([-0.1, 0.2, 0.0]), 1.0, 0),
-            (None, -1.0, int(rng.integers(6, 10))),
-        ]
-        gain = rng.uniform(6, 10)
-        actions = []
-        for target, grip, hold in phases:
-            rot_target = rng.uniform(-0.3, 0.3, rot.shape)
-            for steps in range(1, 81):
-                step = np.zeros(action_dim)
-                if target is not None:
-                    step[:3] = np.clip(gain * (target - pos), -1, 1)
-                    pos = pos + step[:3] * 0.012  # ~1.2 cm per unit action (OSC_POSE)
-                step[3:-1] = np.clip(2 * (rot_target - rot), -0.5, 0.5)
-                rot = rot + step[3:-1] * 0.15
-                step[-1] = grip
-                actions.append(step)
-                if (np.abs(target - pos).max() < 0.01) if target is not None else steps >= hold:
-                    break
-        a = np.asarray(actions, dtype=np.float32)
-        a[:, :-1] += rng.normal(0, noise, a[:, :-1].shape).astype(np.float32)
-        episodes.append(a)
-    return episodes
+@torch.no_grad()
+def validation_metrics(model: "RVQTokenizer", chunks: torch.Tensor) -> dict:
+    """Per-prefix normalized MSE and per-layer code usage on chunks [N, T, D] (raw units)."""
+    model.eval()
+    mse = model.prefix_mse(chunks).tolist()
+    usage = code_usage(model.encode(chunks), model.layer_codebook_sizes())
+    return {"prefix_mse": mse, "usage": usage, "score": selection_score(mse)}
 
 
-def sliding_chunks(episodes: list[np.ndarray], chunk_size: int) -> np.ndarray:
-    """Every window of chunk_size steps inside each episode: [M, chunk_size, D] float32."""
-    windows = [np.lib.stride_tricks.sliding_window_view(e, chunk_size, axis=0).transpose(0, 2, 1)
-               for e in episodes if len(e) >= chunk_size]
-    return np.ascontiguousarray(np.concatenate(windows), dtype=np.float32)
+def selection_score(prefix_mse: list[float]) -> float:
+    """Geometric mean over prefixes 1..L: every prefix counts by its relative error, so the
+    selection does not ignore the fine layers whose MSE is orders of magnitude smaller."""
+    return float(math.exp(np.mean(np.log(np.maximum(prefix_mse, 1e-12)))))
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
+    """LR factor per step: linear warm-up from 1/25 over the first 5% of steps, then cosine
+    decay to 0 (the one-cycle shape; the fine layers keep improving while the LR decays)."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.04 + 0.96 * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def fit_residual_kmeans(config: RVQConfig, train_chunks: np.ndarray, val_chunks: np.ndarray, *,
+                        iters: int, leave_one_out: bool = True, device: str = "cpu") -> tuple[RVQTokenizer, dict]:
+    """Encoder 'none': fit every stage's codebook by k-means on the (leave-one-out) residuals
+    all earlier stages leave on the training chunks [N, T, D] (raw units), in order
+    (``StagedResidualQuantizer.fit``). Returns the model and the train and validation MSE per
+    layer."""
+    model = RVQTokenizer(config).to(device)
+    train = torch.as_tensor(train_chunks, dtype=torch.float32, device=device)
+    model.normalizer.fit(train.reshape(-1, config.action_dim))
+    model.init_codebooks(train, iters, leave_one_out=leave_one_out)
+    model.eval()
+    return model, {"epoch": [], "best_epoch": 0, "kmeans_iters": iters, "leave_one_out": leave_one_out,
+                   "cell_scale": config.cell_scale, "beam_width": config.beam_width,
+                   "train_prefix_mse": model.prefix_mse(train).tolist(),
+                   "val_prefix_mse": [model.prefix_mse(torch.as_tensor(val_chunks, dtype=torch.float32,
+                                                                       device=device)).tolist()]}
+
+
+def train_tokenizer(config: RVQConfig, train_chunks: np.ndarray, val_chunks: np.ndarray, *,
+                    epochs: int, batch_size: int, lr: float, device: str = "cpu",
+                    progress: bool = True) -> tuple[RVQTokenizer, dict]:
+    """Train on train_chunks [N, T, D] (raw units); returns the model restored to the epoch
+    with the best validation score, and the history (per-epoch losses, usage, val MSE)."""
+    if config.encoder == "none":
+        raise ValueError("encoder 'none' is fit by fit_residual_kmeans, not trained by gradient")
+    model = RVQTokenizer(config).to(device)
+    train = torch.as_tensor(train_chunks, dtype=torch.float32, device=device)
+    val = torch.as_tensor(val_chunks, dtype=torch.float32, device=device)
+    model.normalizer.fit(train.reshape(-1, config.action_dim))
+    model.init_codebooks(train[torch.randperm(len(train), device=device)[:KMEANS_INIT_CHUNKS]])
+    # buffers (codebooks, normalizer) are not parameters: the optimizer never touches them
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=device == "cpu")
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch))
+    history = {"epoch": [], "recon_loss": [], "prefix_loss": [], "commit_loss": [],
+               "dead_codes_replaced": [], "train_usage": [], "val_prefix_mse": [],
+               "val_usage": [], "val_score": []}
+    best = {"score": float("inf"), "epoch": -1, "state": None}
+    from cli import progress as progress_bar
+
+    bar = progress_bar(range(1, epochs + 1), desc=f"train {config.quantizer}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64)
+        replaced, codes = 0, []
+        for idx in torch.randperm(len(train), device=device).split(batch_size):
+            out = model(train[idx])
+            if not torch.isfinite(out.loss):
+                raise ValueError(f"tokenizer training diverged at epoch {epoch} (loss {float(out.loss)}); "
+                                 "lower --lr, or check the actions for extreme values")
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            sched.step()
+            sums += torch.stack([out.recon_loss, out.prefix_loss, out.commit_loss]).detach().double().cpu()
+            replaced += sum(out.dead_codes_replaced)
+            codes.append(out.codes)
+        train_usage = code_usage(torch.cat(codes), model.layer_codebook_sizes())
+        ev = validation_metrics(model, val)
+        means = (sums / steps_per_epoch).tolist()
+        for key, value in zip(("recon_loss", "prefix_loss", "commit_loss"), means):
+            history[key].append(value)
+        history["epoch"].append(epoch)
+        history["dead_codes_replaced"].append(replaced)
+        history["train_usage"].append([u["used_of_possible"] for u in train_usage])
+        history["val_prefix_mse"].append(ev["prefix_mse"])
+        history["val_usage"].append([u["used_of_possible"] for u in ev["usage"]])
+        history["val_score"].append(ev["score"])
+        if not math.isfinite(ev["score"]):
+            raise ValueError(f"tokenizer training diverged at epoch {epoch} (validation MSE {ev['prefix_mse']}); "
+                             "lower --lr, or check the actions for extreme values")
+        if ev["score"] < best["score"]:
+            best = {"score": ev["score"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        mse = ev["prefix_mse"]
+        bar.set_postfix(recon=f"{means[0]:.2e}", val_L1=f"{mse[0]:.1e}", val_LL=f"{mse[-1]:.1e}")
+        log.info("epoch %3d recon %.2e prefix %.2e vq %.2e | val MSE L1 %.2e L2 %.2e L%d %.2e | "
+                 "usage %s | dead codes re-seeded %d", epoch, means[0], means[1], means[2], mse[0],
+                 mse[min(1, len(mse) - 1)], len(mse), mse[-1],
+                 " ".join(f"{u['used_fraction']:.2f}" for u in train_usage), replaced)
+    model.load_state_dict(best["state"])
+    model.eval()
+    history["best_epoch"] = best["epoch"]
+    return model, history

@@ -13,17 +13,18 @@ number is measured on the held-out episodes. Errors are MSE of normalized action
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+import cli
 import collect_actions as ca
+from cli import arg
 from compression_baselines import BaselineConfig, baseline_curves, dct_time, error_stats, idct_time
+from demos import chunk_actions, load_episodes, split_by_episode
+from fileio import check_outputs
 from rvq_tokenizer import ActionNormalizer
 
 log = logging.getLogger("dct_study")
@@ -32,38 +33,46 @@ log = logging.getLogger("dct_study")
 REFERENCE_KEEP_K_MSE = {2: 0.0139, 3: 0.0069, 4: 0.0043}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclass
+class DCTStudyArgs:
     # data
-    p.add_argument("--data", nargs="+", default=None, help="demo files (data/demo_*/actions); else collect")
-    p.add_argument("--task_suite", default="libero_spatial")
-    p.add_argument("--task_id", type=int, default=0)
-    p.add_argument("--num_episodes", type=int, default=20, help="episodes to collect without --data")
-    p.add_argument("--output", default="runs/dct_study_demos.hdf5", help="where collected demos go")
-    p.add_argument("--seed", type=int, default=0, help="collection seed and split seed")
-    p.add_argument("--workers", type=int, default=1)
+    data: list[str] | None = arg(None, "demo files (data/demo_*/actions) or LeRobot folders; without it, "
+                                       "collect with the scripted expert", nargs="+", metavar="PATH")
+    task_suite: str = arg("libero_spatial", "suite to collect (without --data)")
+    task_id: int = arg(0, "task to collect (without --data)")
+    num_episodes: int = arg(20, "episodes to collect (without --data)")
+    output: str = arg("runs/dct_study_demos.hdf5", "where collected demos go (reused when already there)",
+                      metavar="PATH")
+    seed: int = arg(0, "collection seed and split seed")
+    workers: int = arg(1, "collection processes")
     # study
-    p.add_argument("--chunk_size", type=int, default=10)
-    p.add_argument("--val_fraction", type=float, default=0.3, help="share of episodes held out")
-    p.add_argument("--energy_coeffs", type=int, default=3, help="report energy in the first 1..N coefficients")
-    p.add_argument("--fast_scales", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0, 50.0])
-    p.add_argument("--json", default=None, help="write the results as JSON to this path")
-    return p
+    chunk_size: int = arg(10, "steps per chunk")
+    val_fraction: float = arg(0.3, "share of episodes held out")
+    energy_coeffs: int = arg(3, "report energy in the first 1..N coefficients")
+    fast_scales: list[float] = arg(None, "FAST: DCT coefficient scales", factory=lambda: [2.0, 5.0, 10.0, 20.0, 50.0],
+                                   nargs="+")
+    json: str | None = cli.json_arg()
+
+    def __post_init__(self):
+        cli.require(self.chunk_size >= 2, f"--chunk_size must be >= 2 for a DCT study, got {self.chunk_size}")
+        cli.require(self.energy_coeffs >= 1, f"--energy_coeffs must be >= 1, got {self.energy_coeffs}")
+        cli.require(0 < self.val_fraction < 1, f"--val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def load_or_collect(args) -> tuple[list, dict]:
+def build_parser() -> cli.ArgsParser:
+    return cli.ArgsParser(DCTStudyArgs, "Study DCT truncation (and FAST, binning) on LIBERO action chunks: "
+                                        "error per kept coefficient and energy per coefficient (phase 1).")
+
+
+def load_or_collect(args: DCTStudyArgs) -> tuple[list, dict]:
     """Episodes from --data, or freshly collected with the scripted expert. Returns (episodes, data info)."""
-    if args.data:
-        files = list(args.data)
-        info = {"source": "files", "files": files}
-    else:
-        log.info("no --data: collecting %d scripted episodes of %s task %d into %s",
-                 args.num_episodes, args.task_suite, args.task_id, args.output)
-        summary = ca.collect(args.task_suite, [args.task_id], args.num_episodes, args.output,
-                             seed=args.seed, workers=args.workers)
-        files = [args.output]
-        info = {"source": "collected", "files": files, "collection": summary}
-    episodes = ca.load_episodes(files)
+    files, summary = ca.demos_or_collect(args.data, args.output, task_suite=args.task_suite,
+                                         task_id=[args.task_id], num_episodes=args.num_episodes, seed=args.seed,
+                                         workers=args.workers)
+    info = {"source": "files" if args.data else "collected", "files": files}
+    if summary is not None:
+        info["collection"] = summary
+    episodes = load_episodes(files)
     if not episodes:
         raise ValueError(f"no successful episodes in {files}")
     return episodes, info
@@ -89,9 +98,9 @@ def truncation_mse(chunks_norm: np.ndarray, keep: int) -> float:
 
 def prepare_chunks(episodes, args):
     """Split by episode, fit the normalizer on training episodes; returns train/test chunks."""
-    train_eps, test_eps = ca.split_by_episode(episodes, args.val_fraction, seed=args.seed)
-    train_raw = ca.chunk_actions(train_eps, args.chunk_size)
-    test_raw = ca.chunk_actions(test_eps, args.chunk_size)
+    train_eps, test_eps = split_by_episode(episodes, args.val_fraction, seed=args.seed)
+    train_raw = chunk_actions(train_eps, args.chunk_size)
+    test_raw = chunk_actions(test_eps, args.chunk_size)
     if len(train_raw) == 0 or len(test_raw) == 0:
         raise ValueError(f"episodes are shorter than --chunk_size {args.chunk_size}: no chunks to study")
     normalizer = ActionNormalizer(train_raw.shape[-1]).fit(train_raw)
@@ -100,31 +109,6 @@ def prepare_chunks(episodes, args):
     split = {"train_episodes": len(train_eps), "test_episodes": len(test_eps),
              "train_chunks": int(len(train_raw)), "test_chunks": int(len(test_raw))}
     return norm(train_raw), norm(test_raw), test_raw, denorm, split
-
-
-def main(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    log.info("config: %s", vars(args))
-    if args.chunk_size < 2:
-        raise ValueError(f"--chunk_size must be >= 2 for a DCT study, got {args.chunk_size}")
-    episodes, data = load_or_collect(args)
-    train_n, test_n, test_raw, denorm, split = prepare_chunks(episodes, args)
-    data.update(split, chunk_size=args.chunk_size, action_dim=int(test_raw.shape[-1]))
-    cfg = BaselineConfig(fast_scales=tuple(args.fast_scales), bin_counts=(256,))
-    curves, skipped = baseline_curves(train_n, test_n, test_raw, denorm, cfg, progress=lambda j: tqdm(j, desc="codecs"))
-    for point in curves["dct"]:
-        point["mse_truncation_only"] = truncation_mse(test_n, point["keep"])
-    k_max = min(args.energy_coeffs, args.chunk_size)
-    energy = energy_fractions(test_n, k_max)
-    result = {"data": data, "keep_k": curves["dct"], "fast": curves["fast"], "binning": curves["binning"],
-              "skipped": skipped,
-              "energy_first_coeffs": {f"k{k + 1}": energy[k].tolist() for k in range(k_max)},
-              "reference_keep_k_mse_pi05": REFERENCE_KEEP_K_MSE}
-    print_report(result)
-    if args.json:
-        ca.write_json(args.json, result)
-        log.info("wrote %s", args.json)
-    return result
 
 
 def print_report(r: dict) -> None:
@@ -151,9 +135,27 @@ def print_report(r: dict) -> None:
     for k, row in r["energy_first_coeffs"].items():
         print(f"{k:>4} " + " ".join(f"{v:>7.4f}" for v in row))
 
+def main(args: DCTStudyArgs) -> dict:
+    cli.start(args, log)
+    check_outputs({"--json": args.json, "--output": None if args.data else args.output}, {"--data": args.data})
+    episodes, data = load_or_collect(args)
+    train_n, test_n, test_raw, denorm, split = prepare_chunks(episodes, args)
+    data.update(split, chunk_size=args.chunk_size, action_dim=int(test_raw.shape[-1]))
+    cfg = BaselineConfig(fast_scales=tuple(args.fast_scales), bin_counts=(256,))
+    curves, skipped = baseline_curves(train_n, test_n, test_raw, denorm, cfg, progress=lambda j: cli.progress(j, desc="codecs"))
+    for point in curves["dct"]:
+        point["mse_truncation_only"] = truncation_mse(test_n, point["keep"])
+    k_max = min(args.energy_coeffs, args.chunk_size)
+    energy = energy_fractions(test_n, k_max)
+    result = {"data": data, "keep_k": curves["dct"], "fast": curves["fast"], "binning": curves["binning"],
+              "skipped": skipped,
+              "energy_first_coeffs": {f"k{k + 1}": energy[k].tolist() for k in range(k_max)},
+              "reference_keep_k_mse_pi05": REFERENCE_KEEP_K_MSE}
+    print_report(result)
+    cli.save_json(args.json, result, log)
+    return result
+
+
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (ValueError, ca.DemoFileError) as exc:
-        sys.exit(f"error: {exc}")
+    cli.run(main, build_parser())

@@ -23,7 +23,9 @@ import tempfile
 import torch
 
 import rvq_tokenizer as rt
-from train_rvq_tokenizer import fit_residual_kmeans, train_tokenizer
+from rvq_tokenizer import fit_residual_kmeans, train_tokenizer
+from demos import chunk_actions
+from synthetic_data import synthetic_episodes
 
 RESULTS: list[tuple[str, bool, str]] = []
 
@@ -112,8 +114,8 @@ def layers_on_smooth_actions(quantizer: str, epochs: int, encoder: str = "mlp") 
     name = quantizer if encoder == "mlp" else f"{quantizer} without encoder"
     print(f"\n{'3-4' if encoder == 'mlp' else '5'}. {name.upper()} tokenizer on synthetic pick-and-place actions")
     torch.manual_seed(0)
-    episodes = rt.synthetic_episodes(24, seed=7)
-    train, val = rt.sliding_chunks(episodes[4:], 10), rt.sliding_chunks(episodes[:4], 10)
+    episodes = synthetic_episodes(24, seed=7)
+    train, val = chunk_actions(episodes[4:], 10), chunk_actions(episodes[:4], 10)
     config = rt.RVQConfig(quantizer=quantizer, num_layers=6, encoder=encoder)
     if encoder == "none":
         model, _ = fit_residual_kmeans(config, train, val, iters=rt.DIRECT_KMEANS_ITERS)
@@ -148,7 +150,8 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=int, default=8, help="training epochs for part 4")
     result = main(p.parse_args())
     sys.exit(1 if result["failed"] else 0)

@@ -18,8 +18,8 @@ when the layers below were accepted, i.e. equal the main policy's codes, which i
 chained draft is trained to read.
 
 ``--rollouts FILE...`` adds the states the main policy itself visits in closed loop (its
-rollouts on training init states, recorded by ``eval_libero.py --init_states train --record
-FILE``). Demos only show the expert's states; in closed loop the main policy drifts off them,
+rollouts on training init states, recorded by ``collect_actions.py --policy token
+--init_states train``). Demos only show the expert's states; in closed loop the main policy drifts off them,
 and a draft distilled on demos alone agrees with it less there. Rollout chunks have no ground
 truth, so only the main policy's codes are their targets; 10% of the rollout episodes are held
 out and reported as ``rollout_agreement``.
@@ -32,65 +32,66 @@ the same run, and FLOPs).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import collect_actions as ca
+import cli
 import policy_models as pm
-from policy_data import ChunkDataset, batches, build_dataset
+from cli import arg
+from demos import episode_key, load_episodes, split_by_episode
+from fileio import check_outputs, file_sha256
+from policy_data import ChunkDataset, batches, build_dataset, training_rollouts
 from rvq_tokenizer import load_tokenizer
 from timing import interleaved_median_seconds
 
 log = logging.getLogger("train_draft")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train the draft model (phase 2).")
-    p.add_argument("--policy", required=True, help="main policy checkpoint (variant ar)")
-    p.add_argument("--data", nargs="+", default=None,
-                   help="demo files; default: the files the policy was trained on")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer checkpoint; default: the one recorded in the policy (hash-checked)")
-    p.add_argument("--rollouts", nargs="+", default=None, metavar="FILE",
-                   help="the main policy's own rollouts on training init states (eval_libero.py "
-                        "--init_states train --record FILE): more states to distill on")
-    p.add_argument("--k", type=int, default=3, help="layers the draft proposes")
-    p.add_argument("--source", choices=["embedding", "obs", "both"], default="both")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--rank", type=int, default=32,
-                   help="size of the factorized output head's vectors (one-pass draft)")
-    p.add_argument("--chained", action="store_true",
-                   help="one small step per layer, each reading the codes of the layers below "
-                        "(trained on the main policy's codes, fed its own proposals by the engine)")
-    p.add_argument("--step_hidden", type=int, default=None,
-                   help="width of the chained draft's per-layer step (default: --hidden); "
-                        "narrower steps cost less to read at batch 1")
-    p.add_argument("--gt_weight", type=float, default=0.2,
-                   help="weight of the ground-truth codes next to the main policy's (weight 1)")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output", default="draft.pt")
-    p.add_argument("--json", default=None)
-    return p
+@dataclass
+class DraftArgs(cli.OptimArgs):
+    policy: str = arg(None, "main policy checkpoint (variant ar)", required=True, metavar="PATH")
+    data: list[str] | None = arg(None, "demo files (default: the files the policy was trained on)",
+                                 nargs="+", metavar="PATH")
+    tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
+                                      "hash-checked)", metavar="PATH")
+    rollouts: list[str] | None = arg(None, "the main policy's own rollouts on training init states "
+                                           "(collect_actions.py --policy token --init_states train): more "
+                                           "states to distill on", nargs="+", metavar="FILE")
+    k: int = arg(3, "layers the draft proposes")
+    source: str = arg("both", "what the draft reads: the main policy's observation embedding, the raw "
+                              "observation, or both (keep the one that agrees more)",
+                      choices=["embedding", "obs", "both"])
+    hidden: int = arg(256, "hidden width")
+    depth: int = arg(2, "hidden layers")
+    rank: int = arg(32, "size of the factorized output head's vectors (one-pass draft)")
+    chained: bool = arg(False, "one small step per layer, each reading the codes of the layers below "
+                               "(trained on the main policy's codes, fed its own proposals by the engine)")
+    step_hidden: int | None = arg(None, "width of the chained draft's per-layer step (default: --hidden); "
+                                        "narrower steps cost less to read at batch 1")
+    gt_weight: float = arg(0.2, "weight of the ground-truth codes next to the main policy's (weight 1)")
+    output: str = cli.output_arg("draft.pt", "the draft checkpoint")
+    json: str | None = cli.json_arg()
+
+    def __post_init__(self):
+        self.check_optim()
+        cli.require_counts(self, "k", "hidden", "depth", "rank")
+        cli.require_positive("--gt_weight", self.gt_weight, allow_zero=True)
+        cli.require(self.step_hidden is None or (self.chained and self.step_hidden >= 1),
+                    f"--step_hidden {self.step_hidden}: the width of a chained draft's steps, a positive "
+                    "integer with --chained")
 
 
 def split_like_policy(episodes, policy_ckpt) -> tuple[list, list]:
     """The policy's validation episodes stay validation episodes for the draft."""
-    val_ids = {ca.episode_key(e) for e in policy_ckpt["provenance"]["data"]["val_episodes"]}
-    val = [e for e in episodes if ca.episode_key(e) in val_ids]
-    train = [e for e in episodes if ca.episode_key(e) not in val_ids]
+    val_ids = {episode_key(e) for e in policy_ckpt["provenance"]["data"]["val_episodes"]}
+    val = [e for e in episodes if episode_key(e) in val_ids]
+    train = [e for e in episodes if episode_key(e) not in val_ids]
     if not val:
         raise ValueError("none of the policy's validation episodes is in the given --data files")
     return train, val
@@ -142,25 +143,11 @@ def agreement(draft: pm.DraftModel, feats, task, targets) -> tuple[list[float], 
             float(accepted.mean()) / targets.shape[-1])
 
 
-def training_rollouts(files, action_dim: int) -> list:
-    """The main policy's rollouts in ``files`` (failed ones too: they are states the policy
-    reaches), refusing any that started from a held-out init state: the evaluation starts there."""
-    eps = ca.load_episodes(files, action_dim=action_dim, only_success=False)
-    held = [e for e in eps if e.init_state_id in ca.HELD_OUT_INIT_STATES]
-    if held:
-        e = held[0]
-        raise ValueError(f"{e.source}: {len(held)} rollout(s) (e.g. {e.key}) start from held-out init "
-                         f"state {e.init_state_id} ({ca.HELD_OUT_INIT_STATES.start}.."
-                         f"{ca.HELD_OUT_INIT_STATES.stop - 1}), where the evaluation starts; record "
-                         f"rollouts with eval_libero.py --init_states train")
-    return eps
-
-
 def rollout_data(files, policy, tokenizer, args):
     """The main policy's rollouts -> (train, main targets, val, main targets), split by episode
     (``training_rollouts``)."""
     eps = training_rollouts(files, tokenizer.config.action_dim)
-    tr_eps, val_eps = ca.split_by_episode(eps, 0.1, seed=args.seed)
+    tr_eps, val_eps = split_by_episode(eps, 0.1, seed=args.seed)
     c = policy.config
     kw = dict(history=c.action_history)  # executed actions: what the history holds online too
     tr = build_dataset(tr_eps, tokenizer, c.obs_keys, c.instructions, **kw)
@@ -197,7 +184,7 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     best, history = None, []
-    for epoch in tqdm(range(1, args.epochs + 1), desc=f"draft ({source})", unit="epoch"):
+    for epoch in cli.progress(range(1, args.epochs + 1), desc=f"draft ({source})", unit="epoch"):
         draft.train()
         for idx in batches(n, args.batch_size, gen):
             # a chained draft reads the codes below each layer: the main policy's for its loss,
@@ -210,6 +197,8 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
                 g_logits = (draft(f_train[idx][gt], task_train[idx][gt], g_codes) if args.chained
                             else logits[gt])
                 loss = loss + args.gt_weight * F.cross_entropy(g_logits.flatten(0, 2), g_codes.flatten())
+            if not torch.isfinite(loss):
+                raise ValueError(f"draft training diverged at epoch {epoch} (loss {float(loss)}); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -297,23 +286,25 @@ def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset)
             "draft_main_flops_ratio": f_draft / max(f_main, 1)}
 
 
-def main(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    log.info("config: %s", vars(args))
+def build_parser() -> cli.ArgsParser:
+    return cli.ArgsParser(DraftArgs, "Train the draft model that proposes the first k code layers cheaply (phase 2).")
+
+def main(args: DraftArgs) -> dict:
+    cli.start(args, log)
+    check_outputs({"--output": args.output, "--json": args.json},
+                  {"--policy": args.policy, "--data": args.data, "--tokenizer": args.tokenizer,
+                   "--rollouts": args.rollouts})
     torch.set_num_threads(args.threads)
     policy, pckpt = pm.load_policy(args.policy)
     if policy.config.variant != "ar":
         raise ValueError(f"{args.policy} is a {policy.config.variant!r} policy; the draft serves the 'ar' policy")
     if not 1 <= args.k <= policy.config.num_layers:
         raise ValueError(f"--k must be in 1..{policy.config.num_layers}, got {args.k}")
-    if args.step_hidden is not None and (not args.chained or args.step_hidden < 1):
-        raise ValueError(f"--step_hidden {args.step_hidden}: the width of a chained draft's steps, "
-                         f"a positive integer with --chained")
     tok_path = args.tokenizer or pckpt["provenance"]["tokenizer"]
     pm.load_policy(args.policy, tok_path)  # refuses a tokenizer other than the policy's
     tokenizer, _ = load_tokenizer(tok_path)
     data_files = args.data or pckpt["provenance"]["data"]["files"]
-    episodes = ca.load_episodes(data_files, action_dim=tokenizer.config.action_dim)
+    episodes = load_episodes(data_files, action_dim=tokenizer.config.action_dim)
     train_eps, val_eps = split_like_policy(episodes, pckpt)
     instr = policy.config.instructions
     targets = pckpt["provenance"]["args"].get("targets", "actions")  # what the main policy imitated
@@ -342,11 +333,11 @@ def main(args) -> dict:
     chosen = max(sources, key=lambda s: results[s]["best"]["score"])
     r = results[chosen]
     wall = time.perf_counter() - t0
-    provenance = {"args": vars(args), "seed": args.seed, "policy": os.path.abspath(args.policy),
+    provenance = {"args": cli.settings_dict(args), "seed": args.seed, "policy": os.path.abspath(args.policy),
                   "tokenizer": os.path.abspath(tok_path),
                   "data": {"files": [os.path.abspath(p) for p in data_files]},
                   "metrics": {k: v for k, v in r["best"].items()}}
-    pm.save_draft(r["draft"], args.output, pm.file_sha256(args.policy), len(instr), provenance)
+    pm.save_draft(r["draft"], args.output, file_sha256(args.policy), len(instr), provenance)
 
     result = {
         "source": chosen,
@@ -385,13 +376,10 @@ def main(args) -> dict:
     print(f"main pass {r['cost']['main_pass_us']:.0f} us, draft pass {r['cost']['draft_pass_us']:.0f} us "
           f"(folded, as the engine runs it; {r['cost']['draft_module_pass_us']:.0f} us through the "
           f"module) (median, batch 1); wrote {args.output}")
-    if args.json:
-        ca.write_json(args.json, result)
+    cli.save_json(args.json, result, log)
     return result
 
 
+
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        sys.exit(f"error: {exc}")
+    cli.run(main, build_parser())

@@ -11,62 +11,80 @@ The checkpoint kept is the one with the lowest validation action MSE.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import collect_actions as ca
+import cli
 import policy_models as pm
+from cli import arg
+from demos import TARGETS, episode_identity, episode_key, load_episodes, split_by_episode
+from fileio import check_outputs, file_sha256, save_figure
 from policy_data import ChunkDataset, batches, build_dataset, instruction_vocab
 from rvq_tokenizer import load_tokenizer
 
 log = logging.getLogger("train_policy")
 
+# A cross-entropy this many times that of guessing uniformly means the optimizer has diverged.
+DIVERGED_LOSS_FACTOR = 10.0
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train the main token policy (phase 2).")
+
+@dataclass
+class PolicyArgs(cli.OptimArgs):
     # data
-    p.add_argument("--data", nargs="+", required=True, help="demo files (HDF5, data/demo_*/...)")
-    p.add_argument("--tokenizer", required=True, help="phase-1 tokenizer checkpoint")
-    p.add_argument("--obs_keys", nargs="+", default=list(pm.DEFAULT_OBS_KEYS))
-    p.add_argument("--targets", choices=ca.TARGETS, default="actions",
-                   help="what the policy imitates: the executed actions, or the expert's own commands "
-                        "stored by a perturbed collection (collect_actions.py --perturb)")
-    p.add_argument("--action_history", type=int, default=0,
-                   help="append the last N executed actions to the observation (0: observation only)")
-    p.add_argument("--val_fraction", type=float, default=0.1)
+    data: list[str] = arg(None, "demo files (HDF5, data/demo_*/...) or LeRobot dataset folders",
+                          factory=list, required=True, nargs="+", metavar="PATH")
+    tokenizer: str = arg(None, "phase-1 tokenizer checkpoint", required=True, metavar="PATH")
+    obs_keys: list[str] = arg(None, "low-dim observation keys, concatenated",
+                              factory=lambda: list(pm.DEFAULT_OBS_KEYS), nargs="+")
+    targets: str = arg("actions", "what the policy imitates: the executed actions, or the expert's own "
+                                  "commands stored by a perturbed collection (collect_actions.py --perturb)",
+                       choices=list(TARGETS))
+    action_history: int = arg(0, "append the last N executed actions to the observation (0: observation only)")
+    val_fraction: float = arg(0.1, "episodes held out for validation")
     # model
-    p.add_argument("--init", default=None,
-                   help="start from this policy checkpoint (same tokenizer, instructions and observation "
-                        "layout; its architecture and observation normalization are kept): a DAgger round "
-                        "can fine-tune the previous round's policy on the aggregated data in fewer epochs")
-    p.add_argument("--variant", choices=pm.VARIANTS, default="ar")
-    p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--n_heads", type=int, default=4)
-    p.add_argument("--n_blocks", type=int, default=4)
-    p.add_argument("--obs_tokens", type=int, default=4)
-    p.add_argument("--dropout", type=float, default=0.1)
+    init: str | None = arg(None, "start from this policy checkpoint (same tokenizer, instructions and "
+                                 "observation layout; its architecture and observation normalization are "
+                                 "kept): a DAgger round fine-tunes the previous round's policy", metavar="PATH")
+    variant: str = arg("ar", "ar: layer-autoregressive (one pass per layer); parallel: every layer in one "
+                             "pass (the one-pass baseline)", choices=list(pm.VARIANTS))
+    d_model: int = arg(128, "transformer width")
+    n_heads: int = arg(4, "attention heads")
+    n_blocks: int = arg(4, "transformer blocks")
+    obs_tokens: int = arg(4, "tokens the observation is embedded into")
+    dropout: float = arg(0.1, "dropout")
     # optimisation
-    p.add_argument("--epochs", type=int, default=18)
-    p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--obs_noise", type=float, default=0.0,
-                   help="std of Gaussian noise added to normalized observations in training")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    epochs: int = arg(18, "training epochs")
+    batch_size: int = arg(512, "examples per optimisation step")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    obs_noise: float = arg(0.0, "std of Gaussian noise added to normalized observations in training")
     # output
-    p.add_argument("--output", default="policy.pt")
-    p.add_argument("--json", default=None)
-    return p
+    output: str = cli.output_arg("policy.pt", "the policy checkpoint (written when training ends)")
+    json: str | None = cli.json_arg()
+
+    def __post_init__(self):
+        self.check_optim()
+        cli.require_counts(self, "d_model", "n_heads", "n_blocks", "obs_tokens")
+        cli.require(self.action_history >= 0, f"--action_history must be >= 0, got {self.action_history}")
+        cli.require_positive("--weight_decay", self.weight_decay, allow_zero=True)
+        cli.require_positive("--obs_noise", self.obs_noise, allow_zero=True)
+        cli.require(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        cli.require(0 < self.val_fraction < 1, f"--val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    @property
+    def history_plot(self) -> str:
+        return os.path.splitext(self.output)[0] + "_history.png"
+
+    @property
+    def incomplete(self) -> str:
+        """Where the best checkpoint so far is kept while training runs (marked incomplete)."""
+        return self.output + ".incomplete"
 
 
 @torch.no_grad()
@@ -130,7 +148,7 @@ def plot_history(history: list[dict], path: str) -> None:
     ax[2].semilogy(ep, [h["val"]["action_mse"] for h in history])
     ax[2].set(title="validation action MSE (dense greedy, normalized)", xlabel="epoch")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -138,12 +156,12 @@ def keep_init_split(train_eps: list, val_eps: list, init_provenance: dict) -> tu
     """Episodes the starting policy trained on stay in training, those it was validated on stay
     in validation (new episodes keep their side), so the validation set holds nothing either
     policy has learnt from."""
-    seen = {ca.episode_key(e) for e in init_provenance["data"]["train_episodes"]}
-    held = {ca.episode_key(e) for e in init_provenance["data"]["val_episodes"]}
+    seen = {episode_key(e) for e in init_provenance["data"]["train_episodes"]}
+    held = {episode_key(e) for e in init_provenance["data"]["val_episodes"]}
     drawn_val = {id(e) for e in val_eps}
 
     def is_val(e) -> bool:
-        k = ca.episode_key(e)
+        k = episode_key(e)
         return k in held or (k not in seen and id(e) in drawn_val)
 
     every = train_eps + val_eps
@@ -155,10 +173,16 @@ def load_data(args, tokenizer, init_ckpt: dict | None = None):
     its vocabulary of instructions is kept (every instruction in the data must be in it) and so
     is its split of the episodes it has seen (``keep_init_split``)."""
     D = tokenizer.config.action_dim
-    episodes = ca.load_episodes(args.data, action_dim=D)
+    episodes = load_episodes(args.data, action_dim=D)
     if not episodes:
         raise ValueError(f"no successful episodes in {args.data}")
-    train_eps, val_eps = ca.split_by_episode(episodes, args.val_fraction, args.seed)
+    short = [e for e in episodes if len(e) < tokenizer.config.chunk_size]
+    if short:
+        log.warning("%d episode(s) shorter than a chunk (%d steps) give no training chunk and are left out, "
+                    "e.g. %s:%s (%d steps)", len(short), tokenizer.config.chunk_size, short[0].source,
+                    short[0].key, len(short[0]))
+        episodes = [e for e in episodes if len(e) >= tokenizer.config.chunk_size]
+    train_eps, val_eps = split_by_episode(episodes, args.val_fraction, args.seed)
     if init_ckpt is None:
         instructions = instruction_vocab(episodes)
     else:
@@ -182,8 +206,6 @@ def load_data(args, tokenizer, init_ckpt: dict | None = None):
 def load_init(args) -> tuple[pm.TokenPolicy, dict]:
     """The policy to start from: it must use this tokenizer, these observation keys, this
     action history and this variant (flags that would silently change its inputs)."""
-    if os.path.abspath(args.init) == os.path.abspath(args.output):
-        raise ValueError(f"--output {args.output!r} would overwrite --init: write the new policy elsewhere")
     model, ckpt = pm.load_policy(args.init, args.tokenizer)
     cfg = model.config
     for flag, want, got in (("--obs_keys", tuple(args.obs_keys), tuple(cfg.obs_keys)),
@@ -194,19 +216,31 @@ def load_init(args) -> tuple[pm.TokenPolicy, dict]:
     return model, ckpt
 
 
-def main(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    log.info("config: %s", vars(args))
+def check_finite_metrics(epoch: int, train_loss: float, metrics: dict, vocab: int) -> None:
+    """Stop a diverged run: a loss or validation metric that is not finite, or a training loss
+    far above that of guessing uniformly among ``vocab`` codes."""
+    values = [train_loss, metrics["loss"], metrics["action_mse"]]
+    if not all(math.isfinite(v) for v in values) or train_loss > DIVERGED_LOSS_FACTOR * math.log(vocab):
+        raise ValueError(f"training diverged at epoch {epoch} (training loss {train_loss:.4g}, validation "
+                         f"action MSE {metrics['action_mse']:.4g}); lower --lr. Nothing was written to the "
+                         "output; the best earlier epoch, if any, is in the .incomplete checkpoint")
+
+
+def build_parser() -> cli.ArgsParser:
+    return cli.ArgsParser(PolicyArgs, "Train the main token policy over a frozen tokenizer's codes (phase 2).")
+
+def main(args: PolicyArgs) -> dict:
+    cli.start(args, log)
+    check_outputs({"--output": args.output, "--json": args.json, "history plot": args.history_plot},
+                  {"--data": args.data, "--tokenizer": args.tokenizer, "--init": args.init})
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    if args.action_history < 0:
-        raise ValueError(f"--action_history must be >= 0, got {args.action_history}")
     tokenizer, _ = load_tokenizer(args.tokenizer)
     if tokenizer.config.encoder != "mlp":
         raise ValueError(f"--tokenizer {args.tokenizer}: encoder {tokenizer.config.encoder!r} is for "
                          f"compression studies; the policy and the decoding engine need a tokenizer "
                          f"with an encoder (train_rvq_tokenizer.py without --encoder none)")
-    tok_sha = pm.file_sha256(args.tokenizer)
+    tok_sha = file_sha256(args.tokenizer)
     init, init_ckpt = load_init(args) if args.init else (None, None)
     init_info = None
     train_eps, val_eps, train, val, instructions = load_data(args, tokenizer, init_ckpt)
@@ -215,7 +249,7 @@ def main(args) -> dict:
             raise ValueError(f"--init {args.init!r} takes {init.config.obs_dim} observation features, "
                              f"the data gives {train.obs.shape[1]}")
         model = init.train()  # architecture and observation normalization from the checkpoint
-        init_info = {"path": os.path.abspath(args.init), "sha256": pm.file_sha256(args.init)}
+        init_info = {"path": os.path.abspath(args.init), "sha256": file_sha256(args.init)}
         log.info("starting from %s (%s)", args.init, init_info["sha256"][:12])
     else:
         tc = tokenizer.config
@@ -236,27 +270,32 @@ def main(args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     history, best = [], None
     provenance = {
-        "args": vars(args), "seed": args.seed, "tokenizer": os.path.abspath(args.tokenizer),
-        "init": init_info,
+        "args": cli.settings_dict(args), "seed": args.seed, "tokenizer": os.path.abspath(args.tokenizer),
+        "init": init_info, "complete": False,
         "data": {"files": [os.path.abspath(p) for p in args.data],
-                 "train_episodes": [ca.episode_identity(e) for e in train_eps],
-                 "val_episodes": [ca.episode_identity(e) for e in val_eps]},
+                 "train_episodes": [episode_identity(e) for e in train_eps],
+                 "val_episodes": [episode_identity(e) for e in val_eps]},
     }
     t0 = time.perf_counter()
-    bar = tqdm(range(1, args.epochs + 1), desc=f"train {args.variant} policy", unit="epoch")
+    bar = cli.progress(range(1, args.epochs + 1), desc=f"train {args.variant} policy", unit="epoch")
     for epoch in bar:
         train_loss = train_epoch(model, opt, sched, train, args, gen)
         metrics = evaluate(model, tokenizer, val)
+        check_finite_metrics(epoch, train_loss, metrics, model.config.vocab)
         history.append({"epoch": epoch, "train_loss": train_loss, "val": metrics})
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_mse=f"{metrics['action_mse']:.4f}",
-                        acc1=f"{metrics['token_accuracy'][0]:.3f}")
+        log.info("epoch %d/%d: loss %.4f, validation action MSE %.5f, layer-1 accuracy %.3f", epoch,
+                 args.epochs, train_loss, metrics["action_mse"], metrics["token_accuracy"][0])
         if best is None or metrics["action_mse"] < best["val"]["action_mse"]:
             best = history[-1]
             provenance["metrics"] = {"best_epoch": epoch, **metrics}
-            pm.save_policy(model, args.output, tok_sha, provenance)
+            # the best so far, beside the output (never over it) until training ends
+            pm.save_policy(model, args.incomplete, tok_sha, provenance)
     wall = time.perf_counter() - t0
-    stem = os.path.splitext(args.output)[0]
-    plot_history(history, stem + "_history.png")
+    final, ckpt = pm.load_policy(args.incomplete)  # the best epoch's weights
+    provenance["complete"] = True
+    pm.save_policy(final, args.output, tok_sha, provenance)
+    os.remove(args.incomplete)
+    plot_history(history, args.history_plot)
 
     result = {
         "variant": args.variant,
@@ -276,13 +315,10 @@ def main(args) -> dict:
     print("validation token accuracy per layer: "
           + " ".join(f"L{l + 1} {a:.3f}" for l, a in enumerate(result["val_token_accuracy"])))
     print(f"validation action MSE (dense greedy, normalized units): {result['val_action_mse']:.5f}")
-    if args.json:
-        ca.write_json(args.json, result)
+    cli.save_json(args.json, result, log)
     return result
 
 
+
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        sys.exit(f"error: {exc}")
+    cli.run(main, build_parser())

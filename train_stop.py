@@ -11,8 +11,8 @@ the actions of the layers so far and those of all L, from what the engine knows 
 (``rsd_engine_core.LearnedStop``: the latent the kept codes sum to, and which layer it is).
 
 Its data are the chunk-start states of the main policy's own rollouts on training init states
-(``eval_libero.py --init_states train --record FILE``; rollouts from the held-out init states,
-where the evaluation starts, are refused), each decoded densely once: every layer gives one
+(``collect_actions.py --policy token --init_states train``; rollouts from the held-out init
+states, where the evaluation starts, are refused), each decoded densely once: every layer gives one
 example, its features and the log of its gap. Episodes are split into training and validation;
 the validation episodes' states report the model's error and a stop study (the learned rule at
 several thresholds against the ``expected_norm`` rule and fixed depths, as mean layers kept and
@@ -22,51 +22,53 @@ the action gap left). ``eval_libero.py --stop_model stop.pt`` and ``bench_decodi
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-import collect_actions as ca
+import cli
 import policy_models as pm
-from bench_decoding import float_list, policy_states, print_stop_rules, stop_depths, stop_rule_row
-from policy_data import batches
-from rsd_engine_core import LearnedStop, RSDEngine
-from rvq_tokenizer import load_tokenizer
-from train_draft import training_rollouts
+from cli import arg
+from demos import episode_identity, split_by_episode
+from fileio import check_outputs
+from policy_data import batches, policy_states, training_rollouts
+from rsd_engine_core import LearnedStop, RSDEngine, build_engine
+from stop_study import print_stop_rules, study_rows
 
 log = logging.getLogger("train_stop")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train adaptive depth's learned stop rule (phase 3).")
-    p.add_argument("--policy", required=True, help="main policy checkpoint (variant ar)")
-    p.add_argument("--rollouts", nargs="+", required=True, metavar="FILE",
-                   help="the main policy's own rollouts on training init states (eval_libero.py "
-                        "--init_states train --record FILE)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer checkpoint; default: the one recorded in the policy (hash-checked)")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="episodes held out for validation")
-    p.add_argument("--min_layers", type=int, default=2, help="as eval_libero.py's, for the validation study")
-    p.add_argument("--thresholds", type=float_list, default=[0.05, 0.1, 0.15, 0.2],
-                   help="comma list of predicted action gaps for the validation study")
-    p.add_argument("--expected_norm_thresholds", type=float_list, default=[0.07, 0.1],
-                   help="comma list of the expected_norm rule's thresholds for the validation study")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output", default="stop.pt")
-    p.add_argument("--json", default=None)
-    return p
+@dataclass
+class StopArgs(cli.OptimArgs):
+    policy: str = arg(None, "main policy checkpoint (variant ar)", required=True, metavar="PATH")
+    rollouts: list[str] = arg(None, "the main policy's own rollouts on training init states "
+                                    "(collect_actions.py --policy token --init_states train)",
+                              factory=list, required=True, nargs="+", metavar="FILE")
+    tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
+                                      "hash-checked)", metavar="PATH")
+    val_fraction: float = arg(0.1, "episodes held out for validation")
+    min_layers: int = arg(2, "as eval_libero.py's, for the validation study")
+    thresholds: list[float] = arg(None, "comma list of predicted action gaps for the validation study",
+                                  factory=lambda: [0.05, 0.1, 0.15, 0.2], type=cli.float_list)
+    expected_norm_thresholds: list[float] = arg(None, "comma list of the expected_norm rule's thresholds "
+                                                      "for the validation study",
+                                                factory=lambda: [0.07, 0.1], type=cli.float_list)
+    hidden: int = arg(64, "hidden width of the stop model")
+    batch_size: int = arg(512, "examples per optimisation step")
+    lr: float = arg(3e-3, "peak learning rate")
+    output: str = cli.output_arg("stop.pt", "the stop model checkpoint")
+    json: str | None = cli.json_arg()
+
+    def __post_init__(self):
+        self.check_optim()
+        cli.require(self.hidden >= 1, f"--hidden must be >= 1, got {self.hidden}")
+        cli.require(0 < self.val_fraction < 1, f"--val_fraction must be in (0, 1), got {self.val_fraction}")
+        cli.require(self.min_layers >= 1, f"--min_layers must be >= 1, got {self.min_layers}")
 
 
 @torch.no_grad()
@@ -74,10 +76,11 @@ def examples(engine: RSDEngine, episodes: list, desc: str) -> dict:
     """Dense decoding of every chunk-start state of ``episodes``: the stop model's inputs
     [M * (L-1), in_dim] for stopping after layers 1..L-1 (after the last there is nothing left),
     the gaps [M, L], and the expected_norm signals [M, L]."""
-    obs, tasks = policy_states(engine, episodes, sorted({e.source for e in episodes}))
+    obs, tasks = policy_states(engine.policy.config, engine.tokenizer.config.chunk_size, episodes,
+                               sorted({e.source for e in episodes}))
     L = engine.policy.config.num_layers
     x, gaps, signals = [], [], []
-    for o, task in tqdm(list(zip(obs, tasks)), desc=desc, unit="state"):
+    for o, task in cli.progress(list(zip(obs, tasks)), desc=desc, unit="state"):
         logits, codes, gap = engine.dense_trace(o, int(task))
         stop = LearnedStop(engine)
         x += [stop.features(l, codes[..., l]) for l in range(L - 1)]
@@ -105,7 +108,7 @@ def fit(train: dict, val: dict, args, num_layers: int) -> tuple[pm.StopModel, li
                                                 pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     best, history = None, []
-    for epoch in tqdm(range(1, args.epochs + 1), desc="stop model", unit="epoch"):
+    for epoch in cli.progress(range(1, args.epochs + 1), desc="stop model", unit="epoch"):
         model.train()
         total = 0.0
         for idx in batches(n, args.batch_size, gen):
@@ -118,6 +121,8 @@ def fit(train: dict, val: dict, args, num_layers: int) -> tuple[pm.StopModel, li
         model.eval()
         with torch.no_grad():
             val_mse = float(((model(val["x"]) - y_val) ** 2).mean())
+        if not math.isfinite(val_mse) or not math.isfinite(total):
+            raise ValueError(f"training diverged at epoch {epoch} (validation MSE {val_mse}); lower --lr")
         history.append({"epoch": epoch, "train_mse": total / n, "val_mse": val_mse})
         if best is None or val_mse < best["val_mse"]:
             best = {**history[-1], "state": {k: v.clone() for k, v in model.state_dict().items()}}
@@ -125,45 +130,33 @@ def fit(train: dict, val: dict, args, num_layers: int) -> tuple[pm.StopModel, li
     return model.eval(), history
 
 
-def study(model: pm.StopModel, val: dict, args) -> list[dict]:
+def study(model: pm.StopModel, val: dict, args: StopArgs) -> list[dict]:
     """On the validation states: layers kept and action gap left by the learned rule, the
     expected_norm rule and every fixed depth (as ``bench_decoding.py --stop_study``)."""
     gaps = val["gap"]
     M, L = gaps.shape
-    eps = model.config.gap_eps
     with torch.no_grad():  # log(gap + eps), compared as the engine compares it
         predicted = model(val["x"]).numpy().reshape(M, L - 1)
     predicted = np.concatenate([predicted, np.full((M, 1), -np.inf)], 1)  # after the last layer: done
-
-    def row(rule, parameter, depth):
-        return stop_rule_row(gaps, rule, parameter, depth)
-
-    return ([row("learned", t, stop_depths(predicted, math.log(t + eps), args.min_layers)) for t in args.thresholds]
-            + [row("expected_norm", t, stop_depths(val["signal"], t, args.min_layers))
-               for t in args.expected_norm_thresholds]
-            + [row("fixed", n, np.full(M, n)) for n in range(1, L + 1)])
+    return study_rows(gaps, val["signal"], predicted, model.config.gap_eps, args.expected_norm_thresholds,
+                      args.thresholds, [], args.min_layers)
 
 
-def main(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    log.info("config: %s", vars(args))
-    for name in ("epochs", "batch_size", "hidden", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+def build_parser() -> cli.ArgsParser:
+    return cli.ArgsParser(StopArgs, "Train adaptive depth's learned stop rule on the main policy's own rollouts (phase 3).")
+
+def main(args: StopArgs) -> dict:
+    cli.start(args, log)
+    check_outputs({"--output": args.output, "--json": args.json},
+                  {"--policy": args.policy, "--rollouts": args.rollouts, "--tokenizer": args.tokenizer})
     torch.set_num_threads(args.threads)
-    policy, pckpt = pm.load_policy(args.policy)
-    if policy.config.variant != "ar":
-        raise ValueError(f"{args.policy} is a {policy.config.variant!r} policy; adaptive depth decodes the 'ar' policy")
+    engine = build_engine(args.policy, tokenizer=args.tokenizer)
+    policy, tokenizer = engine.policy, engine.tokenizer
     if policy.config.num_layers < 2:
         raise ValueError(f"{args.policy} has one layer: there is no depth to choose")
-    tok_path = args.tokenizer or pckpt["provenance"]["tokenizer"]
-    pm.load_policy(args.policy, tok_path)  # refuses a tokenizer other than the policy's
-    tokenizer, _ = load_tokenizer(tok_path)
-    engine = RSDEngine(policy, tokenizer)
+    tok_path = args.tokenizer or pm.load_policy(args.policy)[1]["provenance"]["tokenizer"]
     episodes = training_rollouts(args.rollouts, tokenizer.config.action_dim)
-    train_eps, val_eps = ca.split_by_episode(episodes, args.val_fraction, seed=args.seed)
+    train_eps, val_eps = split_by_episode(episodes, args.val_fraction, seed=args.seed)
     t0 = time.perf_counter()
     train, val = examples(engine, train_eps, "train states"), examples(engine, val_eps, "validation states")
     L = policy.config.num_layers
@@ -173,11 +166,11 @@ def main(args) -> dict:
     best = min(history, key=lambda h: h["val_mse"])
     y_val = targets(model.config.gap_eps, val["gap"])
     rules = study(model, val, args)
-    provenance = {"args": vars(args), "seed": args.seed, "policy": os.path.abspath(args.policy),
+    provenance = {"args": cli.settings_dict(args), "seed": args.seed, "policy": os.path.abspath(args.policy),
                   "tokenizer": os.path.abspath(tok_path),
                   "data": {"files": [os.path.abspath(p) for p in args.rollouts],
-                           "train_episodes": [ca.episode_identity(e) for e in train_eps],
-                           "val_episodes": [ca.episode_identity(e) for e in val_eps]},
+                           "train_episodes": [episode_identity(e) for e in train_eps],
+                           "val_episodes": [episode_identity(e) for e in val_eps]},
                   "metrics": {"val_mse": best["val_mse"], "best_epoch": best["epoch"]}}
     pm.save_stop(model, args.output, pm.file_sha256(args.policy), provenance)
     result = {"states": {"train": len(train["gap"]), "val": len(val["gap"])},
@@ -190,13 +183,10 @@ def main(args) -> dict:
     print(f"on the {len(val['gap'])} validation states (at least {args.min_layers} layers kept but fixed):")
     print_stop_rules(rules)
     print(f"wrote {args.output}")
-    if args.json:
-        ca.write_json(args.json, result)
+    cli.save_json(args.json, result, log)
     return result
 
 
+
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        sys.exit(f"error: {exc}")
+    cli.run(main, build_parser())

@@ -1,4 +1,4 @@
-"""collect_actions.py: demo files, reader errors, chunking, splits, openpi client, collection."""
+"""collect_actions.py: rollout policies, jobs and seeds, the openpi client, collection."""
 
 from __future__ import annotations
 
@@ -9,65 +9,12 @@ import numpy as np
 import pytest
 
 import collect_actions as ca
+import demos
+from test_demos import make_episode, write_demo_file
 from openpi_fake_server import FakeOpenPIServer
 
 
-def make_episode(n=30, d=7, seed=0, success=True, task_id=0, init_state_id=20):
-    rng = np.random.default_rng(seed)
-    return ca.Episode(
-        actions=rng.uniform(-1, 1, (n, d)).astype(np.float32),
-        obs={"robot0_eef_pos": rng.normal(size=(n, 3)), "object-state": rng.normal(size=(n, 10))},
-        success=success, task_suite="libero_spatial", task_id=task_id,
-        instruction="pick up the black bowl", init_state_id=init_state_id, seed=seed,
-    )
-
-
-def write_demo_file(path, episodes):
-    w = ca.DemoWriter(str(path), {"suite": "libero_spatial"})
-    for i, ep in enumerate(episodes):
-        w.add(ep, {"episode_index": i})
-    return w.finish()
-
-
 # ---------------------------------------------------------------- demo file round trip
-
-def test_writer_reader_round_trip(tmp_path):
-    eps = [make_episode(30, seed=1), make_episode(25, seed=2, success=False), make_episode(40, seed=3)]
-    path = write_demo_file(tmp_path / "demos.hdf5", eps)
-    assert not os.path.exists(ca.partial_path(path))
-    loaded = ca.load_episodes(path, only_success=False)
-    assert [e.key for e in loaded] == ["demo_0", "demo_1", "demo_2"]
-    for a, b in zip(eps, loaded):
-        np.testing.assert_array_equal(a.actions, b.actions)
-        np.testing.assert_array_equal(a.obs["object-state"], b.obs["object-state"])
-        assert (a.success, a.seed, a.init_state_id, a.instruction) == (b.success, b.seed, b.init_state_id, b.instruction)
-    # failed episodes stay in the file but are left out by default
-    assert [e.seed for e in ca.load_episodes(path)] == [1, 3]
-    with h5py.File(path) as f:
-        assert f["data"].attrs["complete"]
-        assert f["data/demo_1"].attrs["num_samples"] == 25
-        assert f["data/demo_2/rewards"][-1] == 1.0 and f["data/demo_2/dones"][-1] == 1
-
-
-def test_expert_actions_round_trip_and_select_the_targets(tmp_path):
-    plain, perturbed = make_episode(30, seed=1), make_episode(20, seed=2)
-    perturbed.expert_actions = np.clip(perturbed.actions + 0.1, -1, 1).astype(np.float32)
-    path = write_demo_file(tmp_path / "demos.hdf5", [plain, perturbed])
-    a, b = ca.load_episodes(path)
-    assert a.expert_actions is None
-    np.testing.assert_array_equal(b.expert_actions, perturbed.expert_actions)
-    np.testing.assert_array_equal(ca.episode_targets(b, "expert_actions"), perturbed.expert_actions)
-    np.testing.assert_array_equal(ca.episode_targets(b, "actions"), perturbed.actions)
-    with pytest.raises(ValueError, match=r"demo_0 has no expert_actions"):
-        ca.episode_targets(a, "expert_actions")
-    with pytest.raises(ValueError, match="targets must be one of"):
-        ca.episode_targets(a, "labels")
-    with h5py.File(path, "r+") as f:  # a foreign file whose expert_actions do not match
-        del f["data/demo_1/expert_actions"]
-        f["data/demo_1"].create_dataset("expert_actions", data=np.zeros((19, 7), np.float32))
-    with pytest.raises(ca.DemoFileError, match=r"demo_1/expert_actions must be finite with the shape"):
-        ca.load_episodes(path)
-
 
 class ConstantPolicy(ca.Policy):
     """Returns the same action every step; records the rng draws its reset consumed."""
@@ -155,114 +102,14 @@ def test_takeover_policy_hands_over_at_the_drawn_step():
         ca.TakeoverPolicy(ChunkLearner(), RecordingExpert(), 9, 3)
 
 
-def test_episode_from_keeps_the_tail_of_every_array():
-    ep = make_episode(n=30)
-    ep.expert_actions = ep.actions * 2
-    tail = ca.episode_from(ep, 12)
-    assert len(tail) == 18 and tail.init_state_id == ep.init_state_id
-    np.testing.assert_array_equal(tail.actions, ep.actions[12:])
-    np.testing.assert_array_equal(tail.expert_actions, ep.expert_actions[12:])
-    for k in ep.obs:
-        np.testing.assert_array_equal(tail.obs[k], ep.obs[k][12:])
-    for bad in (-1, 30):
-        with pytest.raises(ValueError, match=f"no step {bad}"):
-            ca.episode_from(ep, bad)
-
-
 def test_perturbation_flags_are_checked():
     with pytest.raises(ValueError, match="--perturb must be a finite number >= 0, got -0.1"):
         ca.PerturbedPolicy(ConstantPolicy(), -0.1)
     with pytest.raises(ValueError, match="--perturb must be a finite number >= 0"):
-        ca.collect("libero_spatial", 0, 1, "unused.hdf5", perturb=float("nan"))
-    assert isinstance(ca.make_policy("scripted", perturb=0.1), ca.PerturbedPolicy)
-    assert not isinstance(ca.make_policy("scripted"), ca.PerturbedPolicy)
+        ca.CollectArgs(perturb=float("nan"))
+    assert isinstance(ca.make_policy(ca.PolicySpec("scripted", perturb=0.1)), ca.PerturbedPolicy)
+    assert not isinstance(ca.make_policy(ca.PolicySpec("scripted")), ca.PerturbedPolicy)
 
-
-def test_interrupted_writer_keeps_complete_episodes_and_old_output(tmp_path):
-    out = tmp_path / "demos.hdf5"
-    write_demo_file(out, [make_episode(seed=9)])  # a dataset already written
-    w = ca.DemoWriter(str(out), {"suite": "libero_spatial"})
-    w.add(make_episode(seed=1))
-    w.add(make_episode(seed=2))
-    kept = w.abandon()
-    assert kept == ca.partial_path(str(out))
-    assert [e.seed for e in ca.load_episodes(kept)] == [1, 2]
-    assert [e.seed for e in ca.load_episodes(out)] == [9]  # untouched
-
-
-def test_reader_accepts_foreign_layouts_and_any_action_dim(tmp_path):
-    """robomimic / LIBERO official demos: no per-demo attrs, images in obs, problem_info JSON."""
-    path = tmp_path / "robomimic.hdf5"
-    with h5py.File(path, "w") as f:
-        data = f.create_group("data")
-        data.attrs["problem_info"] = '{"language_instruction": "open the drawer"}'
-        for i, n in [(0, 12), (10, 15), (2, 11)]:
-            g = data.create_group(f"demo_{i}")
-            g.create_dataset("actions", data=np.ones((n, 12), dtype=np.float64) * i)
-            g.create_dataset("obs/agentview_rgb", data=np.zeros((n, 8, 8, 3), dtype=np.uint8))
-            g.create_dataset("obs/joint_states", data=np.zeros((n, 9)))
-            g.create_dataset("states", data=np.zeros((n, 50)))
-    eps = ca.load_episodes(path)
-    assert [e.key for e in eps] == ["demo_0", "demo_2", "demo_10"]
-    assert all(e.success and e.actions.shape[1] == 12 for e in eps)
-    assert eps[0].instruction == "open the drawer"
-    assert "agentview_rgb" not in eps[0].obs and "joint_states" in eps[0].obs
-    assert "agentview_rgb" in ca.load_episodes(path, images=True)[0].obs
-
-
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"),
-    ("not_hdf5", "not a readable HDF5"),
-    ("no_demos", "no data/demo_*/actions"),
-    ("no_actions", "demo_0 has no 'actions'"),
-    ("nan", "demo_1/actions holds NaN or inf"),
-    ("dim", "demo_0/actions has dimension 7, expected 6"),
-])
-def test_reader_errors_name_file_and_demo(tmp_path, case, message):
-    path = tmp_path / f"{case}.hdf5"
-    if case == "not_hdf5":
-        path.write_text("hello")
-    elif case != "missing":
-        with h5py.File(path, "w") as f:
-            if case == "no_demos":
-                f.create_group("data").create_group("mask")
-            elif case == "no_actions":
-                f.create_group("data/demo_0").create_dataset("obs_x", data=np.zeros(3))
-            else:
-                f.create_dataset("data/demo_0/actions", data=np.zeros((5, 7)))
-                bad = np.zeros((5, 7))
-                if case == "nan":
-                    bad[3, 2] = np.nan
-                f.create_dataset("data/demo_1/actions", data=bad)
-    with pytest.raises(ca.DemoFileError) as err:
-        ca.load_episodes(path, action_dim=6 if case == "dim" else None)
-    assert message in str(err.value) and str(path) in str(err.value)
-
-
-# ---------------------------------------------------------------- chunks and splits
-
-def test_chunks_are_windows_inside_whole_demos():
-    a = make_episode(n=13, seed=0)
-    b = make_episode(n=5, seed=1)  # shorter than a chunk: contributes nothing
-    c = make_episode(n=10, seed=2)
-    chunks = ca.chunk_actions([a, b, c], chunk_size=10, stride=2)
-    assert chunks.shape == (2 + 1, 10, 7)  # starts 0, 2 in a; 0 in c
-    np.testing.assert_array_equal(chunks[1], a.actions[2:12])
-    np.testing.assert_array_equal(chunks[2], c.actions)
-    with pytest.raises(ValueError, match="chunk_size"):
-        ca.chunk_actions([a], chunk_size=0)
-
-
-def test_split_is_by_episode_and_deterministic():
-    eps = [make_episode(seed=i) for i in range(20)]
-    train, val = ca.split_by_episode(eps, 0.2, seed=3)
-    assert len(val) == 4 and len(train) == 16
-    assert not {e.seed for e in train} & {e.seed for e in val}
-    assert [e.seed for e in ca.split_by_episode(eps, 0.2, seed=3)[1]] == [e.seed for e in val]
-    with pytest.raises(ValueError, match="1 episode"):
-        ca.split_by_episode(eps[:1], 0.2)
-    with pytest.raises(ValueError, match="val_fraction"):
-        ca.split_by_episode(eps, 1.5)
 
 
 def test_jobs_and_seeds_do_not_depend_on_workers():
@@ -283,7 +130,7 @@ def test_unknown_suite_and_task_list_valid_ones():
     with pytest.raises(ValueError, match=r"valid task ids: 0\.\.9"):
         ca.get_task("libero_spatial", 10)
     with pytest.raises(ValueError, match="scripted expert does not solve 'libero_goal'"):
-        ca.collect("libero_goal", 0, 1, "/nonexistent/x.hdf5")
+        ca.collect(ca.CollectArgs(task_suite="libero_goal", task_id=[0], num_episodes=1, output="/nonexistent/x.hdf5"))
 
 
 # ---------------------------------------------------------------- openpi client
@@ -342,10 +189,11 @@ def test_openpi_collection_keeps_episodes_when_server_dies(tmp_path):
     out = tmp_path / "openpi.hdf5"
     with FakeOpenPIServer(horizon=10, die_after=3) as server:
         with pytest.raises(ca.PolicyServerError):
-            ca.collect("libero_spatial", 0, 3, str(out), policy="openpi", port=server.port,
-                       host="127.0.0.1", replan_steps=3, max_steps=6, progress=False)
+            ca.collect(ca.CollectArgs(task_suite="libero_spatial", task_id=[0], num_episodes=3, output=str(out),
+                                      policy="openpi", port=server.port,
+                                      host="127.0.0.1", replan_steps=3, max_steps=6, no_progress=True))
     assert not out.exists()
-    kept = ca.load_episodes(ca.partial_path(str(out)), only_success=False, images=True)
+    kept = demos.load_episodes(demos.partial_path(str(out)), only_success=False, images=True)
     assert len(kept) == 1 and len(kept[0]) == 6
     np.testing.assert_allclose(kept[0].actions[:3], server.actions_for(0)[:3], atol=1e-6)
     assert kept[0].obs["agentview_image"].shape == (6, 256, 256, 3)
@@ -357,12 +205,13 @@ def test_scripted_collection_is_worker_independent_and_varied(tmp_path):
     outs = {}
     for workers in (1, 2):
         out = str(tmp_path / f"w{workers}.hdf5")
-        summary = ca.collect("libero_spatial", 0, 2, out, seed=3, workers=workers,
-                             init_states=[25], max_steps=40, progress=False)
+        summary = ca.collect(ca.CollectArgs(task_suite="libero_spatial", task_id=[0], num_episodes=2, output=out,
+                                            seed=3, workers=workers,
+                                            init_states=[25], max_steps=40, no_progress=True))
         assert summary["episodes"] == 2 and summary["wall_seconds"] > 0
         assert set(summary) >= {"episodes", "successes", "success_rate", "per_task",
                                 "env_steps_per_second", "wall_seconds"}
-        outs[workers] = ca.load_episodes(out, only_success=False)
+        outs[workers] = demos.load_episodes(out, only_success=False)
     for a, b in zip(outs[1], outs[2]):
         np.testing.assert_array_equal(a.actions, b.actions)
     first, second = outs[1]
@@ -378,7 +227,7 @@ def test_scene_seed_makes_a_trial_repeatable():
     Another scene seed places the fixtures elsewhere."""
     env = ca.LiberoEnv("libero_spatial", 4)  # a task with fixtures: a cabinet and a stove
     try:
-        expert = ca.make_policy("scripted")
+        expert = ca.make_policy(ca.PolicySpec("scripted"))
         np.random.seed(1)
         before = np.random.get_state()[1].copy()
         env.reset(1, scene_seed=5)

@@ -10,6 +10,7 @@ import torch
 
 import analyze_rvq_compression as an
 import collect_actions as ca
+import demos
 
 
 def point(method, bits, mse, **extra):
@@ -149,14 +150,15 @@ def test_analysis_main_writes_every_field(tmp_path, encoder):
     and the plot."""
     import json
 
-    from rvq_tokenizer import RVQConfig, RVQTokenizer, save_tokenizer, synthetic_episodes
+    from rvq_tokenizer import RVQConfig, RVQTokenizer, save_tokenizer
+    from synthetic_data import synthetic_episodes
 
     torch.manual_seed(0)
     train_path, test_path = str(tmp_path / "train.hdf5"), str(tmp_path / "test.hdf5")
     write_episode_file(train_path, synthetic_episodes(12, seed=0), seed0=1000)
     write_episode_file(test_path, synthetic_episodes(4, seed=1), seed0=5000)
-    train_eps = ca.load_episodes([train_path])
-    chunks = torch.as_tensor(ca.chunk_actions(train_eps, 10))
+    train_eps = demos.load_episodes([train_path])
+    chunks = torch.as_tensor(demos.chunk_actions(train_eps, 10))
     model = RVQTokenizer(RVQConfig(num_layers=4, codebook_size=32, hidden_dim=32, encoder=encoder))
     model.normalizer.fit(chunks)
     model.init_codebooks(chunks)
@@ -169,7 +171,7 @@ def test_analysis_main_writes_every_field(tmp_path, encoder):
     model.eval()
     ckpt = str(tmp_path / "tok.pt")
     save_tokenizer(model, ckpt, {"args": {"seed": 0}, "seed": 0, "metrics": {}, "data": {
-        "files": [train_path], "train_episodes": [ca.episode_identity(e) for e in train_eps], "val_episodes": []}})
+        "files": [train_path], "train_episodes": [demos.episode_identity(e) for e in train_eps], "val_episodes": []}})
     args = an.build_parser().parse_args(["--model", ckpt, "--data", test_path, "--device", "cpu",
                                          "--json", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png"),
                                          "--fast_scales", "2", "10", "--bin_counts", "16", "256"])
@@ -198,7 +200,7 @@ def test_analysis_follows_the_checkpoints_targets(tmp_path):
     write_demos(path, [11, 12], [20, 21])
     with h5py.File(path, "a") as f:  # demo_0 perturbed (expert commands recorded), demo_1 not
         f["data/demo_0"].create_dataset("expert_actions", data=np.full((30, 7), 0.5, np.float32))
-    episodes = ca.load_episodes([path])
+    episodes = demos.load_episodes([path])
     prov = {"args": {"targets": "expert_actions"}, "data": {"files": [path]}}
     assert an.checkpoint_targets(prov) == "expert_actions"
     assert an.checkpoint_targets({"args": {}}) == "actions"  # checkpoints from before the flag
@@ -211,7 +213,7 @@ def test_analysis_follows_the_checkpoints_targets(tmp_path):
     np.testing.assert_array_equal(tested[1].actions, episodes[1].actions)
     assert an.episodes_of_targets(episodes, "actions") == (episodes, 0)
 
-    train_seen = [ca.episode_identity(episodes[0])]
+    train_seen = [demos.episode_identity(episodes[0])]
     chunks = an.training_chunks(prov, train_seen, 10, "tok.pt")
     assert chunks.shape == (21, 10, 7) and np.all(chunks == 0.5)
     chunks = an.training_chunks({"args": {}, "data": {"files": [path]}}, train_seen, 10, "tok.pt")

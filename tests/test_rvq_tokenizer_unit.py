@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import rvq_tokenizer as rt
-from train_rvq_tokenizer import train_tokenizer
+from demos import chunk_actions
+from synthetic_data import synthetic_episodes
+from rvq_tokenizer import train_tokenizer
 
 QUANTIZERS = ["rvq", "rfsq"]
 LAYERS = 4  # enough to see a hierarchy, small enough to train in seconds
@@ -24,8 +26,8 @@ def small_config(quantizer: str, **kw) -> rt.RVQConfig:
 @pytest.fixture(scope="module")
 def data():
     """Train / held-out chunks [M, 10, 7] from different synthetic episodes."""
-    episodes = rt.synthetic_episodes(14, seed=3)
-    return rt.sliding_chunks(episodes[2:], 10), rt.sliding_chunks(episodes[:2], 10)
+    episodes = synthetic_episodes(14, seed=3)
+    return chunk_actions(episodes[2:], 10), chunk_actions(episodes[:2], 10)
 
 
 @pytest.fixture(scope="module", params=QUANTIZERS)
@@ -288,7 +290,7 @@ def test_prefixes_approach_the_unquantized_autoencoder():
     """autoencode() is the limit of the prefixes: with the residual shrinking layer by layer,
     the last prefix's reconstruction is closer to it than the first's."""
     torch.manual_seed(0)
-    x = torch.as_tensor(rt.sliding_chunks(rt.synthetic_episodes(6, seed=2), 10))
+    x = torch.as_tensor(chunk_actions(synthetic_episodes(6, seed=2), 10))
     model = rt.RVQTokenizer(rt.RVQConfig(num_layers=6, codebook_size=64, hidden_dim=32))
     model.normalizer.fit(x)
     model.init_codebooks(x)

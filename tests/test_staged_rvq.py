@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import rvq_tokenizer as rt
-from train_rvq_tokenizer import fit_residual_kmeans, train_tokenizer
+from demos import chunk_actions
+from synthetic_data import synthetic_episodes
+from rvq_tokenizer import fit_residual_kmeans, train_tokenizer
 
 STEPS, LAYERS, K = 2, 3, 16
 
@@ -19,8 +21,8 @@ def config(**kw) -> rt.RVQConfig:
 
 @pytest.fixture(scope="module")
 def data():
-    episodes = rt.synthetic_episodes(14, seed=3)
-    return rt.sliding_chunks(episodes[2:], 10), rt.sliding_chunks(episodes[:2], 10)
+    episodes = synthetic_episodes(14, seed=3)
+    return chunk_actions(episodes[2:], 10), chunk_actions(episodes[:2], 10)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import rvq_tokenizer as rt
+from demos import chunk_actions
+from synthetic_data import synthetic_episodes
 import train_rvq_tokenizer as trainer
 
 
@@ -36,7 +38,7 @@ def run(tmp_path, data, *extra):
 
 @pytest.mark.parametrize("quantizer", ["rvq", "rfsq"])
 def test_training_writes_a_self_describing_checkpoint(tmp_path, quantizer):
-    demo = write_demo_file(tmp_path / "demos.hdf5", rt.synthetic_episodes(10, seed=1))
+    demo = write_demo_file(tmp_path / "demos.hdf5", synthetic_episodes(10, seed=1))
     result, out = run(tmp_path, [demo], "--quantizer", quantizer)
     model, ckpt = rt.load_tokenizer(out)
     prov = ckpt["provenance"]
@@ -51,7 +53,7 @@ def test_training_writes_a_self_describing_checkpoint(tmp_path, quantizer):
     assert len(metrics["val_prefix_mse"]) == 3 and 1 <= metrics["best_epoch"] <= 2
     # the stored metrics are what the saved model measures on the held-out episode
     val_key = prov["data"]["val_episodes"][0]["key"]
-    val_actions = rt.sliding_chunks([rt.synthetic_episodes(10, seed=1)[int(val_key.split("_")[1])]], 10)
+    val_actions = chunk_actions([synthetic_episodes(10, seed=1)[int(val_key.split("_")[1])]], 10)
     np.testing.assert_allclose(model.prefix_mse(torch.as_tensor(val_actions)).numpy(),
                                metrics["val_prefix_mse"], rtol=1e-5)
     assert os.path.isfile(result["plot"]) and result["plot"].endswith("tok_training_history.png")
@@ -60,7 +62,7 @@ def test_training_writes_a_self_describing_checkpoint(tmp_path, quantizer):
 
 
 def test_any_action_dimension_is_recorded(tmp_path):
-    episodes = [e[:, [0, 1, 2, 6]] for e in rt.synthetic_episodes(6, seed=2)]  # 4-D: xyz + gripper
+    episodes = [e[:, [0, 1, 2, 6]] for e in synthetic_episodes(6, seed=2)]  # 4-D: xyz + gripper
     demo = write_demo_file(tmp_path / "four_d.hdf5", episodes, attrs=False)
     _, out = run(tmp_path, [demo], "--val_fraction", "0.2")
     model, ckpt = rt.load_tokenizer(out)
@@ -69,7 +71,7 @@ def test_any_action_dimension_is_recorded(tmp_path):
 
 
 def test_too_few_episodes_for_a_validation_split_is_a_clear_error(tmp_path):
-    demo = write_demo_file(tmp_path / "one.hdf5", rt.synthetic_episodes(1, seed=3))
+    demo = write_demo_file(tmp_path / "one.hdf5", synthetic_episodes(1, seed=3))
     with pytest.raises(ValueError, match="1 episode.*validation"):
         run(tmp_path, [demo])
 
@@ -79,7 +81,7 @@ def test_too_few_episodes_for_a_validation_split_is_a_clear_error(tmp_path):
     ("--epochs", "0", "--epochs"), ("--val_fraction", "1.5", "--val_fraction"),
 ])
 def test_bad_flags_name_the_value(tmp_path, flag, value, named):
-    demo = write_demo_file(tmp_path / "demos.hdf5", rt.synthetic_episodes(4, seed=4))
+    demo = write_demo_file(tmp_path / "demos.hdf5", synthetic_episodes(4, seed=4))
     with pytest.raises(ValueError, match=named):
         run(tmp_path, [demo], flag, value)
 
@@ -91,7 +93,7 @@ def test_missing_data_file_names_the_path(tmp_path):
 
 def test_targets_expert_actions_trains_on_the_experts_commands(tmp_path):
     """A perturbed collection stores expert_actions; --targets expert_actions trains on them."""
-    executed = rt.synthetic_episodes(10, seed=5)
+    executed = synthetic_episodes(10, seed=5)
     demo = write_demo_file(tmp_path / "demos.hdf5", executed)
     with h5py.File(demo, "r+") as f:
         for i, actions in enumerate(executed):
