@@ -230,8 +230,7 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
 
 
 LATENCY_KEYS = ("batch1_latency_us", "batch1_decode_us")
-# batch-1 calls timed per turn: one call after another method's runs on cold caches (FAST's
-# round trip took 4x longer timed one call per turn than 25)
+# batch-1 calls timed per turn: a single call after another method's runs meets cold caches
 LATENCY_BLOCK = 25
 
 

@@ -412,10 +412,16 @@ class OpenPIPolicy(Policy):
 
         self.uri = f"ws://{host}:{port}"
         self.replan_steps = replan_steps
+        import websockets
+
         try:
             self.client = WebsocketClientPolicy(host, port)
         except OSError as exc:
             raise PolicyServerError(f"cannot reach the openpi policy server at {self.uri}: {exc}") from exc
+        except (websockets.exceptions.WebSocketException, ValueError) as exc:
+            # something answers on the port, but not openpi's websocket protocol (e.g. a web server)
+            raise PolicyServerError(f"{self.uri} is not an openpi websocket policy server "
+                                    f"({type(exc).__name__}: {exc})") from exc
         self.instruction = ""
 
     def reset(self, task: TaskInfo, rng: np.random.Generator) -> None:

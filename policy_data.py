@@ -20,6 +20,10 @@ from demos import SETTLE_ACTION, Episode, chunk_actions, episode_targets, load_e
 
 log = logging.getLogger(__name__)
 
+# An action this many half-ranges (q01..q99 of the tokenizer's training data) away from the centre
+# is not a robot action but a corrupt value: its codes would be garbage and its error inf.
+EXTREME_NORMALIZED_ACTION = 1e3
+
 
 def obs_vector(obs: dict, keys, step: int | slice | None = None) -> np.ndarray:
     """Concatenate low-dim observation keys: an episode's obs [N, ...] -> [N, obs_dim] (or one
@@ -108,11 +112,23 @@ def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
     if not obs:
         raise ValueError(f"no episode is longer than the chunk size {T}")
     actions_t = torch.from_numpy(np.concatenate(actions))
+    check_action_range(tokenizer, episodes, targets)
     with torch.no_grad():
         codes = torch.cat([tokenizer.encode(actions_t[i:i + batch_size])
                            for i in range(0, len(actions_t), batch_size)])
     return ChunkDataset(torch.from_numpy(np.concatenate(obs)), torch.from_numpy(np.concatenate(task)).long(),
                         codes, actions_t)
+
+
+def check_action_range(tokenizer, episodes: list[Episode], targets: str = "actions") -> None:
+    """Refuse an episode with an action far outside the range the tokenizer was fit on, naming it."""
+    for ep in episodes:
+        seq = torch.as_tensor(episode_targets(ep, targets), dtype=torch.float32)
+        worst = tokenizer.normalize(seq).abs().amax(-1)
+        if bool((worst > EXTREME_NORMALIZED_ACTION).any()):
+            step = int(torch.nonzero(worst > EXTREME_NORMALIZED_ACTION)[0])
+            raise ValueError(f"{ep.source}:{ep.key} step {step}: action {seq[step].tolist()} is far outside the "
+                             "tokenizer's range (a corrupt value?)")
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator | None = None, shuffle: bool = True):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -682,8 +683,12 @@ def _load_checkpoint(path: str, fmt: str) -> dict:
         # weights_only: a checkpoint is tensors and plain values; unpickling arbitrary objects
         # from a file someone hands you would run their code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path!r} is not a readable checkpoint: it holds objects other than tensors and plain "
+                         "values, and loading them could run code; refused") from None
     except Exception as exc:  # truncated or not a torch file at all
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path!r} is not a {fmt} checkpoint (format tag: {found!r})")

@@ -68,8 +68,8 @@ MIN_NORMALIZER_RANGE = 1e-6
 # Encoder "none" with cell scales: pseudo-vectors at the stage's mean residual energy added to
 # every cell when its scale is estimated, so that a code fit on few vectors keeps a scale near 1.
 CELL_SCALE_PRIOR = 1.0
-# Encoder "none": paths kept by the beam search of its encoding. On the main job's demos (README,
-# phase 1) 4 paths cut the held-out error at 160-320 bits 1.7-3.4x below greedy encoding.
+# Encoder "none": paths kept by the beam search of its encoding (study:
+# notebook/2026-11-27-encoder-free-rvq.md).
 DEFAULT_BEAM_WIDTH = 4
 # Encoder "none": Lloyd iterations per stage of its residual k-means fit.
 DIRECT_KMEANS_ITERS = 20
@@ -86,10 +86,8 @@ class RVQConfig:
     action_dim: int = 7
     chunk_size: int = 10
     # architecture
-    # T' latent vectors per chunk, one code per layer each (one layer = T' * log2(K) bits).
-    # On the main job's demos (libero_spatial task 0, 50 episodes; README, phase 1), 3 and 4
-    # plateau at layers 1-8 MSE about 8e-4 on held-out episodes and 5 reaches 4.2e-4 at 40 bits
-    # per layer; on 500 demos of the suite 3 already reaches 2e-4 (pass --latent_steps 3).
+    # T' latent vectors per chunk, one code per layer each (one layer = T' * log2(K) bits);
+    # the choice per data size: notebook/2026-11-22-latent-steps-fsq-levels.md.
     latent_steps: int = 5
     hidden_dim: int = 64           # width of the encoder / decoder MLPs
     num_blocks: int = 2            # residual MLP blocks in the encoder and in the decoder
@@ -106,8 +104,8 @@ class RVQConfig:
     codebook_size: int = 256       # K per RVQ layer (RFSQ: prod(fsq_levels))
     # RFSQ: 16 dims per latent step (48 in all, like RVQ's 3 x 16) of 3 levels; each layer
     # magnifies the residual by fsq_layer_scale (None: by the levels, an exactly nested grid,
-    # whose layers past the 4th gained nothing on LIBERO data: the autoencoder's own error was
-    # reached). 1.75 spreads the refinement over all 8 layers and keeps all 3 levels in use.
+    # whose later layers add nothing once the autoencoder's own error is reached); 1.75 spreads
+    # the refinement over all 8 layers and keeps all 3 levels in use.
     fsq_levels: tuple[int, ...] = (3,) * 16
     fsq_layer_scale: float | None = 1.75
     # training
@@ -641,10 +639,8 @@ class StagedResidualQuantizer(nn.Module):
         """z: [B, 1, C] -> codes [B, T', L]: nearest codes stage by stage, or by beam search.
 
         The search runs in NumPy on the CPU: at batch 1 it is a few hundred small operations,
-        and a NumPy call costs a fraction of a PyTorch one (the width-4 beam search took
-        0.9-1.0 ms per chunk in PyTorch, about 0.35 ms here; on 2107 unseen LIBERO chunks the
-        codes were the same at widths 1, 2, 4 and 8 but for one chunk at width 4, a near tie
-        in a group layer). Codes come back on z's device."""
+        and a NumPy call costs a fraction of a PyTorch one (notebook/2026-11-27-tokenizer-
+        benchmark-latency.md). Codes come back on z's device."""
         x = self._check(z).detach().cpu().numpy()
         codes = self._beam(x, self.beam_width) if self.beam_width > 1 else self._greedy(x)
         return torch.from_numpy(codes).to(z.device)
@@ -999,8 +995,8 @@ class RVQTokenizer(nn.Module):
             per = ((self._decode_latent(st) - x.unsqueeze(0)) ** 2).mean(dim=(1, 2, 3))  # [L]
             prefix_loss = per.mean()
         # Relative (log) losses: d log(mse) = d mse / mse, so each prefix counts by its relative
-        # improvement and the fine layers, whose error is 10-30x below the first layer's, still
-        # shape the encoder and decoder (with plain MSE they plateaued at ~3x the error).
+        # improvement and the fine layers, whose error is orders of magnitude below the first
+        # layer's, still shape the encoder and decoder (plain MSE lets them plateau).
         loss = recon_loss.clamp(min=1e-12).log() + c.commitment_weight * q.commit_loss / recon_loss.detach().clamp(min=1e-12)
         if self.training and c.prefix_loss_weight > 0:
             loss = loss + c.prefix_loss_weight * per.clamp(min=1e-12).log().mean()
@@ -1259,8 +1255,9 @@ def load_tokenizer(path: str, map_location="cpu") -> tuple[RVQTokenizer, dict]:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, not a torch file, unpickling refused, ...
-        raise ValueError(f"{path}: cannot read as a tokenizer checkpoint (truncated or not a "
-                         f"torch file?): {type(exc).__name__}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{path}: cannot read as a tokenizer checkpoint (truncated, not a torch file, or "
+                         f"holding objects that loading would have to run): {type(exc).__name__}: {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a tokenizer checkpoint (format tag {found!r}, "

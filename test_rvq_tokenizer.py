@@ -1,4 +1,4 @@
-"""Readable self-check of the residual tokenizer (no simulator, well under a minute on a CPU).
+"""Readable self-check of the residual tokenizer, without a simulator.
 
     python test_rvq_tokenizer.py            # prints every check; exit code 1 if any fails
 

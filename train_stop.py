@@ -154,6 +154,8 @@ def main(args: StopArgs) -> dict:
     policy, tokenizer = engine.policy, engine.tokenizer
     if policy.config.num_layers < 2:
         raise ValueError(f"{args.policy} has one layer: there is no depth to choose")
+    if args.min_layers > policy.config.num_layers:
+        raise ValueError(f"--min_layers {args.min_layers} exceeds the policy's {policy.config.num_layers} layers")
     tok_path = args.tokenizer or pm.load_policy(args.policy)[1]["provenance"]["tokenizer"]
     episodes = training_rollouts(args.rollouts, tokenizer.config.action_dim)
     train_eps, val_eps = split_by_episode(episodes, args.val_fraction, seed=args.seed)

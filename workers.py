@@ -20,8 +20,13 @@ _STATE: dict = {}
 
 
 def _init(setup: Callable, setup_args: tuple, work: Callable, threads: int) -> None:
+    import signal
+
     import torch
 
+    # Ctrl-C reaches every process of the terminal's group: the parent handles it (it stops the
+    # pool and keeps what was finished), so a worker must not die mid-item on its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     from cli import quiet_simulator_logs
 
