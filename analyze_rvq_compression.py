@@ -76,6 +76,7 @@ class AnalysisArgs:
     plot: str | None = arg(None, "write the figure (PNG) to this path", metavar="PNG")
 
     def __post_init__(self):
+        self.device = str(cli.resolve_device(self.device))
         cli.require(self.num_episodes >= 1, f"--num_episodes must be >= 1, got {self.num_episodes}")
         cli.require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
 
@@ -222,7 +223,7 @@ def training_chunks(provenance: dict, train_seen: list[dict], chunk_size: int, p
     """Raw chunks [M, T, D] of the tokenizer's training episodes (to fit the baselines), of the
     action sequence the tokenizer trained on."""
     files = sorted({e["source"] for e in train_seen} | set(provenance["data"].get("files", [])))
-    missing = [f for f in files if not os.path.isfile(f)]
+    missing = [f for f in files if not os.path.exists(f)]
     if missing:
         raise ValueError(f"{path}: the baselines are fit on the tokenizer's training episodes, but "
                          f"file(s) {missing} named in its provenance are missing")
@@ -477,7 +478,6 @@ def main(args: AnalysisArgs) -> dict:
     cli.start(args, log)
     check_outputs({"--json": args.json, "--plot": args.plot, "--output": args.output},
                   {"--model": args.model, "--data": args.data})
-    args.device = str(cli.resolve_device(args.device))
     t0 = time.perf_counter()
     model, ckpt = load_tokenizer(args.model, map_location=args.device)
     c = model.config

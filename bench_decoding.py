@@ -96,9 +96,11 @@ class BenchArgs(DecodingArgs):
     warmup: int = arg(20, "untimed states first")
     seed: int = cli.seed_arg()
     threads: int = cli.threads_arg(1)
+    device: str = cli.device_arg()
     json: str | None = cli.json_arg()
 
     def __post_init__(self):
+        self.device = str(cli.resolve_device(self.device))
         if isinstance(self.mode, str):
             self.mode = parse_modes(self.mode)
         self.check_decoding()
@@ -144,6 +146,9 @@ class OracleDraft:
     def eval(self) -> "OracleDraft":
         return self
 
+    def to(self, device) -> "OracleDraft":
+        return self  # it holds no weights; its codes come from the engine's own device
+
     def fused(self) -> "OracleDraft":
         return self
 
@@ -163,15 +168,15 @@ def main(args: BenchArgs) -> dict:
     torch.set_num_threads(args.threads)
     check_outputs({"--json": args.json}, {"--policy": args.policy, "--draft": args.draft, "--data": args.data})
     if args.stop_study:
-        engine = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer)
+        engine = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
         episodes, obs, order, tasks = recorded_states(args, engine)
         return stop_study(args, engine, episodes, obs[order[args.warmup:]], tasks[args.warmup:])
     oracle = None
     if args.oracle_draft:
-        base = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer)
+        base = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
         pc = base.policy.config
         oracle = OracleDraft(pc.num_layers, pc.vocab)
-        engine = RSDEngine(base.policy, base.tokenizer, oracle, stop_model=base.stop_model)
+        engine = RSDEngine(base.policy, base.tokenizer, oracle, stop_model=base.stop_model, device=args.device)
         runs = {m: (engine, args.engine_config(m)) for m in args.modes}
     else:
         runs = draft_runs(args)
@@ -227,11 +232,11 @@ def draft_runs(args: BenchArgs) -> dict[str, tuple[RSDEngine, object]]:
     if len(set(stems)) < len(stems):
         raise ValueError(f"--draft: give files with different names, got {paths}")
     first = build_engine(args.policy, draft=paths[0] if paths else None, stop_model=args.stop_model,
-                         tokenizer=args.tokenizer)
+                         tokenizer=args.tokenizer, device=args.device)
     engines = {stems[0]: first} if paths else {}
     for path, stem in zip(paths[1:], stems[1:]):
         engines[stem] = RSDEngine(first.policy, first.tokenizer, pm.load_draft(path, args.policy)[0],
-                                  stop_model=first.stop_model)
+                                  stop_model=first.stop_model, device=args.device)
     runs = {}
     for m in args.modes:
         cfg = args.engine_config(m)

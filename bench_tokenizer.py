@@ -88,12 +88,14 @@ class BenchArgs:
     repeats: int = arg(20, "timed repeats at --batch")
     latency_repeats: int = arg(300, "timed batch-1 calls of each kind per method (round trip, decode alone)")
     threads: int = cli.threads_arg(1)
+    device: str = cli.device_arg()
     fast_scale: float = arg(10.0, "FAST: DCT coefficient scale")
     methods: list[str] = arg(None, "methods to measure", factory=lambda: list(METHODS), nargs="+",
                              choices=list(METHODS))
     json: str | None = cli.json_arg()
 
     def __post_init__(self):
+        self.device = str(cli.resolve_device(self.device))
         cli.require(bool(self.data) != bool(self.synthetic), "give exactly one of --data PATH... or --synthetic N")
         cli.require_counts(self, "chunk_size", "num_layers", "codebook_size", "latent_steps", "hidden_dim", "batch_size",
                      "batch", "repeats", "latency_repeats", "threads")
@@ -214,18 +216,20 @@ def build_torch_method(name: str, config: RVQConfig, train_raw: torch.Tensor, ar
         t0 = time.perf_counter()
         model.normalizer.fit(train_raw)
         model.init_codebooks(train_raw, iters=DIRECT_KMEANS_ITERS)
-        return model.eval(), time.perf_counter() - t0
+        return model.to(args.device).eval(), time.perf_counter() - t0
     if name.startswith("vqpytorch"):
         # our dead-code rule (EMA usage < fraction x mean usage) as an absolute count per batch
         threshold = cfg.dead_code_fraction * args.batch_size * cfg.latent_steps / cfg.codebook_size
         model = PeerTokenizer(cfg, quantizer, threshold)
         model.normalizer.fit(train_raw)
-        seconds = train(model, model.loss, train_raw, args, name)
+        model = model.to(args.device)
+        seconds = train(model, model.loss, train_raw.to(args.device), args, name)
     else:
         model = RVQTokenizer(cfg)
         model.normalizer.fit(train_raw)
         model.init_codebooks(train_raw)
-        seconds = train(model, lambda b: model(b).loss, train_raw, args, name)
+        model = model.to(args.device)
+        seconds = train(model, lambda b: model(b).loss, train_raw.to(args.device), args, name)
     return model, seconds
 
 
@@ -265,11 +269,16 @@ def time_batch1(calls: dict, repeats: int) -> dict:
 
 
 def bench_torch(model, val_raw: torch.Tensor, batch: torch.Tensor, args) -> tuple[dict, dict]:
+    val_raw, batch = val_raw.to(args.device), batch.to(args.device)
+
+    def synced(fn):  # a wall time on CUDA needs the queued kernels finished
+        return lambda x: (lambda out: (cli.synchronize(batch.device), out)[1])(fn(x))
+
     with torch.inference_mode():
         recon = model.decode(model.encode(val_raw))
         norm = model.normalizer.normalize
         mse = float(F.mse_loss(norm(recon), norm(val_raw)))
-        numbers, calls = measure(model.encode, model.decode, batch, batch[:1], args)
+        numbers, calls = measure(synced(model.encode), synced(model.decode), batch, batch[:1], args)
         return {"mse": mse, **numbers}, calls
 
 

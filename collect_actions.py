@@ -423,6 +423,7 @@ class OpenPIPolicy(Policy):
             raise PolicyServerError(f"{self.uri} is not an openpi websocket policy server "
                                     f"({type(exc).__name__}: {exc})") from exc
         self.instruction = ""
+        self.stats: list = []  # per call: its round trip (rsd_engine_core.ChunkStats), as eval_libero reports it
 
     def reset(self, task: TaskInfo, rng: np.random.Generator) -> None:
         self.instruction = task.instruction
@@ -430,9 +431,13 @@ class OpenPIPolicy(Policy):
     def act(self, obs: dict) -> np.ndarray:
         import websockets
 
+        from rsd_engine_core import ChunkStats
+
         request = openpi_observation(obs, self.instruction)
+        t0 = time.perf_counter()
         try:
             response = self.client.infer(request)
+            self.stats.append(ChunkStats(seconds=time.perf_counter() - t0, layers=0))
         except (websockets.exceptions.ConnectionClosed, OSError) as exc:
             raise PolicyServerError(f"openpi policy server at {self.uri} went away: {exc}") from exc
         actions = np.asarray(response.get("actions"), dtype=np.float64)
@@ -461,6 +466,7 @@ class PolicySpec:
     perturb: float = 0.0
     checkpoint: str | None = None
     takeover: tuple[int, int] | None = None
+    device: str = "cpu"
 
 
 def make_policy(spec: PolicySpec) -> Policy:
@@ -473,7 +479,7 @@ def make_policy(spec: PolicySpec) -> Policy:
     elif spec.name == "token":
         from rsd_engine_core import EngineConfig, EnginePolicy, build_engine
 
-        engine = build_engine(spec.checkpoint)
+        engine = build_engine(spec.checkpoint, device=spec.device)
         policy = EnginePolicy(engine, EngineConfig(mode="dense"),
                               spec.replan_steps or engine.tokenizer.config.chunk_size)
     else:
@@ -634,8 +640,12 @@ def _run_job(runner: Runner, job: Job):
     return job, *runner.run(job)
 
 
+# --backend ray: episodes per shard (one env construction per shard)
+RAY_SHARD_EPISODES = 10
+
+
 @dataclass
-class CollectArgs:
+class CollectArgs(workers.WorkersArgs):
     # what to collect
     task_suite: str = arg("libero_spatial", "LIBERO suite", choices=SUITES)
     task_id: list[int] | str = arg("0", "a task id, a comma list of ids, or 'all'", type=lambda v: parse_task_ids(v))
@@ -651,6 +661,7 @@ class CollectArgs:
     policy: str = arg("scripted", "scripted expert, an openpi policy server, or a trained token policy "
                                   "(--checkpoint)", choices=list(POLICIES))
     checkpoint: str | None = arg(None, "main policy checkpoint for --policy token", metavar="PATH")
+    device: str = cli.device_arg()
     noise: float = arg(1.0, "scripted expert variation (0: deterministic); also the expert of --takeover")
     perturb: float = arg(0.0, "std (action units) of a smooth perturbation of the executed arm actions; "
                               "the demos then also store the policy's own commands as expert_actions (DART)")
@@ -664,7 +675,6 @@ class CollectArgs:
                                          "(default: openpi 5, a token policy its chunk size)")
     # run
     seed: int = cli.seed_arg()
-    workers: int = arg(1, "processes sharing the episodes (the same actions as one)")
     cameras: bool = arg(False, "also render and store camera images (MUJOCO_GL=egl, ~0.1 s per camera per step)")
     resume: bool = arg(False, "continue the episodes of an unfinished run's <output>.partial")
     overwrite: bool = arg(False, "discard an unfinished run's <output>.partial")
@@ -672,6 +682,7 @@ class CollectArgs:
     json: str | None = cli.json_arg()
 
     def __post_init__(self):
+        self.device = str(cli.resolve_device(self.device))
         if isinstance(self.task_id, (int, np.integer)):
             self.task_id = [int(self.task_id)]
         elif isinstance(self.task_id, str):
@@ -679,7 +690,7 @@ class CollectArgs:
         cli.require(self.task_suite in SUITES, f"--task_suite must be one of {SUITES}, got {self.task_suite!r}")
         cli.require(self.num_episodes >= 1, f"--num_episodes must be >= 1, got {self.num_episodes}")
         cli.require(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be >= 1, got {self.max_steps}")
-        cli.require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        self.check_workers()
         cli.require(self.replan_steps is None or self.replan_steps >= 1,
                     f"--replan_steps must be >= 1, got {self.replan_steps}")
         cli.require(self.policy in POLICIES, f"--policy must be one of {POLICIES}, got {self.policy!r}")
@@ -703,7 +714,7 @@ class CollectArgs:
     @property
     def spec(self) -> PolicySpec:
         return PolicySpec(self.policy, self.noise, self.host, self.port, self.replan_steps, self.perturb,
-                          self.checkpoint, tuple(self.takeover) if self.takeover else None)
+                          self.checkpoint, tuple(self.takeover) if self.takeover else None, self.device)
 
 
 def parse_task_ids(value):
@@ -773,7 +784,8 @@ def collect(args: CollectArgs) -> dict:
     bar = cli.progress(total=len(todo), desc=f"collect {args.task_suite}", unit="ep", disable=args.no_progress)
     try:
         for job, ep, ep_attrs in workers.map_ordered(_runner, (args.spec, cameras, args.max_steps), _run_job,
-                                                     todo, args.workers):
+                                                     todo, args.workers, backend=args.backend,
+                                                     ray_address=args.ray_address, shard_size=RAY_SHARD_EPISODES):
             row = per_task[job.task_id]
             row["episodes"] += 1
             row["successes"] += int(ep.success)

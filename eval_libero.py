@@ -45,7 +45,9 @@ from rsd_engine_core import DecodingArgs, EnginePolicy, base_mode, build_engine,
 
 log = logging.getLogger("eval_libero")
 
-EXTRA_MODES = ("expert",)
+# rows that are not the engine's decoding modes: the scripted expert (the upper reference) and a
+# policy served by openpi's websocket server (--host, --port; the same trials, latency = round trip)
+EXTRA_MODES = ("expert", "openpi")
 
 
 def mode_list(value: str) -> list[str]:
@@ -58,8 +60,12 @@ def mode_list(value: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# --backend ray: trials per shard (one engine and env construction per shard)
+RAY_SHARD_TRIALS = 5
+
+
 @dataclass
-class EvalArgs(DecodingArgs):
+class EvalArgs(DecodingArgs, workers.WorkersArgs):
     # what to evaluate
     task_suite: str = arg("libero_spatial", "LIBERO suite", choices=list(ca.SUITES))
     task_id: list[int] | str = arg("all", "a task id, a comma list of ids, or 'all'", type=ca.parse_task_ids)
@@ -69,14 +75,17 @@ class EvalArgs(DecodingArgs):
                                 "e.g. dense,rsd:3,rsd+adaptive@relaxed,expert",
                           factory=lambda: ["rsd"], type=mode_list)
     # models
-    policy: str | None = arg(None, "main policy checkpoint (variant ar)", metavar="PATH")
+    policy: str | None = arg(None, "main policy checkpoint (variant ar), or 'openpi' for a policy served by "
+                                   "openpi's websocket server (--host, --port): the mode 'openpi'", metavar="PATH")
     draft: str | None = arg(None, "draft checkpoint (modes rsd, rsd+adaptive)", metavar="PATH")
     parallel_policy: str | None = arg(None, "parallel-variant policy checkpoint (mode parallel)", metavar="PATH")
     tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
                                       "hash-checked)", metavar="PATH")
+    host: str = arg("localhost", "openpi policy server host (mode openpi)")
+    port: int = arg(8000, "openpi policy server port (mode openpi)")
     # closed loop
     replan_steps: int | None = arg(None, "steps of each chunk executed before the next is decoded "
-                                         "(default: the whole chunk, the tokenizer's chunk size)")
+                                         "(default: the whole chunk, the tokenizer's chunk size; openpi: 5)")
     expert_noise: float = arg(1.0, "scripted expert variation (mode expert)")
     action_noise: float = arg(0.0, "a control for approximate decoding: every policy mode executes its arm "
                                    "actions plus a smooth random perturbation, AR(1) over steps, standard "
@@ -90,16 +99,21 @@ class EvalArgs(DecodingArgs):
     # run
     seed: int = arg(0, "scene seed of the trials (fixture placement, the modes' sampling)")
     threads: int = cli.threads_arg(1)
-    workers: int = arg(1, "processes sharing the tasks")
+    device: str = cli.device_arg()
     json: str | None = cli.json_arg()
     plot: str | None = arg(None, "success (95% interval) against latency per mode, and success per task",
                            metavar="PNG")
 
     def __post_init__(self):
+        self.device = str(cli.resolve_device(self.device))
         if isinstance(self.task_id, str):
             self.task_id = ca.parse_task_ids(self.task_id)
         if isinstance(self.mode, str):
             self.mode = parse_modes(self.mode, EXTRA_MODES + ("all",))
+        if self.policy == "openpi":  # a served policy, not a checkpoint: its own row
+            self.policy = None
+            self.mode = ["openpi"] if self.mode == ["rsd"] else self.mode
+            cli.require("openpi" in self.mode, "--policy openpi evaluates the mode 'openpi'")
         self.check_decoding()
         n = len(ca.HELD_OUT_INIT_STATES)
         cli.require(1 <= self.num_trials <= n,
@@ -109,7 +123,7 @@ class EvalArgs(DecodingArgs):
         cli.require(self.max_steps is None or self.max_steps >= 1, f"--max_steps must be >= 1, got {self.max_steps}")
         cli.require(self.replan_steps is None or self.replan_steps >= 1,
                     f"--replan_steps must be >= 1, got {self.replan_steps}")
-        cli.require(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        self.check_workers()
         cli.require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         check_action_noise(self.action_noise)
         if "all" in self.mode:  # every engine mode (parallel only with its policy), where 'all' stands
@@ -172,7 +186,10 @@ def run_trial(env: ca.LiberoEnv, policy, mode: str, trial: int, args: EvalArgs, 
 def make_policy(mode: str, engine, args: EvalArgs):
     if mode == "expert":
         return ca.make_policy(ca.PolicySpec("scripted", noise=args.expert_noise))
-    return EnginePolicy(engine, args.engine_config(mode), args.replan_steps, args.seed, args.action_noise)
+    if mode == "openpi":
+        return ca.make_policy(ca.PolicySpec("openpi", host=args.host, port=args.port, replan_steps=args.replan_steps))
+    replan = args.replan_steps or engine.tokenizer.config.chunk_size  # default: the whole chunk
+    return EnginePolicy(engine, args.engine_config(mode), replan, args.seed, args.action_noise)
 
 
 class Evaluator:
@@ -182,15 +199,16 @@ class Evaluator:
         self.args = args
         self.engine = load_engine(args)
 
-    def task(self, task_id: int) -> dict:
-        """Every mode on one task's trials, in one env: {mode: ModeResult}, trial-major (trial 0
-        in every mode, then trial 1, ...) so a change of machine load weighs on all modes alike."""
+    def task(self, task_id: int, trials: range | None = None) -> dict:
+        """Every mode on one task's trials (all of them, or ``trials``), in one env: {mode:
+        ModeResult}, trial-major (trial 0 in every mode, then trial 1, ...) so a change of machine
+        load weighs on all modes alike."""
         args = self.args
-        env = ca.LiberoEnv(args.task_suite, task_id, cameras=args.video)
+        env = ca.LiberoEnv(args.task_suite, task_id, cameras=args.video or "openpi" in args.mode)
         try:
             policies = {m: make_policy(m, self.engine, args) for m in args.mode}
             results = {m: ModeResult() for m in args.mode}
-            for trial in range(args.num_trials):
+            for trial in trials if trials is not None else range(args.num_trials):
                 for m in args.mode:
                     run_trial(env, policies[m], m, trial, args, results[m])
             return results
@@ -202,8 +220,18 @@ def _evaluator(args: EvalArgs) -> Evaluator:
     return Evaluator(args)
 
 
-def _evaluate_task(evaluator: Evaluator, task_id: int):
-    return task_id, evaluator.task(task_id)
+def _evaluate_trials(evaluator: Evaluator, item: tuple[int, int, int]):
+    """item (task, first trial, last trial + 1) -> (task, {mode: ModeResult})."""
+    task_id, start, stop = item
+    return task_id, evaluator.task(task_id, range(start, stop))
+
+
+def work_items(args: EvalArgs, task_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(task, first trial, stop) per unit of work: a task's trials together on local processes
+    (its env and modes built once), shards of RAY_SHARD_TRIALS trials on Ray. Every trial draws
+    its scene from its own seed, so the outcomes are the same either way."""
+    step = RAY_SHARD_TRIALS if args.backend == "ray" else args.num_trials
+    return [(t, s, min(s + step, args.num_trials)) for t in task_ids for s in range(0, args.num_trials, step)]
 
 
 def load_engine(args: EvalArgs):
@@ -218,7 +246,7 @@ def load_engine(args: EvalArgs):
     parallel = any(base_mode(m) == "parallel" for m in modes)
     engine = build_engine(args.policy, draft=args.draft if speculative else None,
                           parallel_policy=args.parallel_policy if parallel else None,
-                          stop_model=args.stop_model, tokenizer=args.tokenizer)
+                          stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
     for m in modes:
         engine.check_config(args.engine_config(m), m)
     return engine
@@ -249,15 +277,16 @@ def evaluate(args: EvalArgs) -> dict:
     task_ids = ca.resolve_task_ids(args.task_suite, args.task_id)
     engine = load_engine(args)
     check_run(args, engine, task_ids)
-    if args.replan_steps is None and engine is not None:
-        args.replan_steps = engine.tokenizer.config.chunk_size
     totals = {m: ModeResult() for m in args.mode}
     per_task: dict = {}
     t0 = time.perf_counter()
     bar = cli.progress(total=len(task_ids) * len(args.mode) * args.num_trials, desc="eval", unit="trial")
-    for t, rows in workers.map_ordered(_evaluator, (args,), _evaluate_task, task_ids, args.workers, args.threads):
-        per_task[t] = rows
+    for t, rows in workers.map_ordered(_evaluator, (args,), _evaluate_trials, work_items(args, task_ids),
+                                       args.workers, args.threads, backend=args.backend,
+                                       ray_address=args.ray_address):
+        per_task.setdefault(t, {m: ModeResult() for m in args.mode})  # shards come in trial order
         for m, res in rows.items():
+            per_task[t][m].add(res)
             totals[m].add(res)
             bar.update(res.trials)
         bar.set_postfix(**{mm: f"{r.successes}/{r.trials}" for mm, r in totals.items()})
@@ -265,6 +294,8 @@ def evaluate(args: EvalArgs) -> dict:
     result = summarize(totals, per_task)
     result["config"] = {**cli.settings_dict(args), "modes": list(args.mode), "task_ids": task_ids,
                         "init_states": "held_out", "wall_seconds": time.perf_counter() - t0}
+    if engine is not None and args.replan_steps is None:  # what the token policies ran with
+        result["config"]["replan_steps"] = engine.tokenizer.config.chunk_size
     return result
 
 

@@ -34,12 +34,20 @@ def atomic_write(path: str, write: Callable[[str], None]) -> str:
     tmp = _temporary_path(path)
     try:
         write(tmp)
+        # some writers (safetensors) create their file 0600: every output gets the user's umask
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_torch(obj, path: str) -> str:

@@ -81,6 +81,9 @@ class ChunkDataset:
     def __len__(self) -> int:
         return int(self.obs.shape[0])
 
+    def to(self, device) -> "ChunkDataset":
+        return ChunkDataset(*(t.to(device) for t in (self.obs, self.task, self.codes, self.actions)))
+
 
 def instruction_vocab(episodes: list[Episode]) -> tuple[str, ...]:
     return tuple(sorted({e.instruction for e in episodes}))

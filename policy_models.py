@@ -188,10 +188,10 @@ class KVCache:
     (-1 for ctx tokens, l for the tokens of code block l).
     """
 
-    def __init__(self, n_blocks: int):
+    def __init__(self, n_blocks: int, device=None):
         self.k: list[torch.Tensor | None] = [None] * n_blocks
         self.v: list[torch.Tensor | None] = [None] * n_blocks
-        self.blocks = torch.zeros(0, dtype=torch.long)
+        self.blocks = torch.zeros(0, dtype=torch.long, device=device)
 
     @property
     def length(self) -> int:
@@ -356,7 +356,7 @@ class TokenPolicy(nn.Module):
 
     # ---- decoding with a cache: one call = one main pass
     def new_cache(self) -> KVCache:
-        return KVCache(len(self.blocks))
+        return KVCache(len(self.blocks), self.start.device)
 
     def extend(self, cache: KVCache, first: int, n: int, prev_codes: torch.Tensor | None,
                ctx: torch.Tensor | None = None) -> torch.Tensor:

@@ -239,7 +239,8 @@ class LearnedStop:
 
     def __init__(self, engine: "RSDEngine"):
         self.engine = engine
-        self.latent = torch.zeros(1, engine.code_vectors[0].shape[-1] * engine.policy.config.latent_steps)
+        self.latent = torch.zeros(1, engine.code_vectors[0].shape[-1] * engine.policy.config.latent_steps,
+                                  device=engine.device)
         self.layer = 0                     # the layer the next call must be for
 
     @staticmethod
@@ -257,7 +258,7 @@ class LearnedStop:
     def features(self, layer: int, code: torch.Tensor) -> torch.Tensor:
         """The kept codes [1, T'] of layer ``layer`` -> the model's input [1, in_dim]."""
         self.add(layer, code)
-        onehot = torch.zeros(1, self.engine.policy.config.num_layers)
+        onehot = torch.zeros(1, self.engine.policy.config.num_layers, device=self.engine.device)
         onehot[0, layer] = 1
         return torch.cat([self.latent, onehot], 1)
 
@@ -275,15 +276,18 @@ class RSDEngine:
     """Decodes action chunks with a main policy, an optional draft and a tokenizer (batch 1)."""
 
     def __init__(self, policy: TokenPolicy, tokenizer, draft: DraftModel | None = None,
-                 parallel_policy: TokenPolicy | None = None, stop_model: StopModel | None = None):
-        self.policy = policy.eval()
-        self.stop_model = None if stop_model is None else stop_model.eval()
-        self.stop_fused = None if stop_model is None else stop_model.fused()
-        self.tokenizer = tokenizer.eval()
-        self.draft = None if draft is None else draft.eval()
+                 parallel_policy: TokenPolicy | None = None, stop_model: StopModel | None = None,
+                 device="cpu"):
+        self.device = torch.device(device)
+        on = lambda m: None if m is None else m.to(self.device).eval()  # noqa: E731
+        self.policy = on(policy)
+        self.stop_model = on(stop_model)
+        self.stop_fused = None if stop_model is None else self.stop_model.fused()
+        self.tokenizer = on(tokenizer)
+        self.draft = on(draft)
         # the draft runs in its folded inference form (the same function in fewer operations)
-        self.draft_fn = None if draft is None else draft.fused()
-        self.parallel_policy = None if parallel_policy is None else parallel_policy.eval()
+        self.draft_fn = None if draft is None else self.draft.fused()
+        self.parallel_policy = on(parallel_policy)
         c = policy.config
         if policy.config.variant != "ar":
             raise ValueError("the main policy must be the layer-autoregressive variant 'ar'")
@@ -298,10 +302,10 @@ class RSDEngine:
             raise ValueError(f"draft predicts {draft.config.num_layers} layers, policy has {c.num_layers}")
         # every layer's code vectors [L, vocab, C] (a snapshot of the frozen tokenizer; rows
         # past a layer's codebook stay zero) and their norms [L, vocab]
-        vectors = torch.zeros(c.num_layers, c.vocab, tc.quantizer_dim)
+        vectors = torch.zeros(c.num_layers, c.vocab, tc.quantizer_dim, device=self.device)
         for l, layer in enumerate(tokenizer.quantizer.layers):
             with torch.no_grad():
-                vectors[l, : layer.codebook_size] = layer.lookup(torch.arange(layer.codebook_size))
+                vectors[l, : layer.codebook_size] = layer.lookup(torch.arange(layer.codebook_size, device=self.device))
         self.code_vectors = vectors
         self.code_norms = vectors.norm(dim=-1)
         if stop_model is not None and stop_model.config.in_dim != LearnedStop.input_size(self):
@@ -309,6 +313,16 @@ class RSDEngine:
                              f"tokenizer give {LearnedStop.input_size(self)}")
 
     # ------------------------------------------------------------------ helpers
+    def _inputs(self, obs: np.ndarray, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One state on the engine's device: obs [1, obs_dim], task [1]."""
+        return (torch.as_tensor(obs, dtype=torch.float32, device=self.device)[None],
+                torch.tensor([task], device=self.device))
+
+    def _sync(self) -> None:
+        """A wall time on CUDA needs the queued kernels finished (no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def expected_refinement(self, logits: torch.Tensor, layer: int) -> float:
         """The main policy's expected size of layer ``layer``'s refinement:
         max over positions of E_{c ~ p}[||e_layer(c)||], p = softmax(logits [1, T', vocab]).
@@ -326,7 +340,7 @@ class RSDEngine:
         prefix [L]: the max abs difference, normalized action units, between the actions of the
         first n layers and of all L at index n - 1, so the last is 0)."""
         L = self.policy.config.num_layers
-        o, t = torch.as_tensor(obs, dtype=torch.float32)[None], torch.tensor([task])
+        o, t = self._inputs(obs, task)
         cache, ctx = self.policy.new_cache(), self.policy.embed_obs(o, t)
         logits, codes = [], []
         for l in range(L):
@@ -336,13 +350,13 @@ class RSDEngine:
         codes = torch.stack(codes, -1)
         tok = self.tokenizer
         actions = torch.stack([tok.normalize(tok.decode(codes[..., :n], check=False))[0] for n in range(1, L + 1)])
-        return torch.stack(logits), codes, (actions - actions[-1]).abs().amax(dim=(1, 2)).numpy()
+        return torch.stack(logits), codes, (actions - actions[-1]).abs().amax(dim=(1, 2)).cpu().numpy()
 
     def _pick(self, logits: torch.Tensor, cfg: EngineConfig, gen) -> torch.Tensor:
         """logits [1, T', vocab] -> codes [1, T']: argmax, or a sample when sampling."""
-        if cfg.sampling:
-            p = torch.softmax(logits.float(), -1)
-            return torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
+        if cfg.sampling:  # drawn on the CPU, where the generator lives
+            p = torch.softmax(logits.float(), -1).cpu()
+            return torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1]).to(logits.device)
         return logits.argmax(-1)
 
     def draft_proposal(self, obs, task, ctx, k: int, pick=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,6 +411,7 @@ class RSDEngine:
                 raise ValueError("mode 'parallel' needs a parallel-variant policy checkpoint")
             t0 = time.perf_counter()
             logits = self.parallel_policy(obs, task)  # [1, T', L, vocab]
+            self._sync()
             stats.main_seconds += time.perf_counter() - t0
             stats.main_passes = 1
             codes = torch.stack([self._pick(logits[:, :, l], cfg, gen)
@@ -419,6 +434,7 @@ class RSDEngine:
             prev = codes[-1][..., None] if next_layer > 0 else None
             t0 = time.perf_counter()
             logits = self.policy.extend(cache, next_layer, 1, prev, ctx)[:, :, 0]
+            self._sync()
             stats.main_seconds += time.perf_counter() - t0
             ctx = None
             stats.main_passes += 1
@@ -437,12 +453,14 @@ class RSDEngine:
         t0 = time.perf_counter()
         pick = (lambda logits: self._pick(logits, cfg, gen)) if cfg.sampling else None
         q_logits, proposal = self.draft_proposal(obs, task, ctx, k, pick)  # [1, T', k, V], [1, T', k]
+        self._sync()
         stats.draft_seconds += time.perf_counter() - t0
         stats.draft_passes += 1
         n_verify = min(k + 1, L)
         prev = torch.cat([torch.zeros_like(proposal[..., :1]), proposal[..., : n_verify - 1]], -1)
         t0 = time.perf_counter()
         p_logits = self.policy.extend(cache, 0, n_verify, prev, ctx)  # [1, T', n_verify, V]
+        self._sync()
         stats.main_seconds += time.perf_counter() - t0
         stats.main_passes += 1
         stats.proposed = k
@@ -500,18 +518,20 @@ class RSDEngine:
     def _accept(self, p_logits, q_logits, d, cfg, gen):
         """Speculative sampling of proposed codes d [1, T'] for one layer -> (accepted?, codes
         for the layer), independently at each latent position."""
-        p = torch.softmax(p_logits.float(), -1)[0]  # [T', V]
-        q = torch.softmax(q_logits.float(), -1)[0]
+        device = d.device  # the draws run on the CPU, where the generator lives
+        p = torch.softmax(p_logits.float(), -1)[0].cpu()  # [T', V]
+        q = torch.softmax(q_logits.float(), -1)[0].cpu()
+        d = d.cpu()
         idx = d[0][:, None]
         ratio = (p.gather(1, idx) / q.gather(1, idx).clamp(min=1e-30)).squeeze(1)
         u = torch.rand(ratio.shape, generator=gen)
         keep = u < ratio
         if bool(keep.all()):
-            return True, d
+            return True, d.to(device)
         residual = (p - q).clamp(min=0)
         residual = residual / residual.sum(-1, keepdim=True).clamp(min=1e-30)
         resampled = torch.multinomial(residual, 1, generator=gen).squeeze(1)
-        return False, torch.where(keep, d[0], resampled)[None]
+        return False, torch.where(keep, d[0], resampled)[None].to(device)
 
     @torch.no_grad()
     def relaxed_gaps(self, proposal: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
@@ -520,7 +540,7 @@ class RSDEngine:
         followed by main[..., l], i.e. relaxed acceptance's test of layer l when the layers
         below it were accepted as proposed. All 2k prefixes in one decoder pass."""
         k = proposal.shape[-1]
-        layer = torch.arange(k)
+        layer = torch.arange(k, device=proposal.device)
         a = self.code_vectors[layer, proposal[0]]  # [T', k, C]: the proposal's code vectors
         b = self.code_vectors[layer, main[0]]
         below = torch.cat([torch.zeros_like(a[:, :1]), a[:, :-1].cumsum(1)], 1)  # layers < l
@@ -541,13 +561,14 @@ class RSDEngine:
         the dense decode that tells it the prefix gaps runs first, outside the wall time: the
         statistics are those of a stop rule that knew them for free."""
         gaps = self.dense_trace(obs, task)[2] if cfg.adaptive and cfg.stop_rule == "oracle" else None
+        self._sync()
         t0 = time.perf_counter()
-        o = torch.as_tensor(obs, dtype=torch.float32)[None]
-        t = torch.tensor([task])
+        o, t = self._inputs(obs, task)
         codes, stats = self.decode_codes(o, t, cfg, gen, gaps)
+        self._sync()
         t1 = time.perf_counter()
         # the engine's codes come from heads that cannot emit an invalid code: no check
-        actions = self.tokenizer.decode(codes, check=False)[0].numpy()
+        actions = self.tokenizer.decode(codes, check=False)[0].cpu().numpy()
         t2 = time.perf_counter()
         stats.seconds, stats.decode_seconds = t2 - t0, t2 - t1
         return actions, stats, codes
@@ -572,7 +593,7 @@ class RSDEngine:
 
 
 def build_engine(policy: str, draft: str | None = None, parallel_policy: str | None = None,
-                 stop_model: str | None = None, tokenizer: str | None = None) -> RSDEngine:
+                 stop_model: str | None = None, tokenizer: str | None = None, device="cpu") -> RSDEngine:
     """An engine from checkpoint paths: the main policy, and optionally a draft, a parallel-variant
     policy and a learned stop model, each checked to belong to this policy (sha256); the
     tokenizer is the one recorded in the policy unless given (then hash-checked too)."""
@@ -592,7 +613,7 @@ def build_engine(policy: str, draft: str | None = None, parallel_policy: str | N
         if par.config.variant != "parallel":
             raise ValueError(f"--parallel_policy {parallel_policy} is not a parallel-variant policy")
     stop = pm.load_stop(stop_model, policy)[0] if stop_model else None
-    return RSDEngine(main, tok, d, par, stop)
+    return RSDEngine(main, tok, d, par, stop, device=device)
 
 
 # ----------------------------------------------------------------------------- closed loop

@@ -1165,8 +1165,8 @@ class RVQTokenizer(nn.Module):
         The validation error per prefix of layers is in ``tokenizer.fit_history``."""
         from demos import chunk_actions, split_by_episode
 
-        episodes = [np.asarray(actions, dtype=np.float32)] if np.ndim(actions) == 2 else \
-            [np.asarray(a, dtype=np.float32) for a in actions]
+        one = getattr(actions, "ndim", None) == 2  # a single array [N, D], not a list of episodes
+        episodes = [np.asarray(actions, dtype=np.float32)] if one else [np.asarray(a, dtype=np.float32) for a in actions]
         if any(e.ndim != 2 for e in episodes) or len({e.shape[1] for e in episodes}) != 1:
             raise ValueError("actions: give a list of episodes [N_i, D] with one action dimension D")
         for i, e in enumerate(episodes):

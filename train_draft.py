@@ -75,10 +75,12 @@ class DraftArgs(cli.OptimArgs):
     step_hidden: int | None = arg(None, "width of the chained draft's per-layer step (default: --hidden); "
                                         "narrower steps cost less to read at batch 1")
     gt_weight: float = arg(0.2, "weight of the ground-truth codes next to the main policy's (weight 1)")
+    device: str = cli.device_arg()
     output: str = cli.output_arg("draft.pt", "the draft checkpoint")
     json: str | None = cli.json_arg()
 
     def __post_init__(self):
+        self.device = str(cli.resolve_device(self.device))
         self.check_optim()
         cli.require_counts(self, "k", "hidden", "depth", "rank")
         cli.require_positive("--gt_weight", self.gt_weight, allow_zero=True)
@@ -150,8 +152,8 @@ def rollout_data(files, policy, tokenizer, args):
     tr_eps, val_eps = split_by_episode(eps, 0.1, seed=args.seed)
     c = policy.config
     kw = dict(history=c.action_history)  # executed actions: what the history holds online too
-    tr = build_dataset(tr_eps, tokenizer, c.obs_keys, c.instructions, **kw)
-    val = build_dataset(val_eps, tokenizer, c.obs_keys, c.instructions, **kw)
+    tr = build_dataset(tr_eps, tokenizer, c.obs_keys, c.instructions, **kw).to(args.device)
+    val = build_dataset(val_eps, tokenizer, c.obs_keys, c.instructions, **kw).to(args.device)
     return tr, main_targets(policy, tr, args.k)[0], val, main_targets(policy, val, args.k)[0]
 
 
@@ -162,14 +164,14 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
     f_train, f_val = features(policy, source, train.obs, train.task), features(policy, source, val.obs, val.task)
     task_train = train.task
     gt_train = train.codes[..., : args.k]
-    has_gt = torch.ones(len(train), dtype=torch.bool)
+    has_gt = torch.ones(len(train), dtype=torch.bool, device=train.obs.device)
     if rollouts is not None:
         r_train, rt_train, r_val, rt_val = rollouts
         f_train = torch.cat([f_train, features(policy, source, r_train.obs, r_train.task)])
         task_train = torch.cat([task_train, r_train.task])
         t_train = torch.cat([t_train, rt_train])
         gt_train = torch.cat([gt_train, torch.zeros_like(rt_train)])
-        has_gt = torch.cat([has_gt, torch.zeros(len(r_train), dtype=torch.bool)])
+        has_gt = torch.cat([has_gt, torch.zeros(len(r_train), dtype=torch.bool, device=train.obs.device)])
         f_rval = features(policy, source, r_val.obs, r_val.task)
     in_dim = f_train.shape[1] + (32 if source == "obs" else 0)  # + the task embedding
     cfg = pm.DraftConfig(in_dim=in_dim, latent_steps=c.latent_steps, num_layers=args.k,
@@ -177,7 +179,7 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
                          hidden=args.hidden, depth=args.depth, rank=args.rank, chained=args.chained,
                          step_hidden=args.step_hidden)
     torch.manual_seed(args.seed)
-    draft = pm.DraftModel(cfg, num_tasks=n_tasks)
+    draft = pm.DraftModel(cfg, num_tasks=n_tasks).to(train.obs.device)
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.01)
     n = len(f_train)
     steps = args.epochs * math.ceil(n / args.batch_size)
@@ -269,8 +271,8 @@ def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        t_main, t_draft, t_module = interleaved_median_seconds([main_pass, draft_pass, module_pass],
-                                                               repeats=300, warmup=30)
+        synced = [lambda fn=fn: (fn(), cli.synchronize(obs.device)) for fn in (main_pass, draft_pass, module_pass)]
+        t_main, t_draft, t_module = interleaved_median_seconds(synced, repeats=300, warmup=30)
     finally:
         torch.set_num_threads(threads)
     with FlopCounterMode(display=False) as fc:
@@ -309,8 +311,9 @@ def main(args: DraftArgs) -> dict:
     instr = policy.config.instructions
     targets = pckpt["provenance"]["args"].get("targets", "actions")  # what the main policy imitated
     kw = dict(targets=targets, history=policy.config.action_history)
-    train = build_dataset(train_eps, tokenizer, policy.config.obs_keys, instr, **kw)
-    val = build_dataset(val_eps, tokenizer, policy.config.obs_keys, instr, **kw)
+    train = build_dataset(train_eps, tokenizer, policy.config.obs_keys, instr, **kw).to(args.device)
+    val = build_dataset(val_eps, tokenizer, policy.config.obs_keys, instr, **kw).to(args.device)
+    policy = policy.to(args.device)
     log.info("%d train chunks, %d validation chunks; computing the main policy's codes",
              len(train), len(val))
     t0 = time.perf_counter()

@@ -64,11 +64,13 @@ class PolicyArgs(cli.OptimArgs):
     batch_size: int = arg(512, "examples per optimisation step")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     obs_noise: float = arg(0.0, "std of Gaussian noise added to normalized observations in training")
+    device: str = cli.device_arg()
     # output
     output: str = cli.output_arg("policy.pt", "the policy checkpoint (written when training ends)")
     json: str | None = cli.json_arg()
 
     def __post_init__(self):
+        self.device = str(cli.resolve_device(self.device))
         self.check_optim()
         cli.require_counts(self, "d_model", "n_heads", "n_blocks", "obs_tokens")
         cli.require(self.action_history >= 0, f"--action_history must be >= 0, got {self.action_history}")
@@ -115,7 +117,8 @@ def train_epoch(model, opt, sched, data: ChunkDataset, args, gen) -> float:
     for idx in batches(len(data), args.batch_size, gen):
         obs, task, codes = data.obs[idx], data.task[idx], data.codes[idx]
         if args.obs_noise > 0:
-            obs = obs + args.obs_noise * model.obs_encoder.normalizer.std * torch.randn(obs.shape, generator=gen)
+            noise = torch.randn(obs.shape, generator=gen).to(obs.device)  # drawn on the CPU, where gen lives
+            obs = obs + args.obs_noise * model.obs_encoder.normalizer.std * noise
         logits = model(obs, task, codes)
         loss = F.cross_entropy(logits.flatten(0, 2), codes.flatten())
         opt.zero_grad(set_to_none=True)
@@ -261,6 +264,8 @@ def main(args: PolicyArgs) -> dict:
             dropout=args.dropout)
         model = pm.TokenPolicy(cfg)
         model.obs_encoder.normalizer.fit(train.obs.numpy())
+    model, tokenizer = model.to(args.device), tokenizer.to(args.device)
+    train, val = train.to(args.device), val.to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("policy %s: %.2fM parameters", args.variant, n_params / 1e6)
 

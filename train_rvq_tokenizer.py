@@ -91,6 +91,7 @@ class TokenizerArgs(cli.OptimArgs):
     no_progress: bool = arg(False, "no progress bars")
 
     def __post_init__(self):
+        self.device = str(cli.resolve_device(self.device))
         if self.hidden_dim is None:
             self.hidden_dim = DEFAULT_HIDDEN_DIM.get(self.quantizer, 64)
         self.check_optim()
@@ -239,7 +240,7 @@ def main(args: TokenizerArgs) -> dict:
     check_outputs({"--output": args.output, "--json": args.json, "history plot": args.plot,
                    "collected demos": None if args.data else args.demos_output},
                   {"--data": args.data})
-    device = str(cli.resolve_device(args.device))
+    device = args.device
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)

@@ -61,10 +61,12 @@ class StopArgs(cli.OptimArgs):
     hidden: int = arg(64, "hidden width of the stop model")
     batch_size: int = arg(512, "examples per optimisation step")
     lr: float = arg(3e-3, "peak learning rate")
+    device: str = cli.device_arg()
     output: str = cli.output_arg("stop.pt", "the stop model checkpoint")
     json: str | None = cli.json_arg()
 
     def __post_init__(self):
+        self.device = str(cli.resolve_device(self.device))
         self.check_optim()
         cli.require(self.hidden >= 1, f"--hidden must be >= 1, got {self.hidden}")
         cli.require(0 < self.val_fraction < 1, f"--val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -97,11 +99,11 @@ def targets(model_eps: float, gap: np.ndarray) -> torch.Tensor:
 def fit(train: dict, val: dict, args, num_layers: int) -> tuple[pm.StopModel, list[dict]]:
     config = pm.StopConfig(in_dim=train["x"].shape[1], num_layers=num_layers, hidden=args.hidden)
     torch.manual_seed(args.seed)
-    model = pm.StopModel(config)
+    model = pm.StopModel(config).to(train["x"].device)
     model.mean.copy_(train["x"].mean(0))
     std = train["x"].std(0)
     model.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))  # constant features: left as they are
-    y_train, y_val = targets(config.gap_eps, train["gap"]), targets(config.gap_eps, val["gap"])
+    y_train, y_val = (targets(config.gap_eps, d["gap"]).to(train["x"].device) for d in (train, val))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     n = len(y_train)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * math.ceil(n / args.batch_size),
@@ -136,7 +138,7 @@ def study(model: pm.StopModel, val: dict, args: StopArgs) -> list[dict]:
     gaps = val["gap"]
     M, L = gaps.shape
     with torch.no_grad():  # log(gap + eps), compared as the engine compares it
-        predicted = model(val["x"]).numpy().reshape(M, L - 1)
+        predicted = model(val["x"]).cpu().numpy().reshape(M, L - 1)
     predicted = np.concatenate([predicted, np.full((M, 1), -np.inf)], 1)  # after the last layer: done
     return study_rows(gaps, val["signal"], predicted, model.config.gap_eps, args.expected_norm_thresholds,
                       args.thresholds, [], args.min_layers)
@@ -150,7 +152,7 @@ def main(args: StopArgs) -> dict:
     check_outputs({"--output": args.output, "--json": args.json},
                   {"--policy": args.policy, "--rollouts": args.rollouts, "--tokenizer": args.tokenizer})
     torch.set_num_threads(args.threads)
-    engine = build_engine(args.policy, tokenizer=args.tokenizer)
+    engine = build_engine(args.policy, tokenizer=args.tokenizer, device=args.device)
     policy, tokenizer = engine.policy, engine.tokenizer
     if policy.config.num_layers < 2:
         raise ValueError(f"{args.policy} has one layer: there is no depth to choose")
