@@ -49,8 +49,7 @@ import torch
 import cli
 import policy_models as pm
 from cli import arg
-from collect_actions import HELD_OUT_INIT_STATES
-from demos import load_episodes
+from demos import HELD_OUT_INIT_STATES, load_episodes
 from fileio import check_outputs
 from policy_data import policy_states
 from rsd_engine_core import DecodingArgs, RSDEngine, base_mode, build_engine, chunk_summary, parse_modes

@@ -41,7 +41,8 @@ import numpy as np
 import cli
 import workers
 from cli import arg
-from demos import FORMAT_VERSION, SETTLE_ACTION, TOOLKIT_VERSION, DemoWriter, Episode, episode_from
+from demos import (FORMAT_VERSION, HELD_OUT_INIT_STATES, NUM_INIT_STATES, SETTLE_ACTION, TOOLKIT_VERSION,  # noqa: F401
+                   TRAIN_INIT_STATES, DemoWriter, Episode, episode_from)
 from fileio import check_outputs
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,6 @@ SUITES = tuple(SUITE_MAX_STEPS)
 # commanding demos.SETTLE_ACTION (no motion, gripper open).
 NUM_SETTLE_STEPS = 10
 
-# The benchmark ships 50 init states per task. Evaluation trials use the first 20 (trial i
-# starts from init state i), so data collected for training starts from the other 30 and a
-# policy or tokenizer is always tested on init states it never trained on.
-NUM_INIT_STATES = 50
-HELD_OUT_INIT_STATES = range(0, 20)
-TRAIN_INIT_STATES = range(20, 50)
 
 # Camera resolution used when images are requested (LIBERO's demos and openpi use 256).
 CAMERA_RESOLUTION = 256

@@ -25,6 +25,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# LIBERO ships 50 init states per task. Evaluation trials use the first 20 (trial i
+# starts from init state i), so data collected for training starts from the other 30 and a
+# policy or tokenizer is always tested on init states it never trained on.
+NUM_INIT_STATES = 50
+HELD_OUT_INIT_STATES = range(0, 20)
+TRAIN_INIT_STATES = range(20, 50)
+
 # LIBERO's settle steps hold this action (no motion, gripper open: -1 opens in LIBERO's
 # convention), so it is what the robot "did" before an episode's first step (action history).
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)

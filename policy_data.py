@@ -15,8 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from collect_actions import HELD_OUT_INIT_STATES
-from demos import SETTLE_ACTION, Episode, chunk_actions, episode_targets, load_episodes
+from demos import HELD_OUT_INIT_STATES, SETTLE_ACTION, Episode, chunk_actions, episode_targets, load_episodes
 
 log = logging.getLogger(__name__)
 
