@@ -1,7 +1,7 @@
 """The chain on the main job's kind of tokenizer (issue 27, bar 2), at toy sizes: synthetic demos
 -> a pca tokenizer (encoder 'pca', cell scales, beam) -> train_policy --num_layers 4 (its first
 4 of 6 layers) -> train_draft -> train_stop on the policy's rollouts from training init states
--> bench_decoding in dense, rsd and rsd+adaptive. The fixtures are policy_fixtures' with this
+-> bench_decoding and eval_libero (a fake simulator) in dense, rsd and rsd+adaptive. The fixtures are policy_fixtures' with this
 module's ``workdir`` (the pca tokenizer) and ``trained`` (--num_layers 4)."""
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import bench_decoding
+import collect_actions as ca
 import demos
+import eval_libero
 import policy_models as pm
 import train_policy
 import train_stop
-from policy_fixtures import draft, policy_args, rollout_file, synthetic_demo_file  # noqa: F401
+from policy_fixtures import INSTRUCTIONS, FakeEnv, draft, policy_args, rollout_file, synthetic_demo_file  # noqa: F401
 from rvq_tokenizer import RVQConfig, RVQTokenizer, load_tokenizer, save_tokenizer
 
 LAYERS, POLICY_LAYERS = 6, 4
@@ -41,7 +43,7 @@ def trained(workdir):
     return d, path, train_policy.main(policy_args(d, path, num_layers=POLICY_LAYERS))
 
 
-def test_the_chain_runs_on_a_pca_tokenizer_with_a_policy_of_its_first_layers(trained, draft, tmp_path):
+def test_the_chain_runs_on_a_pca_tokenizer_with_a_policy_of_its_first_layers(trained, draft, tmp_path, monkeypatch):
     d, path, result = trained
     policy_path = str(d / "policy.pt")
     policy, ckpt = pm.load_policy(policy_path)
@@ -79,6 +81,17 @@ def test_the_chain_runs_on_a_pca_tokenizer_with_a_policy_of_its_first_layers(tra
     assert modes["rsd"]["main_passes_per_chunk"] == pytest.approx(
         POLICY_LAYERS - modes["rsd"]["accepted_layers_per_chunk"])
     assert 2 <= modes["rsd+adaptive"]["layers_per_chunk"] <= POLICY_LAYERS
+
+    # the closed loop (eval_libero, a fake simulator): every mode runs its trials
+    monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: FakeEnv((8, 6)))
+    monkeypatch.setattr(ca, "get_task", lambda suite, t: ca.TaskInfo(suite, t, "t", INSTRUCTIONS[t % 2], "", 40))
+    args = eval_libero.build_parser().parse_args([
+        "--policy", policy_path, "--draft", str(draft), "--stop_model", str(stop_path), "--mode", "dense,rsd,rsd+adaptive",
+        "--adaptive_threshold", "0.1", "--task_id", "0,1", "--num_trials", "2"])
+    out = eval_libero.evaluate(args)
+    for s in out["modes"].values():
+        assert (s["trials"], s["errors"]) == (4, 0), s
+    assert out["modes"]["dense"]["main_passes_per_chunk"] == POLICY_LAYERS
 
     # a policy cannot predict more layers than the tokenizer has; a DAgger round keeps its start's
     with pytest.raises(ValueError, match="--num_layers 7: the tokenizer .* has 6 layers"):
