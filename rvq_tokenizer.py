@@ -1106,16 +1106,17 @@ class RVQTokenizer(nn.Module):
         self.config = c = config
         self.normalizer = ActionNormalizer(c.action_dim)
         C = c.quantizer_dim
-        vq_kwargs = dict(cell_scale=c.cell_scale, beam_width=c.beam_width, decay=c.ema_decay,
-                         dead_code_fraction=c.dead_code_fraction)
+        # the quantizers fit by residual k-means ("none", "pca")
+        kmeans = dict(cell_scale=c.cell_scale, beam_width=c.beam_width, decay=c.ema_decay,
+                      dead_code_fraction=c.dead_code_fraction)
         if c.encoder == "none":
             self.encoder = self.decoder = None
             self.quantizer = StagedResidualQuantizer(
-                c.num_layers, c.latent_steps, C, c.codebook_size, min(c.chunk_layers, c.num_layers), **vq_kwargs)
+                c.num_layers, c.latent_steps, C, c.codebook_size, min(c.chunk_layers, c.num_layers), **kmeans)
             return
         if c.encoder == "pca":  # the decoder is the encoder's transpose (PrincipalAxes.inverse)
             self.encoder, self.decoder = PrincipalAxes(c.chunk_size * c.action_dim, c.latent_steps), None
-            self.quantizer = ParallelResidualQuantizer(c.num_layers, c.latent_steps, C, c.codebook_size, **vq_kwargs)
+            self.quantizer = ParallelResidualQuantizer(c.num_layers, c.latent_steps, C, c.codebook_size, **kmeans)
             return
         self.encoder = ChunkMLP(c.chunk_size * c.action_dim, c.hidden_dim, c.latent_steps * C, c.num_blocks)
         self.decoder = ChunkMLP(c.latent_steps * C, c.hidden_dim, c.chunk_size * c.action_dim, c.num_blocks)
