@@ -444,6 +444,9 @@ def print_report(r: dict) -> None:
     if r["model"]["config"].get("encoder", "mlp") == "mlp":
         print(f"{'floor':>6} {'':>6} {'':>6} {r['autoencoder_floor']['mse']:>10.6f} {r['autoencoder_floor']['mse_std']:>10.6f}"
               "  <- latent unquantized: where the layers level off")
+    elif r["model"]["config"].get("encoder") == "pca":
+        print(f"{'floor':>6}  none: the encoder is the chunk's principal axes, orthogonal (unquantized chunks "
+              f"decode with MSE {r['autoencoder_floor']['mse']:.1e})")
     else:
         print(f"{'floor':>6}  none: no encoder, the chunk itself is quantized")
     print(f"\n{'baseline':>12} {'tokens':>7} {'bits':>7} {'MSE':>10} {'median':>10} {'MSE raw':>10} {'fails':>6} {'clipped':>8}")

@@ -70,7 +70,8 @@ class ActionHistory:
 
 @dataclass
 class ChunkDataset:
-    """obs [M, obs_dim] float32, task [M] long, codes [M, T', L] long, actions [M, T, D] raw."""
+    """obs [M, obs_dim] float32, task [M] long, codes [M, T', L] long (the policy's L layers),
+    actions [M, T, D] raw."""
 
     obs: torch.Tensor
     task: torch.Tensor
@@ -89,11 +90,12 @@ def instruction_vocab(episodes: list[Episode]) -> tuple[str, ...]:
 
 
 def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
-                  batch_size: int = 4096, targets: str = "actions", history: int = 0) -> ChunkDataset:
+                  batch_size: int = 4096, targets: str = "actions", history: int = 0,
+                  num_layers: int | None = None) -> ChunkDataset:
     """Cut every in-demo chunk of the ``targets`` sequence (see ``episode_targets``), encode it
-    with the tokenizer, pair it with its first observation and, with ``history`` > 0, the
-    ``history`` actions executed just before it (``action_history``; obs_dim grows by
-    history * D)."""
+    with the tokenizer, keep its codes' first ``num_layers`` layers (the policy's; None: all),
+    pair it with its first observation and, with ``history`` > 0, the ``history`` actions
+    executed just before it (``action_history``; obs_dim grows by history * D)."""
     T = tokenizer.config.chunk_size
     index = {s: i for i, s in enumerate(instructions)}
     obs, task, actions = [], [], []
@@ -116,7 +118,7 @@ def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
     actions_t = torch.from_numpy(np.concatenate(actions))
     check_action_range(tokenizer, episodes, targets)
     with torch.no_grad():
-        codes = torch.cat([tokenizer.encode(actions_t[i:i + batch_size])
+        codes = torch.cat([tokenizer.encode(actions_t[i:i + batch_size])[..., :num_layers]
                            for i in range(0, len(actions_t), batch_size)])
     return ChunkDataset(torch.from_numpy(np.concatenate(obs)), torch.from_numpy(np.concatenate(task)).long(),
                         codes, actions_t)

@@ -62,8 +62,8 @@ class PolicyConfig:
     obs_dim: int
     instructions: tuple[str, ...]          # the instruction vocabulary (index = task token)
     latent_steps: int                      # T' of the tokenizer
-    num_layers: int                        # L of the tokenizer
-    codebook_sizes: tuple[int, ...]        # K_l of each tokenizer layer
+    num_layers: int                        # L: the policy predicts the tokenizer's first L layers (train_policy --num_layers)
+    codebook_sizes: tuple[int, ...]        # K_l of each of those layers
     obs_keys: tuple[str, ...] = DEFAULT_OBS_KEYS
     action_history: int = 0                # executed actions appended to the observation (policy_data)
     variant: str = "ar"                    # "ar" (block-causal over layers) | "parallel"

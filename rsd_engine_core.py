@@ -29,6 +29,14 @@ Acceptance rules for proposed layers:
 - ``relaxed``: a proposed layer is accepted when the actions decoded with it differ from
   those decoded with the main policy's argmax for that layer by at most ``tolerance``
   (max abs, normalized action units).
+
+Tokenizers: the policy predicts the first ``num_layers`` layers of a tokenizer whose T' codes of
+a layer are parallel (encoder ``mlp``, or ``pca``: RVQ in the chunk's principal axes); any prefix
+decodes. What a code adds to the latent is its layer's code vector, except with cell scales
+(``pca``'s default): code k of layer l adds ``S_t * codebook_l[k]`` at position t, S_t the
+running scale of the position, the product of the scales of its own codes of layers < l
+(``RunningScale``). The engine carries S wherever it reads code vectors without decoding:
+the ``expected_norm`` stop signal, the learned stop rule's features and relaxed acceptance's gaps.
 """
 
 from __future__ import annotations
@@ -225,6 +233,24 @@ class EngineConfig:
         return self.acceptance == "sample"
 
 
+class RunningScale:
+    """S [1, T']: what the next layer's code vectors are multiplied by at each position of one
+    chunk, the product of the cell scales of the position's codes so far (ones at layer 0), for
+    a tokenizer whose codes carry cell scales (encoder 'pca'); ``value`` is None for one whose
+    codes add their vectors as they are (encoder 'mlp'). ``push`` takes in each layer's kept
+    codes, in order, as the stop tests receive them."""
+
+    def __init__(self, engine: "RSDEngine"):
+        self.table = engine.code_scales  # [L, vocab] or None
+        self.value = (None if self.table is None
+                      else torch.ones(1, engine.policy.config.latent_steps, device=engine.device))
+
+    def push(self, layer: int, code: torch.Tensor) -> None:
+        """The kept codes [1, T'] of layer ``layer``."""
+        if self.table is not None:
+            self.value = self.value * self.table[layer, code]
+
+
 class LearnedStop:
     """The features a ``StopModel`` reads, built layer by layer as one chunk is decoded: the
     latent that the kept codes of layers 0..l sum to (what the tokenizer's decoder will read,
@@ -242,6 +268,7 @@ class LearnedStop:
         self.latent = torch.zeros(1, engine.code_vectors[0].shape[-1] * engine.policy.config.latent_steps,
                                   device=engine.device)
         self.layer = 0                     # the layer the next call must be for
+        self.scale = RunningScale(engine)  # with cell scales, what the next layer's vectors are multiplied by
 
     @staticmethod
     def input_size(engine: "RSDEngine") -> int:
@@ -252,7 +279,11 @@ class LearnedStop:
         """Take in the kept codes [1, T'] of layer ``layer`` (layers must come in order)."""
         if layer != self.layer:
             raise ValueError(f"stop features must be built layer after layer: expected layer {self.layer}, got {layer}")
-        self.latent = self.latent + self.engine.code_vectors[layer, code[0]].view(1, -1)
+        vectors = self.engine.code_vectors[layer, code[0]]  # [T', C]
+        if self.scale.value is not None:
+            vectors = vectors * self.scale.value[0, :, None]
+        self.scale.push(layer, code)
+        self.latent = self.latent + vectors.view(1, -1)
         self.layer = layer + 1
 
     def features(self, layer: int, code: torch.Tensor) -> torch.Tensor:
@@ -292,22 +323,31 @@ class RSDEngine:
         if policy.config.variant != "ar":
             raise ValueError("the main policy must be the layer-autoregressive variant 'ar'")
         tc = tokenizer.config
-        if tc.encoder != "mlp":
-            raise ValueError(f"the engine needs a tokenizer with an encoder (one codebook per layer "
-                             f"shared by its T' codes); this one has encoder {tc.encoder!r}")
-        if (tc.latent_steps, tc.num_layers) != (c.latent_steps, c.num_layers):
-            raise ValueError(f"tokenizer (T'={tc.latent_steps}, L={tc.num_layers}) does not match "
-                             f"the policy (T'={c.latent_steps}, L={c.num_layers})")
+        if tc.encoder == "none":
+            raise ValueError("the engine needs a tokenizer whose T' codes of a layer are parallel (encoder 'mlp' "
+                             "or 'pca'); encoder 'none' codes its whole-chunk layers in T' sequential stages")
+        sizes = tuple(tokenizer.layer_codebook_sizes()[: c.num_layers])
+        if tc.latent_steps != c.latent_steps or c.num_layers > tc.num_layers or sizes != c.codebook_sizes:
+            raise ValueError(f"the policy (T'={c.latent_steps}, {c.num_layers} layers of {c.codebook_sizes} codes) "
+                             f"does not predict the first layers of this tokenizer (T'={tc.latent_steps}, "
+                             f"{tc.num_layers} layers of {tuple(tokenizer.layer_codebook_sizes())} codes)")
         if draft is not None and draft.config.num_layers > c.num_layers:
             raise ValueError(f"draft predicts {draft.config.num_layers} layers, policy has {c.num_layers}")
-        # every layer's code vectors [L, vocab, C] (a snapshot of the frozen tokenizer; rows
-        # past a layer's codebook stay zero) and their norms [L, vocab]
+        # the policy's layers' code vectors [L, vocab, C] (a snapshot of the frozen tokenizer's
+        # first L layers; rows past a layer's codebook stay zero) and their norms [L, vocab]
         vectors = torch.zeros(c.num_layers, c.vocab, tc.quantizer_dim, device=self.device)
-        for l, layer in enumerate(tokenizer.quantizer.layers):
+        for l, layer in enumerate(tokenizer.quantizer.layers[: c.num_layers]):
             with torch.no_grad():
                 vectors[l, : layer.codebook_size] = layer.lookup(torch.arange(layer.codebook_size, device=self.device))
         self.code_vectors = vectors
         self.code_norms = vectors.norm(dim=-1)
+        # with cell scales (encoder 'pca'), what code k of layer l multiplies its position's running
+        # scale by [L, vocab] (``RunningScale``); None: every code adds its vector as it is
+        self.code_scales = None
+        if tc.cell_scale:
+            scales = torch.ones(c.num_layers, c.vocab, device=self.device)
+            scales[:, : tc.codebook_size] = tokenizer.quantizer.scales[: c.num_layers].to(self.device)
+            self.code_scales = scales
         if stop_model is not None and stop_model.config.in_dim != LearnedStop.input_size(self):
             raise ValueError(f"the stop model reads {stop_model.config.in_dim} features, this policy and "
                              f"tokenizer give {LearnedStop.input_size(self)}")
@@ -323,15 +363,39 @@ class RSDEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def expected_refinement(self, logits: torch.Tensor, layer: int) -> float:
+    def expected_refinement(self, logits: torch.Tensor, layer: int, scale: torch.Tensor | None = None) -> float:
         """The main policy's expected size of layer ``layer``'s refinement:
-        max over positions of E_{c ~ p}[||e_layer(c)||], p = softmax(logits [1, T', vocab]).
+        max over positions t of S_t E_{c ~ p_t}[||e_layer(c)||], p = softmax(logits [1, T', vocab]),
+        S [1, T'] the positions' running scale before the layer (``RunningScale``; None: 1).
 
         Residual layers shrink with depth, so once the refinement a layer adds is expected
         to be small, the layers after it change the action less still.
         """
         p = torch.softmax(logits.float(), -1)
-        return float((p * self.code_norms[layer]).sum(-1).max())
+        expected = (p * self.code_norms[layer]).sum(-1)  # [1, T']
+        if scale is not None:
+            expected = expected * scale
+        return float(expected.max())
+
+    def scales_before(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """codes [1, T', l] -> the running scale of every position before each of the l layers
+        [1, T', l], as ``RunningScale`` builds it while decoding (the same products, in the same
+        order), or None for a tokenizer without cell scales."""
+        if self.code_scales is None:
+            return None
+        running, before = RunningScale(self), []
+        for l in range(codes.shape[-1]):
+            before.append(running.value)
+            running.push(l, codes[..., l])
+        return torch.stack(before, -1)
+
+    def expected_refinements(self, logits: torch.Tensor, codes: torch.Tensor) -> np.ndarray:
+        """The ``expected_norm`` rule's signal after every layer of a dense trace (logits
+        [L, 1, T', vocab], codes [1, T', L]: ``dense_trace``), as the engine computes it while
+        decoding: [L]."""
+        scale = self.scales_before(codes)
+        return np.array([self.expected_refinement(logits[l], l, None if scale is None else scale[..., l])
+                         for l in range(len(logits))])
 
     @torch.no_grad()
     def dense_trace(self, obs: np.ndarray, task: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -393,8 +457,13 @@ class RSDEngine:
                     return False
                 return learned.predicted_log_gap(layer, code) <= limit
             return stop
-        return lambda logits, layer, code: (layer + 1 >= cfg.min_layers
-                                            and self.expected_refinement(logits, layer) <= cfg.adaptive_threshold)
+        running = RunningScale(self)
+
+        def stop(logits, layer, code):
+            scale = running.value  # before this layer
+            running.push(layer, code)
+            return layer + 1 >= cfg.min_layers and self.expected_refinement(logits, layer, scale) <= cfg.adaptive_threshold
+        return stop
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -543,6 +612,9 @@ class RSDEngine:
         layer = torch.arange(k, device=proposal.device)
         a = self.code_vectors[layer, proposal[0]]  # [T', k, C]: the proposal's code vectors
         b = self.code_vectors[layer, main[0]]
+        scale = self.scales_before(proposal)  # below layer l the codes are the proposal's
+        if scale is not None:
+            a, b = a * scale[0, ..., None], b * scale[0, ..., None]
         below = torch.cat([torch.zeros_like(a[:, :1]), a[:, :-1].cumsum(1)], 1)  # layers < l
         latents = torch.cat([below + a, below + b], 1).transpose(0, 1)  # [2k, T', C]
         actions = self.tokenizer.decode_latent(latents)  # [2k, T, D]

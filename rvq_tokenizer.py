@@ -33,8 +33,18 @@ fit by greedy residual k-means on leave-one-out residuals (stage after stage) in
 gradient training, and nothing bounds the error from below but the data: there is no
 autoencoder whose own reconstruction error the layers level off at.
 
-Shapes: actions ``[B, T, D]``, latents ``[B, T', C]`` (``[B, 1, T * D]`` without an encoder),
-codes ``[B, T', L]``.
+A fourth (``encoder="pca"``, ``PrincipalAxes`` and ``ParallelResidualQuantizer``) keeps the
+encoder but makes it linear, orthogonal and fit, not trained: the chunk's principal axes (PCA of
+the training chunks), dealt out in turn to T' positions of c = ceil(T * D / T') coordinates. Every
+layer codes the T' positions in parallel with one codebook shared by them, as the staged
+quantizer's group layers do, with the same cell scales, a beam search per position and the same
+residual k-means fit. Its positions are parallel, like the MLP encoder's (a policy predicts a
+layer's T' codes at once), and, like the staged quantizer, it has no error floor: the decoder is
+the encoder's transpose (issue 27: the only kind found to beat DCT, FAST and binning at every
+budget while keeping parallel positions).
+
+Shapes: actions ``[B, T, D]``, latents ``[B, T', C]`` (``[B, 1, T * D]`` without an encoder;
+``[B, T', c]`` for ``pca``), codes ``[B, T', L]``.
 """
 
 from __future__ import annotations
@@ -61,17 +71,21 @@ PRETRAINED_WEIGHTS = "model.safetensors"
 PRETRAINED_CONFIG = "config.json"
 CHECKPOINT_VERSION = 1
 QUANTIZERS = ("rvq", "rfsq")
-ENCODERS = ("mlp", "none")   # "none": RVQ on the normalized chunk itself, fit by residual k-means
+# "none": RVQ on the normalized chunk itself; "pca": RVQ in the chunk's principal axes with parallel
+# positions. Both are fit by residual k-means (fit_residual_kmeans), not trained by gradient.
+ENCODERS = ("mlp", "none", "pca")
+KMEANS_ENCODERS = ("none", "pca")
 # A dimension whose q01..q99 range is narrower than this is treated as constant (e.g. a
 # rotation axis the expert never uses): it is centred but not scaled, so noise is not blown up.
 MIN_NORMALIZER_RANGE = 1e-6
-# Encoder "none" with cell scales: pseudo-vectors at the stage's mean residual energy added to
-# every cell when its scale is estimated, so that a code fit on few vectors keeps a scale near 1.
+# Cell scales (encoders "none" and "pca"): pseudo-vectors at the stage's mean residual energy added
+# to every cell when its scale is estimated, so that a code fit on few vectors keeps a scale near 1.
 CELL_SCALE_PRIOR = 1.0
-# Encoder "none": paths kept by the beam search of its encoding (study:
-# notebook/2026-11-27-encoder-free-rvq.md).
-DEFAULT_BEAM_WIDTH = 4
-# Encoder "none": Lloyd iterations per stage of its residual k-means fit.
+# Paths kept by the beam search that encodes, per encoder fit by residual k-means (studies:
+# notebook/2026-11-27-encoder-free-rvq.md; "pca": issue 27, where 8 paths passed bar 1 on every
+# split and test set checked and 4 missed one comparison of 82 on one of them).
+DEFAULT_BEAM_WIDTH = {"none": 4, "pca": 8}
+# Encoders "none" and "pca": Lloyd iterations per stage of their residual k-means fit.
 DIRECT_KMEANS_ITERS = 20
 
 
@@ -92,10 +106,12 @@ class RVQConfig:
     hidden_dim: int = 64           # width of the encoder / decoder MLPs
     num_blocks: int = 2            # residual MLP blocks in the encoder and in the decoder
     code_dim: int = 16             # RVQ code vector size C (RFSQ uses C = len(fsq_levels))
-    encoder: str = "mlp"           # "mlp" | "none" (RVQ on the chunk itself: StagedResidualQuantizer)
+    # "mlp" | "none" (RVQ on the chunk itself: StagedResidualQuantizer) | "pca" (RVQ in the chunk's
+    # principal axes, T' parallel positions: PrincipalAxes, ParallelResidualQuantizer)
+    encoder: str = "mlp"
     chunk_layers: int = 2          # encoder "none": layers coding the whole chunk (all of them if >= num_layers); the rest code step groups
-    # encoder "none" only (None: on for it, off for "mlp"): per-code residual scales
-    # (StagedResidualQuantizer) and the beam width of its encoding (1: greedy)
+    # encoders "none" and "pca" only (None: on for them, off for "mlp"): per-code residual scales
+    # and the beam width of their encoding (1: greedy; None: DEFAULT_BEAM_WIDTH)
     cell_scale: bool | None = None
     beam_width: int | None = None
     # quantizer
@@ -134,20 +150,23 @@ class RVQConfig:
                 and self.chunk_size % self.latent_steps):
             raise ValueError(f"encoder 'none' with group layers cuts a chunk of {self.chunk_size} steps "
                              f"into latent_steps={self.latent_steps} equal groups: not divisible")
-        direct = self.encoder == "none"
+        if self.encoder == "pca" and self.latent_steps > self.chunk_size * self.action_dim:
+            raise ValueError(f"encoder 'pca' deals the chunk's {self.chunk_size * self.action_dim} principal "
+                             f"axes out to latent_steps={self.latent_steps} positions: more positions than axes")
+        kmeans = self.encoder in KMEANS_ENCODERS
         if self.cell_scale is None:
-            self.cell_scale = direct
+            self.cell_scale = kmeans
         if self.beam_width is None:
-            self.beam_width = DEFAULT_BEAM_WIDTH if direct else 1
+            self.beam_width = DEFAULT_BEAM_WIDTH[self.encoder] if kmeans else 1
         self.cell_scale = bool(self.cell_scale)
         if not isinstance(self.beam_width, (int, np.integer)) or self.beam_width < 1:
             raise ValueError(f"beam_width must be a positive integer, got {self.beam_width!r}")
-        if not direct and (self.cell_scale or self.beam_width != 1):
-            raise ValueError(f"cell_scale and beam_width > 1 belong to encoder 'none' (the staged "
-                             f"quantizer), got cell_scale={self.cell_scale}, beam_width={self.beam_width} "
-                             f"with encoder {self.encoder!r}")
-        if self.encoder == "none" and self.quantizer != "rvq":
-            raise ValueError(f"encoder 'none' needs quantizer 'rvq' (codebooks fit by k-means), "
+        if not kmeans and (self.cell_scale or self.beam_width != 1):
+            raise ValueError(f"cell_scale and beam_width > 1 belong to encoder 'none' or 'pca' (the "
+                             f"quantizers fit by residual k-means), got cell_scale={self.cell_scale}, "
+                             f"beam_width={self.beam_width} with encoder {self.encoder!r}")
+        if kmeans and self.quantizer != "rvq":
+            raise ValueError(f"encoder {self.encoder!r} needs quantizer 'rvq' (codebooks fit by k-means), "
                              f"got {self.quantizer!r}")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2 (one code carries no information), "
@@ -171,6 +190,8 @@ class RVQConfig:
         """C: size of each latent vector the quantizer sees."""
         if self.encoder == "none":
             return self.chunk_size * self.action_dim
+        if self.encoder == "pca":  # the chunk's T * D principal coordinates, zero-padded, over T' positions
+            return -(-self.chunk_size * self.action_dim // self.latent_steps)
         return self.code_dim if self.quantizer == "rvq" else len(self.fsq_levels)
 
 
@@ -542,109 +563,94 @@ class ResidualQuantizer(nn.Module):
         return self.prefix_sums(self.layer_vectors(codes))[-1].view(B, Tp, -1)
 
 
-class StagedResidualQuantizer(nn.Module):
-    """RVQ without an encoder, on z: [B, 1, C], the flattened normalized chunk (C = T * D).
+class KMeansResidualQuantizer(nn.Module):
+    """What the quantizers fit by residual k-means share (``encoder="none"``:
+    ``StagedResidualQuantizer``; ``encoder="pca"``: ``ParallelResidualQuantizer``).
 
-    Every layer carries ``steps`` (T') codes, like a layer of ``ResidualQuantizer`` over T'
-    latent vectors, in one of two forms:
-
-    - a *chunk* layer (the first ``chunk_layers``): T' residual stages in turn, each coding what
-      all earlier stages left of the whole chunk with one code of its own codebook; stage t of
-      layer l gives ``codes[:, t, l]``. Whole-chunk codes capture what the steps share, which
-      makes the first layers far more accurate than codes of parts of the chunk.
-    - a *group* layer (the rest): the residual cut into T' groups of consecutive steps (C / T'
-      values each), all coded at once by one codebook shared by the groups; group t gives
-      ``codes[:, t, l]``. Once the residual is mostly step-to-step detail, short vectors with
-      T' times as many training samples per codebook generalize better than whole chunks.
+    ``layers`` lists one ``VectorQuantizer`` per *stage*, in coding order; a stage codes rows of
+    the residual (whole chunks, or the T' positions of a *parallel* layer pooled: one codebook
+    per layer shared by its positions, each position coded on its own). The codebooks and scales
+    are fit stage after stage by ``_fit_stage`` (greedy residual k-means), never by EMA: fitting
+    all stages at once by EMA did not train the later stages on LIBERO demos.
 
     ``cell_scale``: every code also carries a scale, the root-mean-square residual its cell
-    leaves (relative to the stage's mean), and the next stage codes the residual divided by
-    the product of the scales of the codes chosen so far (each group by that of its own
-    codes), then multiplies its code back. One codebook then serves residuals of tight and of
-    wide cells alike instead of spending most codes on the wide ones; the scales follow from
-    the codes, so nothing else is sent.
+    leaves (relative to the stage's mean), and the next stages code a row's residual divided by
+    the product of the scales of the codes chosen for it so far (each position by that of its
+    own codes), then multiply their code back. One codebook then serves residuals of tight and
+    of wide cells alike instead of spending most codes on the wide ones; the scales follow from
+    the codes, so nothing else is sent. ``scales[i, k]``: what code k of stage i multiplies the
+    row's scale by.
 
-    ``beam_width`` W > 1: encoding keeps the W paths with the smallest residual after every
-    chunk stage, codes the group layers of each with the nearest codes, and returns the path
-    with the smallest final residual, instead of the nearest code at every stage (W = 1).
-    Decoding is the same either way: any prefix of layers (indeed of stages) decodes to the
-    running sum of its codes.
-
-    ``layers`` lists the quantizers in stage order. The codebooks and scales are fit by ``fit``
-    (greedy residual k-means), never by EMA: fitting all stages at once by EMA did not train
-    the later stages on LIBERO demos.
+    Encoding searches in NumPy on the CPU (``_search_tables``, ``_nearest``, ``_beam_paths``): at
+    batch 1 it is a few hundred small operations, and a NumPy call costs a fraction of a PyTorch
+    one (notebook/2026-11-27-tokenizer-benchmark-latency.md). Decoding sums the code vectors,
+    also in NumPy (``_decode_tables``, ``_position_vectors``).
     """
 
-    def __init__(self, num_layers: int, steps: int, dim: int, codebook_size: int,
-                 chunk_layers: int, cell_scale: bool = False, beam_width: int = 1, **vq_kwargs):
+    # stages, from the first, that code one whole row each (the staged quantizer's chunk
+    # layers); the rest are parallel layers, one stage each
+    joint_stages = 0
+
+    def __init__(self, stage_dims: list[int], codebook_size: int, cell_scale: bool = False,
+                 beam_width: int = 1, **vq_kwargs):
         super().__init__()
-        if not 0 <= chunk_layers <= num_layers:
-            raise ValueError(f"chunk_layers must be in 0..{num_layers}, got {chunk_layers}")
-        if chunk_layers < num_layers and dim % steps:
-            raise ValueError(f"group layers cut the {dim} values of a chunk into {steps} equal groups: "
-                             f"{dim} is not divisible by {steps}")
         if beam_width < 1:
             raise ValueError(f"beam_width must be >= 1, got {beam_width}")
-        self.steps, self.chunk_layers, self.dim = steps, chunk_layers, dim
         self.cell_scale, self.beam_width = cell_scale, beam_width
-        self.kinds = ["chunk"] * chunk_layers + ["group"] * (num_layers - chunk_layers)
-        # (layer, position or None) of every stage, in order
-        self._plan = [(l, t) for l, kind in enumerate(self.kinds)
-                      for t in (range(steps) if kind == "chunk" else [None])]
-        quantizers = []
-        for kind in self.kinds:
-            n, d = (steps, dim) if kind == "chunk" else (1, dim // steps)
-            quantizers += [VectorQuantizer(d, codebook_size, **vq_kwargs) for _ in range(n)]
-        self.layers = nn.ModuleList(quantizers)
-        if cell_scale:  # scales[i, k]: what code k of stage i multiplies the next stages' scale by
-            self.register_buffer("scales", torch.ones(len(quantizers), codebook_size))
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.kinds)
-
-    def _stages(self) -> list:
-        """[(stage index, layer, position or None, quantizer)] in stage order; position None:
-        a group layer."""
-        return [(i, l, t, vq) for i, ((l, t), vq) in enumerate(zip(self._plan, self.layers))]
-
-    def _rows(self, residual: torch.Tensor, t) -> torch.Tensor:
-        """The vectors one stage codes: the whole chunks [B, C] or their groups [B * T', C / T']."""
-        return residual if t is not None else residual.reshape(-1, self.dim // self.steps)
-
-    def _next_scale(self, scale: torch.Tensor, i: int, code: torch.Tensor) -> torch.Tensor:
-        return scale * self.scales[i, code].unsqueeze(-1) if self.cell_scale else scale
+        self.layers = nn.ModuleList(VectorQuantizer(d, codebook_size, **vq_kwargs) for d in stage_dims)
+        if cell_scale:
+            self.register_buffer("scales", torch.ones(len(stage_dims), codebook_size))
 
     def forward(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> QuantizerOutput:
-        """z: [B, 1, C] -> codes [B, T', L]; ``keep`` ([B] layers per sample) cuts the output."""
+        """z: [B, ...] -> codes [B, T', L] and the running sums after every layer [L, B, ...];
+        ``keep`` ([B] layers per sample) cuts each sample's output. Nothing is trained here."""
         codes = self.encode_codes(z)
-        prefix = self._prefixes(codes)
+        prefix = self._prefixes(codes).reshape(-1, *z.shape)
         B, L = z.shape[0], self.num_layers
         if keep is None:
             out = prefix[-1]
         else:
             out = prefix[(keep.clamp(1, L) - 1).to(z.device), torch.arange(B, device=z.device)]
-        return QuantizerOutput(quantized=out.reshape(B, 1, self.dim), codes=codes,
-                               prefix_latents=prefix.reshape(L, B, 1, self.dim), commit_loss=z.new_zeros(()),
+        return QuantizerOutput(quantized=out, codes=codes, prefix_latents=prefix, commit_loss=z.new_zeros(()),
                                dead_codes_replaced=[])
 
-    def _check(self, z: torch.Tensor) -> torch.Tensor:
-        B, one, C = z.shape
-        if one != 1 or C != self.dim:
-            raise ValueError(f"the staged quantizer takes one {self.dim}-value vector per chunk, "
-                             f"got {tuple(z.shape[1:])}")
-        return z.reshape(B, C)
+    # ---- fit
+    def _next_scale(self, scale: torch.Tensor, i: int, code: torch.Tensor) -> torch.Tensor:
+        return scale * self.scales[i, code].unsqueeze(-1) if self.cell_scale else scale
 
-    def encode_codes(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [B, 1, C] -> codes [B, T', L]: nearest codes stage by stage, or by beam search.
+    @torch.no_grad()
+    def _fit_stage(self, i: int, u: torch.Tensor, iters: int, seeding: str,
+                   leave_one_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit stage i's codebook by k-means on u [R, c] (the rows' residuals over their running
+        scale) and, with ``cell_scale``, its codes' scales; returns the codes [R] and what each
+        row leaves for the next stages [R, c], on the scale of u.
 
-        The search runs in NumPy on the CPU: at batch 1 it is a few hundred small operations,
-        and a NumPy call costs a fraction of a PyTorch one (notebook/2026-11-27-tokenizer-
-        benchmark-latency.md). Codes come back on z's device."""
-        x = self._check(z).detach().cpu().numpy()
-        codes = self._beam(x, self.beam_width) if self.beam_width > 1 else self._greedy(x)
-        return torch.from_numpy(codes).to(z.device)
+        ``leave_one_out``: what a row leaves is the residual it would have if its code's centroid
+        had been fit without it, m / (m - 1) times its own residual for a code of m rows, and the
+        row itself for a code of one. Without it the stages soon memorise the training chunks
+        (their residuals fall to zero within a few stages) and the later stages, fit on those, do
+        little for unseen chunks. A code's scale is the root mean square of its cell's
+        (leave-one-out) residuals, with ``CELL_SCALE_PRIOR`` pseudo-rows at the stage's mean so
+        that a code of few rows keeps a scale near 1, over the stage's root mean square."""
+        vq = self.layers[i]
+        vq.kmeans_init(u, iters, seeding)
+        code, q = vq.quantize_and_lookup(u)
+        left = u - q
+        if leave_one_out:
+            m = torch.bincount(code, minlength=vq.codebook_size)[code].to(left.dtype)[:, None]
+            left = torch.where(m > 1, left * m / (m - 1).clamp(min=1), u)
+        if self.cell_scale:
+            energy = left.square().mean(1)
+            mean = energy.mean()
+            if mean > 0:
+                count = torch.bincount(code, minlength=vq.codebook_size).to(energy.dtype)
+                total = torch.zeros_like(count).index_add_(0, code, energy)
+                self.scales[i] = ((total + CELL_SCALE_PRIOR * mean) / (count + CELL_SCALE_PRIOR) / mean).sqrt()
+            else:  # nothing left to code: every later stage sees zeros at any scale
+                self.scales[i] = 1.0
+        return code, left
 
+    # ---- search
     def _search_tables(self) -> list:
         """Per stage, in stage order, as float32 NumPy arrays: (codebook [K, c], -2 times its
         transpose [c, K], squared norms [K], the codes' scales [K] or None without cell scales),
@@ -663,21 +669,6 @@ class StagedResidualQuantizer(nn.Module):
             return out
 
         return _cached(self, "tables", books + ([self.scales] if self.cell_scale else []), build)
-
-    def _greedy(self, z: np.ndarray) -> np.ndarray:
-        """z [B, C] -> codes [B, T', L], the nearest code at every stage."""
-        B, n = z.shape[0], self.steps
-        tables = self._search_tables()
-        n_chunk = self.chunk_layers * n
-        scale, out = np.ones(B, z.dtype), []
-        residual = z
-        if n_chunk:
-            codes, residual, scale = self._nearest(tables[:n_chunk], residual, scale)
-            out.append(codes.reshape(B, self.chunk_layers, n).transpose(0, 2, 1))
-        if n_chunk < len(tables):
-            groups, _, _ = self._nearest(tables[n_chunk:], residual.reshape(B * n, -1), np.repeat(scale, n))
-            out.append(groups.reshape(B, n, -1))
-        return np.concatenate(out, -1)
 
     @staticmethod
     def _nearest(tables: list, rows: np.ndarray, scale: np.ndarray):
@@ -728,19 +719,148 @@ class StagedResidualQuantizer(nn.Module):
             scale *= scales[code]
         return residual, scale, path, code
 
+    def _beam_paths(self, tables: list, z: np.ndarray, width: int):
+        """Beam search of rows z [R, c] through the stages of ``tables`` (a run of
+        ``_search_tables()``), keeping the ``width`` paths with the smallest squared residual
+        after every stage: (the paths' codes [R, P, stages], residuals [R, P, c], running scales
+        [R, P]), P <= width."""
+        R = z.shape[0]
+        residual, scale = z[:, None], np.ones((R, 1), z.dtype)
+        history = np.zeros((R, 1, 0), np.int64)  # [R, paths, stages so far]: the codes of each path
+        rows = np.arange(R)[:, None]
+        for table in tables:
+            residual, scale, path, code = self._beam_step(table, residual, scale, width, rows)
+            history = np.concatenate([history[rows, path], code[..., None]], -1)
+        return history, residual, scale
+
+    # ---- decode
+    def _decode_tables(self) -> tuple:
+        """(the joint stages' codebooks as one table [joint stages * K, C], stage s's code k at
+        row s * K + k, or None; the parallel layers' likewise [layers * K, c], or None; every
+        stage's scales flat [stages * K] or None), from ``_search_tables`` and kept as long."""
+        books = [vq.codebook for vq in self.layers]
+
+        def build():
+            tables = self._search_tables()
+            n = self.joint_stages
+            stack = lambda part: np.concatenate([t[0] for t in part]) if part else None
+            scales = np.concatenate([t[3] for t in tables]) if self.cell_scale else None
+            return stack(tables[:n]), stack(tables[n:]), scales
+
+        return _cached(self, "decode", books + ([self.scales] if self.cell_scale else []), build)
+
+    @staticmethod
+    def _position_vectors(codes: np.ndarray, table: np.ndarray, scales: np.ndarray | None, K: int,
+                          start: np.ndarray | None = None) -> np.ndarray:
+        """Parallel layers: codes [B, T', l] -> what each layer adds at each position
+        [B, T', l, c]: layer i's code k is row i * K + k of ``table``, times the position's
+        running scale before layer i, the product of ``start`` (the scale the position starts at,
+        broadcast to [B, T', 1], or None: 1) and the scales of its own codes of the layers before
+        (``scales`` flat like ``table``; None: no cell scales)."""
+        rows = codes + K * np.arange(codes.shape[-1])                    # [B, T', l]
+        vec = table[rows]                                                # [B, T', l, c]
+        if scales is not None:
+            after = np.cumprod(scales[rows], -1)                         # [B, T', l]
+            before = np.concatenate([np.ones_like(after[..., :1]), after[..., :-1]], -1)
+            vec *= (before if start is None else before * start)[..., None]
+        return vec
+
+
+class StagedResidualQuantizer(KMeansResidualQuantizer):
+    """RVQ without an encoder, on z: [B, 1, C], the flattened normalized chunk (C = T * D).
+
+    Every layer carries ``steps`` (T') codes, like a layer of ``ResidualQuantizer`` over T'
+    latent vectors, in one of two forms:
+
+    - a *chunk* layer (the first ``chunk_layers``): T' residual stages in turn, each coding what
+      all earlier stages left of the whole chunk with one code of its own codebook; stage t of
+      layer l gives ``codes[:, t, l]``. Whole-chunk codes capture what the steps share, which
+      makes the first layers far more accurate than codes of parts of the chunk.
+    - a *group* layer (the rest): the residual cut into T' groups of consecutive steps (C / T'
+      values each), all coded at once by one codebook shared by the groups (a parallel layer);
+      group t gives ``codes[:, t, l]``. Once the residual is mostly step-to-step detail, short
+      vectors with T' times as many training samples per codebook generalize better than whole
+      chunks.
+
+    ``cell_scale``: per-code residual scales (``KMeansResidualQuantizer``); a group codes its
+    residual over the product of the chunk stages' scales and of its own codes'.
+
+    ``beam_width`` W > 1: encoding keeps the W paths with the smallest residual after every
+    chunk stage, codes the group layers of each with the nearest codes, and returns the path
+    with the smallest final residual, instead of the nearest code at every stage (W = 1).
+    Decoding is the same either way: any prefix of layers (indeed of stages) decodes to the
+    running sum of its codes.
+
+    ``layers`` lists the quantizers in stage order, fit by ``fit``.
+    """
+
+    def __init__(self, num_layers: int, steps: int, dim: int, codebook_size: int,
+                 chunk_layers: int, cell_scale: bool = False, beam_width: int = 1, **vq_kwargs):
+        if not 0 <= chunk_layers <= num_layers:
+            raise ValueError(f"chunk_layers must be in 0..{num_layers}, got {chunk_layers}")
+        if chunk_layers < num_layers and dim % steps:
+            raise ValueError(f"group layers cut the {dim} values of a chunk into {steps} equal groups: "
+                             f"{dim} is not divisible by {steps}")
+        kinds = ["chunk"] * chunk_layers + ["group"] * (num_layers - chunk_layers)
+        # (layer, position or None) of every stage, in order
+        plan = [(l, t) for l, kind in enumerate(kinds) for t in (range(steps) if kind == "chunk" else [None])]
+        super().__init__([dim if t is not None else dim // steps for _, t in plan], codebook_size,
+                         cell_scale, beam_width, **vq_kwargs)
+        self.steps, self.chunk_layers, self.dim = steps, chunk_layers, dim
+        self.kinds, self._plan = kinds, plan
+        self.joint_stages = chunk_layers * steps
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kinds)
+
+    def _stages(self) -> list:
+        """[(stage index, layer, position or None, quantizer)] in stage order; position None:
+        a group layer."""
+        return [(i, l, t, vq) for i, ((l, t), vq) in enumerate(zip(self._plan, self.layers))]
+
+    def _rows(self, residual: torch.Tensor, t) -> torch.Tensor:
+        """The vectors one stage codes: the whole chunks [B, C] or their groups [B * T', C / T']."""
+        return residual if t is not None else residual.reshape(-1, self.dim // self.steps)
+
+    def _check(self, z: torch.Tensor) -> torch.Tensor:
+        B, one, C = z.shape
+        if one != 1 or C != self.dim:
+            raise ValueError(f"the staged quantizer takes one {self.dim}-value vector per chunk, "
+                             f"got {tuple(z.shape[1:])}")
+        return z.reshape(B, C)
+
+    def encode_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [B, 1, C] -> codes [B, T', L]: nearest codes stage by stage, or by beam search
+        (in NumPy; the codes come back on z's device)."""
+        x = self._check(z).detach().cpu().numpy()
+        codes = self._beam(x, self.beam_width) if self.beam_width > 1 else self._greedy(x)
+        return torch.from_numpy(codes).to(z.device)
+
+    def _greedy(self, z: np.ndarray) -> np.ndarray:
+        """z [B, C] -> codes [B, T', L], the nearest code at every stage."""
+        B, n = z.shape[0], self.steps
+        tables = self._search_tables()
+        n_chunk = self.joint_stages
+        scale, out = np.ones(B, z.dtype), []
+        residual = z
+        if n_chunk:
+            codes, residual, scale = self._nearest(tables[:n_chunk], residual, scale)
+            out.append(codes.reshape(B, self.chunk_layers, n).transpose(0, 2, 1))
+        if n_chunk < len(tables):
+            groups, _, _ = self._nearest(tables[n_chunk:], residual.reshape(B * n, -1), np.repeat(scale, n))
+            out.append(groups.reshape(B, n, -1))
+        return np.concatenate(out, -1)
+
     def _beam(self, z: np.ndarray, width: int) -> np.ndarray:
         """z [B, C] -> codes [B, T', L] by beam search: the chunk stages keep ``width`` paths
         per chunk; from each, the group layers take the nearest codes (a beam there gained
         little on LIBERO demos); the path that leaves the least wins."""
         B, n, C = z.shape[0], self.steps, self.dim
         tables = self._search_tables()
-        n_chunk = self.chunk_layers * n
-        residual, scale = z[:, None], np.ones((B, 1), z.dtype)
-        history = np.zeros((B, 1, 0), np.int64)  # [B, paths, stages so far]: the codes of each path
+        n_chunk = self.joint_stages
         rows = np.arange(B)[:, None]
-        for table in tables[:n_chunk]:
-            residual, scale, path, code = self._beam_step(table, residual, scale, width, rows)
-            history = np.concatenate([history[rows, path], code[..., None]], -1)
+        history, residual, scale = self._beam_paths(tables[:n_chunk], z, width)
         P = residual.shape[1]
         if n_chunk < len(tables):
             group_codes, left, _ = self._nearest(tables[n_chunk:], residual.reshape(B * P * n, C // n),
@@ -775,31 +895,13 @@ class StagedResidualQuantizer(nn.Module):
                 scale = after[:, -1:]
             parts.append(vec.reshape(B, lc, n, self.dim).sum(2).cumsum(1))      # [B, lc, C]
         if lg:
-            rows = c[:, :, lc:] + K * np.arange(lg)                              # [B, T', lg]
-            vec = group_rows[rows]                                               # [B, T', lg, c]
-            if scales is not None:
-                after = np.cumprod(scales[self.chunk_layers * n * K + rows], -1)  # [B, T', lg]
-                before = np.concatenate([np.ones_like(after[..., :1]), after[..., :-1]], -1)
-                vec *= (before if scale is None else before * scale[:, :, None])[..., None]
+            group_scales = None if scales is None else scales[self.joint_stages * K:]
+            vec = self._position_vectors(c[:, :, lc:], group_rows, group_scales, K,
+                                         None if scale is None else scale[:, :, None])  # [B, T', lg, c]
             sums = vec.cumsum(2).transpose(0, 2, 1, 3).reshape(B, lg, self.dim)  # [B, lg, C]
             parts.append(sums + parts[-1][:, -1:] if parts else sums)
         out = np.concatenate(parts, 1).transpose(1, 0, 2)
         return torch.from_numpy(np.ascontiguousarray(out)).to(codes.device)
-
-    def _decode_tables(self) -> tuple:
-        """(the chunk stages' codebooks as one table [chunk stages * K, C], stage s's code k at
-        row s * K + k; the group layers' likewise [group layers * K, C / T']; every stage's
-        scales flat [stages * K] or None), from ``_search_tables`` and kept as long."""
-        books = [vq.codebook for vq in self.layers]
-
-        def build():
-            tables = self._search_tables()
-            n_chunk = self.chunk_layers * self.steps
-            stack = lambda part: np.concatenate([t[0] for t in part]) if part else None
-            scales = np.concatenate([t[3] for t in tables]) if self.cell_scale else None
-            return stack(tables[:n_chunk]), stack(tables[n_chunk:]), scales
-
-        return _cached(self, "decode", books + ([self.scales] if self.cell_scale else []), build)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [B, T', l] (l <= L) -> latent [B, 1, C], summed in the forward's order."""
@@ -810,44 +912,131 @@ class StagedResidualQuantizer(nn.Module):
             leave_one_out: bool = True) -> torch.Tensor:
         """Greedy residual k-means on z [N, 1, C]: each stage's codebook is fit by k-means on
         what the earlier stages left, stage after stage (divided by the running scale with
-        ``cell_scale``).
-
-        ``leave_one_out``: the next stage is fit on the residual each vector would have if its
-        code's centroid had been fit without it, m / (m - 1) times its own residual for a code
-        of m vectors, and the vector itself for a code of one. Without it the stages soon
-        memorise the training chunks (their residuals fall to zero within a few stages) and the
-        later stages, fit on those, do little for unseen chunks. A code's scale is the root
-        mean square of its cell's (leave-one-out) residuals, with ``CELL_SCALE_PRIOR``
-        pseudo-vectors at the stage's mean so that a code of few vectors keeps a scale near 1,
-        over the stage's root mean square. Returns the residual [N, C] the last stage leaves
-        (leave-one-out or not, as the stages were fit).
-        """
+        ``cell_scale``; on leave-one-out residuals unless told otherwise: ``_fit_stage``).
+        Returns the residual [N, C] the last stage leaves (leave-one-out or not, as the stages
+        were fit)."""
         residual = z.reshape(z.shape[0], self.dim)
         N, n = residual.shape[0], self.steps
         scale = residual.new_ones(N, 1)
-        for i, _, t, vq in self._stages():
+        for i, _, t, _ in self._stages():
             rows = self._rows(residual, t)
             if t is None and scale.shape[0] == N:
                 scale = scale.repeat_interleave(n, 0)
-            u = rows / scale
-            vq.kmeans_init(u, iters, seeding)
-            code, q = vq.quantize_and_lookup(u)
-            left = u - q
-            if leave_one_out:
-                m = torch.bincount(code, minlength=vq.codebook_size)[code].to(left.dtype)[:, None]
-                left = torch.where(m > 1, left * m / (m - 1).clamp(min=1), u)
-            if self.cell_scale:
-                energy = left.square().mean(1)
-                mean = energy.mean()
-                if mean > 0:
-                    count = torch.bincount(code, minlength=vq.codebook_size).to(energy.dtype)
-                    total = torch.zeros_like(count).index_add_(0, code, energy)
-                    self.scales[i] = ((total + CELL_SCALE_PRIOR * mean) / (count + CELL_SCALE_PRIOR) / mean).sqrt()
-                else:  # nothing left to code: every later stage sees zeros at any scale
-                    self.scales[i] = 1.0
+            code, left = self._fit_stage(i, rows / scale, iters, seeding, leave_one_out)
             residual = (left * scale).reshape(residual.shape)
             scale = self._next_scale(scale, i, code)
         return residual
+
+
+class PrincipalAxes(nn.Module):
+    """The linear, orthogonal encoder of ``encoder="pca"``: a normalized chunk x [B, T * D]
+    minus the training mean, in the basis of its principal axes (PCA of the training chunks),
+    the axes dealt out to T' positions in turn (axis j to position j mod T'; zero columns pad
+    T * D up to T' * c), z [B, T' * c] (c values per position, the strongest axes first).
+
+    Dealing the axes out in turn gives every position a similar share of the variance, so one
+    codebook per layer serves all T' positions, and the coordinates are uncorrelated, so coding
+    the positions apart loses little. ``inverse`` is the transpose: an unquantized latent
+    decodes exactly (no autoencoder floor), and a sum of code vectors decodes linearly. The
+    mean and the basis are buffers, fit by ``fit``, never by gradient.
+    """
+
+    def __init__(self, dim: int, steps: int):
+        super().__init__()
+        self.steps, self.width = steps, -(-dim // steps)  # T', c
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("basis", torch.zeros(dim, steps * self.width))  # orthonormal columns and zero ones
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> "PrincipalAxes":
+        """x: [N, T * D] normalized training chunks (N >= 2)."""
+        if x.shape[0] < 2:
+            raise ValueError(f"the principal axes need at least 2 training chunks, got {x.shape[0]}")
+        x64 = x.double()
+        mean = x64.mean(0)
+        variance, axes = torch.linalg.eigh(torch.cov((x64 - mean).t()))
+        axes = axes[:, torch.argsort(variance, descending=True)]                # [T * D, T * D]
+        dim, n = axes.shape[0], self.steps
+        padded = torch.cat([axes, axes.new_zeros(dim, n * self.width - dim)], 1)  # [T * D, T' * c]
+        # column t * c + i holds axis i * T' + t: position t gets axes t, t + T', t + 2 T', ...
+        order = torch.arange(n * self.width).view(self.width, n).t().reshape(-1)
+        self.mean.copy_(mean.float())
+        self.basis.copy_(padded[:, order].float())
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T * D] -> z [B, T' * c]."""
+        return (x - self.mean) @ self.basis
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [B, T' * c] -> x [B, T * D] (linear: the transpose of the encoder)."""
+        return z @ self.basis.t() + self.mean
+
+
+class ParallelResidualQuantizer(KMeansResidualQuantizer):
+    """RVQ whose T' positions are coded in parallel (``encoder="pca"``), on z: [B, T', c], the
+    chunk's principal coordinates (``PrincipalAxes``).
+
+    Every layer is a parallel layer: it codes the residual of each position with one codebook
+    [K, c] shared by the positions (the staged quantizer's group layers, on uncorrelated
+    coordinates instead of groups of steps). A position's codes depend on its own earlier codes
+    only, never on the other positions of its layer, so a policy can predict a layer's T' codes
+    at once. With ``cell_scale``, code k of layer l adds ``S * codebook_l[k]`` at a position, S
+    the product of ``scales[j, code_j]`` over that position's codes of layers j < l (1 at layer
+    0): known from the codes below, before layer l is chosen.
+
+    ``beam_width`` W > 1: each position is encoded by a beam search over the L layers (W paths;
+    the one leaving the least residual wins); the positions stay independent. Fit by ``fit``.
+    """
+
+    def __init__(self, num_layers: int, steps: int, dim: int, codebook_size: int,
+                 cell_scale: bool = False, beam_width: int = 1, **vq_kwargs):
+        super().__init__([dim] * num_layers, codebook_size, cell_scale, beam_width, **vq_kwargs)
+        self.steps, self.dim = steps, dim  # T', c
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @torch.no_grad()
+    def fit(self, z: torch.Tensor, iters: int = DIRECT_KMEANS_ITERS, seeding: str = "random",
+            leave_one_out: bool = True) -> torch.Tensor:
+        """Greedy residual k-means on z [N, T', c], layer after layer, the positions' residuals
+        (over their running scale) pooled [N * T', c] (``_fit_stage``). Returns the residual
+        [N, T', c] the last layer leaves."""
+        residual = z.reshape(-1, self.dim)
+        scale = residual.new_ones(residual.shape[0], 1)
+        for i in range(self.num_layers):
+            code, left = self._fit_stage(i, residual / scale, iters, seeding, leave_one_out)
+            residual = left * scale
+            scale = self._next_scale(scale, i, code)
+        return residual.view(z.shape)
+
+    def encode_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [B, T', c] -> codes [B, T', L]: every position on its own, the nearest code layer by
+        layer or by beam search (in NumPy; the codes come back on z's device)."""
+        B, n, c = z.shape
+        rows = z.detach().cpu().numpy().reshape(B * n, c)
+        tables = self._search_tables()
+        if self.beam_width > 1:
+            history, residual, _ = self._beam_paths(tables, rows, self.beam_width)
+            pick = (residual * residual).sum(-1).argmin(1)                 # [B * T']
+            codes = history[np.arange(B * n), pick]
+        else:
+            codes = self._nearest(tables, rows, np.ones(B * n, rows.dtype))[0]
+        return torch.from_numpy(codes.reshape(B, n, -1)).to(z.device)
+
+    def _prefixes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, T', l] -> the running sum after each of the l layers, [l, B, T', c]
+        (``_position_vectors``; in NumPy, like the search)."""
+        _, table, scales = self._decode_tables()
+        vec = self._position_vectors(codes.detach().cpu().numpy(), table, scales, self.layers[0].codebook_size)
+        out = vec.cumsum(2).transpose(2, 0, 1, 3)
+        return torch.from_numpy(np.ascontiguousarray(out)).to(codes.device)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, T', l] (l <= L) -> latent [B, T', c], summed in the forward's order."""
+        return self._prefixes(codes)[-1]
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -917,12 +1106,17 @@ class RVQTokenizer(nn.Module):
         self.config = c = config
         self.normalizer = ActionNormalizer(c.action_dim)
         C = c.quantizer_dim
+        # the quantizers fit by residual k-means ("none", "pca")
+        kmeans = dict(cell_scale=c.cell_scale, beam_width=c.beam_width, decay=c.ema_decay,
+                      dead_code_fraction=c.dead_code_fraction)
         if c.encoder == "none":
             self.encoder = self.decoder = None
             self.quantizer = StagedResidualQuantizer(
-                c.num_layers, c.latent_steps, C, c.codebook_size, min(c.chunk_layers, c.num_layers),
-                cell_scale=c.cell_scale, beam_width=c.beam_width,
-                decay=c.ema_decay, dead_code_fraction=c.dead_code_fraction)
+                c.num_layers, c.latent_steps, C, c.codebook_size, min(c.chunk_layers, c.num_layers), **kmeans)
+            return
+        if c.encoder == "pca":  # the decoder is the encoder's transpose (PrincipalAxes.inverse)
+            self.encoder, self.decoder = PrincipalAxes(c.chunk_size * c.action_dim, c.latent_steps), None
+            self.quantizer = ParallelResidualQuantizer(c.num_layers, c.latent_steps, C, c.codebook_size, **kmeans)
             return
         self.encoder = ChunkMLP(c.chunk_size * c.action_dim, c.hidden_dim, c.latent_steps * C, c.num_blocks)
         self.decoder = ChunkMLP(c.latent_steps * C, c.hidden_dim, c.chunk_size * c.action_dim, c.num_blocks)
@@ -961,9 +1155,10 @@ class RVQTokenizer(nn.Module):
         """latent: [..., T', C] -> [..., T, D] normalized."""
         c = self.config
         lead = latent.shape[:-2]
-        if self.decoder is None:
+        if self.encoder is None:
             return latent.reshape(*lead, c.chunk_size, c.action_dim)
-        out = self.decoder(latent.reshape(-1, latent.shape[-2] * latent.shape[-1]))
+        decoder = self.encoder.inverse if c.encoder == "pca" else self.decoder
+        out = decoder(latent.reshape(-1, latent.shape[-2] * latent.shape[-1]))
         return out.view(*lead, c.chunk_size, c.action_dim)
 
     def sample_keep(self, batch: int, device=None) -> torch.Tensor:
@@ -1078,10 +1273,13 @@ class RVQTokenizer(nn.Module):
     @torch.no_grad()
     def init_codebooks(self, actions, iters: int = 10, leave_one_out: bool = True) -> None:
         """k-means initialise every RVQ layer, in order, on the residuals of actions [N, T, D].
-        Without an encoder this fits the tokenizer (``StagedResidualQuantizer.fit``, on
-        leave-one-out residuals unless told otherwise)."""
+        For the encoders fit by residual k-means ("none", "pca") this fits the tokenizer (the
+        principal axes for "pca", then ``quantizer.fit``, on leave-one-out residuals unless told
+        otherwise)."""
         x = self.normalize(self._check_actions(actions))
-        if self.config.encoder == "none":
+        if self.config.encoder == "pca":
+            self.encoder.fit(x.flatten(1))
+        if self.config.encoder in KMEANS_ENCODERS:
             self.quantizer.fit(self._encode_latent(x), iters, leave_one_out=leave_one_out)
             return
         residual = self._encode_latent(x).reshape(-1, self.config.quantizer_dim)
@@ -1183,7 +1381,7 @@ class RVQTokenizer(nn.Module):
             raise ValueError(f"actions: episodes shorter than chunk_size {config.chunk_size} leave "
                              f"{len(train)} training and {len(val)} validation chunks")
         torch.manual_seed(seed)
-        if config.encoder == "none":
+        if config.encoder in KMEANS_ENCODERS:
             model, history = fit_residual_kmeans(config, train, val, iters=DIRECT_KMEANS_ITERS, device=device)
         else:
             model, history = train_tokenizer(config, train, val, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -1314,10 +1512,10 @@ def warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
 
 def fit_residual_kmeans(config: RVQConfig, train_chunks: np.ndarray, val_chunks: np.ndarray, *,
                         iters: int, leave_one_out: bool = True, device: str = "cpu") -> tuple[RVQTokenizer, dict]:
-    """Encoder 'none': fit every stage's codebook by k-means on the (leave-one-out) residuals
-    all earlier stages leave on the training chunks [N, T, D] (raw units), in order
-    (``StagedResidualQuantizer.fit``). Returns the model and the train and validation MSE per
-    layer."""
+    """Encoders 'none' and 'pca': fit every stage's codebook by k-means on the (leave-one-out)
+    residuals all earlier stages leave on the training chunks [N, T, D] (raw units), in order
+    (``RVQTokenizer.init_codebooks``: for 'pca' the principal axes first). Returns the model and
+    the train and validation MSE per layer."""
     model = RVQTokenizer(config).to(device)
     train = torch.as_tensor(train_chunks, dtype=torch.float32, device=device)
     model.normalizer.fit(train.reshape(-1, config.action_dim))
@@ -1335,8 +1533,8 @@ def train_tokenizer(config: RVQConfig, train_chunks: np.ndarray, val_chunks: np.
                     progress: bool = True) -> tuple[RVQTokenizer, dict]:
     """Train on train_chunks [N, T, D] (raw units); returns the model restored to the epoch
     with the best validation score, and the history (per-epoch losses, usage, val MSE)."""
-    if config.encoder == "none":
-        raise ValueError("encoder 'none' is fit by fit_residual_kmeans, not trained by gradient")
+    if config.encoder in KMEANS_ENCODERS:
+        raise ValueError(f"encoder {config.encoder!r} is fit by fit_residual_kmeans, not trained by gradient")
     model = RVQTokenizer(config).to(device)
     train = torch.as_tensor(train_chunks, dtype=torch.float32, device=device)
     val = torch.as_tensor(val_chunks, dtype=torch.float32, device=device)

@@ -31,7 +31,7 @@ def layer_signals(engine: RSDEngine, obs: np.ndarray, task: int) -> tuple[np.nda
     prediction after each layer [L], log(gap + gap_eps) as the engine compares it (else None)."""
     logits, codes, gap = engine.dense_trace(obs, task)
     L = len(logits)
-    signal = np.array([engine.expected_refinement(logits[l], l) for l in range(L)])
+    signal = engine.expected_refinements(logits, codes)
     learned = None
     if engine.stop_model is not None:
         stop = LearnedStop(engine)

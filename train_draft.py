@@ -151,7 +151,7 @@ def rollout_data(files, policy, tokenizer, args):
     eps = training_rollouts(files, tokenizer.config.action_dim)
     tr_eps, val_eps = split_by_episode(eps, 0.1, seed=args.seed)
     c = policy.config
-    kw = dict(history=c.action_history)  # executed actions: what the history holds online too
+    kw = dict(history=c.action_history, num_layers=c.num_layers)  # executed actions: what the history holds online too
     tr = build_dataset(tr_eps, tokenizer, c.obs_keys, c.instructions, **kw).to(args.device)
     val = build_dataset(val_eps, tokenizer, c.obs_keys, c.instructions, **kw).to(args.device)
     return tr, main_targets(policy, tr, args.k)[0], val, main_targets(policy, val, args.k)[0]
@@ -310,7 +310,7 @@ def main(args: DraftArgs) -> dict:
     train_eps, val_eps = split_like_policy(episodes, pckpt)
     instr = policy.config.instructions
     targets = pckpt["provenance"]["args"].get("targets", "actions")  # what the main policy imitated
-    kw = dict(targets=targets, history=policy.config.action_history)
+    kw = dict(targets=targets, history=policy.config.action_history, num_layers=policy.config.num_layers)
     train = build_dataset(train_eps, tokenizer, policy.config.obs_keys, instr, **kw).to(args.device)
     val = build_dataset(val_eps, tokenizer, policy.config.obs_keys, instr, **kw).to(args.device)
     policy = policy.to(args.device)

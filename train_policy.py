@@ -1,7 +1,13 @@
 """Phase 2: train the main token policy over a frozen tokenizer's codes.
 
     python train_policy.py --data data/spatial_train.hdf5 --tokenizer rvq_tokenizer.pt \\
-        --output policy.pt --json policy.json [--variant ar|parallel]
+        --output policy.pt --json policy.json [--variant ar|parallel] [--num_layers 8]
+
+The policy predicts the first ``--num_layers`` layers of the tokenizer's codes (default: all of
+them); a prefix of layers decodes, so the later phases decode its codes with the same tokenizer
+and read the number of layers from the policy's config. The main job's tokenizer (``--encoder
+pca``, 24 layers of 16 bits) is built to beat the compression baselines deep into its layers; a
+policy predicts its first 8 (128 bits; issue 27).
 
 One multi-task policy per suite, conditioned on the instruction; low-dim observations.
 Validation is on held-out episodes: per-layer token accuracy (teacher forced) and the MSE of
@@ -41,6 +47,8 @@ class PolicyArgs(cli.OptimArgs):
     data: list[str] = arg(None, "demo files (HDF5, data/demo_*/...) or LeRobot dataset folders",
                           factory=list, required=True, nargs="+", metavar="PATH")
     tokenizer: str = arg(None, "phase-1 tokenizer checkpoint", required=True, metavar="PATH")
+    num_layers: int | None = arg(None, "layers of the tokenizer's codes the policy predicts, its first ones "
+                                       "(default: all of them; with --init: the starting policy's)")
     obs_keys: list[str] = arg(None, "low-dim observation keys, concatenated",
                               factory=lambda: list(pm.DEFAULT_OBS_KEYS), nargs="+")
     targets: str = arg("actions", "what the policy imitates: the executed actions, or the expert's own "
@@ -73,6 +81,8 @@ class PolicyArgs(cli.OptimArgs):
         self.device = str(cli.resolve_device(self.device))
         self.check_optim()
         cli.require_counts(self, "d_model", "n_heads", "n_blocks", "obs_tokens")
+        cli.require(self.num_layers is None or self.num_layers >= 1,
+                    f"--num_layers must be >= 1, got {self.num_layers}")
         cli.require(self.action_history >= 0, f"--action_history must be >= 0, got {self.action_history}")
         cli.require_positive("--weight_decay", self.weight_decay, allow_zero=True)
         cli.require_positive("--obs_noise", self.obs_noise, allow_zero=True)
@@ -171,8 +181,9 @@ def keep_init_split(train_eps: list, val_eps: list, init_provenance: dict) -> tu
     return [e for e in every if not is_val(e)], [e for e in every if is_val(e)]
 
 
-def load_data(args, tokenizer, init_ckpt: dict | None = None):
-    """Split by episode and build both datasets. With ``init_ckpt`` (the policy to start from),
+def load_data(args, tokenizer, init_ckpt: dict | None = None, num_layers: int | None = None):
+    """Split by episode and build both datasets, the codes' first ``num_layers`` layers (None:
+    all). With ``init_ckpt`` (the policy to start from),
     its vocabulary of instructions is kept (every instruction in the data must be in it) and so
     is its split of the episodes it has seen (``keep_init_split``)."""
     D = tokenizer.config.action_dim
@@ -198,7 +209,7 @@ def load_data(args, tokenizer, init_ckpt: dict | None = None):
         if unknown:
             raise ValueError(f"--init {args.init!r} was trained without the instruction(s) {unknown} "
                              f"found in {args.data}")
-    kw = dict(targets=args.targets, history=args.action_history)
+    kw = dict(targets=args.targets, history=args.action_history, num_layers=num_layers)
     train = build_dataset(train_eps, tokenizer, args.obs_keys, instructions, **kw)
     val = build_dataset(val_eps, tokenizer, args.obs_keys, instructions, **kw)
     log.info("%d train episodes (%d chunks), %d validation episodes (%d chunks), %d instructions",
@@ -213,7 +224,8 @@ def load_init(args) -> tuple[pm.TokenPolicy, dict]:
     cfg = model.config
     for flag, want, got in (("--obs_keys", tuple(args.obs_keys), tuple(cfg.obs_keys)),
                             ("--action_history", args.action_history, cfg.action_history),
-                            ("--variant", args.variant, cfg.variant)):
+                            ("--variant", args.variant, cfg.variant),
+                            ("--num_layers", args.num_layers or cfg.num_layers, cfg.num_layers)):
         if want != got:
             raise ValueError(f"--init {args.init!r} was trained with {flag} {got}, not {want}")
     return model, ckpt
@@ -239,14 +251,18 @@ def main(args: PolicyArgs) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     tokenizer, _ = load_tokenizer(args.tokenizer)
-    if tokenizer.config.encoder != "mlp":
-        raise ValueError(f"--tokenizer {args.tokenizer}: encoder {tokenizer.config.encoder!r} is for "
-                         f"compression studies; the policy and the decoding engine need a tokenizer "
-                         f"with an encoder (train_rvq_tokenizer.py without --encoder none)")
+    tc = tokenizer.config
+    if tc.encoder == "none":
+        raise ValueError(f"--tokenizer {args.tokenizer}: encoder 'none' is for compression studies (the T' codes "
+                         f"of its whole-chunk layers are sequential stages); the policy needs a tokenizer whose "
+                         f"T' codes of a layer are parallel: encoder 'pca' (train_rvq_tokenizer.py's default) or 'mlp'")
+    if args.num_layers is not None and args.num_layers > tc.num_layers:
+        raise ValueError(f"--num_layers {args.num_layers}: the tokenizer {args.tokenizer} has {tc.num_layers} layers")
     tok_sha = file_sha256(args.tokenizer)
     init, init_ckpt = load_init(args) if args.init else (None, None)
+    num_layers = init.config.num_layers if init is not None else args.num_layers or tc.num_layers
     init_info = None
-    train_eps, val_eps, train, val, instructions = load_data(args, tokenizer, init_ckpt)
+    train_eps, val_eps, train, val, instructions = load_data(args, tokenizer, init_ckpt, num_layers)
     if init is not None:
         if train.obs.shape[1] != init.config.obs_dim:
             raise ValueError(f"--init {args.init!r} takes {init.config.obs_dim} observation features, "
@@ -255,10 +271,9 @@ def main(args: PolicyArgs) -> dict:
         init_info = {"path": os.path.abspath(args.init), "sha256": file_sha256(args.init)}
         log.info("starting from %s (%s)", args.init, init_info["sha256"][:12])
     else:
-        tc = tokenizer.config
         cfg = pm.PolicyConfig(
             obs_dim=train.obs.shape[1], instructions=instructions, latent_steps=tc.latent_steps,
-            num_layers=tc.num_layers, codebook_sizes=tokenizer.layer_codebook_sizes(),
+            num_layers=num_layers, codebook_sizes=tokenizer.layer_codebook_sizes()[:num_layers],
             obs_keys=tuple(args.obs_keys), action_history=args.action_history, variant=args.variant,
             d_model=args.d_model, n_heads=args.n_heads, n_blocks=args.n_blocks, obs_tokens=args.obs_tokens,
             dropout=args.dropout)

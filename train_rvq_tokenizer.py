@@ -1,17 +1,25 @@
-"""Phase 1: train a residual tokenizer (RVQ or RFSQ) on LIBERO action chunks.
+"""Phase 1: train a residual tokenizer on LIBERO action chunks.
 
-    python train_rvq_tokenizer.py --num_episodes 50                 # collect with the scripted expert, then train
-    python train_rvq_tokenizer.py --data demos.hdf5 --quantizer rfsq # train on existing demo files
-    python train_rvq_tokenizer.py --data demos.hdf5 --encoder none   # RVQ on the chunk itself, residual k-means
+    python train_rvq_tokenizer.py --num_episodes 50                   # collect with the scripted expert, then fit
+    python train_rvq_tokenizer.py --data demos.hdf5                    # fit on existing demo files
+    python train_rvq_tokenizer.py --data demos.hdf5 --encoder mlp      # an MLP autoencoder with RVQ, trained
+    python train_rvq_tokenizer.py --data demos.hdf5 --encoder mlp --quantizer rfsq
+    python train_rvq_tokenizer.py --data demos.hdf5 --encoder none     # RVQ on the chunk itself, residual k-means
 
-Chunks are cut from whole episodes and the validation split is made by episode, so no
-validation chunk overlaps a training chunk. The checkpoint kept is the epoch with the best
-validation error (geometric mean over prefixes 1..L of the normalized-action MSE), and it
-records the data files, the train / validation episodes, the arguments, the seed and the
-metrics. Beside it: ``<stem>_training_history.png`` and, when collecting, ``<stem>_demos.hdf5``.
-With ``--encoder none`` there is nothing to train by gradient: the codebooks (and each code's
-residual scale, unless ``--no_cell_scale``) are fit stage by stage by k-means on the training
-chunks' leave-one-out residuals, and the plot shows train and validation MSE per layer.
+The default tokenizer (``--encoder pca``, 2 positions, 24 layers of 256 codes, a beam of 8) is the
+one the whole chain uses (issue 27): RVQ in the chunk's principal axes, the positions of a layer
+coded in parallel with one shared codebook, fit by residual k-means; it is below DCT, FAST and
+binning at every bit budget up to DCT's 0.001 on held-out episodes, and a policy predicts its
+first layers (``train_policy.py --num_layers``). Chunks are cut from whole episodes and the
+validation split is made by episode, so no validation chunk overlaps a training chunk.
+
+``--encoder pca`` and ``--encoder none`` have nothing to train by gradient: the codebooks (and
+each code's residual scale, unless ``--no_cell_scale``) are fit stage by stage by k-means on the
+training chunks' leave-one-out residuals, and the plot shows train and validation MSE per layer.
+``--encoder mlp`` trains by gradient and keeps the epoch with the best validation error
+(geometric mean over prefixes 1..L of the normalized-action MSE). The checkpoint records the data
+files, the train / validation episodes, the arguments, the seed and the metrics. Beside it:
+``<stem>_training_history.png`` and, when collecting, ``<stem>_demos.hdf5``.
 """
 
 from __future__ import annotations
@@ -28,13 +36,20 @@ import cli
 from cli import arg
 from demos import TARGETS, chunk_actions, episode_identity, episode_targets, load_episodes, split_by_episode, validation_count
 from fileio import check_outputs, save_figure
-from rvq_tokenizer import (DEFAULT_BEAM_WIDTH, DIRECT_KMEANS_ITERS, ENCODERS, QUANTIZERS, RVQConfig, code_usage,
-                           fit_residual_kmeans, save_tokenizer, train_tokenizer, validation_metrics)
+from rvq_tokenizer import (DEFAULT_BEAM_WIDTH, DIRECT_KMEANS_ITERS, ENCODERS, KMEANS_ENCODERS, QUANTIZERS, RVQConfig,
+                           code_usage, fit_residual_kmeans, save_tokenizer, train_tokenizer, validation_metrics)
 
 log = logging.getLogger("train_rvq_tokenizer")
 
 # Encoder / decoder width per quantizer: RFSQ over-fits the main job's 50 episodes at 64.
 DEFAULT_HIDDEN_DIM = {"rvq": 64, "rfsq": 32}
+# Latent steps T' and layers L per encoder when the flags are not given. "pca": the main job's
+# tokenizer, chosen in issue 27 (16-bit layers pass bar 1 where coarser ones lose at the low-bit
+# end, and 24 of them reach past DCT's 0.001; the beam's 8 paths are RVQConfig's default for it).
+# "mlp" and "none": the sizes they were studied with (RVQConfig's defaults).
+ENCODER_DEFAULTS = {"pca": {"latent_steps": 2, "num_layers": 24},
+                    "mlp": {"latent_steps": RVQConfig.latent_steps, "num_layers": RVQConfig.num_layers},
+                    "none": {"latent_steps": RVQConfig.latent_steps, "num_layers": RVQConfig.num_layers}}
 
 
 @dataclass
@@ -53,26 +68,34 @@ class TokenizerArgs(cli.OptimArgs):
     val_fraction: float = arg(0.1, "share of episodes held out (at least one)")
     # model
     quantizer: str = arg("rvq", "residual VQ, or residual finite scalar quantization", choices=list(QUANTIZERS))
-    encoder: str = arg("mlp", "'none': RVQ on the normalized chunk itself (whole-chunk layers, then step-group "
-                              "layers; see --chunk_layers), fit by residual k-means (no gradient training)",
+    encoder: str = arg("pca", "'pca': RVQ in the chunk's principal axes, dealt out to latent_steps parallel "
+                              "positions sharing one codebook per layer; 'none': RVQ on the normalized chunk itself "
+                              "(whole-chunk layers, then step-group layers; see --chunk_layers); both fit by "
+                              "residual k-means (no gradient training: the training flags are ignored); 'mlp': an "
+                              "MLP encoder and decoder trained by gradient with --quantizer",
                        choices=list(ENCODERS))
     chunk_layers: int = arg(RVQConfig.chunk_layers, "encoder 'none': the first layers code the whole chunk "
                                                     "(latent_steps stages each), the rest code latent_steps "
                                                     "groups of steps with one shared codebook")
-    no_leave_one_out: bool = arg(False, "encoder 'none': fit each stage on the plain training residuals, which "
-                                        "the stages memorise, instead of the leave-one-out ones")
-    no_cell_scale: bool = arg(False, "encoder 'none': no per-code residual scales")
-    beam_width: int | None = arg(None, f"encoder 'none': paths kept by the beam search that encodes (1: the "
-                                       f"nearest code at every stage; default {DEFAULT_BEAM_WIDTH})")
-    kmeans_iters: int = arg(DIRECT_KMEANS_ITERS, "Lloyd iterations per codebook (encoder 'none')")
-    num_layers: int = arg(8, "residual layers")
+    no_leave_one_out: bool = arg(False, "encoders 'pca' and 'none': fit each stage on the plain training "
+                                        "residuals, which the stages memorise, instead of the leave-one-out ones")
+    no_cell_scale: bool = arg(False, "encoders 'pca' and 'none': no per-code residual scales")
+    beam_width: int | None = arg(None, "encoders 'pca' and 'none': paths kept by the beam search that encodes (1: "
+                                       "the nearest code at every stage; default "
+                                       + ", ".join(f"{w} for {e}" for e, w in DEFAULT_BEAM_WIDTH.items()) + ")")
+    kmeans_iters: int = arg(DIRECT_KMEANS_ITERS, "Lloyd iterations per codebook (encoders 'pca' and 'none')")
+    num_layers: int | None = arg(None, "residual layers (default: "
+                                       + ", ".join(f"{d['num_layers']} for {e}" for e, d in ENCODER_DEFAULTS.items())
+                                       + ")")
     codebook_size: int = arg(256, "K per RVQ layer")
     fsq_levels: list[int] = arg(None, "RFSQ levels per latent dimension (codebook = their product)",
                                 factory=lambda: list(RVQConfig.fsq_levels), nargs="+")
     fsq_layer_scale: float = arg(RVQConfig.fsq_layer_scale, "RFSQ: residual magnification per layer, in "
                                                             "(1, min level]; 0 = the levels (an exactly nested grid)")
-    latent_steps: int = arg(RVQConfig.latent_steps, "latent vectors per chunk; one layer costs "
-                                                    "latent_steps * log2(K) bits")
+    latent_steps: int | None = arg(None, "latent vectors (positions) per chunk; one layer costs latent_steps * "
+                                         "log2(K) bits (default: "
+                                         + ", ".join(f"{d['latent_steps']} for {e}" for e, d in ENCODER_DEFAULTS.items())
+                                         + ")")
     hidden_dim: int | None = arg(None, f"encoder / decoder width (default: {DEFAULT_HIDDEN_DIM['rvq']} for rvq, "
                                        f"{DEFAULT_HIDDEN_DIM['rfsq']} for rfsq)")
     code_dim: int = arg(RVQConfig.code_dim, "RVQ code vector size")
@@ -94,6 +117,9 @@ class TokenizerArgs(cli.OptimArgs):
         self.device = str(cli.resolve_device(self.device))
         if self.hidden_dim is None:
             self.hidden_dim = DEFAULT_HIDDEN_DIM.get(self.quantizer, 64)
+        for name, value in ENCODER_DEFAULTS.get(self.encoder, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.check_optim()
         cli.require_counts(self, "kmeans_iters", "chunk_size", "workers")
         cli.require(0 < self.val_fraction < 1, f"--val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -130,7 +156,7 @@ def parse_args(argv=None) -> TokenizerArgs:
 
 
 def build_parser() -> cli.ArgsParser:
-    return cli.ArgsParser(TokenizerArgs, "Train a residual tokenizer (RVQ or RFSQ) on LIBERO action chunks "
+    return cli.ArgsParser(TokenizerArgs, "Fit or train a residual tokenizer on LIBERO action chunks "
                                          "(phase 1); without --data, collect with the scripted expert first.")
 
 
@@ -219,10 +245,11 @@ def _save_figure(fig, path: str) -> None:
 def print_table(result: dict) -> None:
     m = result["metrics"]
     c = result["config"]
-    how = (f"best epoch {m['best_epoch']}" if c.get("encoder", "mlp") == "mlp"
-           else f"no encoder, residual k-means, {'cell scales' if c.get('cell_scale') else 'no cell scales'}, "
-                f"beam {c.get('beam_width', 1)}")
-    print(f"\n{c['quantizer']} tokenizer | {m['train_chunks']} train / {m['val_chunks']} "
+    encoder = c.get("encoder", "mlp")
+    how = (f"best epoch {m['best_epoch']}" if encoder == "mlp"
+           else f"{'principal axes' if encoder == 'pca' else 'no encoder'}, residual k-means, "
+                f"{'cell scales' if c.get('cell_scale') else 'no cell scales'}, beam {c.get('beam_width', 1)}")
+    print(f"\n{c['quantizer']} tokenizer ({encoder}) | {m['train_chunks']} train / {m['val_chunks']} "
           f"val chunks ({m['train_episodes']} / {m['val_episodes']} episodes) | {how} | "
           f"training {m['train_seconds']:.0f} s")
     print(f"{'layers':>6} {'bits':>6} {'val MSE':>10} {'gain':>6} | layer {'codes used':>10} "
@@ -255,9 +282,9 @@ def main(args: TokenizerArgs) -> dict:
     log.info("%d train chunks from %d episodes, %d validation chunks from %d held-out episodes",
              len(train), len(train_eps), len(val), len(val_eps))
     t0 = time.perf_counter()
-    if config.encoder == "none":
-        log.info("encoder none: fitting %d stages by residual k-means (%d iterations each)",
-                 config.num_layers * config.latent_steps, args.kmeans_iters)
+    if config.encoder in KMEANS_ENCODERS:
+        log.info("encoder %s: fitting %d layers by residual k-means (%d Lloyd iterations per codebook)",
+                 config.encoder, config.num_layers, args.kmeans_iters)
         model, history = fit_residual_kmeans(config, train, val, iters=args.kmeans_iters,
                                              leave_one_out=not args.no_leave_one_out, device=device)
     else:

@@ -87,7 +87,7 @@ def examples(engine: RSDEngine, episodes: list, desc: str) -> dict:
         stop = LearnedStop(engine)
         x += [stop.features(l, codes[..., l]) for l in range(L - 1)]
         gaps.append(gap)
-        signals.append([engine.expected_refinement(logits[l], l) for l in range(L)])
+        signals.append(engine.expected_refinements(logits, codes))
     return {"x": torch.cat(x), "gap": np.array(gaps), "signal": np.array(signals)}
 
 

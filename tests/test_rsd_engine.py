@@ -22,11 +22,13 @@ def make_tokenizer(K=4, L=4, Tp=2, seed=0):
     return tok.eval()
 
 
-def make_policy(tok, variant="ar", seed=0, d=32):
+def make_policy(tok, variant="ar", seed=0, d=32, layers=None):
+    """A random policy of the tokenizer's first ``layers`` layers (default: all)."""
     torch.manual_seed(seed)
     c = tok.config
+    layers = layers or c.num_layers
     cfg = pm.PolicyConfig(obs_dim=OBS_DIM, instructions=("a", "b"), latent_steps=c.latent_steps,
-                          num_layers=c.num_layers, codebook_sizes=tok.layer_codebook_sizes(),
+                          num_layers=layers, codebook_sizes=tok.layer_codebook_sizes()[:layers],
                           variant=variant, d_model=d, n_heads=2, n_blocks=2, obs_tokens=2,
                           dropout=0.0)
     model = pm.TokenPolicy(cfg)
@@ -411,3 +413,172 @@ def test_chained_draft_needs_the_codes_below_and_a_boolean_flag():
     with pytest.raises(ValueError, match="step_hidden must be a positive integer"):
         pm.DraftConfig(in_dim=6, latent_steps=2, num_layers=3, codebook_sizes=(4, 4, 4), chained=True,
                        step_hidden=0)
+
+
+# ---------------------------------------------------------------- a pca tokenizer (cell scales)
+
+def make_pca_tokenizer(K=8, L=6, Tp=2, seed=0):
+    """Encoder 'pca' with cell scales (action_dim 3, chunk 4: 12 principal coordinates over T'
+    positions, zero-padded): random orthonormal axes, codebooks that shrink with depth, random
+    cell scales."""
+    torch.manual_seed(seed)
+    tok = RVQTokenizer(RVQConfig(action_dim=3, chunk_size=4, latent_steps=Tp, num_layers=L, codebook_size=K,
+                                 encoder="pca"))
+    axes, q = tok.encoder, tok.quantizer
+    with torch.no_grad():
+        axes.basis[:, :12] = torch.linalg.qr(torch.randn(12, 12))[0]  # the padding columns stay zero
+        axes.mean.normal_(0, 0.1)
+        for l, layer in enumerate(q.layers):
+            layer.codebook.normal_(0, 1.0 / (1 + l))
+        q.scales.uniform_(0.5, 2.0)
+    assert tok.config.cell_scale
+    return tok.eval()
+
+
+def test_the_engine_takes_a_pca_tokenizer_whose_first_layers_the_policy_predicts():
+    tok = make_pca_tokenizer(K=8, L=6, Tp=2)
+    policy = make_policy(tok, layers=4)
+    engine = RSDEngine(policy, tok, make_draft(policy, k=3))
+    q = tok.quantizer
+    assert engine.code_vectors.shape == (4, 8, 6)
+    assert torch.equal(engine.code_vectors[3], q.layers[3].codebook)
+    assert torch.equal(engine.code_scales, q.scales[:4])
+    obs, task = random_obs(torch.Generator().manual_seed(0))
+    actions, st, codes = engine.act(obs[0].numpy(), int(task), EngineConfig("dense"))
+    assert codes.shape == (1, 2, 4) and st.main_passes == 4
+    assert torch.equal(torch.as_tensor(actions)[None], tok.decode(codes))  # a prefix of the 6 layers decodes
+    assert actions.shape == (4, 3)
+    for bad, named in ((make_policy(make_pca_tokenizer(L=7), layers=7), "7 layers"),
+                       (make_policy(make_pca_tokenizer(Tp=3), layers=4), "T'=3"),
+                       (make_policy(make_pca_tokenizer(K=5), layers=4), r"\(5, 5, 5, 5\) codes")):
+        with pytest.raises(ValueError, match="does not predict the first layers of this tokenizer"):
+            RSDEngine(bad, tok)
+        with pytest.raises(ValueError, match=named):
+            RSDEngine(bad, tok)
+    none = RVQTokenizer(RVQConfig(action_dim=3, chunk_size=4, latent_steps=2, num_layers=6, codebook_size=8,
+                                  encoder="none"))
+    with pytest.raises(ValueError, match="encoder 'none' codes its whole-chunk layers in T' sequential stages"):
+        RSDEngine(make_policy(none, layers=4), none)
+
+
+def test_running_scales_are_the_products_of_each_positions_earlier_code_scales():
+    """scales_before (all layers at once) and RunningScale (layer by layer) give S_t before
+    layer l: the product of scales[j, code_{t, j}], j < l; expected_refinement is then the
+    expected norm of what the layer adds, max over positions."""
+    from rsd_engine_core import RunningScale
+
+    tok = make_pca_tokenizer(K=8, L=6, Tp=2)
+    engine = RSDEngine(make_policy(tok, layers=5), tok)
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 8, (1, 2, 5), generator=gen)
+    scales = tok.quantizer.scales
+    by_hand = torch.ones(1, 2, 5)
+    for l in range(1, 5):
+        by_hand[..., l] = by_hand[..., l - 1] * scales[l - 1, codes[..., l - 1]]
+    before = engine.scales_before(codes)
+    torch.testing.assert_close(before, by_hand)
+    running = RunningScale(engine)
+    for l in range(5):
+        assert torch.equal(running.value, before[..., l])
+        running.push(l, codes[..., l])
+    logits = torch.randn(1, 2, 8, generator=gen)
+    p = torch.softmax(logits, -1)
+    for l in range(5):
+        size = (before[0, :, l, None] * tok.quantizer.layers[l].codebook.norm(dim=-1)).mul(p[0]).sum(-1)  # [T']
+        assert engine.expected_refinement(logits, l, before[..., l]) == pytest.approx(float(size.max()), rel=1e-6)
+    # an MLP tokenizer's codes carry no scales: the signal is the plain expected code norm
+    mlp = make_tokenizer(K=8, L=4)
+    plain = RSDEngine(make_policy(mlp), mlp)
+    assert plain.code_scales is None and plain.scales_before(codes[..., :4]) is None
+    assert RunningScale(plain).value is None
+
+
+@pytest.mark.parametrize("K, Tp, chained", [(3, 2, False), (8, 2, True), (4, 5, False)])
+def test_on_a_pca_tokenizer_rsd_is_dense_and_adaptive_keeps_its_layers_with_speculation(K, Tp, chained):
+    """Exact rsd returns dense greedy decoding's codes, state by state; adaptive depth (the
+    expected_norm rule, carrying the positions' running scales) stops where the study's signals
+    say, and rsd+adaptive keeps the same layers and codes. T'=5: 12 coordinates padded to 15."""
+    import stop_study
+
+    tok = make_pca_tokenizer(K=K, L=6, Tp=Tp)
+    states, accepted = [], 0
+    for seed in range(16):
+        policy = make_policy(tok, seed=seed, layers=4)
+        engine = RSDEngine(policy, tok, make_draft(policy, k=3, seed=seed, chained=chained))
+        obs, task = random_obs(torch.Generator().manual_seed(seed))
+        dense, _ = engine.decode_codes(obs, task, EngineConfig("dense"))
+        spec, st = engine.decode_codes(obs, task, EngineConfig("rsd"))
+        assert torch.equal(dense, spec), f"seed {seed}"
+        accepted += st.accepted
+        logits, codes, _ = engine.dense_trace(obs[0].numpy(), int(task))
+        assert torch.equal(codes, dense)
+        states.append((engine, obs, task, engine.expected_refinements(logits, codes)))
+    if K ** Tp <= 16:  # a random draft guesses a whole layer often enough that acceptance ran too
+        assert accepted > 0
+    tau = float(np.median([signal[1] for *_, signal in states]))
+    depths = []
+    for engine, obs, task, signal in states:
+        cfg = dict(adaptive_threshold=tau, min_layers=2)
+        adaptive, _ = engine.decode_codes(obs, task, EngineConfig("adaptive", **cfg))
+        both, _ = engine.decode_codes(obs, task, EngineConfig("rsd+adaptive", **cfg))
+        assert torch.equal(adaptive, both)
+        assert adaptive.shape[-1] == stop_study.stop_depths(signal[None], tau, 2)[0]
+        depths.append(adaptive.shape[-1])
+    assert 2 in depths and max(depths) > 2
+
+
+def test_on_a_pca_tokenizer_the_learned_stop_features_are_the_decoded_prefixs_latent():
+    """LearnedStop's latent after layer l is the latent the tokenizer decodes the first l + 1
+    layers from (the code vectors times the positions' running scales); the learned rule keeps
+    the same layers with and without speculation."""
+    from rsd_engine_core import LearnedStop
+
+    tok = make_pca_tokenizer(K=8, L=6, Tp=2)
+    policy = make_policy(tok, seed=2, layers=4)
+    n_latent = 2 * tok.config.quantizer_dim
+    torch.manual_seed(0)
+    stop = pm.StopModel(pm.StopConfig(in_dim=n_latent + 4, num_layers=4, hidden=16)).eval()
+    engine = RSDEngine(policy, tok, make_draft(policy, k=3, seed=2), stop_model=stop)
+    gen = torch.Generator().manual_seed(3)
+    predicted, states = [], []
+    for _ in range(16):
+        obs, task = random_obs(gen)
+        _, codes, _ = engine.dense_trace(obs[0].numpy(), int(task))
+        features = LearnedStop(engine)
+        for l in range(4):
+            x = features.features(l, codes[..., l])
+            latent = tok.quantizer.decode_codes(codes[..., :l + 1])  # [1, T', c]
+            torch.testing.assert_close(x[:, :n_latent], latent.reshape(1, -1), atol=1e-6, rtol=1e-6)
+            assert torch.equal(x[0, n_latent:], torch.eye(4)[l])
+        trace = LearnedStop(engine)
+        predicted.append([trace.predicted_gap(l, codes[..., l]) for l in range(4)])
+        states.append((obs, task))
+    tau = float(np.median([p[1] for p in predicted]))
+    depths = []
+    for obs, task in states:
+        cfg = dict(adaptive_threshold=tau, min_layers=2, stop_rule="learned")
+        adaptive, _ = engine.decode_codes(obs, task, EngineConfig("adaptive", **cfg))
+        both, _ = engine.decode_codes(obs, task, EngineConfig("rsd+adaptive", **cfg))
+        assert torch.equal(adaptive, both)
+        depths.append(adaptive.shape[-1])
+    assert 2 in depths and max(depths) > 2
+
+
+def test_on_a_pca_tokenizer_relaxed_gaps_are_the_gaps_of_decoding_each_prefix():
+    tok = make_pca_tokenizer(K=16, L=6, Tp=2)
+    engine = RSDEngine(make_policy(tok, layers=4), tok)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        proposal = torch.randint(0, 16, (1, 2, 4), generator=gen)
+        main = torch.where(torch.rand(1, 2, 4, generator=gen) < 0.5, proposal,
+                           torch.randint(0, 16, (1, 2, 4), generator=gen))
+        gaps = engine.relaxed_gaps(proposal, main)
+        for l in range(4):
+            mixed = torch.cat([proposal[..., :l], main[..., l:l + 1]], -1)
+            a = tok.normalize(tok.decode(proposal[..., :l + 1]))
+            b = tok.normalize(tok.decode(mixed))
+            assert float(gaps[l]) == pytest.approx(float((a - b).abs().max()), abs=1e-5)
+            if torch.equal(proposal[..., l], main[..., l]):
+                assert float(gaps[l]) == 0.0
+        prefix = [proposal[..., i] for i in range(3)]
+        assert engine.action_gap(prefix, proposal[..., 3], main[..., 3]) == pytest.approx(float(gaps[3]), abs=1e-6)

@@ -101,7 +101,7 @@ def reference_decode(model: rt.RVQTokenizer, codes: torch.Tensor) -> list[torch.
 def test_greedy_codes_are_the_nearest_codes_at_every_stage(fitted, data):
     model, _ = fitted
     assert model.quantizer.kinds == ["chunk", "chunk", "group"]  # chunk_layers = 2 by default
-    assert model.config.cell_scale and model.config.beam_width == rt.DEFAULT_BEAM_WIDTH > 1
+    assert model.config.cell_scale and model.config.beam_width == rt.DEFAULT_BEAM_WIDTH["none"] > 1
     greedy = with_beam(model, 1)
     x = torch.as_tensor(data[1])
     codes = greedy.encode(x)

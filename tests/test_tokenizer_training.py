@@ -28,11 +28,12 @@ def write_demo_file(path, episodes, attrs=True):
     return str(path)
 
 
-def run(tmp_path, data, *extra):
+def run(tmp_path, data, *extra, encoder="mlp"):
+    """The script on ``data`` with 3 layers (an MLP tokenizer trained 2 epochs unless ``encoder``)."""
     out = str(tmp_path / "tok.pt")
-    args = trainer.parse_args(["--data", *data, "--output", out, "--epochs", "2", "--batch_size", "64",
-                               "--num_layers", "3", "--no_progress", "--json", str(tmp_path / "r.json"),
-                               *extra])
+    args = trainer.parse_args(["--data", *data, "--output", out, "--encoder", encoder, "--epochs", "2",
+                               "--batch_size", "64", "--num_layers", "3", "--no_progress",
+                               "--json", str(tmp_path / "r.json"), *extra])
     return trainer.main(args), out
 
 
@@ -59,6 +60,35 @@ def test_training_writes_a_self_describing_checkpoint(tmp_path, quantizer):
     assert os.path.isfile(result["plot"]) and result["plot"].endswith("tok_training_history.png")
     with open(tmp_path / "r.json") as f:
         assert json.load(f)["metrics"]["val_prefix_mse"] == metrics["val_prefix_mse"]
+
+
+def test_the_default_is_the_pca_tokenizer_fit_by_residual_kmeans(tmp_path):
+    """Without flags: encoder pca, 2 positions, 24 layers of 256 codes, a beam of 8 (issue 27);
+    another encoder takes its own sizes unless given."""
+    args = trainer.parse_args([])
+    assert (args.encoder, args.latent_steps, args.num_layers, args.codebook_size) == ("pca", 2, 24, 256)
+    config = args.config(action_dim=7)
+    assert config.beam_width == 8 and config.cell_scale and config.quantizer_dim == 35
+    mlp = trainer.parse_args(["--encoder", "mlp"])
+    assert (mlp.latent_steps, mlp.num_layers) == (rt.RVQConfig.latent_steps, rt.RVQConfig.num_layers)
+    assert mlp.config(action_dim=7).beam_width == 1 and not mlp.config(action_dim=7).cell_scale
+    small = trainer.parse_args(["--encoder", "mlp", "--latent_steps", "3", "--codebook_size", "16", "--num_layers", "8"])
+    assert (small.latent_steps, small.codebook_size, small.num_layers) == (3, 16, 8)
+    with pytest.raises(ValueError, match="encoder 'pca' needs quantizer 'rvq'"):
+        trainer.parse_args(["--quantizer", "rfsq"])
+    demo = write_demo_file(tmp_path / "demos.hdf5", synthetic_episodes(10, seed=1))
+    result, out = run(tmp_path, [demo], "--codebook_size", "16", encoder="pca")
+    model, ckpt = rt.load_tokenizer(out)
+    assert ckpt["config"]["encoder"] == "pca" and ckpt["config"]["beam_width"] == 8
+    metrics = ckpt["provenance"]["metrics"]
+    assert metrics["best_epoch"] == 0 and len(metrics["val_prefix_mse"]) == 3
+    assert all(b < a for a, b in zip(metrics["val_prefix_mse"], metrics["val_prefix_mse"][1:]))
+    assert metrics["bits_per_chunk"] == [8.0, 16.0, 24.0]  # 2 positions x 4 bits per layer
+    val_key = ckpt["provenance"]["data"]["val_episodes"][0]["key"]
+    val_actions = chunk_actions([synthetic_episodes(10, seed=1)[int(val_key.split("_")[1])]], 10)
+    np.testing.assert_allclose(model.prefix_mse(torch.as_tensor(val_actions)).numpy(),
+                               metrics["val_prefix_mse"], rtol=1e-5)
+    assert os.path.isfile(result["plot"])
 
 
 def test_any_action_dimension_is_recorded(tmp_path):
@@ -111,5 +141,6 @@ def test_targets_expert_actions_trains_on_the_experts_commands(tmp_path):
 
 def test_hidden_dim_defaults_per_quantizer_and_an_explicit_flag_wins():
     assert trainer.parse_args([]).hidden_dim == trainer.DEFAULT_HIDDEN_DIM["rvq"] == 64
-    assert trainer.parse_args(["--quantizer", "rfsq"]).hidden_dim == trainer.DEFAULT_HIDDEN_DIM["rfsq"] == 32
-    assert trainer.parse_args(["--quantizer", "rfsq", "--hidden_dim", "48"]).hidden_dim == 48
+    rfsq = ["--encoder", "mlp", "--quantizer", "rfsq"]
+    assert trainer.parse_args(rfsq).hidden_dim == trainer.DEFAULT_HIDDEN_DIM["rfsq"] == 32
+    assert trainer.parse_args(rfsq + ["--hidden_dim", "48"]).hidden_dim == 48

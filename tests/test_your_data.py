@@ -52,7 +52,7 @@ def test_lerobot_folders_train_and_analyze_a_tokenizer(tmp_path, writer):
     assert all(b < a for a, b in zip(mse, mse[1:]))  # each layer refines the held-out chunks
 
 
-@pytest.mark.parametrize("encoder", ["mlp", "none"])
+@pytest.mark.parametrize("encoder", ["mlp", "none", "pca"])
 def test_save_pretrained_round_trip_is_bit_exact(tmp_path, encoder):
     episodes = synthetic_episodes(8, seed=2)
     tok = RVQTokenizer.fit(episodes, epochs=2, num_layers=4, codebook_size=16, latent_steps=5, encoder=encoder)
