@@ -135,6 +135,19 @@ def check_action_range(tokenizer, episodes: list[Episode], targets: str = "actio
                              "tokenizer's range (a corrupt value?)")
 
 
+WARMUP_FRACTION = 0.05  # of a training run's steps, the one-cycle schedule's warm-up
+
+
+def one_cycle(opt, lr: float, total_steps: int):
+    """The training scripts' learning-rate schedule: warm-up over 5% of the steps, then cosine
+    decay (one-cycle). A run so short that 5% is one step or less warms up over two steps (the
+    schedule needs them); below four steps the rate stays constant."""
+    if total_steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    pct = WARMUP_FRACTION if WARMUP_FRACTION * total_steps > 1 else 2.0 / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=total_steps, pct_start=pct)
+
+
 def batches(n: int, batch_size: int, gen: torch.Generator | None = None, shuffle: bool = True):
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):

@@ -46,7 +46,7 @@ import policy_models as pm
 from cli import arg
 from demos import episode_key, load_episodes, split_by_episode
 from fileio import check_outputs, file_sha256
-from policy_data import ChunkDataset, batches, build_dataset, training_rollouts
+from policy_data import ChunkDataset, batches, build_dataset, one_cycle, training_rollouts
 from rvq_tokenizer import load_tokenizer
 from timing import interleaved_median_seconds
 
@@ -183,7 +183,7 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.01)
     n = len(f_train)
     steps = args.epochs * math.ceil(n / args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, args.lr, steps)
     gen = torch.Generator().manual_seed(args.seed)
     best, history = None, []
     for epoch in cli.progress(range(1, args.epochs + 1), desc=f"draft ({source})", unit="epoch"):

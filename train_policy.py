@@ -32,7 +32,7 @@ import policy_models as pm
 from cli import arg
 from demos import TARGETS, episode_identity, episode_key, load_episodes, split_by_episode
 from fileio import check_outputs, file_sha256, save_figure
-from policy_data import ChunkDataset, batches, build_dataset, instruction_vocab
+from policy_data import ChunkDataset, batches, build_dataset, instruction_vocab, one_cycle
 from rvq_tokenizer import load_tokenizer
 
 log = logging.getLogger("train_policy")
@@ -286,7 +286,7 @@ def main(args: PolicyArgs) -> dict:
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, args.lr, steps)
     gen = torch.Generator().manual_seed(args.seed)
     history, best = [], None
     provenance = {

@@ -36,7 +36,7 @@ import policy_models as pm
 from cli import arg
 from demos import episode_identity, split_by_episode
 from fileio import check_outputs
-from policy_data import batches, policy_states, training_rollouts
+from policy_data import batches, one_cycle, policy_states, training_rollouts
 from rsd_engine_core import LearnedStop, RSDEngine, build_engine
 from stop_study import print_stop_rules, study_rows
 
@@ -106,8 +106,7 @@ def fit(train: dict, val: dict, args, num_layers: int) -> tuple[pm.StopModel, li
     y_train, y_val = (targets(config.gap_eps, d["gap"]).to(train["x"].device) for d in (train, val))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     n = len(y_train)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * math.ceil(n / args.batch_size),
-                                                pct_start=0.05)
+    sched = one_cycle(opt, args.lr, args.epochs * math.ceil(n / args.batch_size))
     gen = torch.Generator().manual_seed(args.seed)
     best, history = None, []
     for epoch in cli.progress(range(1, args.epochs + 1), desc="stop model", unit="epoch"):

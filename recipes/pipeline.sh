@@ -16,7 +16,9 @@ OUT=${OUT:-runs/$SUITE}
 WORKERS=${WORKERS:-2}
 DEMOS=${DEMOS:-50}                       # expert demos per task (init states 20-49)
 NOISE=${NOISE:-0.3}                      # the expert's variation
-TOKENIZER_FLAGS=${TOKENIZER_FLAGS:---encoder mlp --latent_steps 3 --codebook_size 16 --epochs 20 --batch_size 256 --lr 2e-3}
+# unset: the 16-code MLP RVQ of the current best result; set but empty: train_rvq_tokenizer.py's default
+TOKENIZER_FLAGS=${TOKENIZER_FLAGS---encoder mlp --latent_steps 3 --codebook_size 16 --epochs 20 --batch_size 256 --lr 2e-3}
+POLICY_LAYERS=${POLICY_LAYERS:-}           # the policy predicts the tokenizer's first N layers; empty: all
 POLICY_EPOCHS=${POLICY_EPOCHS:-18}
 ROUNDS=${ROUNDS:-3}                      # DAgger rounds, each fine-tuning the previous round's policy
 TAKEOVER_EPISODES=${TAKEOVER_EPISODES:-30}   # per task and seed, two seeds per round
@@ -49,7 +51,8 @@ step "$OUT/demos.hdf5" $PY collect_actions.py --task_suite "$SUITE" --task_id "$
   --noise "$NOISE" --workers "$WORKERS" --resume $EXTRA --output "$OUT/demos.hdf5" --json "$OUT/demos.json"
 step "$OUT/tokenizer.pt" $PY train_rvq_tokenizer.py --data "$OUT/demos.hdf5" $TOKENIZER_FLAGS \
   --output "$OUT/tokenizer.pt" --json "$OUT/tokenizer.json"
-step "$OUT/policy0.pt" $PY train_policy.py --data "$OUT/demos.hdf5" --tokenizer "$OUT/tokenizer.pt" \
+layers=(); [ -n "$POLICY_LAYERS" ] && layers=(--num_layers "$POLICY_LAYERS")
+step "$OUT/policy0.pt" $PY train_policy.py --data "$OUT/demos.hdf5" --tokenizer "$OUT/tokenizer.pt" "${layers[@]}" \
   --epochs "$POLICY_EPOCHS" --output "$OUT/policy0.pt" --json "$OUT/policy0.json"
 
 # DAgger: in round r the policy of round r-1 drives from the training init states and the scripted
@@ -64,7 +67,7 @@ for r in $(seq 1 "$ROUNDS"); do
     takeovers+=("$OUT/takeover_s$s.hdf5")
   done
   step "$OUT/policy$r.pt" $PY train_policy.py --data "$OUT/demos.hdf5" "${takeovers[@]}" --tokenizer "$OUT/tokenizer.pt" \
-    --init "$OUT/policy$((r - 1)).pt" --epochs "$ROUND_EPOCHS" --lr "$ROUND_LR" --output "$OUT/policy$r.pt" \
+    "${layers[@]}" --init "$OUT/policy$((r - 1)).pt" --epochs "$ROUND_EPOCHS" --lr "$ROUND_LR" --output "$OUT/policy$r.pt" \
     --json "$OUT/policy$r.json"
 done
 POLICY="$OUT/policy$ROUNDS.pt"

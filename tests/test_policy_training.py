@@ -264,3 +264,27 @@ def test_policy_with_action_history_trains_and_runs_in_the_eval_loop(workdir, tm
     assert [len(x) for x in seen] == [28, 28]
     np.testing.assert_array_equal(seen[0][14:], np.tile(demos.SETTLE_ACTION.astype(np.float32), 2))
     np.testing.assert_allclose(seen[1][14:], first[-2:].reshape(-1), rtol=1e-6)
+
+
+def test_one_cycle_schedule_is_the_usual_one_and_survives_short_runs():
+    """Runs of 40 steps or more keep OneCycleLR with a 5% warm-up exactly; shorter runs, which made
+    OneCycleLR divide by zero (a warm-up of one step), warm up over two steps or stay constant."""
+    from policy_data import one_cycle
+
+    def rates(make, total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = make(opt, total)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    usual = lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=total, pct_start=0.05)
+    assert rates(lambda opt, total: one_cycle(opt, 0.1, total), 60) == rates(usual, 60)
+    with pytest.raises(ZeroDivisionError):
+        rates(usual, 20)
+    short = rates(lambda opt, total: one_cycle(opt, 0.1, total), 20)
+    assert max(short) == pytest.approx(0.1) and short[-1] < 0.01
+    assert rates(lambda opt, total: one_cycle(opt, 0.1, total), 3) == [0.1, 0.1, 0.1]
