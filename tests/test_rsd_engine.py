@@ -240,10 +240,16 @@ def test_relaxed_never_accepts_beyond_tolerance():
     assert rejected > 0  # the tolerance bound was exercised from both sides
 
 
-def test_relaxed_gaps_batch_equals_decoding_each_prefix():
-    """The batched gaps are the gaps of decoding each pair of prefixes on its own."""
-    tok = make_tokenizer(K=16, L=4)
-    engine = RSDEngine(make_policy(tok), tok)
+@pytest.mark.parametrize("kind", ["mlp", "pca"])
+def test_relaxed_gaps_batch_equals_decoding_each_prefix(kind):
+    """The batched gaps are the gaps of decoding each pair of prefixes on its own, and the
+    one-layer action gap agrees with them (MLP and principal-axes tokenizers)."""
+    if kind == "mlp":
+        tok = make_tokenizer(K=16, L=4)
+        engine = RSDEngine(make_policy(tok), tok)
+    else:
+        tok = make_pca_tokenizer(K=16, L=6, Tp=2)
+        engine = RSDEngine(make_policy(tok, layers=4), tok)
     gen = torch.Generator().manual_seed(3)
     for _ in range(5):
         proposal = torch.randint(0, 16, (1, 2, 4), generator=gen)
@@ -257,6 +263,8 @@ def test_relaxed_gaps_batch_equals_decoding_each_prefix():
             assert float(gaps[l]) == pytest.approx(float((a - b).abs().max()), abs=1e-5)
             if torch.equal(proposal[..., l], main[..., l]):
                 assert float(gaps[l]) == 0.0
+        prefix = [proposal[..., i] for i in range(3)]
+        assert engine.action_gap(prefix, proposal[..., 3], main[..., 3]) == pytest.approx(float(gaps[3]), abs=1e-6)
 
 
 # ---------------------------------------------------------------- adaptive depth
@@ -564,21 +572,3 @@ def test_on_a_pca_tokenizer_the_learned_stop_features_are_the_decoded_prefixs_la
     assert 2 in depths and max(depths) > 2
 
 
-def test_on_a_pca_tokenizer_relaxed_gaps_are_the_gaps_of_decoding_each_prefix():
-    tok = make_pca_tokenizer(K=16, L=6, Tp=2)
-    engine = RSDEngine(make_policy(tok, layers=4), tok)
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(5):
-        proposal = torch.randint(0, 16, (1, 2, 4), generator=gen)
-        main = torch.where(torch.rand(1, 2, 4, generator=gen) < 0.5, proposal,
-                           torch.randint(0, 16, (1, 2, 4), generator=gen))
-        gaps = engine.relaxed_gaps(proposal, main)
-        for l in range(4):
-            mixed = torch.cat([proposal[..., :l], main[..., l:l + 1]], -1)
-            a = tok.normalize(tok.decode(proposal[..., :l + 1]))
-            b = tok.normalize(tok.decode(mixed))
-            assert float(gaps[l]) == pytest.approx(float((a - b).abs().max()), abs=1e-5)
-            if torch.equal(proposal[..., l], main[..., l]):
-                assert float(gaps[l]) == 0.0
-        prefix = [proposal[..., i] for i in range(3)]
-        assert engine.action_gap(prefix, proposal[..., 3], main[..., 3]) == pytest.approx(float(gaps[3]), abs=1e-6)
