@@ -570,5 +570,3 @@ def test_on_a_pca_tokenizer_the_learned_stop_features_are_the_decoded_prefixs_la
         assert torch.equal(adaptive, both)
         depths.append(adaptive.shape[-1])
     assert 2 in depths and max(depths) > 2
-
-
