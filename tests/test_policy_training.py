@@ -183,7 +183,7 @@ def test_draft_distills_on_rollouts_and_refuses_held_out_init_states(trained, tm
     # failed rollouts count too: 10 episodes x (24 - 10 + 1) chunks, 1 episode held out
     assert result["rollout_chunks"] == {"train": 9 * 15, "val": 15}
     assert len(result["rollout_agreement"]) == 2 and min(result["rollout_agreement"]) > 0.3
-    ckpt = torch.load(str(tmp_path / "draft.pt"), weights_only=False)
+    ckpt = torch.load(str(tmp_path / "draft.pt"), weights_only=True)
     assert ckpt["provenance"]["args"]["rollouts"] == [roll]
     bad = rollout_file(tmp_path / "bad.hdf5", policy, tok, init_states=[20, 3])
     with pytest.raises(ValueError, match="bad.hdf5.*held-out init state 3"):
