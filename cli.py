@@ -38,18 +38,25 @@ def arg(default=None, help: str = "", *, factory=None, **argparse_kwargs):
     return field(default=default, metadata=meta)
 
 
+def device_arg():
+    return arg("cpu", "torch device: cpu, cuda, cuda:N, or auto (CUDA when present, else CPU)")
+
+
 @dataclass
 class OptimArgs:
-    """The optimisation flags of the training scripts (a script redeclares a field to change its
-    default)."""
+    """The optimisation flags and the device of the training scripts (a script redeclares a field
+    to change its default)."""
 
     epochs: int = arg(60, "training epochs")
     batch_size: int = arg(256, "examples per optimisation step")
     lr: float = arg(2e-3, "peak learning rate")
     seed: int = arg(0, "random seed (data split, initialisation, sampling)")
     threads: int = arg(2, "torch intra-op threads")
+    device: str = device_arg()
 
     def check_optim(self) -> None:
+        """Check the optimisation flags and resolve --device (a clear error for a missing one)."""
+        self.device = str(resolve_device(self.device))
         require_counts(self, "epochs", "batch_size", "threads")
         # an Adam step of more than 1 is a typo, and it diverges
         require(0 < self.lr <= 1, f"--lr must be in (0, 1], got {self.lr}")
@@ -61,10 +68,6 @@ def seed_arg(default: int = 0):
 
 def threads_arg(default: int = 1):
     return arg(default, "torch intra-op threads (1 is fastest at batch 1)")
-
-
-def device_arg():
-    return arg("cpu", "torch device: cpu, cuda, cuda:N, or auto (CUDA when present, else CPU)")
 
 
 def json_arg():

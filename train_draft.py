@@ -75,12 +75,10 @@ class DraftArgs(cli.OptimArgs):
     step_hidden: int | None = arg(None, "width of the chained draft's per-layer step (default: --hidden); "
                                         "narrower steps cost less to read at batch 1")
     gt_weight: float = arg(0.2, "weight of the ground-truth codes next to the main policy's (weight 1)")
-    device: str = cli.device_arg()
     output: str = cli.output_arg("draft.pt", "the draft checkpoint")
     json: str | None = cli.json_arg()
 
     def __post_init__(self):
-        self.device = str(cli.resolve_device(self.device))
         self.check_optim()
         cli.require_counts(self, "k", "hidden", "depth", "rank")
         cli.require_positive("--gt_weight", self.gt_weight, allow_zero=True)

@@ -72,13 +72,11 @@ class PolicyArgs(cli.OptimArgs):
     batch_size: int = arg(512, "examples per optimisation step")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     obs_noise: float = arg(0.0, "std of Gaussian noise added to normalized observations in training")
-    device: str = cli.device_arg()
     # output
     output: str = cli.output_arg("policy.pt", "the policy checkpoint (written when training ends)")
     json: str | None = cli.json_arg()
 
     def __post_init__(self):
-        self.device = str(cli.resolve_device(self.device))
         self.check_optim()
         cli.require_counts(self, "d_model", "n_heads", "n_blocks", "obs_tokens")
         cli.require(self.num_layers is None or self.num_layers >= 1,

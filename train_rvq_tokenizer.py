@@ -107,14 +107,12 @@ class TokenizerArgs(cli.OptimArgs):
     batch_size: int = arg(32, "examples per optimisation step")
     lr: float = arg(1e-3, "peak learning rate (warm-up, then cosine)")
     threads: int = arg(1, "CPU threads for torch; the matrices are tiny, more threads mostly add contention")
-    device: str = cli.device_arg()
     # output
     output: str = cli.output_arg("rvq_tokenizer.pt", "the tokenizer checkpoint")
     json: str | None = cli.json_arg()
     no_progress: bool = arg(False, "no progress bars")
 
     def __post_init__(self):
-        self.device = str(cli.resolve_device(self.device))
         if self.hidden_dim is None:
             self.hidden_dim = DEFAULT_HIDDEN_DIM.get(self.quantizer, 64)
         for name, value in ENCODER_DEFAULTS.get(self.encoder, {}).items():

@@ -61,12 +61,10 @@ class StopArgs(cli.OptimArgs):
     hidden: int = arg(64, "hidden width of the stop model")
     batch_size: int = arg(512, "examples per optimisation step")
     lr: float = arg(3e-3, "peak learning rate")
-    device: str = cli.device_arg()
     output: str = cli.output_arg("stop.pt", "the stop model checkpoint")
     json: str | None = cli.json_arg()
 
     def __post_init__(self):
-        self.device = str(cli.resolve_device(self.device))
         self.check_optim()
         cli.require(self.hidden >= 1, f"--hidden must be >= 1, got {self.hidden}")
         cli.require(0 < self.val_fraction < 1, f"--val_fraction must be in (0, 1), got {self.val_fraction}")
