@@ -155,6 +155,16 @@ def expect_error(root, *fragments):
     return message
 
 
+def declare_version(root, version):
+    """Rewrite the codebase version a dataset's meta/info.json declares."""
+    info_path = os.path.join(root, "meta", "info.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    info["codebase_version"] = version
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+
+
 def test_error_folder_without_info_json(tmp_path):
     (tmp_path / "data").mkdir()
     expect_error(str(tmp_path), "not a LeRobot dataset", "meta/info.json")
@@ -162,12 +172,7 @@ def test_error_folder_without_info_json(tmp_path):
 
 def test_error_unknown_codebase_version(tmp_path):
     root = write_lerobot_v21(tmp_path / "ds", make_episodes(2))
-    info_path = os.path.join(root, "meta", "info.json")
-    with open(info_path) as f:
-        info = json.load(f)
-    info["codebase_version"] = "v1.6"
-    with open(info_path, "w") as f:
-        json.dump(info, f)
+    declare_version(root, "v1.6")
     expect_error(root, "'v1.6'", "v2.1", "v3.0")
 
 
@@ -182,12 +187,7 @@ def test_error_no_data_files(tmp_path, version):
 def test_error_v21_layout_declared_v30(tmp_path):
     """A v2.1 folder whose info.json says v3.0 has no data/chunk-*/file-*.parquet."""
     root = write_lerobot_v21(tmp_path / "ds", make_episodes(2))
-    info_path = os.path.join(root, "meta", "info.json")
-    with open(info_path) as f:
-        info = json.load(f)
-    info["codebase_version"] = "v3.0"
-    with open(info_path, "w") as f:
-        json.dump(info, f)
+    declare_version(root, "v3.0")
     expect_error(root, "no data files", "file-*.parquet")
 
 
