@@ -26,6 +26,11 @@ number of layers and the action gap they leave.
 ``--draft A.pt B.pt ...`` compares drafts: every speculative mode runs with each (rows
 ``MODE (A)``, ``MODE (B)``), in the same rotation on the same states.
 
+``--pass_costs`` measures, instead of decoding, what one main pass costs against the new tokens
+it carries and against batch rows, beside the FLOP-bound time of each pass (``pass_costs.py``):
+of the policy given, or without ``--policy`` of a randomly initialised one of the default
+architecture (its times only; the output names the model timed).
+
 ``--oracle_draft`` replaces the draft by a perfect one (the main policy's own greedy codes,
 proposed at no cost): ``rsd:K`` then shows how fast exact speculation with K proposed layers
 can be on this CPU whatever the draft.
@@ -47,6 +52,7 @@ import numpy as np
 import torch
 
 import cli
+import pass_costs
 import policy_models as pm
 from cli import arg
 from demos import HELD_OUT_INIT_STATES, load_episodes
@@ -69,7 +75,7 @@ def policy_mode_list(value: str) -> list[str]:
 
 @dataclass
 class BenchArgs(DecodingArgs):
-    policy: str = arg(None, "main policy checkpoint (variant ar)", required=True, metavar="PATH")
+    policy: str | None = arg(None, "main policy checkpoint (variant ar); optional with --pass_costs", metavar="PATH")
     draft: list[str] | None = arg(None, "draft checkpoint(s) (modes rsd, rsd+adaptive); with several, every "
                                         "speculative mode runs with each, as 'MODE (file stem)', on the same states",
                                   nargs="+", metavar="PATH")
@@ -78,8 +84,8 @@ class BenchArgs(DecodingArgs):
                                     "speed-up for any k; give the k as rsd:K)")
     tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
                                       "hash-checked)", metavar="PATH")
-    data: list[str] = arg(None, "demo / rollout files (HDF5) whose states are decoded", factory=list,
-                          required=True, nargs="+", metavar="PATH")
+    data: list[str] = arg(None, "demo / rollout files (HDF5) whose states are decoded (not read by --pass_costs)",
+                          factory=list, nargs="+", metavar="PATH")
     mode: list[str] = arg(None, "comma list of MODE[@ACCEPTANCE][:K] as in eval_libero.py (dense always runs: "
                                 "it is the reference)",
                           factory=lambda: ["dense", "rsd", "adaptive", "rsd+adaptive"], type=policy_mode_list)
@@ -91,6 +97,10 @@ class BenchArgs(DecodingArgs):
     oracle_tolerances: list[float] = arg(None, "comma list of action gaps (normalized units) for --stop_study's "
                                                "oracle (and its learned rule)",
                                          factory=lambda: [0.02, 0.05, 0.1, 0.15, 0.2], type=cli.float_list)
+    pass_costs: bool = arg(False, "instead of decoding states: the cost of one main pass against the new tokens it "
+                                  "carries and against batch rows, with each pass's FLOP-bound time (without "
+                                  "--policy: a randomly initialised policy of the default architecture)")
+    pass_repeats: int = arg(200, "--pass_costs: timed passes per row (median)")
     max_states: int = arg(2000, "decode at most this many states (a random subset)")
     warmup: int = arg(20, "untimed states first")
     seed: int = cli.seed_arg()
@@ -106,6 +116,13 @@ class BenchArgs(DecodingArgs):
         cli.require(self.max_states >= 1, f"--max_states must be >= 1, got {self.max_states}")
         cli.require(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
         cli.require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        cli.require(self.pass_repeats >= 1, f"--pass_repeats must be >= 1, got {self.pass_repeats}")
+        if self.pass_costs:
+            cli.require(not self.stop_study, "give --pass_costs or --stop_study, not both")
+            cli.require(self.device == "cpu", f"--pass_costs measures passes on the CPU, got --device {self.device}")
+        else:
+            cli.require(self.policy is not None, "--policy is required (except with --pass_costs)")
+            cli.require(bool(self.data), "--data is required (except with --pass_costs)")
         cli.require("parallel" not in map(base_mode, self.mode),
                     "--mode parallel is not benchmarked here (use eval_libero.py --parallel_policy)")
         if self.stop_study:
@@ -166,6 +183,8 @@ def main(args: BenchArgs) -> dict:
     cli.start(args, log)
     torch.set_num_threads(args.threads)
     check_outputs({"--json": args.json}, {"--policy": args.policy, "--draft": args.draft, "--data": args.data})
+    if args.pass_costs:
+        return measure_pass_costs(args)
     if args.stop_study:
         engine = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
         episodes, obs, order, tasks = recorded_states(args, engine)
@@ -257,6 +276,28 @@ def recorded_states(args: BenchArgs, engine: RSDEngine) -> tuple[list, np.ndarra
                          f"{args.warmup}: lower --warmup or give more episodes")
     order = np.random.default_rng(args.seed).permutation(len(obs))[: args.max_states + args.warmup]
     return episodes, obs, order, [int(tasks[i]) for i in order]
+
+
+# ---------------------------------------------------------------- what a main pass costs
+
+def measure_pass_costs(args: BenchArgs) -> dict:
+    """``--pass_costs``: the table of ``pass_costs.pass_cost_rows`` for --policy, or for a randomly
+    initialised policy of the default architecture."""
+    if args.policy:
+        policy = pm.load_policy(args.policy)[0]
+        model = f"the policy {args.policy}"
+    else:
+        policy = pass_costs.random_policy(**pass_costs.RANDOM_POLICY_SHAPE, seed=args.seed)
+        model = "a randomly initialised policy of the default architecture (no checkpoint)"
+    shape = pass_costs.describe(policy)
+    model += " (" + ", ".join(f"{k} {v}" for k, v in shape.items()) + ")"
+    rows, rate = pass_costs.pass_cost_rows(policy, repeats=args.pass_repeats, warmup=args.warmup)
+    result = {"model": model, "policy": args.policy, "architecture": shape, "threads": args.threads,
+              "repeats": args.pass_repeats, "matmul_gflops": rate / 1e9, "rows": rows,
+              "config": cli.settings_dict(args)}
+    pass_costs.print_pass_costs(result)
+    cli.save_json(args.json, result, log)
+    return result
 
 
 # ---------------------------------------------------------------- the stop rule study
