@@ -86,7 +86,7 @@ class BenchArgs(DecodingArgs):
                                       "hash-checked)", metavar="PATH")
     data: list[str] = arg(None, "demo / rollout files (HDF5) whose states are decoded (not read by --pass_costs)",
                           factory=list, nargs="+", metavar="PATH")
-    mode: list[str] = arg(None, "comma list of MODE[@ACCEPTANCE][:K] as in eval_libero.py (dense always runs: "
+    mode: list[str] = arg(None, "comma list of MODE[@ACCEPTANCE][:K][/C] as in eval_libero.py (dense always runs: "
                                 "it is the reference)",
                           factory=lambda: ["dense", "rsd", "adaptive", "rsd+adaptive"], type=policy_mode_list)
     stop_study: bool = arg(False, "instead of timing modes: adaptive depth's stop rule (at --stop_thresholds, "

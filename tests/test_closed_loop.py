@@ -238,7 +238,7 @@ def test_mode_specs_parse_and_set_the_acceptance_rule():
     assert args.engine_config("rsd+adaptive@sample").mode == "rsd+adaptive"
     # a trailing :K sets the layers the draft proposes in that mode
     assert rsd_engine_core.parse_modes("rsd:3,rsd@relaxed:7") == ["rsd:3", "rsd@relaxed:7"]
-    assert rsd_engine_core.split_spec("rsd@relaxed:7") == ("rsd", "relaxed", 7)
+    assert rsd_engine_core.split_spec("rsd@relaxed:7") == ("rsd", "relaxed", 7, None)
     cfg = args.engine_config("rsd@relaxed:7")
     assert (cfg.mode, cfg.acceptance, cfg.k) == ("rsd", "relaxed", 7)
     assert args.engine_config("rsd+adaptive").k is None
