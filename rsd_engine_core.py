@@ -29,12 +29,13 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
   part of the key/value cache. With C = 1 the tree is ``rsd``'s chain of k proposed layers.
   Exact acceptance only.
 
-A multi-token pass rounds differently from the one-token-block passes of dense decoding (other
-matmul shapes, a longer masked attention row), and the dense passes after it read keys and values
-it computed, so its logits and dense decoding's differ in the last bits. ``tree`` makes every
-choice by an argmax whose top two logits are more than ``tie_margin`` apart at every position; a
-choice within the margin of a tie is not trusted: the chunk is then decoded again from scratch
-by dense decoding itself (``ChunkStats.fallbacks``), so its codes are dense decoding's whenever
+A multi-token pass rounds differently from the one-block passes of dense decoding (other matmul
+shapes, a longer masked attention row), and the dense passes after it read keys and values it
+computed, so its logits and dense decoding's differ in the last bits. Exact speculation (``tree``,
+and ``rsd`` with ``exact`` acceptance) makes every choice by an argmax whose top two logits are
+more than ``tie_margin`` apart at every position; a choice within the margin of a tie is not
+trusted: the chunk is then decoded again from scratch by dense decoding itself
+(``ChunkStats.fallbacks``), so its codes are dense decoding's whenever
 the rounding differences stay under half the margin (float32 rounding: a few 1e-6 on logits of
 size 10 in the tests, which also build near-ties into random models).
 
@@ -155,8 +156,9 @@ class DecodingArgs:
     tolerance: float = arg(0.05, "relaxed acceptance: largest action change accepted (normalized units)")
     candidates: int = arg(2, "tree mode: candidates the draft proposes per layer (the tree keeps at most "
                              "candidates x k, the most probable paths first)")
-    tie_margin: float = arg(1e-3, "tree mode: a choice whose top two logits are closer than this is not trusted "
-                                  "to a multi-token pass; the chunk is decoded again densely")
+    tie_margin: float = arg(1e-3, "exact speculation (tree, rsd with exact acceptance): a choice whose top two "
+                                  "logits are closer than this is not trusted to a multi-token pass; the chunk "
+                                  "is decoded again densely")
 
     def check_decoding(self) -> None:
         cli.require(self.k is None or self.k >= 1, f"--k must be >= 1, got {self.k}")
@@ -192,7 +194,7 @@ class ChunkStats:
     main_seconds: float = 0.0
     draft_seconds: float = 0.0
     decode_seconds: float = 0.0
-    # tree mode: 1 when a choice within tie_margin of a tie sent the chunk back to dense decoding
+    # exact speculation: 1 when a choice within tie_margin of a tie sent the chunk back to dense decoding
     fallbacks: int = 0
 
 
@@ -240,7 +242,7 @@ class EngineConfig:
     # tool, with exact acceptance only)
     stop_rule: str = "expected_norm"
     candidates: int = 2                # tree modes: candidates per proposed layer
-    tie_margin: float = 1e-3           # tree modes: least gap of the top two logits of a trusted choice
+    tie_margin: float = 1e-3           # exact speculation: least gap of the top two logits of a trusted choice
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -273,6 +275,11 @@ class EngineConfig:
     @property
     def tree(self) -> bool:
         return self.mode in TREE_MODES
+
+    @property
+    def guarded(self) -> bool:
+        """Exact speculation: its choices come from multi-token passes, and must be dense decoding's."""
+        return self.tree or (self.speculative and self.acceptance == "exact")
 
     @property
     def adaptive(self) -> bool:
@@ -620,7 +627,7 @@ class RSDEngine:
         if codes:
             ctx = None  # the ctx is in the cache now
         if codes is not None and not stopped:
-            codes = self._decode_layers(cache, ctx, codes, cfg, gen, stats, stop, guarded=cfg.tree)
+            codes = self._decode_layers(cache, ctx, codes, cfg, gen, stats, stop, guarded=cfg.guarded)
         if codes is None:  # a near-tie after a multi-token pass: decode the chunk again as dense decoding does
             stats.fallbacks = 1
             codes = self._decode_layers(self.policy.new_cache(), self.policy.embed_obs(obs, task), [], cfg, gen,
@@ -716,7 +723,9 @@ class RSDEngine:
         return codes
 
     def _speculate(self, obs, task, ctx, cache, cfg, gen, stats, stop):
-        """Draft pass + one verifying main pass. Returns (codes of layers 0..j, stop flag)."""
+        """Draft pass + one verifying main pass. Returns (codes of layers 0..j, stop flag); with
+        exact acceptance, (None, False) when a kept layer's choice is within ``cfg.tie_margin`` of
+        a tie."""
         if self.draft is None:
             raise ValueError(f"mode {cfg.mode!r} needs a draft model")
         L = self.policy.config.num_layers
@@ -743,6 +752,8 @@ class RSDEngine:
         # adaptive depth: the stop test of every kept layer in turn, as dense decoding makes it
         stopped = False
         for l, code in enumerate(codes):
+            if cfg.guarded and near_tie(p_logits[:, :, l], cfg.tie_margin):
+                return None, False
             if stop(p_logits[:, :, l], l, code):
                 codes, stopped = codes[: l + 1], True
                 break

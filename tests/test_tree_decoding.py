@@ -3,6 +3,7 @@ against dense greedy decoding on random models, near-ties included."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -193,21 +194,22 @@ def near_tie_engine(seed: int, K=8, Tp=2, L=4):
     return engine, obs, task, float(top[0] - top[1])
 
 
-def test_near_ties_do_not_flip():
+@pytest.mark.parametrize("spec", ["tree:3/1", "tree:3/2", "rsd:3"])
+def test_near_ties_do_not_flip(spec):
     """Where dense decoding's top two logits are within rounding, a multi-token pass may pick the
-    other code; the tree mode sees the near-tie and decodes the chunk again densely: the codes are
-    dense decoding's. Without the margin, some of these near-ties do flip."""
+    other code; exact speculation sees the near-tie and decodes the chunk again densely: the codes
+    are dense decoding's. Without the margin, some of these near-ties do flip."""
     flipped = 0
     for seed in range(60):
         engine, obs, task, gap = near_tie_engine(seed)
         assert gap <= 1e-5
         dense, _ = engine.decode_codes(obs, task, EngineConfig("dense"))
-        for c in (1, 2):
-            codes, st = engine.decode_codes(obs, task, EngineConfig("tree", k=3, candidates=c))
-            assert torch.equal(codes, dense), f"seed {seed}"
-            assert st.fallbacks == 1 and st.main_passes >= 1 + 4  # the tree pass, then dense decoding
-            unguarded, _ = engine.decode_codes(obs, task, EngineConfig("tree", k=3, candidates=c, tie_margin=0.0))
-            flipped += not torch.equal(unguarded, dense)
+        cfg = DecodingArgs().engine_config(spec)
+        codes, st = engine.decode_codes(obs, task, cfg)
+        assert torch.equal(codes, dense), f"seed {seed}"
+        assert st.fallbacks == 1 and st.main_passes >= 1 + 4  # the verify pass, then dense decoding
+        unguarded, _ = engine.decode_codes(obs, task, dataclasses.replace(cfg, tie_margin=0.0))
+        flipped += not torch.equal(unguarded, dense)
     assert flipped > 0
 
 
