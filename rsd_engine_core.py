@@ -21,7 +21,8 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
   SpecInfer, Miao et al. 2024; the tree chosen from the draft's confidence as in EAGLE-2, Li et
   al. 2024). The draft's C most probable codes of each of layers 0..k-1 (``top_candidates``)
   make a tree of code blocks: a candidate for layer l is a block of layer l + 1 below a block of
-  layer l. At most C x k candidate blocks are kept, the most probable paths first (``DraftTree``).
+  layer l. At most C x k candidate blocks are kept: the chain of the draft's most probable codes
+  (``rsd``'s proposal), then the most probable paths (``draft_tree``).
   ONE main pass verifies the whole tree, its tokens in the sequence dimension under an
   ancestor-only mask (``TokenPolicy.extend_tree``); from the root, the main policy's argmax of a
   block leads to the child carrying it, and the longest such path is kept, with the main
@@ -63,6 +64,7 @@ the ``expected_norm`` stop signal, the learned stop rule's features and relaxed 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import os
 import statistics
@@ -658,33 +660,40 @@ class RSDEngine:
 
     def draft_tree(self, obs, task, ctx, k: int, c: int) -> "DraftTree":
         """The tree mode's proposal for layers 0..k-1: a ``DraftTree`` of at most c x k candidate
-        blocks below the root (block 0), grown best first by the draft's probability of each
-        block's path (EAGLE-2's dynamic tree): a block, once in the tree, offers the c most
-        probable codes of its layer (``top_candidates``; a chained draft's given the path's codes)
-        as candidates for blocks below it. The probabilities only choose the tree; the main
-        policy's verification decides the codes."""
+        blocks below the root (block 0). Each block offers the c most probable codes of its layer
+        (``top_candidates``; a chained draft's given the codes of the block's path) as candidates
+        for blocks below it. First the chain of every layer's most probable codes (``rsd``'s
+        proposal, so the tree accepts at least what ``rsd`` does), then the most probable paths
+        among the candidates offered (EAGLE-2's dynamic tree) until the budget is spent. The
+        draft's probabilities only choose the tree; the main policy's verification decides the codes."""
         draft = self.draft_fn
         chained = bool(getattr(self.draft.config, "chained", False))
         if chained:
-            z0 = draft._trunk(*self._draft_inputs(obs, task, ctx))
+            z = draft._trunk(*self._draft_inputs(obs, task, ctx))
             candidates = lambda z, layer: top_candidates(draft._step(z, layer)[0], c)  # noqa: E731
         else:
             logits = self.draft_proposal(obs, task, ctx, k)[0][0] if k else None  # [T', k, vocab]
             per_layer = [top_candidates(logits[:, l], c) for l in range(k)]
-            z0, candidates = None, (lambda z, layer: per_layer[layer])
+            z, candidates = None, (lambda z, layer: per_layer[layer])
+        below = (lambda z, layer, code: draft._add_codes(z, layer, torch.tensor([code], device=self.device))
+                 if chained else None)
         tree = DraftTree(self.policy.config.latent_steps, self.device)
-        # (-log p of the path, order, parent block, layer of the candidate codes, codes, draft state)
-        heap = [(-lp, n, 0, 0, code, z0) for n, (lp, code) in enumerate(candidates(z0, 0))] if k else []
-        heapq.heapify(heap)
-        order = len(heap)
+        # offered candidates: (-log p of the path, order, parent block, layer of the codes, codes, parent's draft state)
+        heap, order = [], itertools.count()
+        node, path_lp = 0, 0.0
+        for layer in range(k):  # the chain
+            (lp, code), *rest = candidates(z, layer)
+            for lp_other, other in rest:
+                heapq.heappush(heap, (-(path_lp + lp_other), next(order), node, layer, other, z))
+            node, path_lp = tree.add(node, layer, code), path_lp + lp
+            z = below(z, layer, code) if layer + 1 < k else None
         while heap and tree.size - 1 < c * k:
             neg, _, parent, layer, code, z = heapq.heappop(heap)
             node = tree.add(parent, layer, code)
             if layer + 1 < k:
-                z_node = draft._add_codes(z, layer, torch.tensor([code], device=self.device)) if chained else None
+                z_node = below(z, layer, code)
                 for lp, child in candidates(z_node, layer + 1):
-                    heapq.heappush(heap, (neg - lp, order, node, layer + 1, child, z_node))
-                    order += 1
+                    heapq.heappush(heap, (neg - lp, next(order), node, layer + 1, child, z_node))
         return tree.finish()
 
     def _verify_tree(self, obs, task, ctx, cache, cfg, stats) -> list | None:
