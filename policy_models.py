@@ -390,7 +390,7 @@ class TokenPolicy(nn.Module):
         h = self._run(x, q_blocks, cache)
         return self._heads(h[:, -n * self.config.latent_steps:], list(range(first, first + n)))
 
-    def extend_tree(self, cache: KVCache, layers: torch.Tensor, parents: list[int], codes: torch.Tensor,
+    def extend_tree(self, cache: KVCache, layers: list[int], parents: list[int], codes: torch.Tensor,
                     ctx: torch.Tensor | None = None) -> torch.Tensor:
         """One main pass over a tree of code blocks (token-tree verification: SpecInfer, Miao et
         al. 2024): node i is a block of layer ``layers[i]`` whose tokens carry ``codes[..., i]``
@@ -401,38 +401,38 @@ class TokenPolicy(nn.Module):
         rounding. Returns the nodes' logits [B, T', n, vocab]; appends the ctx (when given) and
         every node's tokens to the cache, of which ``keep_path`` then keeps one path.
 
-        layers: [n] long; codes: [B, T', n].
+        codes: [B, T', n].
         """
         if ctx is None and cache.length == 0:
             raise ValueError("the first pass needs the ctx embedding")
-        Tp, n = self.config.latent_steps, len(parents)
+        Tp, n, device = self.config.latent_steps, len(parents), self.start.device
         B = (ctx if ctx is not None else cache.k[0]).shape[0]
         first = int(cache.blocks.max()) + 1 if cache.length else 0
-        for i, p in enumerate(parents):
-            want = first if p < 0 else int(layers[p]) + 1
-            if not (p < i and int(layers[i]) == want):
-                raise ValueError(f"tree node {i} (layer {int(layers[i])}) must follow its parent {p}, one layer "
-                                 f"deeper (layer {want})")
-        x = self._node_inputs(codes, layers)
-        # ancestor-or-self [n, n], then per token: a node's T' tokens see each other, as in a block
-        above = torch.eye(n, dtype=torch.bool, device=x.device)
-        for i, p in enumerate(parents):
-            if p >= 0:
-                above[i] |= above[p]
-        tree = above.repeat_interleave(Tp, 0).repeat_interleave(Tp, 1)
+        above = []  # above[i]: node i's ancestors and itself
+        for i, (layer, p) in enumerate(zip(layers, parents)):
+            want = first if p < 0 else layers[p] + 1
+            if not (p < i and layer == want):
+                raise ValueError(f"tree node {i} (layer {layer}) must follow its parent {p}, one layer deeper "
+                                 f"(layer {want})")
+            above.append((above[p] if p >= 0 else set()) | {i})
+        # per token: a node's T' tokens see each other, as in a block
+        tree = torch.tensor([[j in above[i] for j in range(n)] for i in range(n)], device=device)
+        tree = tree.repeat_interleave(Tp, 0).repeat_interleave(Tp, 1)
+        layer_index = torch.tensor(layers, device=device)
+        x = self._node_inputs(codes, layer_index)
         n_ctx = ctx.shape[1] if ctx is not None else 0
         seen = cache.length + n_ctx  # what every node sees: the cached tokens and the ctx
-        mask = torch.cat([torch.ones(n * Tp, seen, dtype=torch.bool, device=x.device), tree], 1)
-        blocks = layers.to(cache.blocks.device).repeat_interleave(Tp)
+        mask = torch.cat([torch.ones(n * Tp, seen, dtype=torch.bool, device=device), tree], 1)
+        blocks = layer_index.repeat_interleave(Tp)
         if ctx is not None:
-            ctx_rows = torch.zeros(n_ctx, seen + n * Tp, dtype=torch.bool, device=x.device)
+            ctx_rows = torch.zeros(n_ctx, seen + n * Tp, dtype=torch.bool, device=device)
             ctx_rows[:, :seen] = True
             mask = torch.cat([ctx_rows, mask], 0)
             x = torch.cat([ctx, x], 1)
-            blocks = torch.cat([torch.full((n_ctx,), -1, device=blocks.device), blocks])
+            blocks = torch.cat([torch.full((n_ctx,), -1, device=device), blocks])
         h = self.run_masked(x, mask, cache)
         cache.blocks = torch.cat([cache.blocks, blocks])
-        return self._heads(h[:, -n * Tp:], layers.tolist())
+        return self._heads(h[:, -n * Tp:], layers)
 
     def _node_inputs(self, codes: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
         """Input tokens of tree nodes (``extend_tree``): codes [B, T', n], layers [n] -> [B, n*T', d]."""

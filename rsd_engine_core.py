@@ -418,8 +418,8 @@ class DraftTree:
         return self.size - 1
 
     def finish(self) -> "DraftTree":
-        """The tensors ``extend_tree`` reads: layers [n], codes [1, T', n]."""
-        self.layers = torch.tensor(self.block_layers, device=self.device)
+        """What ``extend_tree`` reads: ``layers`` (each block's), ``codes`` [1, T', n]."""
+        self.layers = self.block_layers
         self.codes = torch.tensor(self.node_codes, device=self.device).T[None]
         return self
 

@@ -34,7 +34,7 @@ def test_tree_pass_gives_each_block_the_logits_and_cache_of_its_path():
     gen = torch.Generator().manual_seed(0)
     obs, task = random_obs(gen)
     ctx = policy.embed_obs(obs, task)
-    layers = torch.tensor([0, 1, 1, 1, 2, 2, 3])
+    layers = [0, 1, 1, 1, 2, 2, 3]
     parents = [-1, 0, 0, 0, 1, 3, 5]
     codes = torch.randint(0, 8, (1, 2, 7), generator=gen)
     cache = policy.new_cache()
@@ -56,14 +56,14 @@ def test_tree_pass_gives_each_block_the_logits_and_cache_of_its_path():
     # a tree over a cache that already holds blocks 0..1: nodes below it start at layer 2
     cache2 = policy.new_cache()
     policy.extend(cache2, 0, 2, torch.cat([torch.zeros_like(codes[..., :1]), codes[..., 1:2]], -1), ctx)
-    more = policy.extend_tree(cache2, torch.tensor([2, 3]), [-1, 0], codes[..., 4:6])
+    more = policy.extend_tree(cache2, [2, 3], [-1, 0], codes[..., 4:6])
     expected, _ = path_logits(policy, ctx, codes, [0, 1, 4, 5])
     torch.testing.assert_close(more[:, :, 0], expected[2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(more[:, :, 1], expected[3], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one layer deeper"):
-        policy.extend_tree(policy.new_cache(), torch.tensor([0, 2]), [-1, 0], codes[..., :2], ctx)
+        policy.extend_tree(policy.new_cache(), [0, 2], [-1, 0], codes[..., :2], ctx)
     with pytest.raises(ValueError, match="ctx"):
-        policy.extend_tree(policy.new_cache(), torch.tensor([0]), [-1], codes[..., :1])
+        policy.extend_tree(policy.new_cache(), [0], [-1], codes[..., :1])
 
 
 def test_top_candidates_are_the_most_probable_codes_of_a_layer():
@@ -101,7 +101,7 @@ def test_the_draft_tree_holds_the_chain_then_the_most_probable_paths(chained):
             chain = engine.draft_proposal(obs, task, ctx, 3)[1]  # [1, T', k]: rsd's proposal
         for c in (1, 2, 3):
             tree = engine.draft_tree(obs, task, ctx, 3, c)
-            assert tree.size - 1 == c * 3 and tree.layers[0] == 0 and tree.parents[:4] == [-1, 0, 1, 2]
+            assert tree.size - 1 == c * 3 and tree.layers[:4] == [0, 1, 2, 3] and tree.parents[:4] == [-1, 0, 1, 2]
             assert torch.equal(tree.codes[..., 1:4], chain)
             offered, path_lp = draft_offers(engine, draft, tree, feature(engine, obs, task, ctx), c)
             for node in range(1, tree.size):
@@ -238,7 +238,7 @@ def test_the_margin_leaves_ordinary_choices_to_the_tree():
         with torch.no_grad():
             ctx = policy.embed_obs(obs, task)
             carried = torch.cat([torch.zeros_like(dense[..., :1]), dense[..., :3]], -1)  # block l: layer l - 1
-            tree = policy.extend_tree(policy.new_cache(), torch.arange(4), [-1, 0, 1, 2], carried, ctx)
+            tree = policy.extend_tree(policy.new_cache(), [0, 1, 2, 3], [-1, 0, 1, 2], carried, ctx)
         worst = max(worst, float((tree[0].transpose(0, 1) - logits[:, 0]).abs().max()))
         fallbacks += engine.decode_codes(obs, task, EngineConfig("tree"))[1].fallbacks
     assert 0 < worst < EngineConfig().tie_margin / 100
