@@ -33,7 +33,9 @@ architecture (its times only; the output names the model timed).
 
 ``--oracle_draft`` replaces the draft by a perfect one (the main policy's own greedy codes,
 proposed at no cost): ``rsd:K`` then shows how fast exact speculation with K proposed layers
-can be on this CPU whatever the draft.
+can be on this CPU whatever the draft. ``--oracle_noise S`` blurs its logits (one-hot plus
+Gaussian noise of standard deviation S), so that its first choice is sometimes wrong and the
+right code is often among its next ones: how far ``tree``'s extra candidates make up for it.
 
 Use states the models never trained on: record the main policy's own rollouts from held-out
 init states (``collect_actions.py --policy token --checkpoint P --init_states held_out
@@ -82,6 +84,8 @@ class BenchArgs(DecodingArgs):
     oracle_draft: bool = arg(False, "instead of --draft, a perfect draft: it proposes the main policy's own greedy "
                                     "codes of the state, at no cost (an upper bound of exact speculation's "
                                     "speed-up for any k; give the k as rsd:K)")
+    oracle_noise: float = arg(0.0, "--oracle_draft: standard deviation of Gaussian noise added to its one-hot "
+                                    "logits (an imperfect draft whose misses are near-misses)")
     tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
                                       "hash-checked)", metavar="PATH")
     data: list[str] = arg(None, "demo / rollout files (HDF5) whose states are decoded (not read by --pass_costs)",
@@ -131,6 +135,8 @@ class BenchArgs(DecodingArgs):
             cli.require(not self.oracle_stop, "--stop_study has the oracle's rows already (--oracle_tolerances); "
                                               "--oracle_stop is for timing the adaptive modes")
         cli.require(not (self.draft and self.oracle_draft), "give --draft or --oracle_draft, not both")
+        cli.require_positive("--oracle_noise", self.oracle_noise, allow_zero=True)
+        cli.require(self.oracle_draft or not self.oracle_noise, "--oracle_noise blurs --oracle_draft: give both")
         if self.oracle_draft:
             cli.require(not any(self.engine_config(m).sampling for m in self.mode),
                         "--oracle_draft proposes the dense greedy codes: give modes with exact or relaxed "
@@ -147,17 +153,27 @@ def build_parser() -> cli.ArgsParser:
 
 
 class OracleDraft:
-    """A perfect draft for ``RSDEngine``: it proposes ``codes`` [1, T', L], set to the main
-    policy's dense greedy codes of the state before each speculative decode, as one-hot
+    """A perfect draft for ``RSDEngine``: before each speculative decode, ``set_codes`` gives it
+    the main policy's dense greedy codes of the state [1, T', L], which it proposes as one-hot
     logits, without a network (the engine reads ``config.num_layers``, ``config.source`` and
     calls ``fused().propose(features, task, k, pick)``). Exact acceptance then accepts every
     proposed layer, so the verify pass and the layers after the proposal are all that
-    speculation costs."""
+    speculation costs. With ``noise`` > 0 the logits are the one-hot plus Gaussian noise of that
+    standard deviation, drawn once per state (every mode sees the same draft), and it proposes
+    their argmax."""
 
-    def __init__(self, num_layers: int, vocab: int):
+    def __init__(self, num_layers: int, vocab: int, noise: float = 0.0, seed: int = 0):
         self.config = SimpleNamespace(num_layers=num_layers, source="oracle")
-        self.vocab = vocab
-        self.codes: torch.Tensor | None = None
+        self.vocab, self.noise = vocab, noise
+        self.gen = torch.Generator().manual_seed(seed)
+        self.logits: torch.Tensor | None = None
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """The state's dense greedy codes [1, T', L]."""
+        logits = torch.nn.functional.one_hot(codes, self.vocab).float()  # [1, T', L, vocab]
+        if self.noise:
+            logits = logits + self.noise * torch.randn(logits.shape, generator=self.gen).to(logits.device)
+        self.logits = logits
 
     def eval(self) -> "OracleDraft":
         return self
@@ -169,14 +185,15 @@ class OracleDraft:
         return self
 
     def __call__(self, features, task) -> torch.Tensor:
-        if self.codes is None:
-            raise RuntimeError("OracleDraft.codes must be set to the state's dense codes first")
-        return torch.nn.functional.one_hot(self.codes, self.vocab).float()  # [1, T', L, vocab]
+        if self.logits is None:
+            raise RuntimeError("OracleDraft.set_codes must be given the state's dense codes first")
+        return self.logits
 
     def propose(self, features, task, k: int, pick=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(one-hot logits [1, T', k, vocab], the dense codes [1, T', k]); never sampled (``main``
-        refuses sample acceptance with the oracle)."""
-        return self(features, task)[:, :, :k], self.codes[..., :k]
+        """(logits [1, T', k, vocab], their argmax [1, T', k]: without noise the dense codes); never
+        sampled (``main`` refuses sample acceptance with the oracle)."""
+        logits = self(features, task)[:, :, :k]
+        return logits, logits.argmax(-1)
 
 
 def main(args: BenchArgs) -> dict:
@@ -193,7 +210,7 @@ def main(args: BenchArgs) -> dict:
     if args.oracle_draft:
         base = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
         pc = base.policy.config
-        oracle = OracleDraft(pc.num_layers, pc.vocab)
+        oracle = OracleDraft(pc.num_layers, pc.vocab, args.oracle_noise, args.seed)
         engine = RSDEngine(base.policy, base.tokenizer, oracle, stop_model=base.stop_model, device=args.device)
         runs = {m: (engine, args.engine_config(m)) for m in args.modes}
     else:
@@ -213,7 +230,7 @@ def main(args: BenchArgs) -> dict:
         shift = n % len(names)
         out = {}
         if oracle is not None:  # the perfect draft proposes dense greedy decoding's codes (untimed)
-            oracle.codes = engine.act(obs[i], task, runs["dense"][1], gen)[2]
+            oracle.set_codes(engine.act(obs[i], task, runs["dense"][1], gen)[2])
         for m in names[shift:] + names[:shift]:
             eng, cfg = runs[m]
             out[m] = eng.act(obs[i], task, cfg, gen)  # (actions, stats, codes)
@@ -228,7 +245,8 @@ def main(args: BenchArgs) -> dict:
     result["data"] = data_summary(args, episodes, len(rows["dense"]))
     result["config"] = cli.settings_dict(args) | {"modes": args.modes}
     if oracle is not None:
-        result["draft"] = "oracle: the main policy's own greedy codes, proposed at no cost"
+        result["draft"] = "oracle: the main policy's own greedy codes, proposed at no cost" + (
+            f", one-hot logits plus Gaussian noise of standard deviation {args.oracle_noise}" if args.oracle_noise else "")
     print_table(result)
     cli.save_json(args.json, result, log)
     return result
@@ -358,6 +376,10 @@ def print_table(result: dict) -> None:
               f"{s['accepted_layers_per_chunk']:8.2f} | {acc:>10} | {s['same_codes_as_dense']:13.3f} | "
               f"{s['action_gap_vs_dense_mean']:8.4f} | {s['action_gap_vs_dense_max']:7.4f} | "
               + " / ".join(f"{s['time_split_ms_mean'][k]:.2f}" for k in ("main", "draft", "tokenizer_decode", "other")))
+    for m, s in modes.items():
+        if s["fallbacks_per_chunk"]:
+            print(f"{m}: {s['fallbacks_per_chunk']:.1%} of chunks met a choice within --tie_margin of a tie and were "
+                  "decoded again densely")
 
 
 if __name__ == "__main__":
