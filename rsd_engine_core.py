@@ -374,9 +374,13 @@ def top_candidates(logits: torch.Tensor, c: int) -> list[tuple[float, tuple[int,
     independent: [(log-probability, codes of the T' positions)], best first; codes that cannot
     be emitted (-inf) are never proposed. The c best of a product of distributions: a heap over
     each position's rank among its own c best."""
-    logp = torch.log_softmax(logits.float(), -1)
-    values, index = logp.topk(min(c, logp.shape[-1]), -1)
-    values, index = values.tolist(), index.tolist()
+    values, index = torch.log_softmax(logits.float(), -1).topk(min(c, logits.shape[-1]), -1)
+    return best_products(values.tolist(), index.tolist(), c)
+
+
+def best_products(values: list, index: list, c: int) -> list[tuple[float, tuple[int, ...]]]:
+    """``top_candidates`` from each position's best log-probabilities ``values`` [T'][c'], best
+    first, and their codes ``index`` [T'][c']."""
     first = (0,) * len(values)
     heap, seen, out = [(-sum(v[0] for v in values), first)], {first}, []
     while heap and len(out) < c:
@@ -395,8 +399,8 @@ def top_candidates(logits: torch.Tensor, c: int) -> list[tuple[float, tuple[int,
 class DraftTree:
     """A tree of code blocks for ``TokenPolicy.extend_tree``: block 0 is the root (layer 0, no
     codes); a block added below a parent carries candidate codes of the parent's layer and is a
-    block of the next layer. ``child(node, codes)`` finds the block below ``node`` carrying
-    ``codes``."""
+    block of the next layer; ``children[node]`` maps the codes a block below ``node`` carries to
+    that block."""
 
     def __init__(self, latent_steps: int, device):
         self.device = device
@@ -423,9 +427,6 @@ class DraftTree:
         self.codes = torch.tensor(self.node_codes, device=self.device).T[None]
         return self
 
-    def child(self, node: int, codes: torch.Tensor) -> int | None:
-        """codes [1, T'] -> the block below ``node`` that carries them, or None."""
-        return self.children[node].get(tuple(codes[0].tolist()))
 
 
 class RSDEngine:
@@ -672,8 +673,12 @@ class RSDEngine:
             z = draft._trunk(*self._draft_inputs(obs, task, ctx))
             candidates = lambda z, layer: top_candidates(draft._step(z, layer)[0], c)  # noqa: E731
         else:
-            logits = self.draft_proposal(obs, task, ctx, k)[0][0] if k else None  # [T', k, vocab]
-            per_layer = [top_candidates(logits[:, l], c) for l in range(k)]
+            per_layer = []
+            if k:  # every layer's best codes per position in one go: [T', k, c']
+                logits = self.draft_proposal(obs, task, ctx, k)[0][0]  # [T', k, vocab]
+                values, index = torch.log_softmax(logits.float(), -1).topk(min(c, logits.shape[-1]), -1)
+                values, index = values.transpose(0, 1).tolist(), index.transpose(0, 1).tolist()  # [k][T'][c']
+                per_layer = [best_products(v, i, c) for v, i in zip(values, index)]
             z, candidates = None, (lambda z, layer: per_layer[layer])
         below = (lambda z, layer, code: draft._add_codes(z, layer, torch.tensor([code], device=self.device))
                  if chained else None)
@@ -717,19 +722,21 @@ class RSDEngine:
         stats.main_seconds += time.perf_counter() - t0
         stats.main_passes += 1
         stats.proposed = k
-        codes, path = [], [0]
+        # every block's argmax and whether it is within the margin of a tie, read in one go
+        top = logits[0].topk(2, -1)  # [T', n, 2]
+        best = top.indices[..., 0].T.tolist()  # [n][T']
+        tied = (top.values[..., 0] - top.values[..., 1] <= cfg.tie_margin).any(0).tolist()  # [n]
+        path = [0]
         while True:
-            block = logits[:, :, path[-1]]
-            if near_tie(block, cfg.tie_margin):
+            if tied[path[-1]]:
                 return None
-            codes.append(block.argmax(-1))
-            child = tree.child(path[-1], codes[-1])
+            child = tree.children[path[-1]].get(tuple(best[path[-1]]))
             if child is None:
                 break
             path.append(child)
         stats.accepted = len(path) - 1
         self.policy.keep_path(cache, tree.size, path)
-        return codes
+        return list(top.indices[..., 0][None, :, path].unbind(-1))  # the path's codes [1, T'] per layer
 
     def _speculate(self, obs, task, ctx, cache, cfg, gen, stats, stop):
         """Draft pass + one verifying main pass. Returns (codes of layers 0..j, stop flag); with
