@@ -32,13 +32,13 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
 
 A multi-token pass rounds differently from the one-block passes of dense decoding (other matmul
 shapes, a longer masked attention row), and the dense passes after it read keys and values it
-computed, so its logits and dense decoding's differ in the last bits. Exact speculation (``tree``,
-and ``rsd`` with ``exact`` acceptance) makes every choice by an argmax whose top two logits are
-more than ``tie_margin`` apart at every position; a choice within the margin of a tie is not
-trusted: the chunk is then decoded again from scratch by dense decoding itself
-(``ChunkStats.fallbacks``), so its codes are dense decoding's whenever
-the rounding differences stay under half the margin (float32 rounding: a few 1e-6 on logits of
-size 10 in the tests, which also build near-ties into random models).
+computed, so its logits and dense decoding's differ in the last bits, in proportion to the
+logits' size. Exact speculation (``tree``, and ``rsd`` with ``exact`` acceptance) makes every
+choice by an argmax whose top two logits are more than ``tie_margin`` x max(1, |top logit|) apart
+at every position (``near_tie``); a choice within that margin of a tie is not trusted: the chunk is
+then decoded again from scratch by dense decoding itself (``ChunkStats.fallbacks``), so its codes
+are dense decoding's whenever the rounding differences stay under half the margin (float32: about
+3e-7 of the largest logit in the tests, which also build near-ties into random models).
 
 Acceptance rules for proposed layers:
 
@@ -158,9 +158,9 @@ class DecodingArgs:
     tolerance: float = arg(0.05, "relaxed acceptance: largest action change accepted (normalized units)")
     candidates: int = arg(2, "tree mode: candidates the draft proposes per layer (the tree keeps at most "
                              "candidates x k, the most probable paths first)")
-    tie_margin: float = arg(1e-3, "exact speculation (tree, rsd with exact acceptance): a choice whose top two "
-                                  "logits are closer than this is not trusted to a multi-token pass; the chunk "
-                                  "is decoded again densely")
+    tie_margin: float = arg(1e-5, "exact speculation (tree, rsd with exact acceptance): a choice whose top two "
+                                  "logits are closer than this times max(1, |top logit|) is not trusted to a "
+                                  "multi-token pass; the chunk is decoded again densely")
 
     def check_decoding(self) -> None:
         cli.require(self.k is None or self.k >= 1, f"--k must be >= 1, got {self.k}")
@@ -244,7 +244,8 @@ class EngineConfig:
     # tool, with exact acceptance only)
     stop_rule: str = "expected_norm"
     candidates: int = 2                # tree modes: candidates per proposed layer
-    tie_margin: float = 1e-3           # exact speculation: least gap of the top two logits of a trusted choice
+    tie_margin: float = 1e-5           # exact speculation: least gap of the top two logits of a trusted choice,
+    #                                    relative to max(1, |top logit|) (``near_tie``)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -363,10 +364,14 @@ class LearnedStop:
 
 
 def near_tie(logits: torch.Tensor, margin: float) -> bool:
-    """logits [1, T', vocab]: whether at some position the top two logits are within ``margin``,
-    so that a pass rounding differently could pick the other one."""
-    top = logits.topk(2, -1).values
-    return bool((top[..., 0] - top[..., 1] <= margin).any())
+    """logits [1, T', vocab]: whether at some position the top two logits are within ``margin`` x
+    max(1, |top logit|), so that a pass rounding differently could pick the other one."""
+    return bool(tied(logits.topk(2, -1).values, margin).any())
+
+
+def tied(top: torch.Tensor, margin: float) -> torch.Tensor:
+    """top [..., 2]: the two largest logits of each position -> [...] bool, within the tie margin."""
+    return top[..., 0] - top[..., 1] <= margin * top[..., 0].abs().clamp(min=1.0)
 
 
 def top_candidates(logits: torch.Tensor, c: int) -> list[tuple[float, tuple[int, ...]]]:
@@ -725,10 +730,10 @@ class RSDEngine:
         # every block's argmax and whether it is within the margin of a tie, read in one go
         top = logits[0].topk(2, -1)  # [T', n, 2]
         best = top.indices[..., 0].T.tolist()  # [n][T']
-        tied = (top.values[..., 0] - top.values[..., 1] <= cfg.tie_margin).any(0).tolist()  # [n]
+        near = tied(top.values, cfg.tie_margin).any(0).tolist()  # [n]
         path = [0]
         while True:
-            if tied[path[-1]]:
+            if near[path[-1]]:
                 return None
             child = tree.children[path[-1]].get(tuple(best[path[-1]]))
             if child is None:

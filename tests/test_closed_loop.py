@@ -255,10 +255,10 @@ def test_mode_specs_parse_and_set_the_acceptance_rule():
             eval_args(mode=bad)
     with pytest.raises(ValueError, match="--mode"):  # the expert is eval_libero's alone
         rsd_engine_core.parse_modes("dense,expert")
-    assert eval_args(mode="all", parallel_policy=None).mode == ["dense", "rsd", "adaptive", "rsd+adaptive"]
+    assert eval_args(mode="all", parallel_policy=None).mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree"]
     assert eval_args(mode="all", parallel_policy="par.pt").mode == list(rsd_engine_core.MODES)
-    assert eval_args(mode="all,expert").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "expert"]
-    assert eval_args(mode="rsd:2,all").mode == ["rsd:2", "dense", "rsd", "adaptive", "rsd+adaptive"]
+    assert eval_args(mode="all,expert").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "expert"]
+    assert eval_args(mode="rsd:2,all").mode == ["rsd:2", "dense", "rsd", "adaptive", "rsd+adaptive", "tree"]
 
 
 def test_load_engine_refuses_what_the_models_cannot_run(trained, draft, tmp_path, monkeypatch):

@@ -226,8 +226,8 @@ def test_near_ties_do_not_flip(spec):
 
 
 def test_the_margin_leaves_ordinary_choices_to_the_tree():
-    """Rounding differences between the tree pass and dense passes are far under the margin, and
-    the choices of random models are rarely within it."""
+    """Rounding differences between the tree pass and dense passes, relative to the logits' size,
+    are under a tenth of the margin, and the choices of random models are rarely within it."""
     tok = make_tokenizer(K=16, L=4, Tp=2)
     worst, fallbacks = 0.0, 0
     for seed in range(30):
@@ -239,10 +239,11 @@ def test_the_margin_leaves_ordinary_choices_to_the_tree():
             ctx = policy.embed_obs(obs, task)
             carried = torch.cat([torch.zeros_like(dense[..., :1]), dense[..., :3]], -1)  # block l: layer l - 1
             tree = policy.extend_tree(policy.new_cache(), [0, 1, 2, 3], [-1, 0, 1, 2], carried, ctx)
-        worst = max(worst, float((tree[0].transpose(0, 1) - logits[:, 0]).abs().max()))
+        scale = max(1.0, float(logits.abs().max()))  # the margin is relative to the logits' size
+        worst = max(worst, float((tree[0].transpose(0, 1) - logits[:, 0]).abs().max()) / scale)
         fallbacks += engine.decode_codes(obs, task, EngineConfig("tree"))[1].fallbacks
-    assert 0 < worst < EngineConfig().tie_margin / 100
-    assert fallbacks <= 3
+    assert 0 < worst < EngineConfig().tie_margin / 10
+    assert fallbacks <= 1
 
 
 # ---------------------------------------------------------------- the mode grammar
