@@ -207,20 +207,22 @@ def test_evaluate_returns_the_result_of_every_mode_on_every_task(trained, draft,
     d, _, _ = trained
     monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: FakeEnv((8, 6)))
     monkeypatch.setattr(ca, "get_task", lambda suite, t: ca.TaskInfo(suite, t, "t", INSTRUCTIONS[t % 2], "", 40))
-    args = eval_args(policy=str(d / "policy.pt"), draft=str(draft), mode="dense,rsd,rsd:1", task_id="0,1",
+    args = eval_args(policy=str(d / "policy.pt"), draft=str(draft), mode="dense,rsd,rsd:1,tree:2/2", task_id="0,1",
                      num_trials=2)
     out = eval_libero.evaluate(args)
-    assert list(out["modes"]) == ["dense", "rsd", "rsd:1"] and list(out["per_task"]) == ["0", "1"]
+    assert list(out["modes"]) == ["dense", "rsd", "rsd:1", "tree:2/2"] and list(out["per_task"]) == ["0", "1"]
     for m, s in out["modes"].items():
         assert (s["trials"], s["successes"], s["errors"]) == (4, 4, 0), s
         assert s["chunks"] == 4 * 2  # 12 steps, the whole 10-step chunk executed by default
     assert out["modes"]["dense"]["main_passes_per_chunk"] == 3
     assert out["modes"]["rsd:1"]["proposed_layers_per_chunk"] == 1
+    assert out["modes"]["tree:2/2"]["proposed_layers_per_chunk"] == 2
+    assert out["per_task"]["1"]["tree:2/2"]["outcomes"] == out["per_task"]["1"]["dense"]["outcomes"]
     assert out["modes"]["rsd"]["vs_dense"]["trials"] == 4
     assert out["per_task"]["1"]["rsd"]["outcomes"] == [1, 1]
     cfg = out["config"]
     assert cfg["init_states"] == "held_out" and cfg["task_ids"] == [0, 1] and cfg["replan_steps"] == 10
-    assert cfg["modes"] == ["dense", "rsd", "rsd:1"]
+    assert cfg["modes"] == ["dense", "rsd", "rsd:1", "tree:2/2"]
     json.dumps(out)  # what --json writes
 
 
