@@ -409,7 +409,7 @@ class DraftTree:
 
     def __init__(self, latent_steps: int, device):
         self.device = device
-        self.parents, self.block_layers = [-1], [0]
+        self.parents, self.layers = [-1], [0]  # each block's parent and layer
         self.node_codes: list[tuple[int, ...]] = [(0,) * latent_steps]
         self.children: list[dict[tuple[int, ...], int]] = [{}]
 
@@ -420,18 +420,16 @@ class DraftTree:
     def add(self, parent: int, layer: int, codes: tuple[int, ...]) -> int:
         """A block below ``parent`` carrying ``codes`` of layer ``layer`` (the parent's); its index."""
         self.parents.append(parent)
-        self.block_layers.append(layer + 1)
+        self.layers.append(layer + 1)
         self.node_codes.append(codes)
         self.children.append({})
         self.children[parent][codes] = self.size - 1
         return self.size - 1
 
     def finish(self) -> "DraftTree":
-        """What ``extend_tree`` reads: ``layers`` (each block's), ``codes`` [1, T', n]."""
-        self.layers = self.block_layers
+        """Sets ``codes`` [1, T', n], what ``extend_tree`` reads with ``layers`` and ``parents``."""
         self.codes = torch.tensor(self.node_codes, device=self.device).T[None]
         return self
-
 
 
 class RSDEngine:
