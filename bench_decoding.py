@@ -26,9 +26,16 @@ number of layers and the action gap they leave.
 ``--draft A.pt B.pt ...`` compares drafts: every speculative mode runs with each (rows
 ``MODE (A)``, ``MODE (B)``), in the same rotation on the same states.
 
+``--pass_costs`` measures, instead of decoding, what one main pass costs against the new tokens
+it carries and against batch rows, beside the FLOP-bound time of each pass (``pass_costs.py``):
+of the policy given, or without ``--policy`` of a randomly initialised one of the default
+architecture (its times only; the output names the model timed).
+
 ``--oracle_draft`` replaces the draft by a perfect one (the main policy's own greedy codes,
 proposed at no cost): ``rsd:K`` then shows how fast exact speculation with K proposed layers
-can be on this CPU whatever the draft.
+can be on this CPU whatever the draft. ``--oracle_noise S`` blurs its logits (one-hot plus
+Gaussian noise of standard deviation S), so that its first choice is sometimes wrong and the
+right code is often among its next ones: how far ``tree``'s extra candidates make up for it.
 
 Use states the models never trained on: record the main policy's own rollouts from held-out
 init states (``collect_actions.py --policy token --checkpoint P --init_states held_out
@@ -47,6 +54,7 @@ import numpy as np
 import torch
 
 import cli
+import pass_costs
 import policy_models as pm
 from cli import arg
 from demos import HELD_OUT_INIT_STATES, load_episodes
@@ -69,18 +77,20 @@ def policy_mode_list(value: str) -> list[str]:
 
 @dataclass
 class BenchArgs(DecodingArgs):
-    policy: str = arg(None, "main policy checkpoint (variant ar)", required=True, metavar="PATH")
+    policy: str | None = arg(None, "main policy checkpoint (variant ar); optional with --pass_costs", metavar="PATH")
     draft: list[str] | None = arg(None, "draft checkpoint(s) (modes rsd, rsd+adaptive); with several, every "
                                         "speculative mode runs with each, as 'MODE (file stem)', on the same states",
                                   nargs="+", metavar="PATH")
     oracle_draft: bool = arg(False, "instead of --draft, a perfect draft: it proposes the main policy's own greedy "
                                     "codes of the state, at no cost (an upper bound of exact speculation's "
                                     "speed-up for any k; give the k as rsd:K)")
+    oracle_noise: float = arg(0.0, "--oracle_draft: standard deviation of Gaussian noise added to its one-hot "
+                                    "logits (an imperfect draft whose misses are near-misses)")
     tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
                                       "hash-checked)", metavar="PATH")
-    data: list[str] = arg(None, "demo / rollout files (HDF5) whose states are decoded", factory=list,
-                          required=True, nargs="+", metavar="PATH")
-    mode: list[str] = arg(None, "comma list of MODE[@ACCEPTANCE][:K] as in eval_libero.py (dense always runs: "
+    data: list[str] = arg(None, "demo / rollout files (HDF5) whose states are decoded (not read by --pass_costs)",
+                          factory=list, nargs="+", metavar="PATH")
+    mode: list[str] = arg(None, "comma list of MODE[@ACCEPTANCE][:K][/C] as in eval_libero.py (dense always runs: "
                                 "it is the reference)",
                           factory=lambda: ["dense", "rsd", "adaptive", "rsd+adaptive"], type=policy_mode_list)
     stop_study: bool = arg(False, "instead of timing modes: adaptive depth's stop rule (at --stop_thresholds, "
@@ -91,6 +101,10 @@ class BenchArgs(DecodingArgs):
     oracle_tolerances: list[float] = arg(None, "comma list of action gaps (normalized units) for --stop_study's "
                                                "oracle (and its learned rule)",
                                          factory=lambda: [0.02, 0.05, 0.1, 0.15, 0.2], type=cli.float_list)
+    pass_costs: bool = arg(False, "instead of decoding states: the cost of one main pass against the new tokens it "
+                                  "carries and against batch rows, with each pass's FLOP-bound time (without "
+                                  "--policy: a randomly initialised policy of the default architecture)")
+    pass_repeats: int = arg(200, "--pass_costs: timed passes per row (median)")
     max_states: int = arg(2000, "decode at most this many states (a random subset)")
     warmup: int = arg(20, "untimed states first")
     seed: int = cli.seed_arg()
@@ -106,6 +120,13 @@ class BenchArgs(DecodingArgs):
         cli.require(self.max_states >= 1, f"--max_states must be >= 1, got {self.max_states}")
         cli.require(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
         cli.require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        cli.require(self.pass_repeats >= 1, f"--pass_repeats must be >= 1, got {self.pass_repeats}")
+        if self.pass_costs:
+            cli.require(not self.stop_study, "give --pass_costs or --stop_study, not both")
+            cli.require(self.device == "cpu", f"--pass_costs measures passes on the CPU, got --device {self.device}")
+        else:
+            cli.require(self.policy is not None, "--policy is required (except with --pass_costs)")
+            cli.require(bool(self.data), "--data is required (except with --pass_costs)")
         cli.require("parallel" not in map(base_mode, self.mode),
                     "--mode parallel is not benchmarked here (use eval_libero.py --parallel_policy)")
         if self.stop_study:
@@ -114,6 +135,8 @@ class BenchArgs(DecodingArgs):
             cli.require(not self.oracle_stop, "--stop_study has the oracle's rows already (--oracle_tolerances); "
                                               "--oracle_stop is for timing the adaptive modes")
         cli.require(not (self.draft and self.oracle_draft), "give --draft or --oracle_draft, not both")
+        cli.require_positive("--oracle_noise", self.oracle_noise, allow_zero=True)
+        cli.require(self.oracle_draft or not self.oracle_noise, "--oracle_noise blurs --oracle_draft: give both")
         if self.oracle_draft:
             cli.require(not any(self.engine_config(m).sampling for m in self.mode),
                         "--oracle_draft proposes the dense greedy codes: give modes with exact or relaxed "
@@ -130,17 +153,27 @@ def build_parser() -> cli.ArgsParser:
 
 
 class OracleDraft:
-    """A perfect draft for ``RSDEngine``: it proposes ``codes`` [1, T', L], set to the main
-    policy's dense greedy codes of the state before each speculative decode, as one-hot
+    """A perfect draft for ``RSDEngine``: before each speculative decode, ``set_codes`` gives it
+    the main policy's dense greedy codes of the state [1, T', L], which it proposes as one-hot
     logits, without a network (the engine reads ``config.num_layers``, ``config.source`` and
     calls ``fused().propose(features, task, k, pick)``). Exact acceptance then accepts every
     proposed layer, so the verify pass and the layers after the proposal are all that
-    speculation costs."""
+    speculation costs. With ``noise`` > 0 the logits are the one-hot plus Gaussian noise of that
+    standard deviation, drawn once per state (every mode sees the same draft), and it proposes
+    their argmax."""
 
-    def __init__(self, num_layers: int, vocab: int):
+    def __init__(self, num_layers: int, vocab: int, noise: float = 0.0, seed: int = 0):
         self.config = SimpleNamespace(num_layers=num_layers, source="oracle")
-        self.vocab = vocab
-        self.codes: torch.Tensor | None = None
+        self.vocab, self.noise = vocab, noise
+        self.gen = torch.Generator().manual_seed(seed)
+        self.logits: torch.Tensor | None = None
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """The state's dense greedy codes [1, T', L]."""
+        logits = torch.nn.functional.one_hot(codes, self.vocab).float()  # [1, T', L, vocab]
+        if self.noise:
+            logits = logits + self.noise * torch.randn(logits.shape, generator=self.gen).to(logits.device)
+        self.logits = logits
 
     def eval(self) -> "OracleDraft":
         return self
@@ -152,20 +185,23 @@ class OracleDraft:
         return self
 
     def __call__(self, features, task) -> torch.Tensor:
-        if self.codes is None:
-            raise RuntimeError("OracleDraft.codes must be set to the state's dense codes first")
-        return torch.nn.functional.one_hot(self.codes, self.vocab).float()  # [1, T', L, vocab]
+        if self.logits is None:
+            raise RuntimeError("OracleDraft.set_codes must be given the state's dense codes first")
+        return self.logits
 
     def propose(self, features, task, k: int, pick=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(one-hot logits [1, T', k, vocab], the dense codes [1, T', k]); never sampled (``main``
-        refuses sample acceptance with the oracle)."""
-        return self(features, task)[:, :, :k], self.codes[..., :k]
+        """(logits [1, T', k, vocab], their argmax [1, T', k]: without noise the dense codes); never
+        sampled (``main`` refuses sample acceptance with the oracle)."""
+        logits = self(features, task)[:, :, :k]
+        return logits, logits.argmax(-1)
 
 
 def main(args: BenchArgs) -> dict:
     cli.start(args, log)
     torch.set_num_threads(args.threads)
     check_outputs({"--json": args.json}, {"--policy": args.policy, "--draft": args.draft, "--data": args.data})
+    if args.pass_costs:
+        return measure_pass_costs(args)
     if args.stop_study:
         engine = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
         episodes, obs, order, tasks = recorded_states(args, engine)
@@ -174,7 +210,7 @@ def main(args: BenchArgs) -> dict:
     if args.oracle_draft:
         base = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
         pc = base.policy.config
-        oracle = OracleDraft(pc.num_layers, pc.vocab)
+        oracle = OracleDraft(pc.num_layers, pc.vocab, args.oracle_noise, args.seed)
         engine = RSDEngine(base.policy, base.tokenizer, oracle, stop_model=base.stop_model, device=args.device)
         runs = {m: (engine, args.engine_config(m)) for m in args.modes}
     else:
@@ -194,7 +230,7 @@ def main(args: BenchArgs) -> dict:
         shift = n % len(names)
         out = {}
         if oracle is not None:  # the perfect draft proposes dense greedy decoding's codes (untimed)
-            oracle.codes = engine.act(obs[i], task, runs["dense"][1], gen)[2]
+            oracle.set_codes(engine.act(obs[i], task, runs["dense"][1], gen)[2])
         for m in names[shift:] + names[:shift]:
             eng, cfg = runs[m]
             out[m] = eng.act(obs[i], task, cfg, gen)  # (actions, stats, codes)
@@ -209,7 +245,8 @@ def main(args: BenchArgs) -> dict:
     result["data"] = data_summary(args, episodes, len(rows["dense"]))
     result["config"] = cli.settings_dict(args) | {"modes": args.modes}
     if oracle is not None:
-        result["draft"] = "oracle: the main policy's own greedy codes, proposed at no cost"
+        result["draft"] = "oracle: the main policy's own greedy codes, proposed at no cost" + (
+            f", one-hot logits plus Gaussian noise of standard deviation {args.oracle_noise}" if args.oracle_noise else "")
     print_table(result)
     cli.save_json(args.json, result, log)
     return result
@@ -257,6 +294,28 @@ def recorded_states(args: BenchArgs, engine: RSDEngine) -> tuple[list, np.ndarra
                          f"{args.warmup}: lower --warmup or give more episodes")
     order = np.random.default_rng(args.seed).permutation(len(obs))[: args.max_states + args.warmup]
     return episodes, obs, order, [int(tasks[i]) for i in order]
+
+
+# ---------------------------------------------------------------- what a main pass costs
+
+def measure_pass_costs(args: BenchArgs) -> dict:
+    """``--pass_costs``: the table of ``pass_costs.pass_cost_rows`` for --policy, or for a randomly
+    initialised policy of the default architecture."""
+    if args.policy:
+        policy = pm.load_policy(args.policy)[0]
+        model = f"the policy {args.policy}"
+    else:
+        policy = pass_costs.random_policy(**pass_costs.RANDOM_POLICY_SHAPE, seed=args.seed)
+        model = "a randomly initialised policy of the default architecture (no checkpoint)"
+    shape = pass_costs.describe(policy)
+    model += " (" + ", ".join(f"{k} {v}" for k, v in shape.items()) + ")"
+    rows, rate = pass_costs.pass_cost_rows(policy, repeats=args.pass_repeats, warmup=args.warmup)
+    result = {"model": model, "policy": args.policy, "architecture": shape, "threads": args.threads,
+              "repeats": args.pass_repeats, "matmul_gflops": rate / 1e9, "rows": rows,
+              "config": cli.settings_dict(args)}
+    pass_costs.print_pass_costs(result)
+    cli.save_json(args.json, result, log)
+    return result
 
 
 # ---------------------------------------------------------------- the stop rule study
@@ -317,6 +376,10 @@ def print_table(result: dict) -> None:
               f"{s['accepted_layers_per_chunk']:8.2f} | {acc:>10} | {s['same_codes_as_dense']:13.3f} | "
               f"{s['action_gap_vs_dense_mean']:8.4f} | {s['action_gap_vs_dense_max']:7.4f} | "
               + " / ".join(f"{s['time_split_ms_mean'][k]:.2f}" for k in ("main", "draft", "tokenizer_decode", "other")))
+    for m, s in modes.items():
+        if s["fallbacks_per_chunk"]:
+            print(f"{m}: {s['fallbacks_per_chunk']:.1%} of chunks met a choice within --tie_margin of a tie and were "
+                  "decoded again densely")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 
 A mode spec is MODE, MODE@ACCEPTANCE (``rsd@relaxed``: that mode's acceptance rule, overriding
 ``--acceptance``) and, for the speculative modes, a trailing ``:K`` (``rsd:3``: the draft
-proposes K layers, overriding ``--k``), so several rules and depths are compared in one run;
-``expert`` adds the scripted expert as the upper reference.
+proposes K layers, overriding ``--k``) and, for the tree mode, a trailing ``/C`` (``tree:3/2``: C
+candidates per proposed layer, overriding ``--candidates``), so several rules and depths are
+compared in one run; ``expert`` adds the scripted expert as the upper reference.
 
 Trial i of a task starts from the benchmark's init state i (0-19 are never used for training
 data), in a freshly built simulation whose fixture placement is drawn from the trial's seed
@@ -41,7 +42,8 @@ import workers
 from cli import arg
 from fileio import check_outputs
 from results import ModeResult, report, summarize
-from rsd_engine_core import DecodingArgs, EnginePolicy, base_mode, build_engine, check_action_noise, parse_modes
+from rsd_engine_core import (SPECULATIVE_MODES, DecodingArgs, EnginePolicy, base_mode, build_engine, check_action_noise,
+                             parse_modes)
 
 log = logging.getLogger("eval_libero")
 
@@ -51,7 +53,7 @@ EXTRA_MODES = ("expert", "openpi")
 
 
 def mode_list(value: str) -> list[str]:
-    """--mode: 'all' (every engine mode), or a comma list of MODE[@ACCEPTANCE][:K] and 'expert'."""
+    """--mode: 'all' (every engine mode), or a comma list of MODE[@ACCEPTANCE][:K][/C] and 'expert'."""
     import argparse
 
     try:
@@ -70,8 +72,8 @@ class EvalArgs(DecodingArgs, workers.WorkersArgs):
     task_suite: str = arg("libero_spatial", "LIBERO suite", choices=list(ca.SUITES))
     task_id: list[int] | str = arg("all", "a task id, a comma list of ids, or 'all'", type=ca.parse_task_ids)
     num_trials: int = arg(20, "trials per task; trial i starts from the held-out init state i (0-19)")
-    mode: list[str] = arg(None, "'all' (dense, parallel, rsd, adaptive, rsd+adaptive; parallel only with "
-                                "--parallel_policy), or a comma list of MODE[@ACCEPTANCE][:K] and 'expert', "
+    mode: list[str] = arg(None, "'all' (dense, parallel, rsd, adaptive, rsd+adaptive, tree; parallel only with "
+                                "--parallel_policy), or a comma list of MODE[@ACCEPTANCE][:K][/C] and 'expert', "
                                 "e.g. dense,rsd:3,rsd+adaptive@relaxed,expert",
                           factory=lambda: ["rsd"], type=mode_list)
     # models
@@ -242,7 +244,7 @@ def load_engine(args: EvalArgs):
         return None
     if not args.policy:
         raise ValueError(f"--mode {','.join(modes)} needs --policy")
-    speculative = any(base_mode(m) in ("rsd", "rsd+adaptive") for m in modes)
+    speculative = any(base_mode(m) in SPECULATIVE_MODES for m in modes)
     parallel = any(base_mode(m) == "parallel" for m in modes)
     engine = build_engine(args.policy, draft=args.draft if speculative else None,
                           parallel_policy=args.parallel_policy if parallel else None,

@@ -204,6 +204,14 @@ class KVCache:
                 self.v[i] = self.v[i][:, :, :length]
         self.blocks = self.blocks[:length]
 
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the cached tokens at ``index`` [S'] (increasing), drop the others."""
+        for i in range(len(self.k)):
+            if self.k[i] is not None:
+                self.k[i] = self.k[i].index_select(2, index)
+                self.v[i] = self.v[i].index_select(2, index)
+        self.blocks = self.blocks.index_select(0, index)
+
 
 class Block(nn.Module):
     """Pre-LN transformer block with an explicit attention mask and an optional KV cache."""
@@ -320,11 +328,17 @@ class TokenPolicy(nn.Module):
 
     def _run(self, x, q_blocks, cache: KVCache | None):
         k_blocks = q_blocks if cache is None else torch.cat([cache.blocks, q_blocks])
-        mask = self._mask(q_blocks, k_blocks)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, mask, cache, i)
+        x = self.run_masked(x, self._mask(q_blocks, k_blocks), cache)
         if cache is not None:
             cache.blocks = k_blocks
+        return x
+
+    def run_masked(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """x [B, N, d] through the transformer blocks under ``mask`` [N, S] (True = may attend; S
+        = cached + N tokens), appending the N tokens' keys and values to the cache (its
+        ``blocks`` are the caller's to update) -> [B, N, d] before the final norm."""
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask, cache, i)
         return x
 
     # ---- training / verification: all layers in one pass
@@ -375,6 +389,68 @@ class TokenPolicy(nn.Module):
             x = torch.cat([ctx, x], 1)
         h = self._run(x, q_blocks, cache)
         return self._heads(h[:, -n * self.config.latent_steps:], list(range(first, first + n)))
+
+    def extend_tree(self, cache: KVCache, layers: list[int], parents: list[int], codes: torch.Tensor,
+                    ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """One main pass over a tree of code blocks (token-tree verification: SpecInfer, Miao et
+        al. 2024): node i is a block of layer ``layers[i]`` whose tokens carry ``codes[..., i]``
+        (the codes of layer layers[i] - 1 on its path; not read at layer 0), below node
+        ``parents[i]`` (-1: below the cached blocks; parents come before their children). A
+        node's tokens see the ctx, the cached blocks, its ancestors' tokens and its own, so its
+        logits are those of extending the cache with its path block by block, up to float
+        rounding. Returns the nodes' logits [B, T', n, vocab]; appends the ctx (when given) and
+        every node's tokens to the cache, of which ``keep_path`` then keeps one path.
+
+        codes: [B, T', n].
+        """
+        if ctx is None and cache.length == 0:
+            raise ValueError("the first pass needs the ctx embedding")
+        Tp, n, device = self.config.latent_steps, len(parents), self.start.device
+        B = (ctx if ctx is not None else cache.k[0]).shape[0]
+        first = int(cache.blocks.max()) + 1 if cache.length else 0
+        above = []  # above[i]: node i's ancestors and itself
+        for i, (layer, p) in enumerate(zip(layers, parents)):
+            want = first if p < 0 else layers[p] + 1
+            if not (p < i and layer == want):
+                raise ValueError(f"tree node {i} (layer {layer}) must follow its parent {p}, one layer deeper "
+                                 f"(layer {want})")
+            above.append((above[p] if p >= 0 else set()) | {i})
+        # per token: a node's T' tokens see each other, as in a block
+        tree = torch.tensor([[j in above[i] for j in range(n)] for i in range(n)], device=device)
+        tree = tree.repeat_interleave(Tp, 0).repeat_interleave(Tp, 1)
+        layer_index = torch.tensor(layers, device=device)
+        x = self._node_inputs(codes, layer_index)
+        n_ctx = ctx.shape[1] if ctx is not None else 0
+        seen = cache.length + n_ctx  # what every node sees: the cached tokens and the ctx
+        mask = torch.cat([torch.ones(n * Tp, seen, dtype=torch.bool, device=device), tree], 1)
+        blocks = layer_index.repeat_interleave(Tp)
+        if ctx is not None:
+            ctx_rows = torch.zeros(n_ctx, seen + n * Tp, dtype=torch.bool, device=device)
+            ctx_rows[:, :seen] = True
+            mask = torch.cat([ctx_rows, mask], 0)
+            x = torch.cat([ctx, x], 1)
+            blocks = torch.cat([torch.full((n_ctx,), -1, device=device), blocks])
+        h = self.run_masked(x, mask, cache)
+        cache.blocks = torch.cat([cache.blocks, blocks])
+        return self._heads(h[:, -n * Tp:], layers)
+
+    def _node_inputs(self, codes: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """Input tokens of tree nodes (``extend_tree``): codes [B, T', n], layers [n] -> [B, n*T', d]."""
+        B, Tp, n = codes.shape
+        rows = codes + self.offsets[(layers - 1).clamp(min=0)]
+        x = torch.where((layers == 0)[:, None, None], self.start, self.code_emb(rows.transpose(1, 2)))
+        x = x + self.pos_emb[:, None] + self.layer_emb[layers][None]  # [B, n, T', d]
+        return x.reshape(B, n * Tp, -1)
+
+    def keep_path(self, cache: KVCache, n_nodes: int, path: list[int]) -> None:
+        """After ``extend_tree`` over ``n_nodes`` nodes: keep the cache's tokens before the tree
+        and those of the nodes ``path`` (root first), so that it holds what extending the cache
+        with that path block by block would hold."""
+        Tp = self.config.latent_steps
+        start = cache.length - n_nodes * Tp
+        nodes = torch.as_tensor(path, device=cache.blocks.device)
+        tokens = (start + nodes[:, None] * Tp + torch.arange(Tp, device=nodes.device)).flatten()
+        cache.keep(torch.cat([torch.arange(start, device=nodes.device), tokens]))
 
     @torch.no_grad()
     def greedy_decode(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,28 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
   L's: it knows the layers to come (``act`` decodes them densely first, untimed), so it shows
   what a perfect stop rule would give, in success and in latency, not something a robot can run.
 - ``rsd+adaptive``: both.
+- ``tree``: exact speculation over several candidates per layer (token-tree verification:
+  SpecInfer, Miao et al. 2024; the tree chosen from the draft's confidence as in EAGLE-2, Li et
+  al. 2024). The draft's C most probable codes of each of layers 0..k-1 (``top_candidates``)
+  make a tree of code blocks: a candidate for layer l is a block of layer l + 1 below a block of
+  layer l. At most C x k candidate blocks are kept: the chain of the draft's most probable codes
+  (``rsd``'s proposal), then the most probable paths (``draft_tree``).
+  ONE main pass verifies the whole tree, its tokens in the sequence dimension under an
+  ancestor-only mask (``TokenPolicy.extend_tree``); from the root, the main policy's argmax of a
+  block leads to the child carrying it, and the longest such path is kept, with the main
+  policy's prediction for the layer after it; the rest is decoded densely, reusing the path's
+  part of the key/value cache. With C = 1 the tree is ``rsd``'s chain of k proposed layers.
+  Exact acceptance only.
+
+A multi-token pass rounds differently from the one-block passes of dense decoding (other matmul
+shapes, a longer masked attention row), and the dense passes after it read keys and values it
+computed, so its logits and dense decoding's differ in the last bits, in proportion to the
+logits' size. Exact speculation (``tree``, and ``rsd`` with ``exact`` acceptance) makes every
+choice by an argmax whose top two logits are more than ``tie_margin`` x max(1, |top logit|) apart
+at every position (``near_tie``); a choice within that margin of a tie is not trusted: the chunk is
+then decoded again from scratch by dense decoding itself (``ChunkStats.fallbacks``), so its codes
+are dense decoding's whenever the rounding differences stay under half the margin (float32: about
+3e-7 of the largest logit in the tests, which also build near-ties into random models).
 
 Acceptance rules for proposed layers:
 
@@ -41,6 +63,8 @@ the ``expected_norm`` stop signal, the learned stop rule's features and relaxed 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import os
 import statistics
@@ -57,8 +81,9 @@ from cli import arg
 from policy_data import ActionHistory, obs_vector
 from policy_models import DraftModel, StopModel, TokenPolicy
 
-MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive")
-SPECULATIVE_MODES = ("rsd", "rsd+adaptive")
+MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive", "tree")
+SPECULATIVE_MODES = ("rsd", "rsd+adaptive", "tree")
+TREE_MODES = ("tree",)
 ACCEPTANCE = ("exact", "sample", "relaxed")
 STOP_RULES = ("expected_norm", "learned", "oracle")
 
@@ -66,25 +91,28 @@ STOP_RULES = ("expected_norm", "learned", "oracle")
 # ----------------------------------------------------------------------------- mode specs
 
 
-def split_spec(spec: str) -> tuple[str, str, int | None]:
-    """'MODE[@ACCEPTANCE][:K]' -> (mode, acceptance or '', k or None); a bad spec is a
-    ValueError naming it and what is allowed."""
-    rest, colon, k = spec.partition(":")
+def split_spec(spec: str) -> tuple[str, str, int | None, int | None]:
+    """'MODE[@ACCEPTANCE][:K][/C]' -> (mode, acceptance or '', k or None, c or None); a bad spec
+    is a ValueError naming it and what is allowed."""
+    rest, slash, c = spec.partition("/")
+    rest, colon, k = rest.partition(":")
     mode, _, acc = rest.partition("@")
     ok = (mode in MODES and (not acc or acc in ACCEPTANCE) and (not colon or k.isdigit())
-          and (not colon or (int(k) >= 1 and mode in SPECULATIVE_MODES)))
+          and (not colon or (int(k) >= 1 and mode in SPECULATIVE_MODES))
+          and (not slash or (c.isdigit() and int(c) >= 1 and mode in TREE_MODES)))
     if not ok:
-        raise ValueError(f"--mode: {spec!r} is not MODE[@ACCEPTANCE][:K] with MODE in {MODES}, ACCEPTANCE in "
-                         f"{ACCEPTANCE} and K >= 1 layers proposed by the draft (rsd modes only)")
-    return mode, acc, int(k) if colon else None
+        raise ValueError(f"--mode: {spec!r} is not MODE[@ACCEPTANCE][:K][/C] with MODE in {MODES}, ACCEPTANCE in "
+                         f"{ACCEPTANCE}, K >= 1 layers proposed by the draft (speculative modes only) and C >= 1 "
+                         f"candidates per layer (tree modes only)")
+    return mode, acc, int(k) if colon else None, int(c) if slash else None
 
 
 def base_mode(spec: str) -> str:
-    return spec.partition(":")[0].partition("@")[0]
+    return spec.partition("/")[0].partition(":")[0].partition("@")[0]
 
 
 def parse_modes(value: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """'all' (every mode), or a comma list of MODE[@ACCEPTANCE][:K] specs and the ``extra`` names
+    """'all' (every mode), or a comma list of MODE[@ACCEPTANCE][:K][/C] specs and the ``extra`` names
     a caller allows (eval_libero.py: 'expert')."""
     if value == "all" and "all" not in extra:
         return list(MODES)
@@ -113,8 +141,8 @@ ORACLE_STOP_HELP = (
 
 @dataclass
 class DecodingArgs:
-    """The decoding flags of every script that runs the engine (a mode spec's @ACCEPTANCE and
-    :K override --acceptance and --k for that mode)."""
+    """The decoding flags of every script that runs the engine (a mode spec's @ACCEPTANCE, :K
+    and /C override --acceptance, --k and --candidates for that mode)."""
 
     acceptance: str = arg("exact", "acceptance rule of the speculative modes", choices=list(ACCEPTANCE))
     k: int | None = arg(None, "layers the draft proposes (default: all it predicts)")
@@ -128,19 +156,29 @@ class DecodingArgs:
                                           "with --oracle_stop: once the true one is)")
     min_layers: int = arg(2, "adaptive modes keep at least this many layers")
     tolerance: float = arg(0.05, "relaxed acceptance: largest action change accepted (normalized units)")
+    candidates: int = arg(2, "tree mode: candidates the draft proposes per layer (the tree keeps at most "
+                             "candidates x k, the most probable paths first)")
+    tie_margin: float = arg(1e-5, "exact speculation (tree, rsd with exact acceptance): a choice whose top two "
+                                  "logits are closer than this times max(1, |top logit|) is not trusted to a "
+                                  "multi-token pass; the chunk is decoded again densely")
 
     def check_decoding(self) -> None:
         cli.require(self.k is None or self.k >= 1, f"--k must be >= 1, got {self.k}")
         cli.require_positive("--adaptive_threshold", self.adaptive_threshold, allow_zero=True)
         cli.require_positive("--tolerance", self.tolerance, allow_zero=True)
         cli.require(self.min_layers >= 1, f"--min_layers must be >= 1, got {self.min_layers}")
+        cli.require(self.candidates >= 1, f"--candidates must be >= 1, got {self.candidates}")
+        cli.require_positive("--tie_margin", self.tie_margin, allow_zero=True)
         stop_rule_of(self.stop_model, self.oracle_stop)
 
     def engine_config(self, spec: str) -> "EngineConfig":
-        mode, acceptance, k = split_spec(spec)
-        return EngineConfig(mode=mode, acceptance=acceptance or self.acceptance, k=k or self.k,
+        mode, acceptance, k, c = split_spec(spec)
+        # the tree modes accept exactly: --acceptance speaks for the rsd modes
+        acceptance = acceptance or ("exact" if mode in TREE_MODES else self.acceptance)
+        return EngineConfig(mode=mode, acceptance=acceptance, k=k or self.k,
                             adaptive_threshold=self.adaptive_threshold, min_layers=self.min_layers,
-                            tolerance=self.tolerance, stop_rule=stop_rule_of(self.stop_model, self.oracle_stop))
+                            tolerance=self.tolerance, stop_rule=stop_rule_of(self.stop_model, self.oracle_stop),
+                            candidates=c or self.candidates, tie_margin=self.tie_margin)
 
 
 @dataclass
@@ -158,6 +196,8 @@ class ChunkStats:
     main_seconds: float = 0.0
     draft_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # exact speculation: 1 when a choice within tie_margin of a tie sent the chunk back to dense decoding
+    fallbacks: int = 0
 
 
 def time_split_ms(stats: list[ChunkStats]) -> dict:
@@ -185,6 +225,7 @@ def chunk_summary(stats: list[ChunkStats]) -> dict:
         "proposed_layers_per_chunk": proposed / len(stats),
         "accepted_layers_per_chunk": float(np.mean([s.accepted for s in stats])),
         "acceptance_rate": sum(s.accepted for s in stats) / proposed if proposed else None,
+        "fallbacks_per_chunk": float(np.mean([s.fallbacks for s in stats])),
         "time_split_ms_mean": time_split_ms(stats),
     }
 
@@ -202,6 +243,9 @@ class EngineConfig:
     # "oracle" (the true action gap of the layers so far, from a dense decode beforehand: a study
     # tool, with exact acceptance only)
     stop_rule: str = "expected_norm"
+    candidates: int = 2                # tree modes: candidates per proposed layer
+    tie_margin: float = 1e-5           # exact speculation: least gap of the top two logits of a trusted choice,
+    #                                    relative to max(1, |top logit|) (``near_tie``)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -219,10 +263,26 @@ class EngineConfig:
         if self.stop_rule == "oracle" and self.adaptive and self.acceptance != "exact":
             raise ValueError("the oracle stop rule knows the layers of dense greedy decoding: it needs "
                              f"exact acceptance, got {self.acceptance!r}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if not self.tie_margin >= 0:
+            raise ValueError(f"tie_margin must be >= 0, got {self.tie_margin}")
+        if self.tree and self.acceptance != "exact":
+            raise ValueError(f"mode {self.mode!r} verifies a tree exactly: acceptance must be 'exact', "
+                             f"got {self.acceptance!r}")
 
     @property
     def speculative(self) -> bool:
-        return self.mode in ("rsd", "rsd+adaptive")
+        return self.mode in SPECULATIVE_MODES
+
+    @property
+    def tree(self) -> bool:
+        return self.mode in TREE_MODES
+
+    @property
+    def guarded(self) -> bool:
+        """Exact speculation: its choices come from multi-token passes, and must be dense decoding's."""
+        return self.tree or (self.speculative and self.acceptance == "exact")
 
     @property
     def adaptive(self) -> bool:
@@ -301,6 +361,75 @@ class LearnedStop:
 
     def predicted_gap(self, layer: int, code: torch.Tensor) -> float:
         return math.exp(self.predicted_log_gap(layer, code)) - self.engine.stop_model.config.gap_eps
+
+
+def near_tie(logits: torch.Tensor, margin: float) -> bool:
+    """logits [1, T', vocab]: whether at some position the top two logits are within ``margin`` x
+    max(1, |top logit|), so that a pass rounding differently could pick the other one."""
+    return bool(tied(logits.topk(2, -1).values, margin).any())
+
+
+def tied(top: torch.Tensor, margin: float) -> torch.Tensor:
+    """top [..., 2]: the two largest logits of each position -> [...] bool, within the tie margin."""
+    return top[..., 0] - top[..., 1] <= margin * top[..., 0].abs().clamp(min=1.0)
+
+
+def top_candidates(logits: torch.Tensor, c: int) -> list[tuple[float, tuple[int, ...]]]:
+    """The c most probable codes of one layer under a draft's logits [T', vocab], the positions
+    independent: [(log-probability, codes of the T' positions)], best first; codes that cannot
+    be emitted (-inf) are never proposed. The c best of a product of distributions: a heap over
+    each position's rank among its own c best."""
+    values, index = torch.log_softmax(logits.float(), -1).topk(min(c, logits.shape[-1]), -1)
+    return best_products(values.tolist(), index.tolist(), c)
+
+
+def best_products(values: list, index: list, c: int) -> list[tuple[float, tuple[int, ...]]]:
+    """``top_candidates`` from each position's best log-probabilities ``values`` [T'][c'], best
+    first, and their codes ``index`` [T'][c']."""
+    first = (0,) * len(values)
+    heap, seen, out = [(-sum(v[0] for v in values), first)], {first}, []
+    while heap and len(out) < c:
+        neg, ranks = heapq.heappop(heap)
+        if neg == math.inf:
+            break
+        out.append((-neg, tuple(index[t][r] for t, r in enumerate(ranks))))
+        for t, r in enumerate(ranks):
+            nxt = ranks[:t] + (r + 1,) + ranks[t + 1:]
+            if r + 1 < len(values[t]) and nxt not in seen:
+                seen.add(nxt)
+                heapq.heappush(heap, (neg + values[t][r] - values[t][r + 1], nxt))
+    return out
+
+
+class DraftTree:
+    """A tree of code blocks for ``TokenPolicy.extend_tree``: block 0 is the root (layer 0, no
+    codes); a block added below a parent carries candidate codes of the parent's layer and is a
+    block of the next layer; ``children[node]`` maps the codes a block below ``node`` carries to
+    that block."""
+
+    def __init__(self, latent_steps: int, device):
+        self.device = device
+        self.parents, self.layers = [-1], [0]  # each block's parent and layer
+        self.node_codes: list[tuple[int, ...]] = [(0,) * latent_steps]
+        self.children: list[dict[tuple[int, ...], int]] = [{}]
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    def add(self, parent: int, layer: int, codes: tuple[int, ...]) -> int:
+        """A block below ``parent`` carrying ``codes`` of layer ``layer`` (the parent's); its index."""
+        self.parents.append(parent)
+        self.layers.append(layer + 1)
+        self.node_codes.append(codes)
+        self.children.append({})
+        self.children[parent][codes] = self.size - 1
+        return self.size - 1
+
+    def finish(self) -> "DraftTree":
+        """Sets ``codes`` [1, T', n], what ``extend_tree`` reads with ``layers`` and ``parents``."""
+        self.codes = torch.tensor(self.node_codes, device=self.device).T[None]
+        return self
 
 
 class RSDEngine:
@@ -428,9 +557,13 @@ class RSDEngine:
         ``pick`` chooses each layer's codes from its logits (argmax by default). The embedding
         draft reads the ctx embedding the main policy needs anyway; the obs draft reads the
         normalized observation. A chained draft conditions each layer on the codes picked below it."""
+        return self.draft_fn.propose(*self._draft_inputs(obs, task, ctx), k, pick)
+
+    def _draft_inputs(self, obs, task, ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the draft reads: the flattened ctx embedding, or the normalized observation and task."""
         if self.draft.config.source == "embedding":
-            return self.draft_fn.propose(ctx.flatten(1), None, k, pick)
-        return self.draft_fn.propose(self.policy.obs_encoder.normalizer(obs), task, k, pick)
+            return ctx.flatten(1), None
+        return self.policy.obs_encoder.normalizer(obs), task
 
     def stopper(self, cfg: EngineConfig, oracle_gaps: np.ndarray | None = None):
         """A new chunk's stop test ``stop(logits [1, T', vocab], layer, code [1, T']) -> bool``,
@@ -488,33 +621,130 @@ class RSDEngine:
             stats.layers = codes.shape[-1]
             return codes, stats
 
-        L = self.policy.config.num_layers
         ctx = self.policy.embed_obs(obs, task)
         cache = self.policy.new_cache()
         stop = self.stopper(cfg, oracle_gaps)
         codes: list[torch.Tensor] = []   # each [1, T']
-        next_layer = 0
         stopped = False
-        if cfg.speculative:
+        if cfg.tree:
+            codes = self._verify_tree(obs, task, ctx, cache, cfg, stats)
+        elif cfg.speculative:
             codes, stopped = self._speculate(obs, task, ctx, cache, cfg, gen, stats, stop)
-            next_layer = len(codes)
+        if codes:
             ctx = None  # the ctx is in the cache now
-        while next_layer < L and not stopped:
-            prev = codes[-1][..., None] if next_layer > 0 else None
+        if codes is not None and not stopped:
+            codes = self._decode_layers(cache, ctx, codes, cfg, gen, stats, stop, guarded=cfg.guarded)
+        if codes is None:  # a near-tie after a multi-token pass: decode the chunk again as dense decoding does
+            stats.fallbacks = 1
+            codes = self._decode_layers(self.policy.new_cache(), self.policy.embed_obs(obs, task), [], cfg, gen,
+                                        stats, self.stopper(cfg, oracle_gaps), guarded=False)
+        stats.layers = len(codes)
+        return torch.stack(codes, -1), stats
+
+    def _decode_layers(self, cache, ctx, codes: list, cfg, gen, stats, stop, guarded: bool) -> list | None:
+        """Dense decoding of the layers after ``codes`` (one main pass each, the ctx first when
+        given), until layer L - 1 or the stop test; the codes of every layer. ``guarded``: None
+        as soon as a layer's choice is within ``cfg.tie_margin`` of a tie (``near_tie``)."""
+        L = self.policy.config.num_layers
+        while len(codes) < L:
+            layer = len(codes)
+            prev = codes[-1][..., None] if layer > 0 else None
             t0 = time.perf_counter()
-            logits = self.policy.extend(cache, next_layer, 1, prev, ctx)[:, :, 0]
+            logits = self.policy.extend(cache, layer, 1, prev, ctx)[:, :, 0]
             self._sync()
             stats.main_seconds += time.perf_counter() - t0
             ctx = None
             stats.main_passes += 1
+            if guarded and near_tie(logits, cfg.tie_margin):
+                return None
             codes.append(self._pick(logits, cfg, gen))
-            stopped = stop(logits, next_layer, codes[-1])
-            next_layer += 1
-        stats.layers = len(codes)
-        return torch.stack(codes, -1), stats
+            if stop(logits, layer, codes[-1]):
+                break
+        return codes
+
+    def draft_tree(self, obs, task, ctx, k: int, c: int) -> "DraftTree":
+        """The tree mode's proposal for layers 0..k-1: a ``DraftTree`` of at most c x k candidate
+        blocks below the root (block 0). Each block offers the c most probable codes of its layer
+        (``top_candidates``; a chained draft's given the codes of the block's path) as candidates
+        for blocks below it. First the chain of every layer's most probable codes (``rsd``'s
+        proposal, so the tree accepts at least what ``rsd`` does), then the most probable paths
+        among the candidates offered (EAGLE-2's dynamic tree) until the budget is spent. The
+        draft's probabilities only choose the tree; the main policy's verification decides the codes."""
+        draft = self.draft_fn
+        chained = bool(getattr(self.draft.config, "chained", False))
+        if chained:
+            z = draft._trunk(*self._draft_inputs(obs, task, ctx))
+            candidates = lambda z, layer: top_candidates(draft._step(z, layer)[0], c)  # noqa: E731
+        else:
+            per_layer = []
+            if k:  # every layer's best codes per position in one go: [T', k, c']
+                logits = self.draft_proposal(obs, task, ctx, k)[0][0]  # [T', k, vocab]
+                values, index = torch.log_softmax(logits.float(), -1).topk(min(c, logits.shape[-1]), -1)
+                values, index = values.transpose(0, 1).tolist(), index.transpose(0, 1).tolist()  # [k][T'][c']
+                per_layer = [best_products(v, i, c) for v, i in zip(values, index)]
+            z, candidates = None, (lambda z, layer: per_layer[layer])
+        below = (lambda z, layer, code: draft._add_codes(z, layer, torch.tensor([code], device=self.device))
+                 if chained else None)
+        tree = DraftTree(self.policy.config.latent_steps, self.device)
+        # offered candidates: (-log p of the path, order, parent block, layer of the codes, codes, parent's draft state)
+        heap, order = [], itertools.count()
+        node, path_lp = 0, 0.0
+        for layer in range(k):  # the chain
+            (lp, code), *rest = candidates(z, layer)
+            for lp_other, other in rest:
+                heapq.heappush(heap, (-(path_lp + lp_other), next(order), node, layer, other, z))
+            node, path_lp = tree.add(node, layer, code), path_lp + lp
+            z = below(z, layer, code) if layer + 1 < k else None
+        while heap and tree.size - 1 < c * k:
+            neg, _, parent, layer, code, z = heapq.heappop(heap)
+            node = tree.add(parent, layer, code)
+            if layer + 1 < k:
+                z_node = below(z, layer, code)
+                for lp, child in candidates(z_node, layer + 1):
+                    heapq.heappush(heap, (neg - lp, next(order), node, layer + 1, child, z_node))
+        return tree.finish()
+
+    def _verify_tree(self, obs, task, ctx, cache, cfg, stats) -> list | None:
+        """Draft tree + one main pass over it (mode ``tree``). Returns the codes of layers 0..j: the
+        main policy's argmax at each block of the longest path it agrees with, the last being its
+        prediction for the layer after the path; the cache keeps the ctx and that path. None when
+        a choice on the path is within ``cfg.tie_margin`` of a tie."""
+        if self.draft is None:
+            raise ValueError(f"mode {cfg.mode!r} needs a draft model")
+        L = self.policy.config.num_layers
+        # a candidate for layer l is a block of layer l + 1: the last layer's needs no block
+        k = min(cfg.k or self.draft.config.num_layers, self.draft.config.num_layers, L - 1)
+        t0 = time.perf_counter()
+        tree = self.draft_tree(obs, task, ctx, k, cfg.candidates)
+        self._sync()
+        stats.draft_seconds += time.perf_counter() - t0
+        stats.draft_passes += 1
+        t0 = time.perf_counter()
+        logits = self.policy.extend_tree(cache, tree.layers, tree.parents, tree.codes, ctx)  # [1, T', n, vocab]
+        self._sync()
+        stats.main_seconds += time.perf_counter() - t0
+        stats.main_passes += 1
+        stats.proposed = k
+        # every block's argmax and whether it is within the margin of a tie, read in one go
+        top = logits[0].topk(2, -1)  # [T', n, 2]
+        best = top.indices[..., 0].T.tolist()  # [n][T']
+        near = tied(top.values, cfg.tie_margin).any(0).tolist()  # [n]
+        path = [0]
+        while True:
+            if near[path[-1]]:
+                return None
+            child = tree.children[path[-1]].get(tuple(best[path[-1]]))
+            if child is None:
+                break
+            path.append(child)
+        stats.accepted = len(path) - 1
+        self.policy.keep_path(cache, tree.size, path)
+        return list(top.indices[..., 0][None, :, path].unbind(-1))  # the path's codes [1, T'] per layer
 
     def _speculate(self, obs, task, ctx, cache, cfg, gen, stats, stop):
-        """Draft pass + one verifying main pass. Returns (codes of layers 0..j, stop flag)."""
+        """Draft pass + one verifying main pass. Returns (codes of layers 0..j, stop flag); with
+        exact acceptance, (None, False) when a kept layer's choice is within ``cfg.tie_margin`` of
+        a tie."""
         if self.draft is None:
             raise ValueError(f"mode {cfg.mode!r} needs a draft model")
         L = self.policy.config.num_layers
@@ -541,6 +771,8 @@ class RSDEngine:
         # adaptive depth: the stop test of every kept layer in turn, as dense decoding makes it
         stopped = False
         for l, code in enumerate(codes):
+            if cfg.guarded and near_tie(p_logits[:, :, l], cfg.tie_margin):
+                return None, False
             if stop(p_logits[:, :, l], l, code):
                 codes, stopped = codes[: l + 1], True
                 break

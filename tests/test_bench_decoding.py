@@ -129,16 +129,24 @@ def test_bench_decoding_with_a_perfect_draft_accepts_every_proposed_layer(traine
     policy, tok = models(d)
     roll = rollout_file(tmp_path / "held_out.hdf5", policy, tok, init_states=[0, 1], n=4)
     args = bench_args("--policy", d / "policy.pt", "--oracle_draft", "--data", roll, "--warmup", "1",
-                      "--mode", "rsd:1,rsd:2,rsd:3")
+                      "--mode", "rsd:1,rsd:2,rsd:3,tree:1/2,tree:2/3")
     result = bench_decoding.main(args)
     modes = result["modes"]
     assert result["draft"].startswith("oracle")
-    for k in (1, 2, 3):
-        m = modes[f"rsd:{k}"]
+    for spec, k in (("rsd:1", 1), ("rsd:2", 2), ("rsd:3", 3), ("tree:1/2", 1), ("tree:2/3", 2)):
+        m = modes[spec]
         assert m["acceptance_rate"] == 1.0 and m["accepted_layers_per_chunk"] == k
-        assert m["same_codes_as_dense"] == 1.0
+        assert m["same_codes_as_dense"] == 1.0 and m["fallbacks_per_chunk"] == 0
         # the verify pass, then dense passes for the layers after k + 1 (3 layers in all)
         assert m["main_passes_per_chunk"] == 1 + max(0, 3 - k - 1)
+    # a blurred oracle misses some layers; the tree's further candidates recover some of them
+    blurred = bench_decoding.main(dataclasses.replace(args, oracle_noise=0.7, mode=["rsd:2", "tree:2/4"]))
+    assert "noise of standard deviation 0.7" in blurred["draft"]
+    rsd, tree = blurred["modes"]["rsd:2"], blurred["modes"]["tree:2/4"]
+    assert rsd["same_codes_as_dense"] == tree["same_codes_as_dense"] == 1.0
+    assert rsd["acceptance_rate"] < 1 and tree["accepted_layers_per_chunk"] > rsd["accepted_layers_per_chunk"]
+    with pytest.raises(ValueError, match="--oracle_noise blurs --oracle_draft"):
+        dataclasses.replace(args, oracle_draft=False, oracle_noise=0.5)
     with pytest.raises(ValueError, match="not both"):
         dataclasses.replace(args, draft=["some_draft.pt"])
     with pytest.raises(ValueError, match="not sample"):

@@ -207,20 +207,22 @@ def test_evaluate_returns_the_result_of_every_mode_on_every_task(trained, draft,
     d, _, _ = trained
     monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: FakeEnv((8, 6)))
     monkeypatch.setattr(ca, "get_task", lambda suite, t: ca.TaskInfo(suite, t, "t", INSTRUCTIONS[t % 2], "", 40))
-    args = eval_args(policy=str(d / "policy.pt"), draft=str(draft), mode="dense,rsd,rsd:1", task_id="0,1",
+    args = eval_args(policy=str(d / "policy.pt"), draft=str(draft), mode="dense,rsd,rsd:1,tree:2/2", task_id="0,1",
                      num_trials=2)
     out = eval_libero.evaluate(args)
-    assert list(out["modes"]) == ["dense", "rsd", "rsd:1"] and list(out["per_task"]) == ["0", "1"]
+    assert list(out["modes"]) == ["dense", "rsd", "rsd:1", "tree:2/2"] and list(out["per_task"]) == ["0", "1"]
     for m, s in out["modes"].items():
         assert (s["trials"], s["successes"], s["errors"]) == (4, 4, 0), s
         assert s["chunks"] == 4 * 2  # 12 steps, the whole 10-step chunk executed by default
     assert out["modes"]["dense"]["main_passes_per_chunk"] == 3
     assert out["modes"]["rsd:1"]["proposed_layers_per_chunk"] == 1
+    assert out["modes"]["tree:2/2"]["proposed_layers_per_chunk"] == 2
+    assert out["per_task"]["1"]["tree:2/2"]["outcomes"] == out["per_task"]["1"]["dense"]["outcomes"]
     assert out["modes"]["rsd"]["vs_dense"]["trials"] == 4
     assert out["per_task"]["1"]["rsd"]["outcomes"] == [1, 1]
     cfg = out["config"]
     assert cfg["init_states"] == "held_out" and cfg["task_ids"] == [0, 1] and cfg["replan_steps"] == 10
-    assert cfg["modes"] == ["dense", "rsd", "rsd:1"]
+    assert cfg["modes"] == ["dense", "rsd", "rsd:1", "tree:2/2"]
     json.dumps(out)  # what --json writes
 
 
@@ -238,7 +240,7 @@ def test_mode_specs_parse_and_set_the_acceptance_rule():
     assert args.engine_config("rsd+adaptive@sample").mode == "rsd+adaptive"
     # a trailing :K sets the layers the draft proposes in that mode
     assert rsd_engine_core.parse_modes("rsd:3,rsd@relaxed:7") == ["rsd:3", "rsd@relaxed:7"]
-    assert rsd_engine_core.split_spec("rsd@relaxed:7") == ("rsd", "relaxed", 7)
+    assert rsd_engine_core.split_spec("rsd@relaxed:7") == ("rsd", "relaxed", 7, None)
     cfg = args.engine_config("rsd@relaxed:7")
     assert (cfg.mode, cfg.acceptance, cfg.k) == ("rsd", "relaxed", 7)
     assert args.engine_config("rsd+adaptive").k is None
@@ -255,10 +257,10 @@ def test_mode_specs_parse_and_set_the_acceptance_rule():
             eval_args(mode=bad)
     with pytest.raises(ValueError, match="--mode"):  # the expert is eval_libero's alone
         rsd_engine_core.parse_modes("dense,expert")
-    assert eval_args(mode="all", parallel_policy=None).mode == ["dense", "rsd", "adaptive", "rsd+adaptive"]
+    assert eval_args(mode="all", parallel_policy=None).mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree"]
     assert eval_args(mode="all", parallel_policy="par.pt").mode == list(rsd_engine_core.MODES)
-    assert eval_args(mode="all,expert").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "expert"]
-    assert eval_args(mode="rsd:2,all").mode == ["rsd:2", "dense", "rsd", "adaptive", "rsd+adaptive"]
+    assert eval_args(mode="all,expert").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "expert"]
+    assert eval_args(mode="rsd:2,all").mode == ["rsd:2", "dense", "rsd", "adaptive", "rsd+adaptive", "tree"]
 
 
 def test_load_engine_refuses_what_the_models_cannot_run(trained, draft, tmp_path, monkeypatch):

@@ -125,7 +125,7 @@ def test_policy_and_draft_save_reload_exact_and_mismatch_refused(tmp_path):
 def test_rsd_exact_equals_dense_greedy(K, Tp, source, chained):
     """Random models: the draft is right sometimes (small vocab) and wrong often."""
     tok = make_tokenizer(K=K, L=4, Tp=Tp)
-    accepted_total, proposed_total = 0, 0
+    accepted_total, proposed_total, fallbacks = 0, 0, 0
     for seed in range(40):
         policy = make_policy(tok, seed=seed)
         engine = RSDEngine(policy, tok, make_draft(policy, k=3, seed=seed, source=source, chained=chained))
@@ -134,14 +134,18 @@ def test_rsd_exact_equals_dense_greedy(K, Tp, source, chained):
         dense, ds = engine.decode_codes(obs, task, EngineConfig("dense"))
         spec, ss = engine.decode_codes(obs, task, EngineConfig("rsd", "exact"))
         assert torch.equal(dense, spec), f"seed {seed}"
-        assert ds.main_passes == 4 and ss.draft_passes == 1
+        assert ds.main_passes == 4 and ss.draft_passes == 1 and ss.proposed == 3 and ss.layers == 4
+        fallbacks += ss.fallbacks
+        if ss.fallbacks:  # a choice within the tie margin: the verify pass, then dense decoding
+            assert ss.main_passes >= 1 + 4
+            continue
         # statistics add up: one verify pass, then one pass per layer past the verified ones
         verified = min(ss.accepted + 1, 4)
         assert ss.main_passes == 1 + (4 - verified)
-        assert ss.proposed == 3 and 0 <= ss.accepted <= 3 and ss.layers == 4
+        assert 0 <= ss.accepted <= 3
         accepted_total += ss.accepted
         proposed_total += ss.proposed
-    assert accepted_total < proposed_total
+    assert accepted_total < proposed_total and fallbacks <= 4
     if K <= 4:  # a random draft is right often enough that acceptance was exercised too
         assert accepted_total > 0
 
