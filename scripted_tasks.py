@@ -11,7 +11,7 @@ A task's BDDL goal becomes a list of stages, done in order::
     open     turn the hand to point at the cabinet, grip the drawer's handle, pull it out
     pick     the pick-and-place phases of ScriptedExpert, onto an object or into a region
     turn_on  grip the stove's knob from above and turn the hand about the vertical
-    push     lower the closed hand behind the object and push it into the region
+    push     lower the closed hand behind a dish and push it across the table into a region
 
 ("in the top drawer" is preceded by opening that drawer when it is closed.) Each stage checks
 its own result from the observation and repeats its motion when it failed (the drawer did not
@@ -121,14 +121,23 @@ KNOB_ON = 0.5
 KNOB_TURN = 1.0
 KNOB_TURNED = 0.75
 
-# Pushing: the closed fingertips PUSH_HEIGHT (m) above the pushed object's origin, starting
-# PUSH_BEHIND beyond its radius; done when the object's centre is within PUSH_DONE of the
-# region's centre.
-PUSH_RADIUS = {"plate": 0.07}
-PUSH_HEIGHT = 0.012
-PUSH_BEHIND = 0.03
-PUSH_DONE = 0.015
-PUSH_SPEED = 0.5
+# Pushing a dish (the plate: 7 cm radius, rim 1.7 cm tall): the closed fingertips go down
+# PUSH_GAP behind its rim, PUSH_HEIGHT (m) above its origin, and push it toward each waypoint,
+# aiming PUSH_LEAD inside the rim. The hand leans PUSH_TILT (rad) so that the fingertips trail
+# the wrist: upright, the wrist stood over the fingertips and caught the handle of the cabinet the
+# plate stands in front of. (Dragging the plate by the inside of its rim, or by its rim held
+# between the fingers, did not move it: the shallow rim turns the push into pressing the plate
+# onto the table, and slips out of the fingers.) The dish is there when its centre is within
+# PUSH_DONE of the route's end.
+PUSH_HEIGHT = 0.003
+PUSH_GAP = 0.015
+PUSH_LEAD = 0.015
+PUSH_TILT = 0.6
+PUSH_DONE = 0.012
+PUSH_SPEED = 1.0
+# The route may end this far (m, along x and y) from the region's centre (LIBERO's table
+# regions are +-4 cm) to keep the dish clear of the objects beside the region.
+PUSH_END_SLACK = 0.02
 
 
 @dataclass(frozen=True)
@@ -253,6 +262,9 @@ class TaskExpert(ScriptedExpert):
         self.start_phase = "approach"
         self.tries = 0  # repeats of the current stage's motion
         self.grip_point = None  # where the hand took hold of a handle, a knob [3]
+        self.push_route = []  # waypoints [2] of a pushed dish's centre
+        self.push_from = None  # where the dish's current leg started [2]
+        self.push_dir = None  # the direction [2] the hand pushes in
         self._next_stage()
 
     def take_over(self, obs: dict, first_obs: dict) -> str:
@@ -363,6 +375,16 @@ class TaskExpert(ScriptedExpert):
                                            s.accel * RADIANS_PER_ACTION))
         self.ref_tilt += self.ref_tilt_vel
         return super()._motion(obs, eef, target, vmax, wobble)
+
+    def _reach_left(self, eef, limit: float = se.REACH_LIMIT) -> float:
+        """As ScriptedExpert's, with the wrist where the tilted hand puts it (WRIST_ABOVE_EEF
+        along the hand's axis, not straight above the EEF)."""
+        shoulder = se.SHOULDER.get(self.task.suite)
+        if shoulder is None:
+            return np.inf
+        up = Rotation.from_rotvec(self.tilt_axis * self.ref_tilt).apply([0.0, 0.0, 1.0])
+        wrist = np.asarray(eef, dtype=np.float64) + se.WRIST_ABOVE_EEF * up
+        return limit - float(np.linalg.norm(wrist - shoulder))
 
     def _tilt_error(self, obs) -> float:
         """Angle (rad) between the hand's orientation and its final tilted goal."""
@@ -526,51 +548,120 @@ class TaskExpert(ScriptedExpert):
         return target, self.style.speed, 0.0, GRIPPER_OPEN
 
     # ------------------------------------------------------------------ phases: push
+    def _push_route(self, obs) -> list:
+        """Waypoints [2] for the dish's centre to the region: straight, or via one corner, ending
+        near the region's centre; the route whose dish keeps the most room to the other objects
+        and the fixtures (a little shorter breaks ties)."""
+        p = self._obj_pos(obs)[:2]
+        g = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)[:2]
+        radius = se.NEIGHBOUR_SIZE.get(object_kind(self.obj), se.DEFAULT_NEIGHBOUR_SIZE)[0]
+        others = [(np.asarray(v, dtype=np.float64)[:2], se.NEIGHBOUR_SIZE.get(object_kind(k[:-4]),
+                                                                              se.DEFAULT_NEIGHBOUR_SIZE)[0])
+                  for k, v in obs.items() if self._is_neighbour(k)]
+
+        def room(route):
+            gap, length = np.inf, 0.0
+            for a, b in zip([p] + route[:-1], route):
+                length += float(np.linalg.norm(b - a))
+                for f in np.linspace(0.0, 1.0, max(2, int(np.linalg.norm(b - a) / 0.01))):
+                    c = a + f * (b - a)
+                    for q, r in others:
+                        gap = min(gap, float(np.linalg.norm(c - q)) - radius - r)
+                    for fixture in self.fixtures:
+                        gap = min(gap, se.polygon_distance(c, fixture.footprint) - radius)
+            return min(gap, 0.03) - 0.05 * length
+
+        best, best_room = None, -np.inf
+        for ex in (-PUSH_END_SLACK, 0.0, PUSH_END_SLACK):
+            for ey in (-PUSH_END_SLACK, 0.0, PUSH_END_SLACK):
+                end = g + np.array([ex, ey])
+                vias = [None] + [np.array([p[0] + dx, end[1]]) for dx in (-0.06, -0.03, 0.03, 0.06)] \
+                    + [np.array([end[0], p[1] + dy]) for dy in (-0.06, -0.03, 0.03, 0.06)]
+                for via in vias:
+                    route = [end] if via is None else [via, end]
+                    r = room(route)
+                    if r > best_room:
+                        best, best_room = route, r
+        return best
+
     def _push_line(self, obs):
-        """(object centre [3], goal centre [3], unit push direction [2], object radius)."""
+        """(object centre [3], its current waypoint [2], unit push direction [2], whether that
+        waypoint is the last)."""
         p = self._obj_pos(obs)
-        g = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)
-        d = g[:2] - p[:2]
+        while len(self.push_route) > 1 and (np.linalg.norm(self.push_route[0] - p[:2]) < 2 * PUSH_DONE
+                                            or np.dot(self.push_route[0] - p[:2], self.push_route[0] - self.push_from) < 0):
+            self.push_from = self.push_route.pop(0)  # reached or passed: on to the next
+        w = self.push_route[0]
+        d = w - p[:2]
         n = float(np.linalg.norm(d))
-        return p, g, (d / n if n > 1e-6 else np.array([1.0, 0.0])), PUSH_RADIUS[object_kind(self.obj)]
+        return p, w, (d / n if n > 1e-6 else np.array([1.0, 0.0])), len(self.push_route) == 1
+
+    def _push_point(self, obs, lead: float) -> np.ndarray:
+        """EEF position [3] with the closed fingertips PUSH_HEIGHT above the dish's origin, lead
+        (m) inside its rim on the side away from the waypoint (negative: behind the rim); also
+        sets the hand's tilt (fingertips trailing the wrist)."""
+        p, _, d, _ = self._push_line(obs)
+        radius = se.NEIGHBOUR_SIZE.get(object_kind(self.obj), se.DEFAULT_NEIGHBOUR_SIZE)[0]
+        d3 = np.array([d[0], d[1], 0.0])
+        axis = np.cross([0.0, 0.0, -1.0], -d3)
+        self.tilt_axis, self.tilt_goal = axis / np.linalg.norm(axis), PUSH_TILT
+        pointing = -d3 * np.sin(PUSH_TILT) - np.array([0.0, 0.0, np.cos(PUSH_TILT)])
+        tip = np.array([*(p[:2] - d * (radius - lead)), p[2] + PUSH_HEIGHT])
+        return tip - pointing * se.FINGERTIP_DEPTH
 
     def _phase_push_approach(self, obs, eef):
-        p, g, d, r = self._push_line(obs)
-        if np.linalg.norm(g[:2] - p[:2]) < PUSH_DONE:
-            self.hold_point = eef.copy()
+        if self.phase_t == 0:
+            self.push_route = self._push_route(obs)
+            self.push_from = self._obj_pos(obs)[:2]
+        p, w, _, last = self._push_line(obs)
+        if last and np.linalg.norm(w - p[:2]) < PUSH_DONE:
+            self.hold_point = eef - np.array([0.0, 0.0, 0.08])
             self._enter("idle")
             return eef, 0.0, 0.0, GRIPPER_CLOSE
-        start = np.array([*(p[:2] - d * (r + PUSH_BEHIND)), p[2] + PUSH_HEIGHT + se.FINGERTIP_DEPTH])
+        start = self._push_point(obs, -PUSH_GAP)
+        if self.phase_t == 0:
+            self.grasp_yaw = self._push_yaw(obs, start)
         above = start + np.array([0.0, 0.0, self.style.approach_height])
-        xy = float(np.linalg.norm(start[:2] - eef[:2]))
-        if xy < 0.01:
+        if np.linalg.norm(start[:2] - eef[:2]) < 0.01:
             self._enter("push_descend")
         return above, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_CLOSE
 
+    def _push_yaw(self, obs, start) -> float:
+        """The hand yaw (rad) at which the closed hand, lowered at start [3], keeps the most room
+        to the fixtures and the other objects (its 21 cm long side must not meet a cabinet)."""
+        best, best_gap = 0.0, -np.inf
+        for yaw in np.linspace(-np.pi / 2, np.pi / 2, 12, endpoint=False):
+            axis = np.array([-np.sin(yaw), np.cos(yaw)])
+            gap = self._grasp_clearance(obs, start[:2], axis, start[2], [start[:2]])
+            if gap > best_gap + 1e-9:
+                best, best_gap = float(yaw), gap
+        return best
+
     def _phase_push_descend(self, obs, eef):
-        p, g, d, r = self._push_line(obs)
-        start = np.array([*(p[:2] - d * (r + PUSH_BEHIND)), p[2] + PUSH_HEIGHT + se.FINGERTIP_DEPTH])
+        start = self._push_point(obs, -PUSH_GAP)
         if np.linalg.norm(start - eef) < se.GRASP_TOLERANCE or self.stall >= se.STALL_STEPS:
             self._enter("push")
         return start, self.style.fine_speed, 0.0, GRIPPER_CLOSE
 
     def _phase_push(self, obs, eef):
-        p, g, d, r = self._push_line(obs)
-        remaining = float(np.linalg.norm(g[:2] - p[:2]))
-        # The hand's place behind the object on the line to the goal, advanced by what remains.
-        behind = p[:2] - d * (r + 0.01)
-        target_xy = behind + d * min(remaining, 0.04)
-        target = np.array([target_xy[0], target_xy[1], p[2] + PUSH_HEIGHT + se.FINGERTIP_DEPTH])
-        off_line = abs(float(np.cross(d, eef[:2] - p[:2])))
-        if remaining < PUSH_DONE or self.phase_t > 150:
+        """Push the dish's rim: the fingertips aim PUSH_LEAD inside the rim on the line from the
+        waypoint through the dish's centre (re-aimed every step)."""
+        p, w, d, last = self._push_line(obs)
+        if self.phase_t == 0:
+            self.push_dir = d
+        remaining = float(np.linalg.norm(w - p[:2]))
+        target = self._push_point(obs, PUSH_LEAD)
+        # Overshot, or the next leg turns sharply: the hand must go round the dish first.
+        if (last and remaining < PUSH_DONE) or np.dot(d, self.push_dir) < 0.5 or self.phase_t > 200:
             self.hold_point = eef.copy()
             self._enter("push_retreat")
-        elif off_line > 0.03:  # the object turned away from the hand: set up again
-            self.hold_point = eef.copy()
-            self._enter("push_retreat")
-        return target, PUSH_SPEED, 0.0, GRIPPER_CLOSE
+        self.push_dir = d if np.dot(d, self.push_dir) >= 0.5 else self.push_dir
+        # Slow down on the last few cm: the dish stops when the hand does.
+        speed = float(np.clip(remaining / 0.04, 0.3, 1.0)) * PUSH_SPEED if last else PUSH_SPEED
+        return target, speed, 0.0, GRIPPER_CLOSE
 
     def _phase_push_retreat(self, obs, eef):
+        self.tilt_goal = 0.0
         target = self.hold_point + np.array([0.0, 0.0, 0.06])
         if eef[2] > target[2] - 0.015:
             self.tries += 1
