@@ -131,9 +131,12 @@ KNOB_TURNED = 0.75
 # PUSH_DONE of the route's end.
 PUSH_HEIGHT = 0.003
 PUSH_GAP = 0.015
-PUSH_LEAD = 0.015
+PUSH_LEAD = 0.05
 PUSH_TILT = 0.6
+PUSH_TILT_RANGE = 0.12  # m from a fixture's footprint within which the hand leans fully
 PUSH_DONE = 0.012
+PUSH_INSIDE = 0.03
+PUSH_STUCK_STEPS = 15  # a dish far from its waypoint that moved < 5 mm in this many steps is stuck  # m from the region's centre along x and y (LIBERO's table regions: +-4 cm)
 PUSH_SPEED = 1.0
 # The route may end this far (m, along x and y) from the region's centre (LIBERO's table
 # regions are +-4 cm) to keep the dish clear of the objects beside the region.
@@ -265,6 +268,7 @@ class TaskExpert(ScriptedExpert):
         self.push_route = []  # waypoints [2] of a pushed dish's centre
         self.push_from = None  # where the dish's current leg started [2]
         self.push_dir = None  # the direction [2] the hand pushes in
+        self.push_track = []  # the dish's xy [2] at each step of the current push
         self._next_stage()
 
     def take_over(self, obs: dict, first_obs: dict) -> str:
@@ -559,10 +563,17 @@ class TaskExpert(ScriptedExpert):
                                                                               se.DEFAULT_NEIGHBOUR_SIZE)[0])
                   for k, v in obs.items() if self._is_neighbour(k)]
 
+        depth = float(np.sqrt(max(radius**2 - se.FINGER_OPEN_OFFSET**2, 0.0))) + PUSH_GAP
+        z = float(self._obj_pos(obs)[2]) + PUSH_HEIGHT + se.FINGERTIP_DEPTH
+
         def room(route):
             gap, length = np.inf, 0.0
             for a, b in zip([p] + route[:-1], route):
                 length += float(np.linalg.norm(b - a))
+                u = (b - a) / max(float(np.linalg.norm(b - a)), 1e-9)
+                for c in (a, b):  # the hand behind the dish at both ends of the leg must be in reach
+                    tip = np.array([*(c - u * depth), z])
+                    gap = min(gap, 0.5 * max(self._push_reach(tip, u, t) for t in (0.0, PUSH_TILT)))
                 for f in np.linspace(0.0, 1.0, max(2, int(np.linalg.norm(b - a) / 0.01))):
                     c = a + f * (b - a)
                     for q, r in others:
@@ -573,7 +584,7 @@ class TaskExpert(ScriptedExpert):
 
         best, best_room = None, -np.inf
         for ex in (-PUSH_END_SLACK, 0.0, PUSH_END_SLACK):
-            for ey in (-PUSH_END_SLACK, 0.0, PUSH_END_SLACK):
+            for ey in (-PUSH_END_SLACK, 0.0, PUSH_END_SLACK, 1.5 * PUSH_END_SLACK):
                 end = g + np.array([ex, ey])
                 vias = [None] + [np.array([p[0] + dx, end[1]]) for dx in (-0.06, -0.03, 0.03, 0.06)] \
                     + [np.array([end[0], p[1] + dy]) for dy in (-0.06, -0.03, 0.03, 0.06)]
@@ -583,6 +594,14 @@ class TaskExpert(ScriptedExpert):
                     if r > best_room:
                         best, best_room = route, r
         return best
+
+    def _push_done(self, obs) -> bool:
+        """The dish's centre is at the route's end, or well inside the region."""
+        p = self._obj_pos(obs)[:2]
+        g = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)[:2]
+        inside = np.abs(p - g)
+        return bool(np.all(inside < PUSH_INSIDE) or (np.all(inside < PUSH_INSIDE + 0.005) and len(self.push_route) == 1
+                                                     and np.linalg.norm(self.push_route[0] - p) < PUSH_DONE))
 
     def _push_line(self, obs):
         """(object centre [3], its current waypoint [2], unit push direction [2], whether that
@@ -603,45 +622,52 @@ class TaskExpert(ScriptedExpert):
         p, _, d, _ = self._push_line(obs)
         radius = se.NEIGHBOUR_SIZE.get(object_kind(self.obj), se.DEFAULT_NEIGHBOUR_SIZE)[0]
         d3 = np.array([d[0], d[1], 0.0])
+        # The open fingers, FINGER_OPEN_OFFSET either side of the line, meet the rim this far
+        # behind the centre: two contacts keep the dish centred on the line.
+        depth = float(np.sqrt(max(radius**2 - se.FINGER_OPEN_OFFSET**2, 0.0)))
+        tip = np.array([*(p[:2] - d * (depth - lead)), p[2] + PUSH_HEIGHT])
+        tilt = self._push_tilt(tip, d)
         axis = np.cross([0.0, 0.0, -1.0], -d3)
-        self.tilt_axis, self.tilt_goal = axis / np.linalg.norm(axis), PUSH_TILT
-        pointing = -d3 * np.sin(PUSH_TILT) - np.array([0.0, 0.0, np.cos(PUSH_TILT)])
-        tip = np.array([*(p[:2] - d * (radius - lead)), p[2] + PUSH_HEIGHT])
+        self.tilt_axis, self.tilt_goal = axis / np.linalg.norm(axis), tilt
+        pointing = -d3 * np.sin(tilt) - np.array([0.0, 0.0, np.cos(tilt)])
         return tip - pointing * se.FINGERTIP_DEPTH
+
+    def _push_tilt(self, tip, d) -> float:
+        """Lean (rad) of the pushing hand: full near a fixture (the wrist away from it) or where
+        leaning brings the wrist within the arm's reach (pushing toward the robot), else none."""
+        near = min((se.polygon_distance(tip[:2], f.footprint) for f in self.fixtures), default=np.inf)
+        if near < PUSH_TILT_RANGE:
+            return PUSH_TILT
+        return PUSH_TILT if self._push_reach(tip, d, PUSH_TILT) > self._push_reach(tip, d, 0.0) else 0.0
+
+    def _push_reach(self, tip, d, tilt: float) -> float:
+        """Reach left (m) of the arm with the fingertips at tip [3], leaning tilt toward d [2]."""
+        up = np.array([d[0] * np.sin(tilt), d[1] * np.sin(tilt), np.cos(tilt)])
+        wrist = np.asarray(tip, dtype=np.float64) + (se.WRIST_ABOVE_EEF + se.FINGERTIP_DEPTH) * up
+        return se.REACH_GUARD - float(np.linalg.norm(wrist - se.SHOULDER[self.task.suite]))
 
     def _phase_push_approach(self, obs, eef):
         if self.phase_t == 0:
             self.push_route = self._push_route(obs)
             self.push_from = self._obj_pos(obs)[:2]
-        p, w, _, last = self._push_line(obs)
-        if last and np.linalg.norm(w - p[:2]) < PUSH_DONE:
+        if self._push_done(obs):
             self.hold_point = eef - np.array([0.0, 0.0, 0.08])
             self._enter("idle")
-            return eef, 0.0, 0.0, GRIPPER_CLOSE
+            return eef, 0.0, 0.0, GRIPPER_OPEN
         start = self._push_point(obs, -PUSH_GAP)
-        if self.phase_t == 0:
-            self.grasp_yaw = self._push_yaw(obs, start)
+        if self.phase_t == 0:  # the fingers side by side across the push
+            d = self._push_line(obs)[2]
+            self.grasp_yaw = se.finger_yaw(float(np.arctan2(d[1], d[0])) + np.pi / 2)
         above = start + np.array([0.0, 0.0, self.style.approach_height])
         if np.linalg.norm(start[:2] - eef[:2]) < 0.01:
             self._enter("push_descend")
-        return above, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_CLOSE
-
-    def _push_yaw(self, obs, start) -> float:
-        """The hand yaw (rad) at which the closed hand, lowered at start [3], keeps the most room
-        to the fixtures and the other objects (its 21 cm long side must not meet a cabinet)."""
-        best, best_gap = 0.0, -np.inf
-        for yaw in np.linspace(-np.pi / 2, np.pi / 2, 12, endpoint=False):
-            axis = np.array([-np.sin(yaw), np.cos(yaw)])
-            gap = self._grasp_clearance(obs, start[:2], axis, start[2], [start[:2]])
-            if gap > best_gap + 1e-9:
-                best, best_gap = float(yaw), gap
-        return best
+        return above, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_OPEN
 
     def _phase_push_descend(self, obs, eef):
         start = self._push_point(obs, -PUSH_GAP)
         if np.linalg.norm(start - eef) < se.GRASP_TOLERANCE or self.stall >= se.STALL_STEPS:
             self._enter("push")
-        return start, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+        return start, self.style.fine_speed, 0.0, GRIPPER_OPEN
 
     def _phase_push(self, obs, eef):
         """Push the dish's rim: the fingertips aim PUSH_LEAD inside the rim on the line from the
@@ -649,16 +675,21 @@ class TaskExpert(ScriptedExpert):
         p, w, d, last = self._push_line(obs)
         if self.phase_t == 0:
             self.push_dir = d
+            self.push_track = []
+        self.push_track.append(p[:2].copy())
+        stuck = len(self.push_track) > 2 * PUSH_STUCK_STEPS and np.linalg.norm(w - p[:2]) > 0.04 and \
+            np.linalg.norm(self.push_track[-1] - self.push_track[-1 - PUSH_STUCK_STEPS]) < 0.005
         remaining = float(np.linalg.norm(w - p[:2]))
         target = self._push_point(obs, PUSH_LEAD)
         # Overshot, or the next leg turns sharply: the hand must go round the dish first.
-        if (last and remaining < PUSH_DONE) or np.dot(d, self.push_dir) < 0.5 or self.phase_t > 200:
+        turned = np.dot(d, self.push_dir) < 0.5 and np.linalg.norm(w - p[:2]) > 0.03
+        if self._push_done(obs) or turned or stuck:
             self.hold_point = eef.copy()
             self._enter("push_retreat")
         self.push_dir = d if np.dot(d, self.push_dir) >= 0.5 else self.push_dir
         # Slow down on the last few cm: the dish stops when the hand does.
-        speed = float(np.clip(remaining / 0.04, 0.3, 1.0)) * PUSH_SPEED if last else PUSH_SPEED
-        return target, speed, 0.0, GRIPPER_CLOSE
+        speed = float(np.clip(remaining / 0.06, 0.3, 1.0)) * PUSH_SPEED
+        return target, speed, 0.0, GRIPPER_OPEN
 
     def _phase_push_retreat(self, obs, eef):
         self.tilt_goal = 0.0
@@ -666,7 +697,7 @@ class TaskExpert(ScriptedExpert):
         if eef[2] > target[2] - 0.015:
             self.tries += 1
             self._enter("push_approach")
-        return target, self.style.speed, 0.0, GRIPPER_CLOSE
+        return target, self.style.speed, 0.0, GRIPPER_OPEN
 
 
 class SuiteExpert:
