@@ -106,8 +106,8 @@ DRAWER_PULL_TO = -0.155  # pulled this far (m) to be safely open
 # bar's centre toward the cabinet (the fingertips reach 1 cm further; the drawer's front is
 # 2.4 cm behind the bar) and starts its approach HANDLE_STANDOFF in front of it.
 HANDLE_DEPTH = 0.004
-HANDLE_STANDOFF = 0.09
-PULL_SPEED = 0.45  # action units
+HANDLE_STANDOFF = 0.06
+PULL_SPEED = 0.7  # action units
 TILT_SPEED = 0.8  # fastest tilt of the hand, action units (1.0 ~ 4.8 degrees per step)
 TILT_TOLERANCE = 0.12  # rad of tilt error at which the hand may go in for the handle
 
@@ -446,7 +446,7 @@ class TaskExpert(ScriptedExpert):
             self._enter("handle_close")
         elif self.phase_t > se.DESCEND_TIMEOUT:
             self._enter("handle_back")
-        return grip, self.style.fine_speed, 0.0, GRIPPER_OPEN
+        return grip, self.style.speed * 0.6, 0.0, GRIPPER_OPEN
 
     def _phase_handle_close(self, obs, eef):
         if self.phase_t >= self.style.close_steps:
