@@ -30,7 +30,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 import scripted_expert as se
-from scripted_expert import (GRIPPER_CLOSE, GRIPPER_OPEN, METERS_PER_ACTION, RADIANS_PER_ACTION, Fixture,
+from scripted_expert import (GRIPPER_CLOSE, GRIPPER_OPEN, RADIANS_PER_ACTION, Fixture,
                              GraspGeometry, PlaceGeometry, ScriptedExpert, draw_style, object_kind,
                              quat_xyzw_to_rotation)
 
