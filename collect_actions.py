@@ -9,7 +9,8 @@
 
 Every later phase imports this module and nothing else from LIBERO; the demo file format itself
 lives in ``demos.py`` (no simulator needed to read it). The scripted expert's task logic lives
-in ``scripted_expert.py``; it sees only observations and the task's goal. ``--policy token``
+in ``scripted_expert.py`` (pick and place) and ``scripted_tasks.py`` (libero_goal's drawers, knob,
+push and regions); it sees only observations and the task's goal. ``--policy token``
 rolls out a trained main policy (dense greedy decoding); ``--takeover FIRST:LAST`` lets it drive
 until a step drawn in [FIRST, LAST] and then hands over to the scripted expert, recording only
 the expert's part (DAgger-style data for ``train_policy.py``).
@@ -62,6 +63,15 @@ SUITES = tuple(SUITE_MAX_STEPS)
 NUM_SETTLE_STEPS = 10
 
 
+# Suites whose tasks act on fixtures (a cabinet's drawers, a stove's knob, a microwave's door) or
+# place objects in a fixture's region. LIBERO's observation reports only the movable objects, so
+# for these suites every observation also carries, per fixture, ``<fixture>_pos``,
+# ``<fixture>_quat`` (x, y, z, w) and ``<fixture>_qpos`` (its joints: drawers, knob, door), and
+# ``<region>_pos`` for each region site named in the BDDL file (e.g. ``flat_stove_1_cook_region``).
+# libero_spatial and libero_object keep LIBERO's observation as it is (their demos and trained
+# policies use it).
+FIXTURE_OBS_SUITES = ("libero_goal", "libero_10", "libero_90")
+
 # Camera resolution used when images are requested (LIBERO's demos and openpi use 256).
 CAMERA_RESOLUTION = 256
 CAMERA_NAMES = ("agentview", "robot0_eye_in_hand")
@@ -81,6 +91,7 @@ class TaskInfo:
     bddl_file: str
     max_steps: int
     goal: tuple[tuple[str, ...], ...] = ()
+    objects: tuple[str, ...] = ()  # the scene's movable objects (not its fixtures)
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,6 +160,25 @@ def get_task(suite: str, task_id: int) -> TaskInfo:
     )
 
 
+def fixture_observations(domain) -> dict:
+    """Fixture poses, fixture joint positions and region sites of a LIBERO scene
+    (``domain``: the robosuite env inside LIBERO's ControlEnv); see FIXTURE_OBS_SUITES."""
+    sim = domain.sim
+    out = {}
+    for name, fixture in domain.fixtures_dict.items():
+        body = domain.obj_body_id[name]
+        out[f"{name}_pos"] = np.array(sim.data.body_xpos[body], dtype=np.float64)
+        w, x, y, z = sim.data.body_xquat[body]  # mujoco stores (w, x, y, z)
+        out[f"{name}_quat"] = np.array([x, y, z, w], dtype=np.float64)
+        joints = list(getattr(fixture, "joints", None) or [])
+        if joints:
+            out[f"{name}_qpos"] = np.array([sim.data.qpos[sim.model.get_joint_qpos_addr(j)] for j in joints],
+                                           dtype=np.float64)
+    for name in domain.object_sites_dict:
+        out[f"{name}_pos"] = np.array(sim.data.get_site_xpos(name), dtype=np.float64)
+    return out
+
+
 def get_init_states(suite: str, task_id: int) -> np.ndarray:
     """The benchmark's init states for a task: [NUM_INIT_STATES, state_dim]."""
     return np.asarray(_benchmark_suite(suite).get_task_init_states(int(task_id)))
@@ -179,7 +209,7 @@ class LiberoEnv:
         with deferred_interrupt():
             self.env = self._make_env()
         goal = tuple(tuple(p) for p in self.env.env.parsed_problem["goal_state"])
-        self.task = TaskInfo(**{**self.task.__dict__, "goal": goal})
+        self.task = TaskInfo(**{**self.task.__dict__, "goal": goal, "objects": tuple(self.env.env.objects_dict)})
         self.init_states = get_init_states(suite, task_id)
 
     def _make_env(self):
@@ -222,14 +252,20 @@ class LiberoEnv:
             obs = self.env.set_init_state(self.init_states[init_state_id])
         for _ in range(NUM_SETTLE_STEPS):
             obs, _, _, _ = self.env.step(SETTLE_ACTION)
-        return obs
+        return self._observe(obs)
 
     def step(self, action: np.ndarray) -> tuple[dict, bool]:
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (7,):
             raise ValueError(f"LIBERO expects a 7-D action, got shape {action.shape}")
         obs, _, _, _ = self.env.step(action)
-        return obs, bool(self.env.check_success())
+        return self._observe(obs), bool(self.env.check_success())
+
+    def _observe(self, obs: dict) -> dict:
+        """LIBERO's observation, plus the fixtures' state in FIXTURE_OBS_SUITES."""
+        if self.task.suite in FIXTURE_OBS_SUITES:
+            obs = {**obs, **fixture_observations(self.env.env)}
+        return obs
 
     def check_success(self) -> bool:
         return bool(self.env.check_success())
@@ -466,9 +502,9 @@ class PolicySpec:
 
 def make_policy(spec: PolicySpec) -> Policy:
     if spec.name == "scripted":
-        from scripted_expert import ScriptedExpert
+        from scripted_tasks import SuiteExpert
 
-        policy = ScriptedExpert(noise=spec.noise)
+        policy = SuiteExpert(noise=spec.noise)
     elif spec.name == "openpi":
         policy = OpenPIPolicy(spec.host, spec.port, spec.replan_steps or OPENPI_DEFAULT_REPLAN_STEPS)
     elif spec.name == "token":
@@ -480,22 +516,26 @@ def make_policy(spec: PolicySpec) -> Policy:
     else:
         raise ValueError(f"unknown policy {spec.name!r}; valid policies: {', '.join(POLICIES)}")
     if spec.takeover is not None:
-        from scripted_expert import ScriptedExpert
+        from scripted_tasks import SuiteExpert
 
-        policy = TakeoverPolicy(policy, ScriptedExpert(noise=spec.noise), *spec.takeover)
+        policy = TakeoverPolicy(policy, SuiteExpert(noise=spec.noise), *spec.takeover)
     return PerturbedPolicy(policy, spec.perturb) if spec.perturb else policy
 
 
-def check_policy_supports(name: str, suite: str) -> None:
-    """Refuse early, before any env is built, a suite the scripted expert cannot solve."""
+def check_policy_supports(name: str, suite: str, takeover: bool = False) -> None:
+    """Refuse early, before any env is built, a suite the scripted expert cannot solve (or,
+    ``takeover``, cannot take over in)."""
     if name == "scripted":
-        from scripted_expert import SUPPORTED_SUITES
+        from scripted_tasks import SUPPORTED_SUITES, TAKEOVER_SUITES
 
         if suite not in SUPPORTED_SUITES:
             raise ValueError(
                 f"the scripted expert does not solve {suite!r}; it supports "
                 f"{', '.join(SUPPORTED_SUITES)} (use --policy openpi for other suites)"
             )
+        if takeover and suite not in TAKEOVER_SUITES:
+            raise ValueError(f"the scripted expert takes over from a policy in {', '.join(TAKEOVER_SUITES)} "
+                             f"only, not {suite!r}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -747,7 +787,7 @@ def collect(args: CollectArgs) -> dict:
     ``output`` itself is never touched before the run finishes."""
     check_policy_supports(args.policy, args.task_suite)
     if args.takeover is not None:
-        check_policy_supports("scripted", args.task_suite)
+        check_policy_supports("scripted", args.task_suite, takeover=True)
     check_outputs({"--output": args.output, "--json": args.json}, {"--checkpoint": args.checkpoint})
     task_ids = resolve_task_ids(args.task_suite, args.task_id)
     cameras = args.cameras or args.policy == "openpi"

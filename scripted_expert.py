@@ -249,7 +249,8 @@ SCENE_FIXTURES = {
 # Grasps that need the wrist further than REACH_LIMIT away are avoided, and the reference
 # point is kept within REACH_GUARD (this crude model is only good to ~1 cm: a bowl whose
 # grasp point lies at 0.766 was reached, the hand stuck at 0.779).
-SHOULDER = {"libero_spatial": np.array([-0.66, 0.0, 1.245]), "libero_object": np.array([-0.60, 0.0, 0.333])}
+SHOULDER = {"libero_spatial": np.array([-0.66, 0.0, 1.245]), "libero_object": np.array([-0.60, 0.0, 0.333]),
+            "libero_goal": np.array([-0.66, 0.0, 1.245])}
 WRIST_ABOVE_EEF = 0.21
 REACH_LIMIT = 0.76
 REACH_GUARD = 0.772
@@ -291,6 +292,7 @@ NEIGHBOUR_SIZE = {
     "milk": (0.027, 0.061),
     "orange_juice": (0.027, 0.061),
     "basket": (0.085, 0.151),
+    "wine_bottle": (0.016, 0.158),  # libero_goal
 }
 DEFAULT_NEIGHBOUR_SIZE = (0.05, 0.15)
 # A grasp inside a drawer pre-shapes the hand: with the fingers fully open, they close for
@@ -467,27 +469,35 @@ class ScriptedExpert:
         self.grasp = OBJECT_GEOMETRY[object_kind(self.obj)]
         self.place = TARGET_GEOMETRY[object_kind(self.target)]
         self.style = draw_style(rng, self.noise)
+        self._reset_motion()
+        self._reset_pick()
+        self.fixtures = SCENE_FIXTURES.get(task.suite, ())
+
+    def _reset_motion(self) -> None:
+        """The episode's clock, phase and motion references."""
         self.t = 0
         self.phase = "wait"
         self.phase_t = 0
-        self.attempts = 0
         self.ref = None  # smooth reference point the hand follows [3]
         self.ref_vel = None  # its velocity, m per step [3]
         self.ref_yaw = 0.0  # smooth yaw reference (rad) relative to the starting orientation
         self.ref_yaw_vel = 0.0  # rad per step
         self.ref_rotation = None  # orientation held for the episode, set at the first act()
+        self.grasp_yaw = 0.0  # hand yaw (rad, about world z) for the grasp; 0 = fingers along y
+        self.stall = 0
+        self.prev_eef = None
+
+    def _reset_pick(self) -> None:
+        """The state of one pick-and-place of self.obj."""
+        self.attempts = 0
         self.grasp_choice = None  # see _grasp_candidates
         self.failed_grasps = []  # choices that were blocked or did not lift the object
-        self.grasp_yaw = 0.0  # hand yaw (rad, about world z) for the grasp; 0 = fingers along y
         self.hold_point = None  # grasp point frozen while the fingers close
         self.lift_start = None  # (eef z, object z) when the lift began
         self.hold_offset = None  # eef - object, measured once the object hangs in the hand
         self.start_bottom = None  # object's bottom height when it was grasped
         self.pick_xy = None  # object's xy when it was grasped [2]
         self.slide_target = None  # where a bowl taken in a drawer is slid to before the lift [3]
-        self.fixtures = SCENE_FIXTURES.get(task.suite, ())
-        self.stall = 0
-        self.prev_eef = None
 
     def take_over(self, obs: dict, first_obs: dict) -> str:
         """Continue, from the state ``obs``, an episode that another policy started in
@@ -528,6 +538,10 @@ class ScriptedExpert:
     # ------------------------------------------------------------------ geometry
     def _obj_pos(self, obs) -> np.ndarray:
         return np.asarray(obs[f"{self.obj}_pos"], dtype=np.float64)
+
+    def _target_pos(self, obs) -> np.ndarray:
+        """Position [3] of the place target's reference point (its origin)."""
+        return np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)
 
     def _grasp_candidates(self, obs):
         """Yield (choice, grasp point [3], finger axis [2], outer finger points, rim top z under
@@ -600,8 +614,9 @@ class ScriptedExpert:
     def _reach_margin(self, obs, point) -> float:
         """How far (m) inside the arm's reach the hand stays when grasping at point [3] and
         when holding the object the same way over the target's centre."""
-        at_target = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64) + point - self._obj_pos(obs)
-        at_target[2] = point[2] - self._obj_pos(obs)[2] + float(obs[f"{self.target}_pos"][2]) + 0.03
+        target = self._target_pos(obs)
+        at_target = target + point - self._obj_pos(obs)
+        at_target[2] = point[2] - self._obj_pos(obs)[2] + float(target[2]) + 0.03
         return min(self._reach_left(point), self._reach_left(at_target))
 
     def _reach_left(self, eef, limit: float = REACH_LIMIT) -> float:
@@ -628,7 +643,7 @@ class ScriptedExpert:
             if fixture.top > finger_z:
                 gap = min(gap, min((polygon_distance(f, fixture.footprint) for f in fingers), default=np.inf))
         for key, pos in obs.items():
-            if not key.endswith("_pos") or "_to_" in key or key.startswith("robot0") or key == f"{self.obj}_pos":
+            if not self._is_neighbour(key):
                 continue
             radius, height = NEIGHBOUR_SIZE.get(object_kind(key[:-4]), DEFAULT_NEIGHBOUR_SIZE)
             top = float(pos[2]) + height
@@ -637,6 +652,10 @@ class ScriptedExpert:
             if top > finger_z:
                 gap = min(gap, min((float(np.linalg.norm(f - pos[:2])) for f in fingers), default=np.inf) - radius)
         return gap
+
+    def _is_neighbour(self, key: str) -> bool:
+        """Whether observation ``key`` is the position of an object beside the grasped one."""
+        return key.endswith("_pos") and "_to_" not in key and not key.startswith("robot0") and key != f"{self.obj}_pos"
 
     def _rim_top_under_palm(self, obs, grasp_xy, d) -> float:
         """Highest point (world z) of the object's rim under a palm closing along d at grasp_xy."""
@@ -673,7 +692,7 @@ class ScriptedExpert:
         and, near where it was picked up, whatever it stood in or on."""
         here = self._obj_pos(obs)[:2]
         goal_xy = here if goal_xy is None else goal_xy
-        bottom_z = float(obs[f"{self.target}_pos"][2]) + self.place.clear_height
+        bottom_z = float(self._target_pos(obs)[2]) + self.place.clear_height
         for f in np.linspace(0.0, 1.0, 12):
             p = here + f * (goal_xy - here)
             for fixture in self.fixtures:
@@ -690,14 +709,14 @@ class ScriptedExpert:
 
     def _place_point(self, obs) -> np.ndarray:
         """EEF position [3] at release: the object's bottom release_height above the surface."""
-        t = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)
+        t = self._target_pos(obs)
         xy = t[:2] + self.style.place_offset + self.hold_offset[:2]
         z = t[2] + self.place.surface + self.style.release_height + self._eef_above_bottom(obs)
         return np.array([xy[0], xy[1], z])
 
     def _goal_reached(self, obs) -> bool:
         """The goal as LIBERO checks it, approximately, from poses only (used after a release)."""
-        p, t = self._obj_pos(obs), np.asarray(obs[f"{self.target}_pos"])
+        p, t = self._obj_pos(obs), self._target_pos(obs)
         return bool(np.linalg.norm(p[:2] - t[:2]) < self.place.xy_tolerance and p[2] < t[2] + 0.12)
 
     def _attached(self, obs) -> bool:
@@ -766,10 +785,18 @@ class ScriptedExpert:
         self.ref_yaw_vel += float(np.clip(yaw_desired - self.ref_yaw_vel,
                                           -s.accel * RADIANS_PER_ACTION, s.accel * RADIANS_PER_ACTION))
         self.ref_yaw += self.ref_yaw_vel
-        goal = Rotation.from_rotvec([0.0, 0.0, self.ref_yaw]) * self.ref_rotation
+        goal = self._orientation_goal()
         rot_err = (goal * quat_xyzw_to_rotation(obs["robot0_eef_quat"]).inv()).as_rotvec()
-        rot = (np.array([0.0, 0.0, self.ref_yaw_vel]) + ROTATION_GAIN * rot_err) / RADIANS_PER_ACTION
+        rot = (self._rotation_feedforward() + ROTATION_GAIN * rot_err) / RADIANS_PER_ACTION
         return np.clip(np.concatenate([cmd, rot]), -1.0, 1.0)
+
+    def _orientation_goal(self) -> Rotation:
+        """The hand's orientation reference: the starting orientation turned by the yaw reference."""
+        return Rotation.from_rotvec([0.0, 0.0, self.ref_yaw]) * self.ref_rotation
+
+    def _rotation_feedforward(self) -> np.ndarray:
+        """World-frame rotation (rad per step) [3] of the orientation reference."""
+        return np.array([0.0, 0.0, self.ref_yaw_vel])
 
     @staticmethod
     def _fade(distance: float) -> float:

@@ -396,7 +396,7 @@ class ConstantExpert(ca.Policy):
 @pytest.fixture
 def constant_experts(monkeypatch):
     """The scripted experts collect_actions builds, as ConstantExperts (listed as built)."""
-    import scripted_expert
+    import scripted_tasks
 
     experts = []
 
@@ -404,7 +404,7 @@ def constant_experts(monkeypatch):
         experts.append(ConstantExpert(noise))
         return experts[-1]
 
-    monkeypatch.setattr(scripted_expert, "ScriptedExpert", make_expert)
+    monkeypatch.setattr(scripted_tasks, "SuiteExpert", make_expert)
     monkeypatch.setattr(ca, "LiberoEnv", lambda *a, **k: FakeEnv((8, 6)))
     return experts
 

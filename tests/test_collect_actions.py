@@ -129,8 +129,11 @@ def test_unknown_suite_and_task_list_valid_ones():
         ca.get_task("libero_space", 0)
     with pytest.raises(ValueError, match=r"valid task ids: 0\.\.9"):
         ca.get_task("libero_spatial", 10)
-    with pytest.raises(ValueError, match="scripted expert does not solve 'libero_goal'"):
-        ca.collect(ca.CollectArgs(task_suite="libero_goal", task_id=[0], num_episodes=1, output="/nonexistent/x.hdf5"))
+    with pytest.raises(ValueError, match="scripted expert does not solve 'libero_90'"):
+        ca.collect(ca.CollectArgs(task_suite="libero_90", task_id=[0], num_episodes=1, output="/nonexistent/x.hdf5"))
+    ca.check_policy_supports("scripted", "libero_goal")
+    with pytest.raises(ValueError, match="takes over .* not 'libero_goal'"):
+        ca.check_policy_supports("scripted", "libero_goal", takeover=True)
 
 
 # ---------------------------------------------------------------- openpi client

@@ -235,7 +235,9 @@ def test_take_over_after_a_drop_does_not_think_the_object_is_held():
 
 
 @pytest.mark.parametrize("suite", ["libero_goal", "libero_10", "libero_90"])
-def test_unsupported_suite_is_a_clear_error(suite):
+def test_pick_and_place_expert_refuses_other_suites(suite):
+    """ScriptedExpert itself is the pick-and-place expert; scripted_tasks.SuiteExpert hands
+    libero_goal to TaskExpert (tests/test_scripted_tasks.py)."""
     task = TaskInfo(suite=suite, task_id=3, name="x", instruction="open the drawer", bddl_file="",
                     max_steps=300, goal=(("open", "wooden_cabinet_1_top_region"),))
     with pytest.raises(ValueError, match=suite) as err:

@@ -1,0 +1,738 @@
+"""Scripted expert for LIBERO's libero_goal suite: objects placed on or in fixtures' regions,
+a cabinet drawer pulled open, the stove's knob turned, a plate pushed across the table.
+
+It extends ``scripted_expert.ScriptedExpert`` (smooth reference motion, per-episode style,
+grasp choice, regrasps) and also reads the fixtures' state that ``collect_actions`` adds to the
+observation of these suites (``FIXTURE_OBS_SUITES``): ``<fixture>_pos``, ``<fixture>_quat``,
+``<fixture>_qpos`` (drawers, knob) and ``<region>_pos`` (the BDDL file's region sites).
+
+A task's BDDL goal becomes a list of stages, done in order::
+
+    open     turn the hand to point at the cabinet, grip the drawer's handle, pull it out
+    pick     the pick-and-place phases of ScriptedExpert, onto an object or into a region
+    turn_on  grip the stove's knob from above and turn the hand about the vertical
+    push     lower the closed hand behind a dish and push it across the table into a region
+
+("in the top drawer" is preceded by opening that drawer when it is closed.) Each stage checks
+its own result from the observation and repeats its motion when it failed (the drawer did not
+open far enough, the knob slipped, the plate stopped short).
+
+``SuiteExpert`` is the scripted expert of every supported suite: it hands libero_spatial and
+libero_object tasks to ``ScriptedExpert`` unchanged and libero_goal tasks to ``TaskExpert``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+import scripted_expert as se
+from scripted_expert import (GRIPPER_CLOSE, GRIPPER_OPEN, RADIANS_PER_ACTION, Fixture,
+                             GraspGeometry, PlaceGeometry, ScriptedExpert, draw_style, object_kind,
+                             quat_xyzw_to_rotation)
+
+TASK_SUITES = ("libero_goal",)
+SUPPORTED_SUITES = se.SUPPORTED_SUITES + TASK_SUITES
+# take_over() (DAgger data) needs the phase machine to infer where a task stands: pick and place only.
+TAKEOVER_SUITES = se.SUPPORTED_SUITES
+
+# Objects of the libero_goal scene that the pick-and-place tables of scripted_expert lack.
+# Lengths from the collision meshes, measured in the simulator at the benchmark's init states.
+TASK_OBJECT_GEOMETRY = {
+    # Wine bottle: origin at its bottom, body 3 cm wide up to 7.3 cm, a 2.3 cm ring up to 10 cm,
+    # neck 1.1 cm wide up to 15.8 cm. Taken by the neck, 2.5 cm below its top (the palm clears it).
+    "wine_bottle": GraspGeometry(grasp_height=0.133, rim_offset=0.0, rim_height=0.0, bottom=0.0,
+                                 yaws=(0.0, se.ALONG_X)),
+}
+
+
+@dataclass(frozen=True)
+class RegionPlace:
+    """Where a carried object goes in a region or on an object (see scripted_expert.PlaceGeometry).
+
+    place: surface, clear_height and xy_tolerance relative to the target's reference point
+        (an object's origin, a region site's centre).
+    shift: [3] m added to that point in the frame of the fixture the region belongs to, to keep
+        the object off the region's edges or within the arm's reach.
+    lay_along: None (the object is put down upright) or [3] the direction, in the fixture's
+        frame, along which the object's own vertical axis is laid (a bottle on a slanted rack):
+        the hand tilts the held object that way during the carry.
+    """
+
+    place: PlaceGeometry
+    shift: tuple = (0.0, 0.0, 0.0)
+    lay_along: tuple | None = None
+
+
+# Keyed by target_kind(name). Heights measured from the collision geometry of the goal scene.
+PLACES = {
+    "plate": RegionPlace(se.TARGET_GEOMETRY["plate"]),
+    # Cream cheese into the bowl: onto its floor, within LIBERO's 3 cm "on" test.
+    "akita_black_bowl": RegionPlace(PlaceGeometry(surface=0.005, clear_height=0.07, xy_tolerance=0.02)),
+    # The stove's cook region (+-7.5 cm), its site at the burner box's centre, the plate 2.5 cm up.
+    "flat_stove_cook_region": RegionPlace(PlaceGeometry(surface=0.025, clear_height=0.06, xy_tolerance=0.05)),
+    # The cabinet's top (+-12.5 x +-9.4 cm), its site on the top plank: the part nearest the robot.
+    "wooden_cabinet_top_side": RegionPlace(PlaceGeometry(surface=0.002, clear_height=0.03, xy_tolerance=0.04),
+                                           shift=(0.06, -0.04, 0.0)),
+    # The open top drawer: its site 2.7 cm above the floor, in the middle of the drawer; walls
+    # ~3.5 cm above the site. Placed toward the drawer's front, clear of the cabinet's plank.
+    "wooden_cabinet_top_region": RegionPlace(PlaceGeometry(surface=-0.027, clear_height=0.045, xy_tolerance=0.05),
+                                             shift=(0.0, -0.02, 0.0)),
+    # The wine rack: an upper shelf rising at 31 degrees along the rack's y axis with a lip at its
+    # low end, where the region's site is (a slab 20 cm along the lip, 4.4 cm across, reaching
+    # 9.75 cm up the shelf). The bottle is laid on the shelf, its bottom just above the lip, to
+    # the side of the post that holds the shelves in the middle.
+    "wine_rack_top_region": RegionPlace(PlaceGeometry(surface=0.0, clear_height=0.05, xy_tolerance=0.03),
+                                        shift=(0.05, 0.017, 0.03), lay_along=(0.0, 0.855, 0.519)),
+}
+
+# Objects that are pushed, not carried, into their region.
+PUSHED = ("plate",)
+
+# Cabinet drawers: the handle's centre in the cabinet's frame at a closed drawer (the drawer
+# slides along the cabinet's y axis, joint position negative = pulled out; LIBERO counts it open
+# below -0.14 and the joint stops at -0.16), per drawer.
+DRAWER_HANDLE = {"top": (-0.003, -0.1016, 0.1839), "middle": (-0.003, -0.1016, 0.1104),
+                 "bottom": (-0.003, -0.1016, 0.0411)}
+DRAWER_JOINT = {"top": 0, "middle": 1, "bottom": 2}  # index in <cabinet>_qpos
+DRAWER_OPEN_QPOS = -0.14
+DRAWER_PULL_TO = -0.155  # pulled this far (m) to be safely open
+# The hand points at the drawer's front (turned 90 degrees from pointing down) so that its
+# fingers close vertically on the horizontal handle bar: pointing down, its 21 cm long body
+# would hit the cabinet's front or the handle above. The EEF stops HANDLE_DEPTH (m) past the
+# bar's centre toward the cabinet (the fingertips reach 1 cm further; the drawer's front is
+# 2.4 cm behind the bar) and starts its approach HANDLE_STANDOFF in front of it.
+HANDLE_DEPTH = 0.004
+HANDLE_STANDOFF = 0.06
+PULL_SPEED = 0.7  # action units
+TILT_SPEED = 0.8  # fastest tilt of the hand, action units (1.0 ~ 4.8 degrees per step)
+TILT_TOLERANCE = 0.12  # rad of tilt error at which the hand may go in for the handle
+
+# The stove's knob: a hinge about the vertical at the stove's origin; LIBERO counts the stove on
+# at a joint angle >= 0.5 rad (its stop is 2.1). Its grip ridge runs along KNOB_RIDGE_AXIS
+# (the stove's frame); the fingers close across it with the EEF KNOB_GRIP_HEIGHT above the
+# stove's origin, and the hand turns KNOB_TURN rad counter-clockwise.
+KNOB_RIDGE_AXIS = (1.0, 0.0)
+KNOB_GRIP_HEIGHT = 0.035
+KNOB_ON = 0.5
+KNOB_TURN = 1.0
+KNOB_TURNED = 0.75
+
+# Pushing a dish (the plate: 7 cm radius, rim 1.7 cm tall): the closed fingertips go down
+# PUSH_GAP behind its rim, PUSH_HEIGHT (m) above its origin, and push it toward each waypoint,
+# aiming PUSH_LEAD inside the rim. The hand leans PUSH_TILT (rad) so that the fingertips trail
+# the wrist: upright, the wrist stood over the fingertips and caught the handle of the cabinet the
+# plate stands in front of. (Dragging the plate by the inside of its rim, or by its rim held
+# between the fingers, did not move it: the shallow rim turns the push into pressing the plate
+# onto the table, and slips out of the fingers.) The dish is there when its centre is within
+# PUSH_DONE of the route's end.
+PUSH_HEIGHT = 0.003
+PUSH_GAP = 0.015
+PUSH_LEAD = 0.05
+PUSH_TILT = 0.6
+PUSH_TILT_RANGE = 0.12  # m from a fixture's footprint within which the hand leans fully
+PUSH_DONE = 0.012
+PUSH_INSIDE = 0.03
+PUSH_STUCK_STEPS = 15  # a dish far from its waypoint that moved < 5 mm in this many steps is stuck  # m from the region's centre along x and y (LIBERO's table regions: +-4 cm)
+PUSH_SPEED = 1.0
+# The route may end this far (m, along x and y) from the region's centre (LIBERO's table
+# regions are +-4 cm) to keep the dish clear of the objects beside the region.
+PUSH_END_SLACK = 0.02
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a task. kind: pick | open | turn_on | push; obj: the object moved (pick,
+    push); target: where it goes (an object or a region site); fixture, part: the fixture acted
+    on (a cabinet and its drawer 'top' / 'middle' / 'bottom'; a stove)."""
+
+    kind: str
+    obj: str = ""
+    target: str = ""
+    fixture: str = ""
+    part: str = ""
+
+
+_DRAWER_REGION = re.compile(r"^(?P<fixture>.+_cabinet_\d+)_(?P<part>top|middle|bottom)_region$")
+
+
+def target_kind(name: str) -> str:
+    """``"wooden_cabinet_1_top_side"`` -> ``"wooden_cabinet_top_side"``; ``"plate_1"`` -> ``"plate"``."""
+    return re.sub(r"_\d+(?=_|$)", "", name)
+
+
+def region_fixture(name: str, task) -> str | None:
+    """The fixture a region site belongs to (``"flat_stove_1_cook_region"`` -> ``"flat_stove_1"``),
+    or None for an object or a table region."""
+    m = re.match(r"^(?P<fixture>.+?_\d+)_.+$", name)
+    if m is None or m.group("fixture") in task.objects or m.group("fixture").startswith("main_table"):
+        return None
+    return m.group("fixture")
+
+
+def plan_stages(task) -> list[Stage]:
+    """The stages that solve ``task`` (collect_actions.TaskInfo), or ValueError naming what
+    the expert cannot do."""
+    if task.suite not in TASK_SUITES:
+        raise ValueError(
+            f"the scripted expert cannot solve suite {task.suite!r} (task {task.task_id}: "
+            f"{task.instruction!r}); supported suites: {', '.join(SUPPORTED_SUITES)}"
+        )
+    stages = []
+    for predicate in task.goal:
+        name = predicate[0].lower()
+        if name == "open" and _DRAWER_REGION.match(predicate[1]):
+            m = _DRAWER_REGION.match(predicate[1])
+            stages.append(Stage("open", fixture=m.group("fixture"), part=m.group("part")))
+        elif name == "turnon" and target_kind(predicate[1]) == "flat_stove":
+            stages.append(Stage("turn_on", fixture=predicate[1]))
+        elif name in ("on", "in") and len(predicate) == 3:
+            obj, target = predicate[1], predicate[2]
+            kind = object_kind(obj)
+            if kind in PUSHED:
+                stages.append(Stage("push", obj=obj, target=target))
+                continue
+            if kind not in se.OBJECT_GEOMETRY and kind not in TASK_OBJECT_GEOMETRY:
+                raise ValueError(f"no grasp geometry for object {obj!r} ({task.suite} task {task.task_id})")
+            if target_kind(target) not in PLACES:
+                raise ValueError(f"no place geometry for target {target!r} ({task.suite} task {task.task_id}); "
+                                 f"known: {', '.join(sorted(PLACES))}")
+            drawer = _DRAWER_REGION.match(target)
+            if drawer:
+                stages.append(Stage("open", fixture=drawer.group("fixture"), part=drawer.group("part")))
+            stages.append(Stage("pick", obj=obj, target=target))
+        else:
+            raise ValueError(f"the scripted expert cannot do {predicate!r} ({task.suite} task {task.task_id}: "
+                             f"{task.instruction!r})")
+    return stages
+
+
+def _yaw_rotation(obs, fixture: str) -> Rotation:
+    """The fixture's orientation (LIBERO's fixtures stand upright, turned about the vertical)."""
+    return quat_xyzw_to_rotation(obs[f"{fixture}_quat"])
+
+
+# Fixtures of the goal scene for carrying and grasp clearance: footprint (cabinet frame x, y box)
+# and top above the fixture's origin.
+FIXTURE_BOXES = {
+    # The cabinet's carcass and its closed drawers' fronts and handles.
+    "wooden_cabinet": ((-0.125, 0.125), (-0.112, 0.112), 0.223),
+    # The stove's base and knob (origin at the knob; the burner 15 cm along its x axis).
+    "flat_stove": ((-0.06, 0.25), (-0.1, 0.1), 0.045),
+    # The wine rack's stand, slanted shelves and the post between them.
+    "wine_rack": ((-0.14, 0.14), (-0.12, 0.08), 0.33),
+}
+
+
+def scene_fixtures(obs) -> tuple:
+    """Fixture footprints of the scene from the observed fixture poses."""
+    out = []
+    for key in obs:
+        if not key.endswith("_qpos") and key.endswith("_quat"):
+            name = key[: -len("_quat")]
+            kind = target_kind(name)
+            if kind not in FIXTURE_BOXES or f"{name}_pos" not in obs:
+                continue
+            (x0, x1), (y0, y1), top = FIXTURE_BOXES[kind]
+            rot = _yaw_rotation(obs, name).as_matrix()[:2, :2]
+            corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]) @ rot.T + np.asarray(obs[f"{name}_pos"])[:2]
+            out.append(Fixture(name=name, footprint=corners, top=float(obs[f"{name}_pos"][2]) + top))
+    return tuple(out)
+
+
+class TaskExpert(ScriptedExpert):
+    """Closed-loop expert for the stages of a libero_goal task; see the module docstring."""
+
+    # ------------------------------------------------------------------ episode set-up
+    def reset(self, task, rng: np.random.Generator) -> None:
+        self.stages = plan_stages(task)
+        self.task = task
+        self.style = draw_style(rng, self.noise)
+        self._reset_motion()
+        self.obj = self.target = ""
+        self.region = None  # RegionPlace of a pick stage
+        self._reset_pick()
+        self.fixtures = ()
+        self.tilt_axis = np.array([1.0, 0.0, 0.0])  # world axis the hand tilts about
+        self.ref_tilt = 0.0  # tilt reference (rad) and its rate (rad per step)
+        self.ref_tilt_vel = 0.0
+        self.tilt_goal = 0.0
+        self.stage_index = -1
+        self.stage = None
+        self.start_phase = "approach"
+        self.tries = 0  # repeats of the current stage's motion
+        self.grip_point = None  # where the hand took hold of a handle, a knob [3]
+        self.push_route = []  # waypoints [2] of a pushed dish's centre
+        self.push_from = None  # where the dish's current leg started [2]
+        self.push_dir = None  # the direction [2] the hand pushes in
+        self.push_track = []  # the dish's xy [2] at each step of the current push
+        self._next_stage()
+
+    def take_over(self, obs: dict, first_obs: dict) -> str:
+        raise ValueError(f"taking over from another policy is implemented for {', '.join(se.SUPPORTED_SUITES)} "
+                         f"only, not {self.task.suite if self.task else 'this suite'}")
+
+    def _next_stage(self) -> None:
+        self.stage_index += 1
+        st = self.stage = self.stages[self.stage_index]
+        self.tries = 0
+        if st.kind == "pick":
+            self.obj, self.target = st.obj, st.target
+            kind = object_kind(st.obj)
+            self.grasp = TASK_OBJECT_GEOMETRY.get(kind) or se.OBJECT_GEOMETRY[kind]
+            self.region = PLACES[target_kind(st.target)]
+            self.place = self.region.place
+            self._reset_pick()
+            self.start_phase = "approach"
+        elif st.kind == "open":
+            self.start_phase = "handle_approach"
+        elif st.kind == "turn_on":
+            self.start_phase = "knob_approach"
+        else:
+            self.obj, self.target = st.obj, st.target
+            self.start_phase = "push_approach"
+        if self.stage_index > 0:
+            ScriptedExpert._enter(self, self.start_phase)
+
+    def _enter(self, phase: str) -> None:
+        if phase == "idle" and self.stage_index + 1 < len(self.stages):
+            self._next_stage()
+            return
+        super()._enter(phase)
+
+    def act(self, obs: dict) -> np.ndarray:
+        if self.task is not None and not self.fixtures:
+            self.fixtures = scene_fixtures(obs)
+        return super().act(obs)
+
+    # ------------------------------------------------------------------ geometry
+    def _is_neighbour(self, key: str) -> bool:
+        if not self.task.objects:
+            return super()._is_neighbour(key)
+        name = key[: -len("_pos")]
+        return key.endswith("_pos") and name in self.task.objects and name != self.obj
+
+    def _target_pos(self, obs) -> np.ndarray:
+        p = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)
+        fixture = region_fixture(self.target, self.task)
+        if fixture is None:
+            return p + np.asarray(self.region.shift)
+        return p + _yaw_rotation(obs, fixture).apply(self.region.shift)
+
+    def _lay_rotation(self, obs) -> Rotation | None:
+        """The tilt that lays the held object along the region's lay_along direction, or None."""
+        if self.region.lay_along is None:
+            return None
+        u = _yaw_rotation(obs, region_fixture(self.target, self.task)).apply(self.region.lay_along)
+        u = u / np.linalg.norm(u)
+        axis = np.cross([0.0, 0.0, 1.0], u)
+        return Rotation.from_rotvec(axis / np.linalg.norm(axis) * float(np.arccos(np.clip(u[2], -1.0, 1.0))))
+
+    def _place_point(self, obs) -> np.ndarray:
+        lay = self._lay_rotation(obs)
+        if lay is None:
+            return super()._place_point(obs)
+        origin = self._target_pos(obs) + np.array([*self.style.place_offset, 0.0])
+        return origin + lay.apply(self.hold_offset)
+
+    def _attached(self, obs) -> bool:
+        if self.region.lay_along is None:
+            return super()._attached(obs)
+        held = Rotation.from_rotvec(self.tilt_axis * self.ref_tilt).apply(self.hold_offset)
+        return bool(np.linalg.norm(np.asarray(obs["robot0_eef_pos"]) - self._obj_pos(obs) - held) < 1.5 * se.SLIP_DISTANCE)
+
+    def _phase_carry(self, obs, eef):
+        lay = self._lay_rotation(obs)
+        if lay is not None:  # tilt the held object on the way
+            rv = lay.as_rotvec()
+            self.tilt_axis, self.tilt_goal = rv / np.linalg.norm(rv), float(np.linalg.norm(rv))
+        return super()._phase_carry(obs, eef)
+
+    def _restart(self) -> None:
+        self.tilt_goal = 0.0  # an object slipped out of a tilted hand: point it down again
+        super()._restart()
+
+    def _goal_reached(self, obs) -> bool:
+        p, t = self._obj_pos(obs), self._target_pos(obs)
+        return bool(np.linalg.norm(p[:2] - t[:2]) < self.place.xy_tolerance + 0.02
+                    and t[2] + self.place.surface - 0.03 < p[2] - self.grasp.bottom < t[2] + self.place.surface + 0.06)
+
+    def _fixture_frame(self, obs, fixture: str) -> tuple[np.ndarray, Rotation]:
+        return np.asarray(obs[f"{fixture}_pos"], dtype=np.float64), _yaw_rotation(obs, fixture)
+
+    # ------------------------------------------------------------------ orientation
+    def _orientation_goal(self) -> Rotation:
+        tilt = Rotation.from_rotvec(self.tilt_axis * self.ref_tilt)
+        return tilt * Rotation.from_rotvec([0.0, 0.0, self.ref_yaw]) * self.ref_rotation
+
+    def _rotation_feedforward(self) -> np.ndarray:
+        return np.array([0.0, 0.0, self.ref_yaw_vel]) + self.tilt_axis * self.ref_tilt_vel
+
+    def _motion(self, obs, eef, target, vmax, wobble) -> np.ndarray:
+        s = self.style
+        limit = TILT_SPEED * RADIANS_PER_ACTION
+        desired = float(np.clip(s.approach_gain * (self.tilt_goal - self.ref_tilt), -limit, limit))
+        self.ref_tilt_vel += float(np.clip(desired - self.ref_tilt_vel, -s.accel * RADIANS_PER_ACTION,
+                                           s.accel * RADIANS_PER_ACTION))
+        self.ref_tilt += self.ref_tilt_vel
+        return super()._motion(obs, eef, target, vmax, wobble)
+
+    def _reach_left(self, eef, limit: float = se.REACH_LIMIT) -> float:
+        """As ScriptedExpert's, with the wrist where the tilted hand puts it (WRIST_ABOVE_EEF
+        along the hand's axis, not straight above the EEF)."""
+        shoulder = se.SHOULDER.get(self.task.suite)
+        if shoulder is None:
+            return np.inf
+        up = Rotation.from_rotvec(self.tilt_axis * self.ref_tilt).apply([0.0, 0.0, 1.0])
+        wrist = np.asarray(eef, dtype=np.float64) + se.WRIST_ABOVE_EEF * up
+        return limit - float(np.linalg.norm(wrist - shoulder))
+
+    def _tilt_error(self, obs) -> float:
+        """Angle (rad) between the hand's orientation and its final tilted goal."""
+        tilt = Rotation.from_rotvec(self.tilt_axis * self.tilt_goal)
+        goal = tilt * Rotation.from_rotvec([0.0, 0.0, self.grasp_yaw + self.style.yaw_offset]) * self.ref_rotation
+        return float((goal * quat_xyzw_to_rotation(obs["robot0_eef_quat"]).inv()).magnitude())
+
+    # ------------------------------------------------------------------ phases: start
+    def _phase_wait(self, obs, eef):
+        if self.phase_t >= self.style.start_delay:
+            self._enter(self.start_phase)
+        return eef, 0.0, 0.0, GRIPPER_OPEN
+
+    # ------------------------------------------------------------------ phases: open a drawer
+    def _drawer(self, obs):
+        """(handle centre [3], out direction [3] (horizontal, away from the cabinet), joint position)."""
+        st = self.stage
+        pos, rot = self._fixture_frame(obs, st.fixture)
+        q = float(np.asarray(obs[f"{st.fixture}_qpos"])[DRAWER_JOINT[st.part]])
+        x, y, z = DRAWER_HANDLE[st.part]
+        handle = pos + rot.apply([x, y + q, z])
+        out = rot.apply([0.0, -1.0, 0.0])
+        out[2] = 0.0
+        return handle, out / np.linalg.norm(out), q
+
+    def _point_at(self, direction) -> None:
+        """Tilt goal: the hand (pointing down at the start) turned to point along horizontal direction [3]."""
+        axis = np.cross([0.0, 0.0, -1.0], direction)
+        self.tilt_axis = axis / np.linalg.norm(axis)
+        self.tilt_goal = np.pi / 2
+
+    def _phase_handle_approach(self, obs, eef):
+        handle, out, q = self._drawer(obs)
+        if q < DRAWER_OPEN_QPOS:  # already open
+            self.hold_point = eef.copy()
+            self._enter("handle_back")
+            return eef, 0.0, 0.0, GRIPPER_OPEN
+        self.grasp_yaw = 0.0
+        self._point_at(-out)
+        front = handle + out * HANDLE_STANDOFF
+        dist = float(np.linalg.norm(front - eef))
+        if dist < 0.015 and self._tilt_error(obs) < TILT_TOLERANCE:
+            self._enter("handle_insert")
+        # Stay above the handle's height until the hand is in front of it.
+        ahead = float(np.dot(eef[:2] - handle[:2], out[:2]))
+        target = front if ahead > HANDLE_STANDOFF * 0.6 else front + np.array([0.0, 0.0, 0.06])
+        return target, self.style.speed, self._fade(dist), GRIPPER_OPEN
+
+    def _phase_handle_insert(self, obs, eef):
+        handle, out, _ = self._drawer(obs)
+        grip = handle - out * HANDLE_DEPTH
+        err = grip - eef
+        if np.linalg.norm(err) < se.GRASP_TOLERANCE or (self.stall >= se.STALL_STEPS and self.phase_t > 5):
+            self.grip_point = grip
+            self._enter("handle_close")
+        elif self.phase_t > se.DESCEND_TIMEOUT:
+            self._enter("handle_back")
+        return grip, self.style.speed * 0.6, 0.0, GRIPPER_OPEN
+
+    def _phase_handle_close(self, obs, eef):
+        if self.phase_t >= self.style.close_steps:
+            self._enter("pull")
+        handle, out, _ = self._drawer(obs)
+        return handle - out * HANDLE_DEPTH, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_pull(self, obs, eef):
+        handle, out, q = self._drawer(obs)
+        # The handle moves with the drawer: aim the hand where the handle is when fully pulled.
+        goal = handle - out * HANDLE_DEPTH + out * (q - DRAWER_PULL_TO)
+        slipped = np.linalg.norm((handle - out * HANDLE_DEPTH) - eef) > 0.03
+        if q <= DRAWER_PULL_TO + 0.003 or slipped or (self.stall >= se.STALL_STEPS * 2 and self.phase_t > 10):
+            self.hold_point = eef.copy()
+            self._enter("handle_release")
+        return goal, PULL_SPEED, 0.0, GRIPPER_CLOSE
+
+    def _phase_handle_release(self, obs, eef):
+        if self.phase_t >= self.style.release_steps:
+            self._enter("handle_back")
+        return self.hold_point, self.style.fine_speed, 0.0, GRIPPER_OPEN
+
+    def _phase_handle_back(self, obs, eef):
+        """Back away from the handle, then point the hand down again."""
+        handle, out, q = self._drawer(obs)
+        if self.phase_t == 0:
+            self.hold_point = eef + out * 0.06
+        target = self.hold_point + (np.array([0.0, 0.0, 0.06]) if self.phase_t > 8 else 0.0)
+        if self.phase_t > 8:
+            self.tilt_goal = 0.0
+        if self.phase_t > 8 and abs(self.ref_tilt) < 0.05 and np.linalg.norm(target - eef) < 0.03:
+            if q < DRAWER_OPEN_QPOS:
+                self.hold_point = eef - np.array([0.0, 0.0, 0.08])
+                self._enter("idle")
+            else:
+                self.tries += 1
+                self._enter("handle_approach")
+        return target, self.style.speed, 0.0, GRIPPER_OPEN
+
+    # ------------------------------------------------------------------ phases: turn the knob
+    def _knob(self, obs):
+        """(knob centre [3], ridge direction [2] in the world, knob angle)."""
+        st = self.stage
+        pos, rot = self._fixture_frame(obs, st.fixture)
+        q = float(np.asarray(obs[f"{st.fixture}_qpos"])[0])
+        ridge = Rotation.from_rotvec([0.0, 0.0, q]).apply(rot.apply([*KNOB_RIDGE_AXIS, 0.0]))
+        return pos, ridge[:2] / np.linalg.norm(ridge[:2]), q
+
+    def _phase_knob_approach(self, obs, eef):
+        knob, ridge, q = self._knob(obs)
+        if q >= KNOB_TURNED:
+            self.hold_point = eef.copy()
+            self._enter("idle")
+            return eef, 0.0, 0.0, GRIPPER_OPEN
+        # Fingers close across the ridge (fingers close along world y at yaw 0).
+        self.grasp_yaw = se.finger_yaw(float(np.arctan2(ridge[1], ridge[0])) + np.pi / 2)
+        grip = knob + np.array([0.0, 0.0, KNOB_GRIP_HEIGHT])
+        above = grip + np.array([0.0, 0.0, self.style.approach_height])
+        xy = float(np.linalg.norm(grip[:2] - eef[:2]))
+        target = above if xy > 0.01 else grip
+        if xy < 0.01:
+            self._enter("knob_descend")
+        return target, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_OPEN
+
+    def _phase_knob_descend(self, obs, eef):
+        knob, _, _ = self._knob(obs)
+        grip = knob + np.array([0.0, 0.0, KNOB_GRIP_HEIGHT])
+        if np.linalg.norm(grip - eef) < se.GRASP_TOLERANCE or self.stall >= se.STALL_STEPS:
+            self.grip_point = eef.copy()
+            self._enter("knob_close")
+        return grip, self.style.fine_speed, 0.0, GRIPPER_OPEN
+
+    def _phase_knob_close(self, obs, eef):
+        if self.phase_t >= self.style.close_steps:
+            self.turn_from = self.grasp_yaw
+            self._enter("knob_turn")
+        return self.grip_point, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_knob_turn(self, obs, eef):
+        _, _, q = self._knob(obs)
+        self.grasp_yaw = self.turn_from + KNOB_TURN
+        turned = abs(self.ref_yaw - (self.grasp_yaw + self.style.yaw_offset)) < 0.05
+        if q >= KNOB_TURNED or (turned and self.phase_t > 10) or self.phase_t > 60:
+            self.hold_point = self.grip_point
+            self._enter("knob_release")
+        return self.grip_point, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_knob_release(self, obs, eef):
+        if self.phase_t >= self.style.release_steps:
+            self._enter("knob_lift")
+        return self.hold_point, self.style.fine_speed, 0.0, GRIPPER_OPEN
+
+    def _phase_knob_lift(self, obs, eef):
+        _, _, q = self._knob(obs)
+        target = self.hold_point + np.array([0.0, 0.0, 0.08])
+        if eef[2] > target[2] - 0.02:
+            if q >= KNOB_ON:
+                self.hold_point = target - np.array([0.0, 0.0, 0.08])
+                self._enter("idle")
+            else:
+                self.tries += 1
+                self._enter("knob_approach")
+        return target, self.style.speed, 0.0, GRIPPER_OPEN
+
+    # ------------------------------------------------------------------ phases: push
+    def _push_route(self, obs) -> list:
+        """Waypoints [2] for the dish's centre to the region: straight, or via one corner, ending
+        near the region's centre; the route whose dish keeps the most room to the other objects
+        and the fixtures (a little shorter breaks ties)."""
+        p = self._obj_pos(obs)[:2]
+        g = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)[:2]
+        radius = se.NEIGHBOUR_SIZE.get(object_kind(self.obj), se.DEFAULT_NEIGHBOUR_SIZE)[0]
+        others = [(np.asarray(v, dtype=np.float64)[:2], se.NEIGHBOUR_SIZE.get(object_kind(k[:-4]),
+                                                                              se.DEFAULT_NEIGHBOUR_SIZE)[0])
+                  for k, v in obs.items() if self._is_neighbour(k)]
+
+        depth = float(np.sqrt(max(radius**2 - se.FINGER_OPEN_OFFSET**2, 0.0))) + PUSH_GAP
+        z = float(self._obj_pos(obs)[2]) + PUSH_HEIGHT + se.FINGERTIP_DEPTH
+
+        def room(route):
+            gap, length = np.inf, 0.0
+            for a, b in zip([p] + route[:-1], route):
+                length += float(np.linalg.norm(b - a))
+                u = (b - a) / max(float(np.linalg.norm(b - a)), 1e-9)
+                for c in (a, b):  # the hand behind the dish at both ends of the leg must be in reach
+                    tip = np.array([*(c - u * depth), z])
+                    gap = min(gap, 0.5 * max(self._push_reach(tip, u, t) for t in (0.0, PUSH_TILT)))
+                for f in np.linspace(0.0, 1.0, max(2, int(np.linalg.norm(b - a) / 0.01))):
+                    c = a + f * (b - a)
+                    for q, r in others:
+                        gap = min(gap, float(np.linalg.norm(c - q)) - radius - r)
+                    for fixture in self.fixtures:
+                        gap = min(gap, se.polygon_distance(c, fixture.footprint) - radius)
+            return min(gap, 0.03) - 0.05 * length
+
+        best, best_room = None, -np.inf
+        for ex in (-PUSH_END_SLACK, 0.0, PUSH_END_SLACK):
+            for ey in (-PUSH_END_SLACK, 0.0, PUSH_END_SLACK, 1.5 * PUSH_END_SLACK):
+                end = g + np.array([ex, ey])
+                vias = [None] + [np.array([p[0] + dx, end[1]]) for dx in (-0.06, -0.03, 0.03, 0.06)] \
+                    + [np.array([end[0], p[1] + dy]) for dy in (-0.06, -0.03, 0.03, 0.06)]
+                for via in vias:
+                    route = [end] if via is None else [via, end]
+                    r = room(route)
+                    if r > best_room:
+                        best, best_room = route, r
+        return best
+
+    def _push_done(self, obs) -> bool:
+        """The dish's centre is at the route's end, or well inside the region."""
+        p = self._obj_pos(obs)[:2]
+        g = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)[:2]
+        inside = np.abs(p - g)
+        return bool(np.all(inside < PUSH_INSIDE) or (np.all(inside < PUSH_INSIDE + 0.005) and len(self.push_route) == 1
+                                                     and np.linalg.norm(self.push_route[0] - p) < PUSH_DONE))
+
+    def _push_line(self, obs):
+        """(object centre [3], its current waypoint [2], unit push direction [2], whether that
+        waypoint is the last)."""
+        p = self._obj_pos(obs)
+        while len(self.push_route) > 1 and (np.linalg.norm(self.push_route[0] - p[:2]) < 2 * PUSH_DONE
+                                            or np.dot(self.push_route[0] - p[:2], self.push_route[0] - self.push_from) < 0):
+            self.push_from = self.push_route.pop(0)  # reached or passed: on to the next
+        w = self.push_route[0]
+        d = w - p[:2]
+        n = float(np.linalg.norm(d))
+        return p, w, (d / n if n > 1e-6 else np.array([1.0, 0.0])), len(self.push_route) == 1
+
+    def _push_point(self, obs, lead: float) -> np.ndarray:
+        """EEF position [3] with the closed fingertips PUSH_HEIGHT above the dish's origin, lead
+        (m) inside its rim on the side away from the waypoint (negative: behind the rim); also
+        sets the hand's tilt (fingertips trailing the wrist)."""
+        p, _, d, _ = self._push_line(obs)
+        radius = se.NEIGHBOUR_SIZE.get(object_kind(self.obj), se.DEFAULT_NEIGHBOUR_SIZE)[0]
+        d3 = np.array([d[0], d[1], 0.0])
+        # The open fingers, FINGER_OPEN_OFFSET either side of the line, meet the rim this far
+        # behind the centre: two contacts keep the dish centred on the line.
+        depth = float(np.sqrt(max(radius**2 - se.FINGER_OPEN_OFFSET**2, 0.0)))
+        tip = np.array([*(p[:2] - d * (depth - lead)), p[2] + PUSH_HEIGHT])
+        tilt = self._push_tilt(tip, d)
+        axis = np.cross([0.0, 0.0, -1.0], -d3)
+        self.tilt_axis, self.tilt_goal = axis / np.linalg.norm(axis), tilt
+        pointing = -d3 * np.sin(tilt) - np.array([0.0, 0.0, np.cos(tilt)])
+        return tip - pointing * se.FINGERTIP_DEPTH
+
+    def _push_tilt(self, tip, d) -> float:
+        """Lean (rad) of the pushing hand: full near a fixture (the wrist away from it) or where
+        leaning brings the wrist within the arm's reach (pushing toward the robot), else none."""
+        near = min((se.polygon_distance(tip[:2], f.footprint) for f in self.fixtures), default=np.inf)
+        if near < PUSH_TILT_RANGE:
+            return PUSH_TILT
+        return PUSH_TILT if self._push_reach(tip, d, PUSH_TILT) > self._push_reach(tip, d, 0.0) else 0.0
+
+    def _push_reach(self, tip, d, tilt: float) -> float:
+        """Reach left (m) of the arm with the fingertips at tip [3], leaning tilt toward d [2]."""
+        up = np.array([d[0] * np.sin(tilt), d[1] * np.sin(tilt), np.cos(tilt)])
+        wrist = np.asarray(tip, dtype=np.float64) + (se.WRIST_ABOVE_EEF + se.FINGERTIP_DEPTH) * up
+        return se.REACH_GUARD - float(np.linalg.norm(wrist - se.SHOULDER[self.task.suite]))
+
+    def _phase_push_approach(self, obs, eef):
+        if self.phase_t == 0:
+            self.push_route = self._push_route(obs)
+            self.push_from = self._obj_pos(obs)[:2]
+        if self._push_done(obs):
+            self.hold_point = eef - np.array([0.0, 0.0, 0.08])
+            self._enter("idle")
+            return eef, 0.0, 0.0, GRIPPER_OPEN
+        start = self._push_point(obs, -PUSH_GAP)
+        if self.phase_t == 0:  # the fingers side by side across the push
+            d = self._push_line(obs)[2]
+            self.grasp_yaw = se.finger_yaw(float(np.arctan2(d[1], d[0])) + np.pi / 2)
+        above = start + np.array([0.0, 0.0, self.style.approach_height])
+        if np.linalg.norm(start[:2] - eef[:2]) < 0.01:
+            self._enter("push_descend")
+        return above, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_OPEN
+
+    def _phase_push_descend(self, obs, eef):
+        start = self._push_point(obs, -PUSH_GAP)
+        if np.linalg.norm(start - eef) < se.GRASP_TOLERANCE or self.stall >= se.STALL_STEPS:
+            self._enter("push")
+        return start, self.style.fine_speed, 0.0, GRIPPER_OPEN
+
+    def _phase_push(self, obs, eef):
+        """Push the dish's rim: the fingertips aim PUSH_LEAD inside the rim on the line from the
+        waypoint through the dish's centre (re-aimed every step)."""
+        p, w, d, last = self._push_line(obs)
+        if self.phase_t == 0:
+            self.push_dir = d
+            self.push_track = []
+        self.push_track.append(p[:2].copy())
+        stuck = len(self.push_track) > 2 * PUSH_STUCK_STEPS and np.linalg.norm(w - p[:2]) > 0.04 and \
+            np.linalg.norm(self.push_track[-1] - self.push_track[-1 - PUSH_STUCK_STEPS]) < 0.005
+        remaining = float(np.linalg.norm(w - p[:2]))
+        target = self._push_point(obs, PUSH_LEAD)
+        # Overshot, or the next leg turns sharply: the hand must go round the dish first.
+        turned = np.dot(d, self.push_dir) < 0.5 and np.linalg.norm(w - p[:2]) > 0.03
+        if self._push_done(obs) or turned or stuck:
+            self.hold_point = eef.copy()
+            self._enter("push_retreat")
+        self.push_dir = d if np.dot(d, self.push_dir) >= 0.5 else self.push_dir
+        # Slow down on the last few cm: the dish stops when the hand does.
+        speed = float(np.clip(remaining / 0.06, 0.3, 1.0)) * PUSH_SPEED
+        return target, speed, 0.0, GRIPPER_OPEN
+
+    def _phase_push_retreat(self, obs, eef):
+        self.tilt_goal = 0.0
+        target = self.hold_point + np.array([0.0, 0.0, 0.06])
+        if eef[2] > target[2] - 0.015:
+            self.tries += 1
+            self._enter("push_approach")
+        return target, self.style.speed, 0.0, GRIPPER_OPEN
+
+
+class SuiteExpert:
+    """The scripted expert of every supported suite: ``reset`` picks ScriptedExpert (pick and
+    place: libero_spatial, libero_object) or TaskExpert (libero_goal) for the task's suite;
+    everything else is the chosen expert's."""
+
+    def __init__(self, noise: float = 1.0):
+        ScriptedExpert(noise)  # validates noise
+        self.noise = float(noise)
+        self.expert = None
+
+    def reset(self, task, rng: np.random.Generator) -> None:
+        if task.suite not in SUPPORTED_SUITES:
+            raise ValueError(
+                f"the scripted expert cannot solve suite {task.suite!r} (task {task.task_id}: "
+                f"{task.instruction!r}); supported suites: {', '.join(SUPPORTED_SUITES)}"
+            )
+        cls = TaskExpert if task.suite in TASK_SUITES else ScriptedExpert
+        if type(self.expert) is not cls:
+            self.expert = cls(self.noise)
+        self.expert.reset(task, rng)
+
+    def act(self, obs: dict) -> np.ndarray:
+        if self.expert is None:
+            raise RuntimeError("SuiteExpert.act() called before reset(task, rng)")
+        return self.expert.act(obs)
+
+    def take_over(self, obs: dict, first_obs: dict) -> str:
+        if self.expert is None:
+            raise RuntimeError("SuiteExpert.take_over() called before reset(task, rng)")
+        return self.expert.take_over(obs, first_obs)
+
+    def __getattr__(self, name):
+        expert = self.__dict__.get("expert")
+        if expert is None:
+            raise AttributeError(name)
+        return getattr(expert, name)
