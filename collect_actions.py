@@ -650,8 +650,10 @@ class Runner:
             self.close()
             self.env = LiberoEnv(job.suite, job.task_id, cameras=self.cameras)
             self.env_key = (job.suite, job.task_id)
+        # the episode's seed also draws the fixtures' placement (a fresh simulation), so an episode
+        # is a function of its job alone, in any process, whatever ran before it
         ep = run_episode(self.env, self.policy, job.init_state_id, job.seed,
-                         keep_images=self.cameras, max_steps=self.max_steps)
+                         keep_images=self.cameras, max_steps=self.max_steps, scene_seed=job.seed)
         attrs = {"episode_index": job.episode_index, "policy": self.spec.name}
         if self.spec.takeover is None:
             return ep, attrs
