@@ -525,7 +525,7 @@ def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
     ev = eval_args(policy=str(tmp_path / "policy.pt"), draft=str(tmp_path / "draft.pt"), mode="all",
                    task_id=[0], num_trials=1, max_steps=15, json=str(tmp_path / "e.json"))
     out = eval_libero.main(ev)
-    assert list(out["modes"]) == ["dense", "rsd", "adaptive", "rsd+adaptive"]
+    assert list(out["modes"]) == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree"]
     for m, s in out["modes"].items():
         assert s["trials"] == 1 and s["errors"] == 0, s
         assert s["chunks"] == 2  # 15 steps, the whole 10-step chunk executed by default
@@ -536,9 +536,10 @@ def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
     assert saved["config"]["init_states"] == "held_out"
     for m, s in saved["per_task"]["0"].items():
         assert s["outcomes"] == [s["successes"]]
-    # exact rsd decodes what dense decodes: same trial, same outcome
-    assert saved["modes"]["rsd"]["vs_dense"]["only_this_solved"] == 0
-    assert saved["modes"]["rsd"]["vs_dense"]["only_reference_solved"] == 0
+    # exact rsd and tree decode what dense decodes: same trial, same outcome
+    for m in ("rsd", "tree"):
+        assert saved["modes"][m]["vs_dense"]["only_this_solved"] == 0
+        assert saved["modes"][m]["vs_dense"]["only_reference_solved"] == 0
     expert = eval_libero.main(eval_args(mode="expert", task_id=[0], num_trials=1))
     assert expert["modes"]["expert"]["successes"] == 1
 
