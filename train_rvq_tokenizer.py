@@ -61,7 +61,8 @@ class TokenizerArgs(cli.OptimArgs):
     task_suite: str = arg("libero_spatial", "suite to collect from (without --data)")
     task_id: int = arg(0, "task to collect (without --data)")
     num_episodes: int = arg(50, "episodes to collect (without --data)")
-    workers: int = arg(1, "collection processes (without --data)")
+    workers: int = arg(min(2, os.cpu_count() or 1), "collection processes (without --data); the episodes do not "
+                                                    "depend on it")
     chunk_size: int = arg(10, "steps per action chunk")
     targets: str = arg("actions", "train on the executed actions, or on the expert's own commands stored by a "
                                   "perturbed collection (collect_actions.py --perturb)", choices=list(TARGETS))
