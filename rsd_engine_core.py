@@ -38,7 +38,9 @@ choice by an argmax whose top two logits are more than ``tie_margin`` x max(1, |
 at every position (``near_tie``); a choice within that margin of a tie is not trusted: the chunk is
 then decoded again from scratch by dense decoding itself (``ChunkStats.fallbacks``), so its codes
 are dense decoding's whenever the rounding differences stay under half the margin (float32: about
-3e-7 of the largest logit in the tests, which also build near-ties into random models).
+3e-7 of the largest logit in the tests, which also build near-ties into random models). Adaptive
+depth's ``expected_norm`` stop signal is read off the same logits and guarded the same way: a signal
+within the margin of its threshold sends the chunk back to dense decoding too (``near_threshold``).
 
 Acceptance rules for proposed layers:
 
@@ -369,6 +371,11 @@ def near_tie(logits: torch.Tensor, margin: float) -> bool:
     return bool(tied(logits.topk(2, -1).values, margin).any())
 
 
+def near_threshold(signal: float, threshold: float, margin: float) -> bool:
+    """Whether a stop signal is within ``margin`` x max(1, threshold) of its threshold (``stopper``)."""
+    return abs(signal - threshold) <= margin * max(1.0, abs(threshold))
+
+
 def tied(top: torch.Tensor, margin: float) -> torch.Tensor:
     """top [..., 2]: the two largest logits of each position -> [...] bool, within the tie margin."""
     return top[..., 0] - top[..., 1] <= margin * top[..., 0].abs().clamp(min=1.0)
@@ -565,11 +572,17 @@ class RSDEngine:
             return ctx.flatten(1), None
         return self.policy.obs_encoder.normalizer(obs), task
 
-    def stopper(self, cfg: EngineConfig, oracle_gaps: np.ndarray | None = None):
+    def stopper(self, cfg: EngineConfig, oracle_gaps: np.ndarray | None = None, guarded: bool = False):
         """A new chunk's stop test ``stop(logits [1, T', vocab], layer, code [1, T']) -> bool``,
         called once for every decoded layer, in order, with the main policy's logits for the
         layer and the codes kept for it: whether to stop after that layer. The oracle rule reads
-        ``oracle_gaps`` [L], the chunk's prefix gaps from ``dense_trace``."""
+        ``oracle_gaps`` [L], the chunk's prefix gaps from ``dense_trace``.
+
+        ``guarded`` (exact speculation, whose logits come from multi-token passes): the
+        ``expected_norm`` rule, the one that reads the logits, returns None instead of a decision
+        when its signal is within ``cfg.tie_margin`` x max(1, threshold) of the threshold, where
+        float rounding could decide differently from dense decoding's passes (``near_threshold``).
+        The learned and oracle rules read only the codes kept and need no guard."""
         if not cfg.adaptive:
             return lambda logits, layer, code: False
         if cfg.stop_rule == "oracle":
@@ -595,7 +608,12 @@ class RSDEngine:
         def stop(logits, layer, code):
             scale = running.value  # before this layer
             running.push(layer, code)
-            return layer + 1 >= cfg.min_layers and self.expected_refinement(logits, layer, scale) <= cfg.adaptive_threshold
+            if layer + 1 < cfg.min_layers:
+                return False
+            signal = self.expected_refinement(logits, layer, scale)
+            if guarded and near_threshold(signal, cfg.adaptive_threshold, cfg.tie_margin):
+                return None
+            return signal <= cfg.adaptive_threshold
         return stop
 
     # ------------------------------------------------------------------ decoding
@@ -623,7 +641,7 @@ class RSDEngine:
 
         ctx = self.policy.embed_obs(obs, task)
         cache = self.policy.new_cache()
-        stop = self.stopper(cfg, oracle_gaps)
+        stop = self.stopper(cfg, oracle_gaps, guarded=cfg.guarded)
         codes: list[torch.Tensor] = []   # each [1, T']
         stopped = False
         if cfg.tree:
@@ -634,7 +652,8 @@ class RSDEngine:
             ctx = None  # the ctx is in the cache now
         if codes is not None and not stopped:
             codes = self._decode_layers(cache, ctx, codes, cfg, gen, stats, stop, guarded=cfg.guarded)
-        if codes is None:  # a near-tie after a multi-token pass: decode the chunk again as dense decoding does
+        if codes is None:  # a near-tie after a multi-token pass (a choice, or a stop signal near its threshold):
+            #                decode the chunk again as dense decoding does
             stats.fallbacks = 1
             codes = self._decode_layers(self.policy.new_cache(), self.policy.embed_obs(obs, task), [], cfg, gen,
                                         stats, self.stopper(cfg, oracle_gaps), guarded=False)
@@ -644,7 +663,8 @@ class RSDEngine:
     def _decode_layers(self, cache, ctx, codes: list, cfg, gen, stats, stop, guarded: bool) -> list | None:
         """Dense decoding of the layers after ``codes`` (one main pass each, the ctx first when
         given), until layer L - 1 or the stop test; the codes of every layer. ``guarded``: None
-        as soon as a layer's choice is within ``cfg.tie_margin`` of a tie (``near_tie``)."""
+        as soon as a layer's choice is within ``cfg.tie_margin`` of a tie (``near_tie``) or the
+        stop test cannot decide (``stopper``'s guard)."""
         L = self.policy.config.num_layers
         while len(codes) < L:
             layer = len(codes)
@@ -658,7 +678,10 @@ class RSDEngine:
             if guarded and near_tie(logits, cfg.tie_margin):
                 return None
             codes.append(self._pick(logits, cfg, gen))
-            if stop(logits, layer, codes[-1]):
+            done = stop(logits, layer, codes[-1])
+            if done is None:
+                return None
+            if done:
                 break
         return codes
 
@@ -773,7 +796,10 @@ class RSDEngine:
         for l, code in enumerate(codes):
             if cfg.guarded and near_tie(p_logits[:, :, l], cfg.tie_margin):
                 return None, False
-            if stop(p_logits[:, :, l], l, code):
+            done = stop(p_logits[:, :, l], l, code)
+            if done is None:
+                return None, False
+            if done:
                 codes, stopped = codes[: l + 1], True
                 break
         stats.accepted += min(accepted, len(codes))

@@ -225,6 +225,31 @@ def test_near_ties_do_not_flip(spec):
     assert flipped > 0
 
 
+@pytest.mark.parametrize("pca", [False, True])
+def test_stop_signals_at_the_threshold_do_not_flip(pca):
+    """rsd+adaptive with the expected_norm rule keeps exactly the layers adaptive depth alone keeps,
+    even where a layer's stop signal, as dense decoding computes it, equals the threshold: read off
+    a multi-token pass, the signal may land on the other side, so the guard sends the chunk back
+    to dense decoding. Without the margin, some of these stops do flip."""
+    L, flipped, guarded = 5, 0, 0
+    tok = make_pca_tokenizer(K=8, L=L, Tp=2) if pca else make_tokenizer(K=8, L=L, Tp=2)
+    for seed in range(40):
+        policy = make_policy(tok, seed=seed)
+        engine = RSDEngine(policy, tok, make_draft(policy, k=3, seed=seed))
+        obs, task = random_obs(torch.Generator().manual_seed(seed))
+        logits, codes, _ = engine.dense_trace(obs[0].numpy(), int(task))
+        signal = engine.expected_refinements(logits, codes)
+        cfg = EngineConfig("adaptive", adaptive_threshold=float(signal[seed % (L - 1)]))
+        adaptive, _ = engine.decode_codes(obs, task, cfg)
+        assert adaptive.shape[-1] <= seed % (L - 1) + 1  # it stops at that layer or before
+        both, st = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode="rsd+adaptive"))
+        assert torch.equal(both, adaptive), f"seed {seed}"
+        guarded += st.fallbacks
+        unguarded, _ = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode="rsd+adaptive", tie_margin=0.0))
+        flipped += not torch.equal(unguarded, adaptive)
+    assert flipped > 0 and guarded >= flipped
+
+
 def test_the_margin_leaves_ordinary_choices_to_the_tree():
     """Rounding differences between the tree pass and dense passes, relative to the logits' size,
     are under a tenth of the margin, and the choices of random models are rarely within it."""
