@@ -78,7 +78,7 @@ def policy_mode_list(value: str) -> list[str]:
 @dataclass
 class BenchArgs(DecodingArgs):
     policy: str | None = arg(None, "main policy checkpoint (variant ar); optional with --pass_costs", metavar="PATH")
-    draft: list[str] | None = arg(None, "draft checkpoint(s) (modes rsd, rsd+adaptive); with several, every "
+    draft: list[str] | None = arg(None, "draft checkpoint(s) (the speculative modes); with several, every "
                                         "speculative mode runs with each, as 'MODE (file stem)', on the same states",
                                   nargs="+", metavar="PATH")
     oracle_draft: bool = arg(False, "instead of --draft, a perfect draft: it proposes the main policy's own greedy "

@@ -72,14 +72,14 @@ class EvalArgs(DecodingArgs, workers.WorkersArgs):
     task_suite: str = arg("libero_spatial", "LIBERO suite", choices=list(ca.SUITES))
     task_id: list[int] | str = arg("all", "a task id, a comma list of ids, or 'all'", type=ca.parse_task_ids)
     num_trials: int = arg(20, "trials per task; trial i starts from the held-out init state i (0-19)")
-    mode: list[str] = arg(None, "'all' (dense, parallel, rsd, adaptive, rsd+adaptive, tree; parallel only with "
+    mode: list[str] = arg(None, "'all' (dense, parallel, rsd, adaptive, rsd+adaptive, tree, tree+adaptive; parallel only with "
                                 "--parallel_policy), or a comma list of MODE[@ACCEPTANCE][:K][/C] and 'expert', "
                                 "e.g. dense,rsd:3,rsd+adaptive@relaxed,expert",
                           factory=lambda: ["rsd"], type=mode_list)
     # models
     policy: str | None = arg(None, "main policy checkpoint (variant ar), or 'openpi' for a policy served by "
                                    "openpi's websocket server (--host, --port): the mode 'openpi'", metavar="PATH")
-    draft: str | None = arg(None, "draft checkpoint (modes rsd, rsd+adaptive)", metavar="PATH")
+    draft: str | None = arg(None, "draft checkpoint (the speculative modes: rsd, tree and their +adaptive)", metavar="PATH")
     parallel_policy: str | None = arg(None, "parallel-variant policy checkpoint (mode parallel)", metavar="PATH")
     tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
                                       "hash-checked)", metavar="PATH")

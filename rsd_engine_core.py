@@ -29,6 +29,8 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
   policy's prediction for the layer after it; the rest is decoded densely, reusing the path's
   part of the key/value cache. With C = 1 the tree is ``rsd``'s chain of k proposed layers.
   Exact acceptance only.
+- ``tree+adaptive``: both; the stop test runs on every layer of the kept path in turn, as dense
+  decoding runs it, so it keeps the layers ``adaptive`` keeps.
 
 A multi-token pass rounds differently from the one-block passes of dense decoding (other matmul
 shapes, a longer masked attention row), and the dense passes after it read keys and values it
@@ -83,9 +85,9 @@ from cli import arg
 from policy_data import ActionHistory, obs_vector
 from policy_models import DraftModel, StopModel, TokenPolicy
 
-MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive", "tree")
-SPECULATIVE_MODES = ("rsd", "rsd+adaptive", "tree")
-TREE_MODES = ("tree",)
+MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive")
+SPECULATIVE_MODES = ("rsd", "rsd+adaptive", "tree", "tree+adaptive")
+TREE_MODES = ("tree", "tree+adaptive")
 ACCEPTANCE = ("exact", "sample", "relaxed")
 STOP_RULES = ("expected_norm", "learned", "oracle")
 
@@ -288,7 +290,7 @@ class EngineConfig:
 
     @property
     def adaptive(self) -> bool:
-        return self.mode in ("adaptive", "rsd+adaptive")
+        return self.mode in ("adaptive", "rsd+adaptive", "tree+adaptive")
 
     @property
     def sampling(self) -> bool:
@@ -645,7 +647,7 @@ class RSDEngine:
         codes: list[torch.Tensor] = []   # each [1, T']
         stopped = False
         if cfg.tree:
-            codes = self._verify_tree(obs, task, ctx, cache, cfg, stats)
+            codes, stopped = self._verify_tree(obs, task, ctx, cache, cfg, stats, stop)
         elif cfg.speculative:
             codes, stopped = self._speculate(obs, task, ctx, cache, cfg, gen, stats, stop)
         if codes:
@@ -727,11 +729,13 @@ class RSDEngine:
                     heapq.heappush(heap, (neg - lp, next(order), node, layer + 1, child, z_node))
         return tree.finish()
 
-    def _verify_tree(self, obs, task, ctx, cache, cfg, stats) -> list | None:
-        """Draft tree + one main pass over it (mode ``tree``). Returns the codes of layers 0..j: the
-        main policy's argmax at each block of the longest path it agrees with, the last being its
-        prediction for the layer after the path; the cache keeps the ctx and that path. None when
-        a choice on the path is within ``cfg.tie_margin`` of a tie."""
+    def _verify_tree(self, obs, task, ctx, cache, cfg, stats, stop) -> tuple[list | None, bool]:
+        """Draft tree + one main pass over it (modes ``tree``, ``tree+adaptive``). Returns (the codes
+        of layers 0..j, stop flag): the main policy's argmax at each block of the longest path it
+        agrees with, the last being its prediction for the layer after the path, cut after the
+        first layer whose stop test says stop; the cache keeps the ctx and that path. (None, False)
+        when a choice on the path is within ``cfg.tie_margin`` of a tie, or its stop test cannot
+        decide (``stopper``)."""
         if self.draft is None:
             raise ValueError(f"mode {cfg.mode!r} needs a draft model")
         L = self.policy.config.num_layers
@@ -752,17 +756,24 @@ class RSDEngine:
         top = logits[0].topk(2, -1)  # [T', n, 2]
         best = top.indices[..., 0].T.tolist()  # [n][T']
         near = tied(top.values, cfg.tie_margin).any(0).tolist()  # [n]
-        path = [0]
+        path, stopped = [0], False
         while True:
             if near[path[-1]]:
-                return None
+                return None, False
+            code = top.indices[:, path[-1], 0][None]  # [1, T']: the main policy's choice for this layer
+            done = stop(logits[:, :, path[-1]], len(path) - 1, code)
+            if done is None:
+                return None, False
+            if done:
+                stopped = True
+                break
             child = tree.children[path[-1]].get(tuple(best[path[-1]]))
             if child is None:
                 break
             path.append(child)
         stats.accepted = len(path) - 1
         self.policy.keep_path(cache, tree.size, path)
-        return list(top.indices[..., 0][None, :, path].unbind(-1))  # the path's codes [1, T'] per layer
+        return list(top.indices[..., 0][None, :, path].unbind(-1)), stopped  # the path's codes [1, T'] per layer
 
     def _speculate(self, obs, task, ctx, cache, cfg, gen, stats, stop):
         """Draft pass + one verifying main pass. Returns (codes of layers 0..j, stop flag); with

@@ -257,10 +257,10 @@ def test_mode_specs_parse_and_set_the_acceptance_rule():
             eval_args(mode=bad)
     with pytest.raises(ValueError, match="--mode"):  # the expert is eval_libero's alone
         rsd_engine_core.parse_modes("dense,expert")
-    assert eval_args(mode="all", parallel_policy=None).mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree"]
+    assert eval_args(mode="all", parallel_policy=None).mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive"]
     assert eval_args(mode="all", parallel_policy="par.pt").mode == list(rsd_engine_core.MODES)
-    assert eval_args(mode="all,expert").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "expert"]
-    assert eval_args(mode="rsd:2,all").mode == ["rsd:2", "dense", "rsd", "adaptive", "rsd+adaptive", "tree"]
+    assert eval_args(mode="all,expert").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive", "expert"]
+    assert eval_args(mode="rsd:2,all").mode == ["rsd:2", "dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive"]
 
 
 def test_load_engine_refuses_what_the_models_cannot_run(trained, draft, tmp_path, monkeypatch):
@@ -525,7 +525,7 @@ def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
     ev = eval_args(policy=str(tmp_path / "policy.pt"), draft=str(tmp_path / "draft.pt"), mode="all",
                    task_id=[0], num_trials=1, max_steps=15, json=str(tmp_path / "e.json"))
     out = eval_libero.main(ev)
-    assert list(out["modes"]) == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree"]
+    assert list(out["modes"]) == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive"]
     for m, s in out["modes"].items():
         assert s["trials"] == 1 and s["errors"] == 0, s
         assert s["chunks"] == 2  # 15 steps, the whole 10-step chunk executed by default
@@ -540,6 +540,9 @@ def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
     for m in ("rsd", "tree"):
         assert saved["modes"][m]["vs_dense"]["only_this_solved"] == 0
         assert saved["modes"][m]["vs_dense"]["only_reference_solved"] == 0
+    # and exact speculation with adaptive depth keeps adaptive's layers: the same outcome too
+    for m in ("rsd+adaptive", "tree+adaptive"):
+        assert saved["per_task"]["0"][m]["outcomes"] == saved["per_task"]["0"]["adaptive"]["outcomes"]
     expert = eval_libero.main(eval_args(mode="expert", task_id=[0], num_trials=1))
     assert expert["modes"]["expert"]["successes"] == 1
 

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,6 +188,38 @@ def test_tree_on_a_pca_tokenizer_and_with_every_layer_proposed():
         assert torch.equal(codes, dense) and st.proposed == 3
 
 
+@pytest.mark.parametrize("pca", [False, True])
+def test_tree_adaptive_keeps_the_layers_and_codes_of_adaptive(pca):
+    """tree+adaptive: the stop test runs on each layer of the kept path, so it keeps exactly the
+    layers and codes of adaptive depth alone, stopping inside the tree's path (one main pass) or
+    in the dense layers after it."""
+    import stop_study
+
+    L = 6
+    tok = make_pca_tokenizer(K=3, L=L, Tp=1) if pca else make_tokenizer(K=3, L=L, Tp=1)
+    runs = []
+    for seed in range(40):
+        policy = make_policy(tok, seed=seed)
+        engine = RSDEngine(policy, tok, make_draft(policy, k=4, seed=seed))
+        obs, task = random_obs(torch.Generator().manual_seed(seed))
+        logits, codes, _ = engine.dense_trace(obs[0].numpy(), int(task))
+        runs.append((engine, obs, task, engine.expected_refinements(logits, codes)))
+    tau = float(np.median([signal[2] for *_, signal in runs]))
+    in_path, after_path, depths = 0, 0, set()
+    for engine, obs, task, signal in runs:
+        cfg = EngineConfig("adaptive", adaptive_threshold=tau, min_layers=2)
+        adaptive, _ = engine.decode_codes(obs, task, cfg)
+        assert adaptive.shape[-1] == stop_study.stop_depths(signal[None], tau, 2)[0]
+        for c in (1, 2):
+            codes, st = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode="tree+adaptive", candidates=c))
+            assert torch.equal(codes, adaptive)
+            if not st.fallbacks:
+                in_path += st.main_passes == 1 and st.layers < L
+                after_path += st.main_passes > 1
+        depths.add(adaptive.shape[-1])
+    assert in_path > 0 and after_path > 0 and len(depths) > 1
+
+
 def near_tie_engine(seed: int, K=8, Tp=2, L=4):
     """A random model whose dense decoding meets a near-tie: the head bias of the second-best code
     of one layer is raised to the best's logit at one position (as dense decoding computes it),
@@ -225,12 +258,12 @@ def test_near_ties_do_not_flip(spec):
     assert flipped > 0
 
 
-@pytest.mark.parametrize("pca", [False, True])
-def test_stop_signals_at_the_threshold_do_not_flip(pca):
-    """rsd+adaptive with the expected_norm rule keeps exactly the layers adaptive depth alone keeps,
-    even where a layer's stop signal, as dense decoding computes it, equals the threshold: read off
-    a multi-token pass, the signal may land on the other side, so the guard sends the chunk back
-    to dense decoding. Without the margin, some of these stops do flip."""
+@pytest.mark.parametrize("pca, mode", [(False, "rsd+adaptive"), (True, "rsd+adaptive"), (True, "tree+adaptive")])
+def test_stop_signals_at_the_threshold_do_not_flip(pca, mode):
+    """Exact speculation with the expected_norm rule keeps exactly the layers adaptive depth alone
+    keeps, even where a layer's stop signal, as dense decoding computes it, equals the threshold:
+    read off a multi-token pass, the signal may land on the other side, so the guard sends the
+    chunk back to dense decoding. Without the margin, some of these stops do flip."""
     L, flipped, guarded = 5, 0, 0
     tok = make_pca_tokenizer(K=8, L=L, Tp=2) if pca else make_tokenizer(K=8, L=L, Tp=2)
     for seed in range(40):
@@ -242,10 +275,10 @@ def test_stop_signals_at_the_threshold_do_not_flip(pca):
         cfg = EngineConfig("adaptive", adaptive_threshold=float(signal[seed % (L - 1)]))
         adaptive, _ = engine.decode_codes(obs, task, cfg)
         assert adaptive.shape[-1] <= seed % (L - 1) + 1  # it stops at that layer or before
-        both, st = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode="rsd+adaptive"))
+        both, st = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode=mode))
         assert torch.equal(both, adaptive), f"seed {seed}"
         guarded += st.fallbacks
-        unguarded, _ = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode="rsd+adaptive", tie_margin=0.0))
+        unguarded, _ = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode=mode, tie_margin=0.0))
         flipped += not torch.equal(unguarded, adaptive)
     assert flipped > 0 and guarded >= flipped
 
@@ -282,6 +315,9 @@ def test_tree_mode_specs():
     cfg = args.engine_config("tree:2")
     assert (cfg.mode, cfg.acceptance, cfg.k, cfg.candidates, cfg.tie_margin) == ("tree", "exact", 2, 3, 0.01)
     assert args.engine_config("tree/5").candidates == 5 and cfg.tree and cfg.speculative
+    both = args.engine_config("tree+adaptive:3/2")
+    assert (both.mode, both.k, both.candidates, both.tree, both.adaptive, both.guarded) == (
+        "tree+adaptive", 3, 2, True, True, True)
     assert args.engine_config("rsd").acceptance == "relaxed"
     for bad in ("rsd/2", "tree/0", "tree:3/x", "dense/2"):
         with pytest.raises(ValueError, match=r"MODE\[@ACCEPTANCE\]\[:K\]\[/C\]"):
