@@ -4,13 +4,16 @@
     python report_libero.py --compare before.json after.json   # two runs of the same trials, mode by mode
     python report_libero.py --compare run.json run.json --modes dense@sample rsd@sample   # two modes
     python report_libero.py --pool eval_s0.json eval_s1.json eval_s2.json --json pooled.json
+    python report_libero.py --suites spatial.json object.json goal.json long.json   # the four-suite table
 
 Nothing is run: every number comes from result files that ``eval_libero.py`` wrote (see
 ``results.py`` for the statistics). ``--compare`` pairs two results of the same trials (suite,
 tasks, trials, init states, seed) trial by trial: how many end the same, which only one run
 solved, and the exact McNemar test. ``--pool`` pools results of the same trials and settings
 over other scene seeds, mode by mode: successes, interval, the paired test against dense over
-all trials, each run's own speed-up, passes and acceptance over all chunks.
+all trials, each run's own speed-up, passes and acceptance over all chunks. ``--suites`` sets
+results of different suites side by side in the layout papers use (a column per suite and the
+average), published image-based policies below for scale.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 import cli
 from cli import arg
 from fileio import check_outputs, write_json
-from results import add_statistics, compare_runs, load_result, pool_runs, print_comparison, report
+from results import (add_statistics, compare_runs, load_result, pool_runs, print_comparison, print_suite_table,
+                     report, suite_table)
 
 log = logging.getLogger("report_libero")
 
@@ -35,18 +39,23 @@ class ReportArgs:
                                         "of the second (give one file twice to pair two modes of one run)",
                                   nargs=2, metavar=("FIRST", "SECOND"))
     pool: bool = arg(False, "pool results of the same trials and settings over other scene seeds")
+    suites: bool = arg(False, "set results of different suites side by side (one result, or pooled result, per "
+                              "suite)")
     json: str | None = cli.json_arg()
     plot: str | None = arg(None, "success (95% interval) against latency per mode, and per task", metavar="PNG")
 
     def __post_init__(self):
-        cli.require(not (self.compare and self.pool), "give --compare or --pool, not both")
+        cli.require(self.compare + self.pool + self.suites <= 1, "give one of --compare, --pool and --suites")
         if self.compare:
             cli.require(len(self.results) == 2, f"--compare takes two results, got {len(self.results)}")
             cli.require(self.plot is None, "--compare prints a table; --plot draws one result or a pool")
         elif self.pool:
             cli.require(len(self.results) >= 2, f"--pool takes two or more results, got {len(self.results)}")
+        elif self.suites:
+            cli.require(self.plot is None, "--suites prints a table; --plot draws one result or a pool")
         else:
-            cli.require(len(self.results) == 1, f"give one result (or --compare / --pool), got {len(self.results)}")
+            cli.require(len(self.results) == 1,
+                        f"give one result (or --compare / --pool / --suites), got {len(self.results)}")
         cli.require(self.modes is None or self.compare, "--modes pairs two modes with --compare")
 
 
@@ -61,6 +70,12 @@ def main(args: ReportArgs) -> dict:
         if args.json:
             write_json(args.json, {"first": names[0], "second": names[1], "modes": out})
         return out
+    if args.suites:
+        table = suite_table([load_result(p, "--suites") for p in args.results], list(args.results))
+        print_suite_table(table)
+        if args.json:
+            write_json(args.json, table)
+        return table
     if args.pool:
         result = pool_runs([load_result(p, "--pool") for p in args.results], list(args.results))
     else:

@@ -399,3 +399,93 @@ def report(result: dict, json_path: str | None = None, plot_path: str | None = N
     if plot_path:
         plot_results(result, plot_path)
         log.info("wrote %s", plot_path)
+
+
+# ------------------------------------------------------------------ the four-suite table
+
+# LIBERO's four standard suites, in the order papers report them, and their task counts
+SUITE_COLUMNS = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
+SUITE_TASKS = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
+# Published success rates (%) on the four suites, of policies reading camera images (not the
+# low-dimensional state the policies here read): printed below the table for scale, not compared.
+PUBLISHED_LIBERO = (
+    ("Diffusion Policy, from scratch", "Chi et al. 2023; reported by Kim et al. 2024", (78.3, 92.5, 68.3, 50.5)),
+    ("OpenVLA", "Kim et al. 2024", (84.7, 88.4, 79.2, 53.7)),
+    ("pi0-FAST", "Pertsch et al. 2025; reported by Kim et al. 2025", (96.4, 96.8, 88.6, 60.2)),
+    ("OpenVLA-OFT", "Kim et al. 2025", (97.6, 98.4, 97.9, 94.5)),
+    ("pi0.5", "Physical Intelligence 2025, openpi", (98.8, 98.2, 98.0, 92.4)),
+)
+
+
+def suite_table(results: list[dict], names: list[str]) -> dict:
+    """Closed-loop results of different suites side by side (one result per suite, a single run
+    or a pool): per mode and suite the success, the speed-up against dense and the main passes
+    per chunk, and per mode the average success over the four standard suites when it ran in
+    all four. Columns in the standard order (libero_spatial, libero_object, libero_goal,
+    libero_10), then any other suite."""
+    runs: dict[str, str] = {}
+    for name, r in zip(names, results):
+        suite = r.get("config", {}).get("task_suite")
+        if suite is None:
+            raise ValueError(f"--suites: {name} records no task_suite (a result saved by an older version)")
+        if suite in runs:
+            raise ValueError(f"--suites: {runs[suite]} and {name} are both {suite}; give one result per suite "
+                             "(report_libero.py --pool pools runs of one suite first)")
+        runs[suite] = name
+    order = [s for s in SUITE_COLUMNS if s in runs] + [s for s in runs if s not in SUITE_COLUMNS]
+    by_suite = {r["config"]["task_suite"]: r for r in results}
+    modes: dict[str, dict] = {}
+    for suite in order:
+        r = by_suite[suite]
+        tasks = len(r["config"].get("task_ids") or [])
+        for m, s in r["modes"].items():
+            speedups = [x for x in s.get("speedup_vs_dense_per_run", [s.get("speedup_vs_dense")]) if x is not None]
+            modes.setdefault(m, {})[suite] = {
+                "successes": s["successes"], "trials": s["trials"], "success_rate": s["success_rate"],
+                "tasks": tasks, "all_tasks": tasks == SUITE_TASKS.get(suite),
+                "speedup_vs_dense": speedups or None,
+                "main_passes_per_chunk": s.get("main_passes_per_chunk"),
+                "vs_dense": s.get("vs_dense")}
+    for cells in modes.values():
+        four = [cells[s]["success_rate"] for s in SUITE_COLUMNS if s in cells]
+        cells["average"] = float(np.mean(four)) if len(four) == len(SUITE_COLUMNS) else None
+    published = [{"name": n, "source": src, "success_pct": dict(zip(SUITE_COLUMNS, pct)),
+                  "average": round(float(np.mean(pct)), 2)} for n, src, pct in PUBLISHED_LIBERO]
+    return {"suites": order, "runs": runs, "modes": modes, "published": published}
+
+
+def print_suite_table(table: dict) -> None:
+    """The four-suite table: a cell is success (with * when the run left tasks out), speed-up
+    against dense (a range over pooled runs) and main passes per chunk."""
+    def cell(c):
+        if c is None:
+            return "-"
+        out = f"{100 * c['success_rate']:.1f}%{'' if c['all_tasks'] else '*'}"
+        if c["speedup_vs_dense"]:
+            lo, hi = min(c["speedup_vs_dense"]), max(c["speedup_vs_dense"])
+            out += f" {lo:.2f}x" if abs(hi - lo) < 0.005 else f" {lo:.2f}-{hi:.2f}x"
+        if c["main_passes_per_chunk"] is not None:
+            out += f" {c['main_passes_per_chunk']:.2f}p"
+        return out
+
+    suites = table["suites"]
+    rows = [[m] + [cell(cells.get(s)) for s in suites]
+            + ["-" if cells["average"] is None else f"{100 * cells['average']:.1f}%"]
+            for m, cells in table["modes"].items()]
+    published = [[f"{p['name']} ({p['source']})"] + [f"{p['success_pct'][s]:.1f}%" if s in p["success_pct"] else "-"
+                                                     for s in suites] + [f"{p['average']:.1f}%"]
+                 for p in table["published"]]
+    header = ["mode"] + suites + ["average"]
+    widths = [max(len(r[i]) for r in [header] + rows + published) for i in range(len(header))]
+
+    def line(r):
+        return " | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    print("\n" + line(header))
+    for r in rows:
+        print(line(r))
+    print("published, from camera images (another observation than the state read here):")
+    for r in published:
+        print(line(r))
+    print("A cell: success over the run's trials (* not every task of the suite), speed-up of the median "
+          "latency per chunk against dense in the same run (a range over pooled runs), main passes per "
+          "chunk. average: over the four standard suites.")

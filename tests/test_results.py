@@ -99,7 +99,7 @@ def test_report_refuses_what_it_cannot_report(tmp_path):
         with pytest.raises(ValueError, match=f"{flag} .* would overwrite an input"):
             report(bad, flag, bad)
     assert results.load_result(str(bad)) == saved_result()
-    with pytest.raises(ValueError, match="give one result \\(or --compare / --pool\\), got 2"):
+    with pytest.raises(ValueError, match="give one result \\(or --compare / --pool / --suites\\), got 2"):
         report(bad, bad)
 
 
@@ -167,7 +167,7 @@ def test_pool_sums_runs_over_seeds_and_tests_all_trials_against_dense(tmp_path, 
         report("--pool", paths[0])
     with pytest.raises(ValueError, match="two or more"):
         results.pool_runs([runs[0]], paths[:1])
-    with pytest.raises(ValueError, match="--compare or --pool, not both"):
+    with pytest.raises(ValueError, match="give one of --compare, --pool and --suites"):
         report("--pool", "--compare", *paths[:2])
 
 
@@ -267,3 +267,55 @@ def test_pool_is_plotted(tmp_path):
         paths[-1].write_text(json.dumps(r))
     report("--pool", *paths, "--plot", tmp_path / "pool.png")
     assert (tmp_path / "pool.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- suites side by side
+
+
+def suite_result(suite: str, dense: list[int], rsd: list[int], tasks: int = 10, speedup=1.2, pool_seeds=None):
+    def row(outcomes, passes):
+        return {"successes": sum(outcomes), "trials": len(outcomes), "success_rate": sum(outcomes) / len(outcomes),
+                "errors": 0, "main_passes_per_chunk": passes}
+    r = {"config": {"task_suite": suite, "task_ids": list(range(tasks)), "seed": 0},
+         "modes": {"dense": row(dense, 8.0), "rsd": row(rsd, 7.0)}}
+    if pool_seeds:  # a pooled result keeps each run's speed-up
+        r["modes"]["rsd"]["speedup_vs_dense_per_run"] = list(pool_seeds)
+        r["runs"] = [f"s{i}.json" for i in range(len(pool_seeds))]
+    else:
+        r["modes"]["rsd"]["speedup_vs_dense"] = speedup
+    return r
+
+
+def test_suites_table_sets_suites_side_by_side_in_the_standard_order(tmp_path, capsys):
+    """Columns in the papers' order whatever the order of the files; the average over the four
+    suites only for a mode that ran in all four; a run that left tasks out is marked; pooled runs
+    show their range of speed-ups; the published rows follow, labelled."""
+    files = {"goal": suite_result("libero_goal", [1, 1, 0, 0], [1, 1, 0, 0]),
+             "spatial": suite_result("libero_spatial", [1, 1, 1, 0], [1, 1, 1, 0], pool_seeds=(1.1, 1.3)),
+             "long": suite_result("libero_10", [1, 0, 0, 0], [1, 0, 0, 0], tasks=2),
+             "object": suite_result("libero_object", [1, 1, 1, 1], [1, 1, 1, 1])}
+    del files["object"]["modes"]["rsd"]
+    paths = []
+    for name, r in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        paths.append(tmp_path / f"{name}.json")
+    out = report("--suites", *paths, "--json", tmp_path / "table.json")
+    assert out["suites"] == ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
+    assert out["modes"]["dense"]["average"] == pytest.approx((0.75 + 1.0 + 0.5 + 0.25) / 4)
+    assert out["modes"]["rsd"]["average"] is None and "libero_object" not in out["modes"]["rsd"]
+    assert not out["modes"]["dense"]["libero_10"]["all_tasks"] and out["modes"]["dense"]["libero_goal"]["all_tasks"]
+    assert out["published"][1]["name"] == "OpenVLA" and out["published"][1]["average"] == pytest.approx(76.5)
+    assert json.loads((tmp_path / "table.json").read_text())["runs"]["libero_goal"] == str(paths[0])
+    table = capsys.readouterr().out
+    rsd_row = next(line for line in table.splitlines() if line.startswith("rsd "))
+    assert "75.0% 1.10-1.30x 7.00p" in rsd_row and "50.0% 1.20x 7.00p" in rsd_row and "25.0%*" in rsd_row
+    assert "from camera images" in table
+    # two results of one suite, or one without its suite, are refused
+    with pytest.raises(ValueError, match="both libero_goal"):
+        report("--suites", paths[0], paths[0])
+    files["goal"]["config"].pop("task_suite")
+    (tmp_path / "old.json").write_text(json.dumps(files["goal"]))
+    with pytest.raises(ValueError, match="old.json records no task_suite"):
+        report("--suites", tmp_path / "old.json", paths[1])
+    with pytest.raises(ValueError, match="give one of --compare, --pool and --suites"):
+        report("--suites", "--pool", *paths)
