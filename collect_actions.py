@@ -522,20 +522,17 @@ def make_policy(spec: PolicySpec) -> Policy:
     return PerturbedPolicy(policy, spec.perturb) if spec.perturb else policy
 
 
-def check_policy_supports(name: str, suite: str, takeover: bool = False) -> None:
-    """Refuse early, before any env is built, a suite the scripted expert cannot solve (or,
-    ``takeover``, cannot take over in)."""
+def check_policy_supports(name: str, suite: str) -> None:
+    """Refuse early, before any env is built, a suite the scripted expert cannot solve (nor,
+    with --takeover, take over in)."""
     if name == "scripted":
-        from scripted_tasks import SUPPORTED_SUITES, TAKEOVER_SUITES
+        from scripted_tasks import SUPPORTED_SUITES
 
         if suite not in SUPPORTED_SUITES:
             raise ValueError(
                 f"the scripted expert does not solve {suite!r}; it supports "
                 f"{', '.join(SUPPORTED_SUITES)} (use --policy openpi for other suites)"
             )
-        if takeover and suite not in TAKEOVER_SUITES:
-            raise ValueError(f"the scripted expert takes over from a policy in {', '.join(TAKEOVER_SUITES)} "
-                             f"only, not {suite!r}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -789,7 +786,7 @@ def collect(args: CollectArgs) -> dict:
     ``output`` itself is never touched before the run finishes."""
     check_policy_supports(args.policy, args.task_suite)
     if args.takeover is not None:
-        check_policy_supports("scripted", args.task_suite, takeover=True)
+        check_policy_supports("scripted", args.task_suite)
     check_outputs({"--output": args.output, "--json": args.json}, {"--checkpoint": args.checkpoint})
     task_ids = resolve_task_ids(args.task_suite, args.task_id)
     cameras = args.cameras or args.policy == "openpi"

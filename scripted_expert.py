@@ -511,18 +511,34 @@ class ScriptedExpert:
         otherwise it approaches the object as at the start of an episode, opening the hand.
         """
         if self.task is None:
-            raise RuntimeError("ScriptedExpert.take_over() called before reset(task, rng)")
+            raise RuntimeError(f"{type(self).__name__}.take_over() called before reset(task, rng)")
+        self._take_over_orientation(obs, first_obs)
+        return self._take_over_pick(obs, first_obs)
+
+    def _take_over_orientation(self, obs: dict, first_obs: dict) -> None:
+        """The reference orientation of an episode taken over: the start's, turned about the
+        vertical to where the hand is now."""
         start_rotation = quat_xyzw_to_rotation(first_obs["robot0_eef_quat"])
         self.ref_rotation = start_rotation
         turned = quat_xyzw_to_rotation(obs["robot0_eef_quat"]) * start_rotation.inv()
         self.ref_yaw = float(turned.as_rotvec()[2])
+
+    def _held_at_take_over(self, obs: dict, first_obs: dict) -> bool:
+        """Whether the object hangs in the hand: it stands higher than at the start, the fingers
+        are closed on something and the hand is next to it."""
         eef, obj = np.asarray(obs["robot0_eef_pos"], dtype=np.float64), self._obj_pos(obs)
         start_obj = np.asarray(first_obs[f"{self.obj}_pos"], dtype=np.float64)
         width = self._gripper_width(obs)
-        held = (obj[2] - start_obj[2] > OBJECT_RISE_MIN
-                and EMPTY_GRIPPER_WIDTH < width < FINGERS_OPEN_WIDTH
-                and np.linalg.norm(eef - obj) < HELD_DISTANCE)
-        if held:
+        return bool(obj[2] - start_obj[2] > OBJECT_RISE_MIN
+                    and EMPTY_GRIPPER_WIDTH < width < FINGERS_OPEN_WIDTH
+                    and np.linalg.norm(eef - obj) < HELD_DISTANCE)
+
+    def _take_over_pick(self, obs: dict, first_obs: dict) -> str:
+        """Carry on from the lift with the current grasp when the object is held, else approach
+        it as at the start of an episode; returns the phase."""
+        eef, obj = np.asarray(obs["robot0_eef_pos"], dtype=np.float64), self._obj_pos(obs)
+        start_obj = np.asarray(first_obs[f"{self.obj}_pos"], dtype=np.float64)
+        if self._held_at_take_over(obs, first_obs):
             self.grasp_choice = ("held", (0.0, 0.0), self.ref_yaw - self.style.yaw_offset, "open")
             self.grasp_yaw = self.grasp_choice[2]
             self.hold_point = eef.copy()

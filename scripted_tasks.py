@@ -15,7 +15,9 @@ A task's BDDL goal becomes a list of stages, done in order::
 
 ("in the top drawer" is preceded by opening that drawer when it is closed.) Each stage checks
 its own result from the observation and repeats its motion when it failed (the drawer did not
-open far enough, the knob slipped, the plate stopped short).
+open far enough, the knob slipped, the plate stopped short). The same checks let the expert take
+over an episode another policy started (``TaskExpert.take_over``, DAgger data): the stages whose
+result holds are done, the first one left starts from wherever the hand is.
 
 ``SuiteExpert`` is the scripted expert of every supported suite: it hands libero_spatial and
 libero_object tasks to ``ScriptedExpert`` unchanged and libero_goal tasks to ``TaskExpert``.
@@ -36,8 +38,6 @@ from scripted_expert import (GRIPPER_CLOSE, GRIPPER_OPEN, RADIANS_PER_ACTION, Fi
 
 TASK_SUITES = ("libero_goal",)
 SUPPORTED_SUITES = se.SUPPORTED_SUITES + TASK_SUITES
-# take_over() (DAgger data) needs the phase machine to infer where a task stands: pick and place only.
-TAKEOVER_SUITES = se.SUPPORTED_SUITES
 
 # Objects of the libero_goal scene that the pick-and-place tables of scripted_expert lack.
 # Lengths from the collision meshes, measured in the simulator at the benchmark's init states.
@@ -108,6 +108,7 @@ DRAWER_PULL_TO = -0.155  # pulled this far (m) to be safely open
 HANDLE_DEPTH = 0.004
 HANDLE_STANDOFF = 0.06
 PULL_SPEED = 0.7  # action units
+RISE_STEPS = 60  # longest rise (steps) after a take-over, before the stage starts anyway
 TILT_SPEED = 0.8  # fastest tilt of the hand, action units (1.0 ~ 4.8 degrees per step)
 TILT_TOLERANCE = 0.12  # rad of tilt error at which the hand may go in for the handle
 
@@ -210,6 +211,15 @@ def plan_stages(task) -> list[Stage]:
     return stages
 
 
+def split_yaw(rotation: Rotation) -> tuple[float, np.ndarray]:
+    """rotation = lean * turn about the vertical (swing-twist): (the turn's angle in rad, the
+    lean's rotation vector [3], horizontal)."""
+    x, y, z, w = rotation.as_quat()
+    yaw = 2.0 * float(np.arctan2(z, w)) if abs(z) + abs(w) > 1e-12 else 0.0
+    lean = (rotation * Rotation.from_rotvec([0.0, 0.0, yaw]).inv()).as_rotvec()
+    return float((yaw + np.pi) % (2 * np.pi) - np.pi), lean
+
+
 def _yaw_rotation(obs, fixture: str) -> Rotation:
     """The fixture's orientation (LIBERO's fixtures stand upright, turned about the vertical)."""
     return quat_xyzw_to_rotation(obs[f"{fixture}_quat"])
@@ -272,8 +282,49 @@ class TaskExpert(ScriptedExpert):
         self._next_stage()
 
     def take_over(self, obs: dict, first_obs: dict) -> str:
-        raise ValueError(f"taking over from another policy is implemented for {', '.join(se.SUPPORTED_SUITES)} "
-                         f"only, not {self.task.suite if self.task else 'this suite'}")
+        """Continue, from the state ``obs``, an episode that another policy started in
+        ``first_obs`` (call right after ``reset``); returns the phase it starts in.
+
+        The stages whose result already holds (a drawer open, the knob on, the dish in its
+        region, an object in place and out of the hand) are done, except the last; the first
+        stage left starts afresh from the hand's current pose, or, a pick stage whose object
+        hangs in the hand, from the lift (``ScriptedExpert.take_over``). The hand's orientation
+        is split into a turn about the vertical (the reference yaw) and a lean (the tilt the
+        drawer and push phases use), which the first stage then steers to its own goal.
+        """
+        if self.task is None:
+            raise RuntimeError("TaskExpert.take_over() called before reset(task, rng)")
+        while self.stage_index + 1 < len(self.stages) and self._stage_done(obs, first_obs):
+            self._next_stage()
+        self._take_over_orientation(obs, first_obs)
+        if self.stage.kind == "pick":
+            return self._take_over_pick(obs, first_obs)
+        # first up to the height the episode started at, the hand open and pointing down, as at
+        # the start of an episode: a hand left low between the fixtures can catch on them
+        eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        self.hold_point = np.array([eef[0], eef[1], max(float(eef[2]), float(first_obs["robot0_eef_pos"][2]))])
+        self._enter("rise")
+        return self.phase
+
+    def _take_over_orientation(self, obs: dict, first_obs: dict) -> None:
+        self.ref_rotation = quat_xyzw_to_rotation(first_obs["robot0_eef_quat"])
+        turned = quat_xyzw_to_rotation(obs["robot0_eef_quat"]) * self.ref_rotation.inv()
+        yaw, lean = split_yaw(turned)
+        self.ref_yaw = yaw
+        angle = float(np.linalg.norm(lean))
+        self.tilt_axis = lean / angle if angle > 1e-9 else np.array([1.0, 0.0, 0.0])
+        self.ref_tilt, self.ref_tilt_vel, self.tilt_goal = angle, 0.0, 0.0
+
+    def _stage_done(self, obs: dict, first_obs: dict) -> bool:
+        """Whether the current stage's result already holds in ``obs``."""
+        kind = self.stage.kind
+        if kind == "open":
+            return self._drawer(obs)[2] < DRAWER_OPEN_QPOS
+        if kind == "turn_on":
+            return self._knob(obs)[2] >= KNOB_ON
+        if kind == "push":
+            return self._push_done(obs)
+        return self._goal_reached(obs) and not self._held_at_take_over(obs, first_obs)
 
     def _next_stage(self) -> None:
         self.stage_index += 1
@@ -401,6 +452,13 @@ class TaskExpert(ScriptedExpert):
         if self.phase_t >= self.style.start_delay:
             self._enter(self.start_phase)
         return eef, 0.0, 0.0, GRIPPER_OPEN
+
+    def _phase_rise(self, obs, eef):
+        """After a take-over: up to ``hold_point``, then the stage's first phase."""
+        if (np.linalg.norm(self.hold_point - eef) < 0.02 and abs(self.ref_tilt) < 0.1) \
+                or self.stall >= 3 * se.STALL_STEPS or self.phase_t > RISE_STEPS:
+            self._enter(self.start_phase)
+        return self.hold_point, self.style.speed, 0.0, GRIPPER_OPEN
 
     # ------------------------------------------------------------------ phases: open a drawer
     def _drawer(self, obs):

@@ -140,6 +140,63 @@ def test_drawer_stage_points_the_hand_at_the_cabinet_and_pulls_the_drawer_open()
     assert min(p[1] for p in pointing) < -0.9
 
 
+def test_split_yaw_returns_the_turn_about_the_vertical_and_a_horizontal_lean():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        yaw = rng.uniform(-np.pi, np.pi)
+        lean = np.array([*rng.normal(size=2), 0.0])
+        lean *= rng.uniform(0.0, 2.5) / np.linalg.norm(lean)
+        rotation = Rotation.from_rotvec(lean) * Rotation.from_rotvec([0.0, 0.0, yaw])
+        got_yaw, got_lean = st.split_yaw(rotation)
+        assert got_yaw == pytest.approx(yaw, abs=1e-9) and np.allclose(got_lean, lean, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_take_over_mid_drawer_stage_keeps_the_hand_steady_then_opens_the_drawer(seed):
+    """Another policy (here the expert with other draws) turned the hand toward the cabinet and
+    stopped; taking over splits the hand's orientation into its yaw and lean, so the first action
+    starts the turn gently (with the lean ignored, it turns at full speed: 1.0); the hand rises to
+    the episode's starting height, and the drawer ends open."""
+    world = ToyDrawerWorld()
+    task = goal_task(("open", "wooden_cabinet_1_middle_region"))
+    driver = st.TaskExpert(noise=1.0)
+    driver.reset(task, np.random.default_rng(seed))
+    first_obs = world.obs()
+    while driver.phase != "handle_insert":
+        world.step(driver.act(world.obs())[0])
+    assert world.hand.apply([0.0, 0.0, 1.0])[2] > -0.5  # leaning toward the cabinet, not pointing down
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(task, np.random.default_rng(6))
+    assert expert.take_over(world.obs(), first_obs) == "rise"
+    assert np.linalg.norm(expert.act(world.obs())[0][3:6]) < 0.3
+    phases = []
+    for _ in range(300):
+        world.step(expert.act(world.obs())[0])
+        phases.append((expert.phase, world.eef[2]))
+        if expert.phase == "idle":
+            break
+    assert expert.phase == "idle" and world.qpos[1] < st.DRAWER_OPEN_QPOS
+    risen = next(z for phase, z in phases if phase == "handle_approach")
+    assert risen > first_obs["robot0_eef_pos"][2] - 0.03
+
+
+def test_take_over_skips_stages_already_done():
+    """Into an open drawer: the drawer stage is done, the expert goes for the bowl; with the
+    drawer closed, it opens it first. take_over before reset is refused."""
+    world = ToyDrawerWorld()
+    task = goal_task(("in", "akita_black_bowl_1", "wooden_cabinet_1_top_region"))
+    obs = {**world.obs(), "akita_black_bowl_1_pos": np.array([-0.1, 0.1, 0.90]),
+           "wooden_cabinet_1_top_region_pos": np.array([0.03, -0.20, 1.05])}
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(task, np.random.default_rng(0))
+    assert expert.take_over(obs, obs) == "rise" and expert.stage.kind == "open"
+    opened = {**obs, "wooden_cabinet_1_qpos": np.array([-0.16, 0.0, 0.0])}
+    expert.reset(task, np.random.default_rng(0))
+    assert expert.take_over(opened, obs) == "approach" and expert.stage.kind == "pick"
+    with pytest.raises(RuntimeError, match="before reset"):
+        st.TaskExpert().take_over(obs, obs)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("task_id", [0, 1])  # open the middle drawer; put the bowl on the stove
 def test_expert_solves_libero_goal_episode(task_id):
@@ -158,5 +215,21 @@ def test_expert_solves_libero_goal_episode(task_id):
                 if success:
                     break
         assert success, f"libero_goal task {task_id}: not solved in {steps} steps (phase {expert.phase})"
+    finally:
+        env.close()
+
+
+@pytest.mark.integration
+def test_expert_takes_over_a_libero_goal_episode_another_policy_started():
+    """The expert, perturbed (a sloppy stand-in for a learner), drives libero_goal task 7 (turn on
+    the stove) for 40 steps; a fresh expert takes over from there, rises and turns the knob on."""
+    import collect_actions as ca
+
+    env = ca.LiberoEnv("libero_goal", 7)
+    try:
+        policy = ca.TakeoverPolicy(ca.PerturbedPolicy(st.SuiteExpert(noise=1.0), 0.5), st.SuiteExpert(noise=1.0), 40, 40)
+        episode = ca.run_episode(env, policy, 0, seed=1, max_steps=300, scene_seed=1)
+        assert policy.takeover_step == 40 and policy.expert.stage.kind == "turn_on"
+        assert episode.success, f"not solved in {len(episode.actions)} steps (phase {policy.expert.phase})"
     finally:
         env.close()
