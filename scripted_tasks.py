@@ -286,9 +286,10 @@ class TaskExpert(ScriptedExpert):
         ``first_obs`` (call right after ``reset``); returns the phase it starts in.
 
         The stages whose result already holds (a drawer open, the knob on, the dish in its
-        region, an object in place and out of the hand) are done, except the last; the first
-        stage left starts afresh from the hand's current pose, or, a pick stage whose object
-        hangs in the hand, from the lift (``ScriptedExpert.take_over``). The hand's orientation
+        region, an object in place and out of the hand) are done, except the last. The first
+        stage left starts afresh: a pick stage from the hand's current pose, or, its object
+        hanging in the hand, from the lift (``ScriptedExpert.take_over``); any other stage after
+        the hand has risen to the episode's starting height (phase ``rise``). The hand's orientation
         is split into a turn about the vertical (the reference yaw) and a lean (the tilt the
         drawer and push phases use), which the first stage then steers to its own goal.
         """
