@@ -37,6 +37,11 @@ can be on this CPU whatever the draft. ``--oracle_noise S`` blurs its logits (on
 Gaussian noise of standard deviation S), so that its first choice is sometimes wrong and the
 right code is often among its next ones: how far ``tree``'s extra candidates make up for it.
 
+``--heads PATH`` adds self-drafting heads (``train_draft.py --heads``) for the modes ``heads:J`` and
+``heads+adaptive``; ``--oracle_heads`` replaces them by perfect ones (the main policy's own greedy
+codes, proposed at no cost): every proposal is accepted, so ``heads:J`` shows how fast proposing at
+every pass can be on this CPU, 1 + ceil((L - 1) / (J + 1)) main passes per chunk of L layers.
+
 Use states the models never trained on: record the main policy's own rollouts from held-out
 init states (``collect_actions.py --policy token --checkpoint P --init_states held_out
 --num_episodes 20 --task_id all --output FILE``). The script reports which init states the
@@ -86,6 +91,11 @@ class BenchArgs(DecodingArgs):
                                     "speed-up for any k; give the k as rsd:K)")
     oracle_noise: float = arg(0.0, "--oracle_draft: standard deviation of Gaussian noise added to its one-hot "
                                     "logits (an imperfect draft whose misses are near-misses)")
+    heads: str | None = arg(None, "self-drafting heads checkpoint (train_draft.py --heads; the modes heads and "
+                                  "heads+adaptive)", metavar="PATH")
+    oracle_heads: bool = arg(False, "instead of --heads, perfect self-drafting heads: they propose the main policy's "
+                                    "own greedy codes of the state, at no cost (an upper bound of the heads modes' "
+                                    "speed-up; give the layers proposed per pass as heads:J)")
     tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
                                       "hash-checked)", metavar="PATH")
     data: list[str] = arg(None, "demo / rollout files (HDF5) whose states are decoded (not read by --pass_costs)",
@@ -135,6 +145,11 @@ class BenchArgs(DecodingArgs):
             cli.require(not self.oracle_stop, "--stop_study has the oracle's rows already (--oracle_tolerances); "
                                               "--oracle_stop is for timing the adaptive modes")
         cli.require(not (self.draft and self.oracle_draft), "give --draft or --oracle_draft, not both")
+        cli.require(not (self.heads and self.oracle_heads), "give --heads or --oracle_heads, not both")
+        cli.require(not (self.stop_study and (self.heads or self.oracle_heads)),
+                    "--stop_study decodes every layer densely: give neither --heads nor --oracle_heads")
+        cli.require(not (self.oracle_heads and self.draft and len(self.draft) > 1),
+                    "--oracle_heads runs with one --draft at most")
         cli.require_positive("--oracle_noise", self.oracle_noise, allow_zero=True)
         cli.require(self.oracle_draft or not self.oracle_noise, "--oracle_noise blurs --oracle_draft: give both")
         if self.oracle_draft:
@@ -196,22 +211,60 @@ class OracleDraft:
         return logits, logits.argmax(-1)
 
 
+class OracleHeads:
+    """Perfect self-drafting heads for ``RSDEngine`` (modes ``heads``): before each decode,
+    ``set_codes`` gives them the main policy's dense greedy codes of the state [1, T', L], and
+    from the block of layer l they propose those codes of layers l+1..l+n, without a network.
+    Exact acceptance then accepts every proposal, so a chunk takes 1 + ceil((L - 1) / (J + 1))
+    main passes: how fast the heads modes can be on this CPU whatever heads are trained."""
+
+    def __init__(self, policy: pm.TokenPolicy, offsets: int | None = None):
+        c = policy.config
+        self.config = pm.HeadsConfig(d_model=c.d_model, latent_steps=c.latent_steps, num_layers=c.num_layers,
+                                     codebook_sizes=c.codebook_sizes, offsets=offsets or max(c.num_layers - 2, 1))
+        self.codes: torch.Tensor | None = None
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """The state's dense greedy codes [1, T', L]."""
+        self.codes = codes
+
+    def eval(self) -> "OracleHeads":
+        return self
+
+    def to(self, device) -> "OracleHeads":
+        return self  # no weights; its codes come from the engine's own device
+
+    def propose(self, hidden, code, layer: int, n: int) -> torch.Tensor:
+        """The dense codes of layers layer+1..layer+n [1, T', n]."""
+        if self.codes is None:
+            raise RuntimeError("OracleHeads.set_codes must be given the state's dense codes first")
+        return self.codes[..., layer + 1: layer + 1 + n]
+
+
 def main(args: BenchArgs) -> dict:
     cli.start(args, log)
     torch.set_num_threads(args.threads)
-    check_outputs({"--json": args.json}, {"--policy": args.policy, "--draft": args.draft, "--data": args.data})
+    check_outputs({"--json": args.json}, {"--policy": args.policy, "--draft": args.draft, "--heads": args.heads,
+                                          "--data": args.data})
     if args.pass_costs:
         return measure_pass_costs(args)
     if args.stop_study:
         engine = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
         episodes, obs, order, tasks = recorded_states(args, engine)
         return stop_study(args, engine, episodes, obs[order[args.warmup:]], tasks[args.warmup:])
-    oracle = None
-    if args.oracle_draft:
-        base = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
+    oracle = oracle_heads = None
+    if args.oracle_draft or args.oracle_heads:
+        base = build_engine(args.policy, draft=None if args.oracle_draft or not args.draft else args.draft[0],
+                            stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device,
+                            heads=None if args.oracle_heads else args.heads)
         pc = base.policy.config
-        oracle = OracleDraft(pc.num_layers, pc.vocab, args.oracle_noise, args.seed)
-        engine = RSDEngine(base.policy, base.tokenizer, oracle, stop_model=base.stop_model, device=args.device)
+        draft, heads = base.draft, base.heads
+        if args.oracle_draft:
+            draft = oracle = OracleDraft(pc.num_layers, pc.vocab, args.oracle_noise, args.seed)
+        if args.oracle_heads:
+            heads = oracle_heads = OracleHeads(base.policy)
+        engine = RSDEngine(base.policy, base.tokenizer, draft, stop_model=base.stop_model, device=args.device,
+                           heads=heads)
         runs = {m: (engine, args.engine_config(m)) for m in args.modes}
     else:
         runs = draft_runs(args)
@@ -229,8 +282,11 @@ def main(args: BenchArgs) -> dict:
     for n, (i, task) in enumerate(cli.progress(list(zip(order, tasks)), desc="states", unit="state")):
         shift = n % len(names)
         out = {}
-        if oracle is not None:  # the perfect draft proposes dense greedy decoding's codes (untimed)
-            oracle.set_codes(engine.act(obs[i], task, runs["dense"][1], gen)[2])
+        if oracle is not None or oracle_heads is not None:  # perfect proposals: dense greedy decoding's codes (untimed)
+            codes = engine.act(obs[i], task, runs["dense"][1], gen)[2]
+            for o in (oracle, oracle_heads):
+                if o is not None:
+                    o.set_codes(codes)
         for m in names[shift:] + names[:shift]:
             eng, cfg = runs[m]
             out[m] = eng.act(obs[i], task, cfg, gen)  # (actions, stats, codes)
@@ -247,6 +303,9 @@ def main(args: BenchArgs) -> dict:
     if oracle is not None:
         result["draft"] = "oracle: the main policy's own greedy codes, proposed at no cost" + (
             f", one-hot logits plus Gaussian noise of standard deviation {args.oracle_noise}" if args.oracle_noise else "")
+    if oracle_heads is not None:
+        result["heads"] = ("oracle: the main policy's own greedy codes of the layers after each pass, "
+                           "proposed at no cost")
     print_table(result)
     cli.save_json(args.json, result, log)
     return result
@@ -268,11 +327,11 @@ def draft_runs(args: BenchArgs) -> dict[str, tuple[RSDEngine, object]]:
     if len(set(stems)) < len(stems):
         raise ValueError(f"--draft: give files with different names, got {paths}")
     first = build_engine(args.policy, draft=paths[0] if paths else None, stop_model=args.stop_model,
-                         tokenizer=args.tokenizer, device=args.device)
+                         tokenizer=args.tokenizer, device=args.device, heads=args.heads)
     engines = {stems[0]: first} if paths else {}
     for path, stem in zip(paths[1:], stems[1:]):
         engines[stem] = RSDEngine(first.policy, first.tokenizer, pm.load_draft(path, args.policy)[0],
-                                  stop_model=first.stop_model, device=args.device)
+                                  stop_model=first.stop_model, device=args.device, heads=first.heads)
     runs = {}
     for m in args.modes:
         cfg = args.engine_config(m)
@@ -363,8 +422,9 @@ def summarize(rows: dict) -> dict:
 
 def print_table(result: dict) -> None:
     modes = result["modes"]
-    if "draft" in result:
-        print(f"\ndraft: {result['draft']}")
+    for what in ("draft", "heads"):
+        if what in result:
+            print(f"\n{what}: {result[what]}")
     w = max(13, *(len(m) for m in modes))
     print(f"\n{'mode':>{w}} | {'latency ms':>10} | {'speedup':>7} | {'main passes':>11} | {'layers':>6} | "
           f"{'accepted':>8} | {'acceptance':>10} | {'same as dense':>13} | {'gap mean':>8} | {'gap max':>7} | "

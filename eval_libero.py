@@ -6,9 +6,10 @@
 
 A mode spec is MODE, MODE@ACCEPTANCE (``rsd@relaxed``: that mode's acceptance rule, overriding
 ``--acceptance``) and, for the speculative modes, a trailing ``:K`` (``rsd:3``: the draft
-proposes K layers, overriding ``--k``) and, for the tree mode, a trailing ``/C`` (``tree:3/2``: C
-candidates per proposed layer, overriding ``--candidates``), so several rules and depths are
-compared in one run; ``expert`` adds the scripted expert as the upper reference.
+proposes K layers, overriding ``--k``; ``heads:2``: the self-drafting heads of ``--heads`` propose 2
+layers per pass) and, for the tree mode, a trailing ``/C`` (``tree:3/2``: C candidates per proposed
+layer, overriding ``--candidates``), so several rules and depths are compared in one run;
+``expert`` adds the scripted expert as the upper reference.
 
 Trial i of a task starts from the benchmark's init state i (0-19 are never used for training
 data), in a freshly built simulation whose fixture placement is drawn from the trial's seed
@@ -42,8 +43,8 @@ import workers
 from cli import arg
 from fileio import check_outputs
 from results import ModeResult, report, summarize
-from rsd_engine_core import (SPECULATIVE_MODES, DecodingArgs, EnginePolicy, base_mode, build_engine, check_action_noise,
-                             parse_modes)
+from rsd_engine_core import (HEADS_MODES, SPECULATIVE_MODES, DecodingArgs, EnginePolicy, base_mode, build_engine,
+                             check_action_noise, parse_modes)
 
 log = logging.getLogger("eval_libero")
 
@@ -72,8 +73,9 @@ class EvalArgs(DecodingArgs, workers.WorkersArgs):
     task_suite: str = arg("libero_spatial", "LIBERO suite", choices=list(ca.SUITES))
     task_id: list[int] | str = arg("all", "a task id, a comma list of ids, or 'all'", type=ca.parse_task_ids)
     num_trials: int = arg(20, "trials per task; trial i starts from the held-out init state i (0-19)")
-    mode: list[str] = arg(None, "'all' (dense, parallel, rsd, adaptive, rsd+adaptive, tree, tree+adaptive; parallel only with "
-                                "--parallel_policy), or a comma list of MODE[@ACCEPTANCE][:K][/C] and 'expert', "
+    mode: list[str] = arg(None, "'all' (dense, parallel, rsd, adaptive, rsd+adaptive, tree, tree+adaptive, heads, "
+                                "heads+adaptive; parallel only with --parallel_policy, the heads modes only with "
+                                "--heads), or a comma list of MODE[@ACCEPTANCE][:K][/C] and 'expert', "
                                 "e.g. dense,rsd:3,rsd+adaptive@relaxed,expert",
                           factory=lambda: ["rsd"], type=mode_list)
     # models
@@ -81,6 +83,8 @@ class EvalArgs(DecodingArgs, workers.WorkersArgs):
                                    "openpi's websocket server (--host, --port): the mode 'openpi'", metavar="PATH")
     draft: str | None = arg(None, "draft checkpoint (the speculative modes: rsd, tree and their +adaptive)", metavar="PATH")
     parallel_policy: str | None = arg(None, "parallel-variant policy checkpoint (mode parallel)", metavar="PATH")
+    heads: str | None = arg(None, "self-drafting heads checkpoint (train_draft.py --heads; the modes heads and "
+                                  "heads+adaptive)", metavar="PATH")
     tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
                                       "hash-checked)", metavar="PATH")
     host: str = arg("localhost", "openpi policy server host (mode openpi)")
@@ -128,9 +132,10 @@ class EvalArgs(DecodingArgs, workers.WorkersArgs):
         self.check_workers()
         cli.require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         check_action_noise(self.action_noise)
-        if "all" in self.mode:  # every engine mode (parallel only with its policy), where 'all' stands
+        if "all" in self.mode:  # every engine mode (parallel, heads only with their models), where 'all' stands
             i = self.mode.index("all")
-            every = [m for m in parse_modes("all") if (m != "parallel" or self.parallel_policy) and m not in self.mode]
+            every = [m for m in parse_modes("all") if (m != "parallel" or self.parallel_policy)
+                     and (m not in HEADS_MODES or self.heads) and m not in self.mode]
             self.mode = self.mode[:i] + every + self.mode[i + 1:]
 
     @property
@@ -246,9 +251,11 @@ def load_engine(args: EvalArgs):
         raise ValueError(f"--mode {','.join(modes)} needs --policy")
     speculative = any(base_mode(m) in SPECULATIVE_MODES for m in modes)
     parallel = any(base_mode(m) == "parallel" for m in modes)
+    self_draft = any(base_mode(m) in HEADS_MODES for m in modes)
     engine = build_engine(args.policy, draft=args.draft if speculative else None,
                           parallel_policy=args.parallel_policy if parallel else None,
-                          stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
+                          stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device,
+                          heads=args.heads if self_draft else None)
     for m in modes:
         engine.check_config(args.engine_config(m), m)
     return engine
@@ -259,7 +266,8 @@ def check_run(args: EvalArgs, engine, task_ids: list[int]) -> None:
     if "expert" in args.mode:
         ca.check_policy_supports("scripted", args.task_suite)
     check_outputs({"--json": args.json, "--plot": args.plot},
-                  {"--policy": args.policy, "--draft": args.draft, "--parallel_policy": args.parallel_policy,
+                  {"--policy": args.policy, "--draft": args.draft, "--heads": args.heads,
+                   "--parallel_policy": args.parallel_policy,
                    "--stop_model": args.stop_model, "--tokenizer": args.tokenizer})
     if engine is None:
         return

@@ -21,6 +21,11 @@ The draft model predicts the first k layers cheaply from the main policy's obser
 embedding (before the transformer) through a trained projection: all k at once, or (a chained
 draft) one small step per layer, each reading the codes proposed for the layers before it.
 
+Self-drafting heads (``DraftHeads``, Medusa-style: Cai et al. 2024) sit on the main policy
+itself: from the final hidden state of the block that predicts layer l (and layer l's chosen
+codes), they propose the codes of layers l+1..l+J, so that every main pass can verify the
+proposals of the pass before it.
+
 Shapes: obs ``[B, obs_dim]``, task ``[B]`` (instruction index), codes ``[B, T', L]``,
 logits ``[B, T', L, K]``.
 """
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 POLICY_FORMAT = "rsd_token_policy"
 DRAFT_FORMAT = "rsd_draft_model"
 STOP_FORMAT = "rsd_stop_model"
+HEADS_FORMAT = "rsd_self_draft_heads"
 CHECKPOINT_VERSION = 1
 VARIANTS = ("ar", "parallel")
 # Low-dim observations: robot proprioception (joint pos/cos/sin/vel, EEF pose, gripper) and
@@ -150,6 +156,30 @@ class StopConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not self.gap_eps > 0:
             raise ValueError(f"gap_eps must be > 0, got {self.gap_eps!r}")
+
+
+@dataclass
+class HeadsConfig:
+    """Everything needed to rebuild ``DraftHeads``; stored in its checkpoint."""
+
+    d_model: int             # the main policy's width (its final hidden state)
+    latent_steps: int
+    num_layers: int          # L of the main policy
+    codebook_sizes: tuple[int, ...]
+    offsets: int = 2         # J: from the block of layer l, the heads propose layers l+1..l+J
+    hidden: int = 64         # width of each offset's residual MLP
+
+    def __post_init__(self):
+        self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
+        for name in ("d_model", "latent_steps", "num_layers", "offsets", "hidden"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if len(self.codebook_sizes) != self.num_layers:
+            raise ValueError(f"codebook_sizes must list {self.num_layers} sizes, got {self.codebook_sizes}")
+        if self.offsets > self.num_layers - 2:
+            raise ValueError(f"offsets {self.offsets}: a pass can verify proposals of layers up to L - 2, so "
+                             f"a policy of {self.num_layers} layers takes at most {max(self.num_layers - 2, 0)}")
 
 
 # --------------------------------------------------------------------------- normalizer
@@ -318,13 +348,15 @@ class TokenPolicy(nn.Module):
             return (kb == -1) | (kb == qb)
         return kb <= qb
 
-    def _heads(self, h: torch.Tensor, layers: list[int]) -> torch.Tensor:
-        """h: [B, n*T', d] for code blocks ``layers`` -> logits [B, T', n, vocab]."""
+    def _heads(self, h: torch.Tensor, layers: list[int], hidden: bool = False):
+        """h: [B, n*T', d] for code blocks ``layers`` -> logits [B, T', n, vocab]; with ``hidden``,
+        (logits, the final hidden states the logits are read from [B, T', n, d])."""
         B, Tp = h.shape[0], self.config.latent_steps
         h = self.ln_f(h).view(B, len(layers), Tp, -1)
         idx = torch.as_tensor(layers, device=h.device)
         logits = torch.einsum("bntd,nkd->btnk", h, self.head_w[idx]) + self.head_b[idx][None, None]
-        return logits.masked_fill(self.invalid[idx][None, None], float("-inf"))
+        logits = logits.masked_fill(self.invalid[idx][None, None], float("-inf"))
+        return (logits, h.transpose(1, 2)) if hidden else logits
 
     def _run(self, x, q_blocks, cache: KVCache | None):
         k_blocks = q_blocks if cache is None else torch.cat([cache.blocks, q_blocks])
@@ -343,8 +375,9 @@ class TokenPolicy(nn.Module):
 
     # ---- training / verification: all layers in one pass
     def forward(self, obs: torch.Tensor, task: torch.Tensor, codes: torch.Tensor | None = None,
-                num_layers: int | None = None) -> torch.Tensor:
-        """Teacher-forced logits for layers 0..n-1: [B, T', n, vocab] (n = num_layers or L).
+                num_layers: int | None = None, hidden: bool = False):
+        """Teacher-forced logits for layers 0..n-1: [B, T', n, vocab] (n = num_layers or L); with
+        ``hidden``, (logits, final hidden states [B, T', n, d]: what ``DraftHeads`` reads).
 
         codes: [B, T', >= n-1] ground-truth (or proposed) codes; block l reads codes[..., l-1].
         Needed for the ar variant when n > 1.
@@ -359,7 +392,7 @@ class TokenPolicy(nn.Module):
         x = torch.cat([ctx, self._block_inputs(prev, 0, n, B)], 1)
         q_blocks = self.token_blocks(0, n)
         h = self._run(x, q_blocks, None)
-        return self._heads(h[:, self.n_ctx:], list(range(n)))
+        return self._heads(h[:, self.n_ctx:], list(range(n)), hidden)
 
     def token_blocks(self, first: int, n: int, with_ctx: bool = True) -> torch.Tensor:
         Tp = self.config.latent_steps
@@ -373,9 +406,10 @@ class TokenPolicy(nn.Module):
         return KVCache(len(self.blocks), self.start.device)
 
     def extend(self, cache: KVCache, first: int, n: int, prev_codes: torch.Tensor | None,
-               ctx: torch.Tensor | None = None) -> torch.Tensor:
+               ctx: torch.Tensor | None = None, hidden: bool = False):
         """One main pass: append code blocks first..first+n-1 to the cache (and the ctx tokens
-        when the cache is empty) and return their logits [B, T', n, vocab].
+        when the cache is empty) and return their logits [B, T', n, vocab]; with ``hidden``,
+        (logits, the blocks' final hidden states [B, T', n, d]: what ``DraftHeads`` reads).
 
         prev_codes[..., j] holds layer (first - 1 + j)'s codes, j = 0..n-1 (ignored for layer -1).
         The cache must hold exactly the ctx and blocks 0..first-1.
@@ -388,7 +422,7 @@ class TokenPolicy(nn.Module):
         if ctx is not None:
             x = torch.cat([ctx, x], 1)
         h = self._run(x, q_blocks, cache)
-        return self._heads(h[:, -n * self.config.latent_steps:], list(range(first, first + n)))
+        return self._heads(h[:, -n * self.config.latent_steps:], list(range(first, first + n)), hidden)
 
     def extend_tree(self, cache: KVCache, layers: list[int], parents: list[int], codes: torch.Tensor,
                     ctx: torch.Tensor | None = None) -> torch.Tensor:
@@ -729,6 +763,79 @@ class FusedStop:
         return float(torch.addmm(self.b2, F.gelu(torch.addmm(self.b1[layer], x, self.w1)), self.w2))
 
 
+class DraftHeads(nn.Module):
+    """Self-drafting heads on a main policy (Medusa-style: Cai et al. 2024): from the final
+    hidden state h of the block that predicts layer l, at every latent position, and the codes
+    chosen for layer l there, head j (j = 1..J) proposes the codes of layer l + j.
+
+    The block of layer l has read the observation and every code below l, so its hidden state
+    holds what the main policy knows when it predicts layer l; the layers after l depend on the
+    code chosen for l (each layer quantizes what the layers below left), which the heads read as
+    an embedding added to h. Head j is one residual MLP, x + W2 gelu(W1 x), and an output table
+    per target layer (``head_w[j - 1, layer]``, as the policy's own per-layer heads), so a
+    proposal costs a few small matrix products at batch 1. The policy stays frozen: the heads
+    are distilled from its own dense greedy codes (``train_draft.py --heads``).
+
+    Shapes: hidden [B, T', n, d] of blocks 0..n-1, codes [B, T', n] -> logits
+    [B, T', n, J, vocab]: entry (l, j - 1) proposes layer l + j (targets past the last layer
+    are masked, -inf).
+    """
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = c = config
+        J, L, d, w = c.offsets, c.num_layers, c.d_model, c.hidden
+        self.vocab = max(c.codebook_sizes)
+        self.register_buffer("offsets", torch.tensor([0, *np.cumsum(c.codebook_sizes)[:-1]]), persistent=False)
+        self.code_emb = nn.Embedding(sum(c.codebook_sizes), d)  # layer l's chosen codes, row offsets[l] + code
+        nn.init.normal_(self.code_emb.weight, std=0.02)
+        self.up_w = nn.Parameter(torch.randn(J, d, w) / math.sqrt(d))
+        self.up_b = nn.Parameter(torch.zeros(J, w))
+        self.down_w = nn.Parameter(torch.zeros(J, w, d))  # each head starts as the identity on x
+        self.down_b = nn.Parameter(torch.zeros(J, d))
+        self.head_w = nn.Parameter(torch.randn(J, L, self.vocab, d) * 0.02)
+        self.head_b = nn.Parameter(torch.zeros(J, L, self.vocab))
+        invalid = torch.zeros(L, self.vocab, dtype=torch.bool)
+        for l, k in enumerate(c.codebook_sizes):
+            invalid[l, k:] = True
+        self.register_buffer("invalid", invalid, persistent=False)
+
+    def _body(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """Head j + 1's residual MLP on x [..., d]."""
+        return x + F.gelu(x @ self.up_w[j] + self.up_b[j]) @ self.down_w[j] + self.down_b[j]
+
+    def forward(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T', n, d], codes [B, T', n] of blocks / layers 0..n-1 -> logits [B, T', n, J, vocab]."""
+        c = self.config
+        n = hidden.shape[2]
+        x = hidden + self.code_emb(codes + self.offsets[:n])
+        out = []
+        for j in range(c.offsets):
+            target = torch.arange(n, device=hidden.device) + j + 1
+            past = target >= c.num_layers
+            target = target.clamp(max=c.num_layers - 1)
+            z = self._body(x, j)
+            logits = torch.einsum("btnd,nkd->btnk", z, self.head_w[j, target]) + self.head_b[j, target]
+            out.append(logits.masked_fill(self.invalid[target] | past[:, None], float("-inf")))
+        return torch.stack(out, 3)
+
+    @torch.no_grad()
+    def propose(self, hidden: torch.Tensor, code: torch.Tensor, layer: int, n: int) -> torch.Tensor:
+        """From the block of layer ``layer`` (hidden [B, T', d]) and the codes chosen for the layer
+        [B, T']: the argmax proposal for layers layer+1..layer+n, codes [B, T', n]."""
+        c = self.config
+        if not (1 <= n <= c.offsets and layer + n < c.num_layers):
+            raise ValueError(f"the heads propose 1..{c.offsets} layers after layer {layer}, up to layer "
+                             f"{c.num_layers - 1}; asked for {n}")
+        x = hidden + self.code_emb.weight[self.offsets[layer] + code]
+        out = []
+        for j in range(n):
+            t = layer + j + 1
+            logits = self._body(x, j) @ self.head_w[j, t].T + self.head_b[j, t]
+            out.append(logits.masked_fill(self.invalid[t], float("-inf")).argmax(-1))
+        return torch.stack(out, -1)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -750,6 +857,10 @@ def save_draft(model: DraftModel, path: str, policy_sha256: str, num_tasks: int,
 
 def save_stop(model: StopModel, path: str, policy_sha256: str, provenance: dict) -> None:
     _save_checkpoint(STOP_FORMAT, model, path, provenance, policy_sha256=policy_sha256)
+
+
+def save_heads(model: DraftHeads, path: str, policy_sha256: str, provenance: dict) -> None:
+    _save_checkpoint(HEADS_FORMAT, model, path, provenance, policy_sha256=policy_sha256)
 
 
 def _load_checkpoint(path: str, fmt: str) -> dict:
@@ -824,3 +935,11 @@ def load_stop(path: str, policy_path: str | None = None) -> tuple[StopModel, dic
     ckpt = _load_checkpoint(path, STOP_FORMAT)
     _refuse_other(ckpt, path, "stop model", "policy_sha256", "main policy", policy_path)
     return _build(StopModel, StopConfig, ckpt, path), ckpt
+
+
+def load_heads(path: str, policy_path: str | None = None) -> tuple[DraftHeads, dict]:
+    """Rebuild self-drafting heads (eval mode); with ``policy_path``, refuse a different main
+    policy (they read that policy's hidden states)."""
+    ckpt = _load_checkpoint(path, HEADS_FORMAT)
+    _refuse_other(ckpt, path, "self-drafting heads", "policy_sha256", "main policy", policy_path)
+    return _build(DraftHeads, HeadsConfig, ckpt, path), ckpt

@@ -31,11 +31,22 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
   Exact acceptance only.
 - ``tree+adaptive``: both; the stop test runs on every layer of the kept path in turn, as dense
   decoding runs it, so it keeps the layers ``adaptive`` keeps.
+- ``heads``: self-drafting (Medusa-style heads on the main policy: Cai et al. 2024;
+  ``DraftHeads``). Every main pass also proposes: from the final hidden state of the last kept
+  block (the block that predicted layer l) and the code chosen for l, the heads propose layers
+  l+1..l+J; the next pass carries layer l's code and the J proposals as blocks l+1..l+J+1,
+  accepts the longest prefix of proposals equal to the main policy's argmax (as ``rsd``'s exact
+  acceptance), yields the main policy's own prediction for the layer after it, and the heads at
+  the last kept block propose again. The first pass carries the ctx and block 0 alone (nothing
+  to propose from yet), and a pass never carries a block past layer L - 1, so with proposals
+  always accepted a chunk takes 1 + ceil((L - 1) / (J + 1)) passes instead of L. Exact
+  acceptance only.
+- ``heads+adaptive``: both; the stop test runs on every kept layer in turn.
 
 A multi-token pass rounds differently from the one-block passes of dense decoding (other matmul
 shapes, a longer masked attention row), and the dense passes after it read keys and values it
 computed, so its logits and dense decoding's differ in the last bits, in proportion to the
-logits' size. Exact speculation (``tree``, and ``rsd`` with ``exact`` acceptance) makes every
+logits' size. Exact speculation (``tree``, ``heads``, and ``rsd`` with ``exact`` acceptance) makes every
 choice by an argmax whose top two logits are more than ``tie_margin`` x max(1, |top logit|) apart
 at every position (``near_tie``); a choice within that margin of a tie is not trusted: the chunk is
 then decoded again from scratch by dense decoding itself (``ChunkStats.fallbacks``), so its codes
@@ -83,11 +94,12 @@ import cli
 import policy_models as pm
 from cli import arg
 from policy_data import ActionHistory, obs_vector
-from policy_models import DraftModel, StopModel, TokenPolicy
+from policy_models import DraftHeads, DraftModel, StopModel, TokenPolicy
 
-MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive")
-SPECULATIVE_MODES = ("rsd", "rsd+adaptive", "tree", "tree+adaptive")
+MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive", "heads", "heads+adaptive")
+SPECULATIVE_MODES = ("rsd", "rsd+adaptive", "tree", "tree+adaptive")  # the modes of a separate draft
 TREE_MODES = ("tree", "tree+adaptive")
+HEADS_MODES = ("heads", "heads+adaptive")  # self-drafting heads on the main policy
 ACCEPTANCE = ("exact", "sample", "relaxed")
 STOP_RULES = ("expected_norm", "learned", "oracle")
 
@@ -97,16 +109,18 @@ STOP_RULES = ("expected_norm", "learned", "oracle")
 
 def split_spec(spec: str) -> tuple[str, str, int | None, int | None]:
     """'MODE[@ACCEPTANCE][:K][/C]' -> (mode, acceptance or '', k or None, c or None); a bad spec
-    is a ValueError naming it and what is allowed."""
+    is a ValueError naming it and what is allowed. K: the layers a draft proposes (draft modes),
+    or the heads per pass (heads modes)."""
     rest, slash, c = spec.partition("/")
     rest, colon, k = rest.partition(":")
     mode, _, acc = rest.partition("@")
     ok = (mode in MODES and (not acc or acc in ACCEPTANCE) and (not colon or k.isdigit())
-          and (not colon or (int(k) >= 1 and mode in SPECULATIVE_MODES))
+          and (not colon or (int(k) >= 1 and mode in SPECULATIVE_MODES + HEADS_MODES))
           and (not slash or (c.isdigit() and int(c) >= 1 and mode in TREE_MODES)))
     if not ok:
         raise ValueError(f"--mode: {spec!r} is not MODE[@ACCEPTANCE][:K][/C] with MODE in {MODES}, ACCEPTANCE in "
-                         f"{ACCEPTANCE}, K >= 1 layers proposed by the draft (speculative modes only) and C >= 1 "
+                         f"{ACCEPTANCE}, K >= 1 layers proposed by the draft (speculative modes) or per pass by the "
+                         f"heads (heads modes) and C >= 1 "
                          f"candidates per layer (tree modes only)")
     return mode, acc, int(k) if colon else None, int(c) if slash else None
 
@@ -149,7 +163,8 @@ class DecodingArgs:
     and /C override --acceptance, --k and --candidates for that mode)."""
 
     acceptance: str = arg("exact", "acceptance rule of the speculative modes", choices=list(ACCEPTANCE))
-    k: int | None = arg(None, "layers the draft proposes (default: all it predicts)")
+    k: int | None = arg(None, "layers the draft proposes (default: all it predicts); heads modes: layers the "
+                              "heads propose per pass (default: all their offsets)")
     stop_model: str | None = arg(None, "a learned stop model (train_stop.py) for the adaptive modes: they stop "
                                        "once it predicts the actions within --adaptive_threshold (normalized "
                                        "units) of all layers' (default: the expected code norm rule)",
@@ -177,8 +192,8 @@ class DecodingArgs:
 
     def engine_config(self, spec: str) -> "EngineConfig":
         mode, acceptance, k, c = split_spec(spec)
-        # the tree modes accept exactly: --acceptance speaks for the rsd modes
-        acceptance = acceptance or ("exact" if mode in TREE_MODES else self.acceptance)
+        # the tree and heads modes accept exactly: --acceptance speaks for the rsd modes
+        acceptance = acceptance or ("exact" if mode in TREE_MODES + HEADS_MODES else self.acceptance)
         return EngineConfig(mode=mode, acceptance=acceptance, k=k or self.k,
                             adaptive_threshold=self.adaptive_threshold, min_layers=self.min_layers,
                             tolerance=self.tolerance, stop_rule=stop_rule_of(self.stop_model, self.oracle_stop),
@@ -238,7 +253,8 @@ def chunk_summary(stats: list[ChunkStats]) -> dict:
 class EngineConfig:
     mode: str = "dense"
     acceptance: str = "exact"
-    k: int | None = None               # layers the draft proposes (default: all it predicts)
+    k: int | None = None               # layers the draft proposes (default: all it predicts); heads
+    #                                    modes: layers the heads propose per pass (default: all their offsets)
     adaptive_threshold: float = 0.0    # stop when the stop signal falls to or below this
     min_layers: int = 1                # adaptive never stops before this many layers
     tolerance: float = 0.05            # relaxed acceptance, normalized action units
@@ -274,6 +290,9 @@ class EngineConfig:
         if self.tree and self.acceptance != "exact":
             raise ValueError(f"mode {self.mode!r} verifies a tree exactly: acceptance must be 'exact', "
                              f"got {self.acceptance!r}")
+        if self.self_draft and self.acceptance != "exact":
+            raise ValueError(f"mode {self.mode!r} verifies the heads' proposals exactly: acceptance must be "
+                             f"'exact', got {self.acceptance!r}")
 
     @property
     def speculative(self) -> bool:
@@ -284,13 +303,18 @@ class EngineConfig:
         return self.mode in TREE_MODES
 
     @property
+    def self_draft(self) -> bool:
+        """The heads modes: the main policy's own heads propose at every pass."""
+        return self.mode in HEADS_MODES
+
+    @property
     def guarded(self) -> bool:
         """Exact speculation: its choices come from multi-token passes, and must be dense decoding's."""
-        return self.tree or (self.speculative and self.acceptance == "exact")
+        return self.tree or self.self_draft or (self.speculative and self.acceptance == "exact")
 
     @property
     def adaptive(self) -> bool:
-        return self.mode in ("adaptive", "rsd+adaptive", "tree+adaptive")
+        return self.mode in ("adaptive", "rsd+adaptive", "tree+adaptive", "heads+adaptive")
 
     @property
     def sampling(self) -> bool:
@@ -442,11 +466,12 @@ class DraftTree:
 
 
 class RSDEngine:
-    """Decodes action chunks with a main policy, an optional draft and a tokenizer (batch 1)."""
+    """Decodes action chunks with a main policy, an optional draft, optional self-drafting heads
+    and a tokenizer (batch 1)."""
 
     def __init__(self, policy: TokenPolicy, tokenizer, draft: DraftModel | None = None,
                  parallel_policy: TokenPolicy | None = None, stop_model: StopModel | None = None,
-                 device="cpu"):
+                 device="cpu", heads: DraftHeads | None = None):
         self.device = torch.device(device)
         on = lambda m: None if m is None else m.to(self.device).eval()  # noqa: E731
         self.policy = on(policy)
@@ -457,6 +482,7 @@ class RSDEngine:
         # the draft runs in its folded inference form (the same function in fewer operations)
         self.draft_fn = None if draft is None else self.draft.fused()
         self.parallel_policy = on(parallel_policy)
+        self.heads = on(heads)
         c = policy.config
         if policy.config.variant != "ar":
             raise ValueError("the main policy must be the layer-autoregressive variant 'ar'")
@@ -471,6 +497,13 @@ class RSDEngine:
                              f"{tc.num_layers} layers of {tuple(tokenizer.layer_codebook_sizes())} codes)")
         if draft is not None and draft.config.num_layers > c.num_layers:
             raise ValueError(f"draft predicts {draft.config.num_layers} layers, policy has {c.num_layers}")
+        if heads is not None:
+            hc = heads.config
+            if (hc.d_model, hc.latent_steps, hc.num_layers, tuple(hc.codebook_sizes)) != (
+                    c.d_model, c.latent_steps, c.num_layers, c.codebook_sizes):
+                raise ValueError(f"the heads read a policy of width {hc.d_model}, T'={hc.latent_steps}, "
+                                 f"{hc.num_layers} layers of {tuple(hc.codebook_sizes)} codes; this policy is "
+                                 f"{c.d_model}, T'={c.latent_steps}, {c.num_layers} layers of {c.codebook_sizes}")
         # the policy's layers' code vectors [L, vocab, C] (a snapshot of the frozen tokenizer's
         # first L layers; rows past a layer's codebook stay zero) and their norms [L, vocab]
         vectors = torch.zeros(c.num_layers, c.vocab, tc.quantizer_dim, device=self.device)
@@ -646,14 +679,17 @@ class RSDEngine:
         stop = self.stopper(cfg, oracle_gaps, guarded=cfg.guarded)
         codes: list[torch.Tensor] = []   # each [1, T']
         stopped = False
-        if cfg.tree:
-            codes, stopped = self._verify_tree(obs, task, ctx, cache, cfg, stats, stop)
-        elif cfg.speculative:
-            codes, stopped = self._speculate(obs, task, ctx, cache, cfg, gen, stats, stop)
-        if codes:
-            ctx = None  # the ctx is in the cache now
-        if codes is not None and not stopped:
-            codes = self._decode_layers(cache, ctx, codes, cfg, gen, stats, stop, guarded=cfg.guarded)
+        if cfg.self_draft:
+            codes = self._self_draft(ctx, cache, cfg, stats, stop)
+        else:
+            if cfg.tree:
+                codes, stopped = self._verify_tree(obs, task, ctx, cache, cfg, stats, stop)
+            elif cfg.speculative:
+                codes, stopped = self._speculate(obs, task, ctx, cache, cfg, gen, stats, stop)
+            if codes:
+                ctx = None  # the ctx is in the cache now
+            if codes is not None and not stopped:
+                codes = self._decode_layers(cache, ctx, codes, cfg, gen, stats, stop, guarded=cfg.guarded)
         if codes is None:  # a near-tie after a multi-token pass (a choice, or a stop signal near its threshold):
             #                decode the chunk again as dense decoding does
             stats.fallbacks = 1
@@ -774,6 +810,62 @@ class RSDEngine:
         stats.accepted = len(path) - 1
         self.policy.keep_path(cache, tree.size, path)
         return list(top.indices[..., 0][None, :, path].unbind(-1)), stopped  # the path's codes [1, T'] per layer
+
+    def _self_draft(self, ctx, cache, cfg, stats, stop) -> list | None:
+        """Modes ``heads``, ``heads+adaptive``: every pass verifies the heads' proposals of the pass
+        before and proposes again. The codes of every layer (until L - 1 or the stop test), or None
+        when a choice is within ``cfg.tie_margin`` of a tie or the stop test cannot decide (the
+        passes carry several blocks, or read a cache such passes wrote: every choice and stop
+        signal is guarded, as after ``_speculate``).
+
+        A pass over blocks b..b+n carries layer b - 1's code in block b (the main policy's own
+        choice; none at b = 0) and the heads' proposal for layers b..b+n-1 in blocks b+1..b+n;
+        block b + i predicts layer b + i. The accepted prefix of a proposals, then the main
+        policy's prediction for the layer after it, are kept (``_accept_greedy``: blocks b..b+a
+        had right inputs); the cache keeps those blocks, and the heads read the last one's hidden
+        state and chosen code to propose layers b+a+1.. (at most J, and no block past layer L - 1)."""
+        if self.heads is None:
+            raise ValueError(f"mode {cfg.mode!r} needs self-drafting heads (--heads)")
+        L = self.policy.config.num_layers
+        J = min(cfg.k or self.heads.config.offsets, self.heads.config.offsets)
+        codes: list[torch.Tensor] = []
+        proposal = None  # [1, T', n]: the heads' codes for layers len(codes)..len(codes)+n-1
+        while len(codes) < L:
+            b = len(codes)
+            n = 0 if proposal is None else proposal.shape[-1]
+            # block b carries layer b - 1's code (nothing at b = 0, where nothing is proposed yet)
+            prev = torch.cat([codes[-1][..., None]] + ([proposal] if n else []), -1) if b else None
+            t0 = time.perf_counter()
+            logits, hidden = self.policy.extend(cache, b, 1 + n, prev, ctx, hidden=True)  # [1, T', 1 + n, .]
+            self._sync()
+            stats.main_seconds += time.perf_counter() - t0
+            stats.main_passes += 1
+            ctx = None
+            stats.proposed += n
+            kept, accepted = (self._accept_greedy(logits, proposal, n, cfg) if n
+                              else ([logits[:, :, 0].argmax(-1)], 0))
+            for i, code in enumerate(kept):  # guarded choices and the stop test, layer after layer
+                if near_tie(logits[:, :, i], cfg.tie_margin):
+                    return None
+                codes.append(code)
+                done = stop(logits[:, :, i], b + i, code)
+                if done is None:
+                    return None
+                if done:
+                    stats.accepted += min(accepted, i + 1)
+                    return codes
+            stats.accepted += accepted
+            self.policy.keep_blocks(cache, len(codes))  # blocks after the last kept one read rejected proposals
+            last = len(codes) - 1
+            n_next = min(J, L - 2 - last)
+            proposal = None
+            if n_next >= 1:
+                t0 = time.perf_counter()
+                proposal = self.heads.propose(hidden[:, :, len(kept) - 1], codes[-1], last, n_next)
+                self._sync()
+                stats.draft_seconds += time.perf_counter() - t0
+                stats.draft_passes += 1
+        return codes
 
     def _speculate(self, obs, task, ctx, cache, cfg, gen, stats, stop):
         """Draft pass + one verifying main pass. Returns (codes of layers 0..j, stop flag); with
@@ -927,6 +1019,12 @@ class RSDEngine:
             if cfg.k is not None and cfg.k > min(self.draft.config.num_layers, L):
                 raise ValueError(f"--mode {name}: k = {cfg.k}, but the draft proposes at most "
                                  f"{min(self.draft.config.num_layers, L)} layers")
+        if cfg.self_draft:
+            if self.heads is None:
+                raise ValueError(f"--mode {name} needs self-drafting heads (--heads)")
+            if cfg.k is not None and cfg.k > self.heads.config.offsets:
+                raise ValueError(f"--mode {name}: k = {cfg.k}, but the heads propose at most "
+                                 f"{self.heads.config.offsets} layers per pass")
         if cfg.mode == "parallel" and self.parallel_policy is None:
             raise ValueError(f"--mode {name} needs --parallel_policy")
         if cfg.adaptive and cfg.stop_rule == "learned" and self.stop_model is None:
@@ -934,10 +1032,11 @@ class RSDEngine:
 
 
 def build_engine(policy: str, draft: str | None = None, parallel_policy: str | None = None,
-                 stop_model: str | None = None, tokenizer: str | None = None, device="cpu") -> RSDEngine:
+                 stop_model: str | None = None, tokenizer: str | None = None, device="cpu",
+                 heads: str | None = None) -> RSDEngine:
     """An engine from checkpoint paths: the main policy, and optionally a draft, a parallel-variant
-    policy and a learned stop model, each checked to belong to this policy (sha256); the
-    tokenizer is the one recorded in the policy unless given (then hash-checked too)."""
+    policy, a learned stop model and self-drafting heads, each checked to belong to this policy
+    (sha256); the tokenizer is the one recorded in the policy unless given (then hash-checked too)."""
     main, ckpt = pm.load_policy(policy)
     tok_path = tokenizer or ckpt["provenance"]["tokenizer"]
     if not tokenizer and not os.path.isfile(tok_path):
@@ -954,7 +1053,8 @@ def build_engine(policy: str, draft: str | None = None, parallel_policy: str | N
         if par.config.variant != "parallel":
             raise ValueError(f"--parallel_policy {parallel_policy} is not a parallel-variant policy")
     stop = pm.load_stop(stop_model, policy)[0] if stop_model else None
-    return RSDEngine(main, tok, d, par, stop, device=device)
+    h = pm.load_heads(heads, policy)[0] if heads else None
+    return RSDEngine(main, tok, d, par, stop, device=device, heads=h)
 
 
 # ----------------------------------------------------------------------------- closed loop

@@ -28,6 +28,17 @@ Reports per-layer agreement with the main policy's argmax on validation episodes
 position, and per whole layer of a chunk, which is what exact acceptance needs) and the cost
 of a draft pass against a main pass (median wall time at batch 1, the two timed in turn in
 the same run, and FLOPs).
+
+``--heads J`` trains self-drafting heads instead (``policy_models.DraftHeads``, the modes
+``heads`` and ``heads+adaptive``): from the final hidden state of the block that predicts layer
+l and layer l's codes, head j proposes layer l + j, j = 1..J. The policy stays frozen; the
+targets are its own dense greedy codes, and its hidden states are those of teacher forcing with
+those codes, i.e. what the engine's verified blocks hold (self-distillation), on the same demos
+and ``--rollouts``. Only the layers a pass can verify are targets (up to L - 2: a block of layer
+L - 1 carries layer L - 2's code). Reported per offset j on validation episodes: agreement per
+position and per whole layer, that of always proposing the training targets' most frequent code
+(the chance level), and the expected number of proposals accepted per pass (the leading run of
+whole layers that agree; ``--k``, ``--source``, ``--chained`` and ``--gt_weight`` do not apply).
 """
 
 from __future__ import annotations
@@ -75,6 +86,10 @@ class DraftArgs(cli.OptimArgs):
     step_hidden: int | None = arg(None, "width of the chained draft's per-layer step (default: --hidden); "
                                         "narrower steps cost less to read at batch 1")
     gt_weight: float = arg(0.2, "weight of the ground-truth codes next to the main policy's (weight 1)")
+    heads: int | None = arg(None, "instead of a draft: self-drafting heads on the frozen main policy proposing J "
+                                  "layers ahead of every pass (modes heads, heads+adaptive), distilled from its "
+                                  "own greedy codes", metavar="J")
+    heads_hidden: int = arg(64, "--heads: width of each head's residual MLP")
     output: str = cli.output_arg("draft.pt", "the draft checkpoint")
     json: str | None = cli.json_arg()
 
@@ -82,6 +97,10 @@ class DraftArgs(cli.OptimArgs):
         self.check_optim()
         cli.require_counts(self, "k", "hidden", "depth", "rank")
         cli.require_positive("--gt_weight", self.gt_weight, allow_zero=True)
+        cli.require(self.heads is None or self.heads >= 1, f"--heads must be >= 1 layers ahead, got {self.heads}")
+        cli.require(self.heads_hidden >= 1, f"--heads_hidden must be >= 1, got {self.heads_hidden}")
+        cli.require(self.heads is None or not self.chained, "--heads trains self-drafting heads, not a draft: "
+                                                            "--chained does not apply")
         cli.require(self.step_hidden is None or (self.chained and self.step_hidden >= 1),
                     f"--step_hidden {self.step_hidden}: the width of a chained draft's steps, a positive "
                     "integer with --chained")
@@ -143,16 +162,17 @@ def agreement(draft: pm.DraftModel, feats, task, targets) -> tuple[list[float], 
             float(accepted.mean()) / targets.shape[-1])
 
 
-def rollout_data(files, policy, tokenizer, args):
-    """The main policy's rollouts -> (train, main targets, val, main targets), split by episode
-    (``training_rollouts``)."""
+def rollout_data(files, policy, tokenizer, args, k: int | None = None):
+    """The main policy's rollouts -> (train, main targets, val, main targets) of layers
+    0..k-1 (default --k), split by episode (``training_rollouts``)."""
+    k = k or args.k
     eps = training_rollouts(files, tokenizer.config.action_dim)
     tr_eps, val_eps = split_by_episode(eps, 0.1, seed=args.seed)
     c = policy.config
     kw = dict(history=c.action_history, num_layers=c.num_layers)  # executed actions: what the history holds online too
     tr = build_dataset(tr_eps, tokenizer, c.obs_keys, c.instructions, **kw).to(args.device)
     val = build_dataset(val_eps, tokenizer, c.obs_keys, c.instructions, **kw).to(args.device)
-    return tr, main_targets(policy, tr, args.k)[0], val, main_targets(policy, val, args.k)[0]
+    return tr, main_targets(policy, tr, k)[0], val, main_targets(policy, val, k)[0]
 
 
 def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollouts=None):
@@ -286,8 +306,156 @@ def cost_ratio(policy: pm.TokenPolicy, draft: pm.DraftModel, data: ChunkDataset)
             "draft_main_flops_ratio": f_draft / max(f_main, 1)}
 
 
+# ---------------------------------------------------------------- self-drafting heads (--heads)
+
+
+def heads_targets(L: int, J: int, device=None) -> torch.Tensor:
+    """[L, J] bool: whether head j + 1 at the block of layer l has a target, layer l + j + 1 <= L - 2
+    (the last layer a pass can verify a proposal of)."""
+    layer = torch.arange(L, device=device)[:, None] + torch.arange(1, J + 1, device=device)[None]
+    return layer <= L - 2
+
+
+@torch.no_grad()
+def hidden_states(policy: pm.TokenPolicy, data: ChunkDataset, codes: torch.Tensor, idx) -> torch.Tensor:
+    """The frozen policy's final hidden states [B, T', L, d] of chunks ``idx``, teacher-forced
+    with its own greedy codes ``codes`` [M, T', L]."""
+    return policy(data.obs[idx], data.task[idx], codes[idx], hidden=True)[1]
+
+
+def shifted_targets(codes: torch.Tensor, J: int) -> torch.Tensor:
+    """codes [B, T', L] -> [B, T', L, J]: entry (l, j) is layer l + j + 1's code (0 past the last layer)."""
+    L = codes.shape[-1]
+    padded = torch.cat([codes, torch.zeros_like(codes[..., :J])], -1)
+    return torch.stack([padded[..., j + 1: j + 1 + L] for j in range(J)], -1)
+
+
+@torch.no_grad()
+def heads_agreement(heads: pm.DraftHeads, policy, data: ChunkDataset, codes: torch.Tensor,
+                    majority: torch.Tensor) -> dict:
+    """Per offset j (1..J), over the blocks whose proposals a pass verifies: agreement with the main
+    policy's greedy codes per position and per whole layer, the whole-layer agreement of always
+    proposing ``majority`` [T', L] (each target layer's most frequent code per position in the
+    training targets), and the mean number of proposals a pass accepts, the leading run of whole
+    layers that agree (of at most min(J, L - 2 - l) from the block of layer l)."""
+    heads.eval()
+    L, J = codes.shape[-1], heads.config.offsets
+    valid = heads_targets(L, J, codes.device)  # [L, J]
+    pos = torch.zeros(J, device=codes.device)
+    whole = torch.zeros(J, device=codes.device)
+    chance = torch.zeros(J, device=codes.device)
+    run = torch.zeros((), device=codes.device)
+    for idx in batches(len(data), 1024, shuffle=False):
+        pred = heads(hidden_states(policy, data, codes, idx), codes[idx]).argmax(-1)  # [B, T', L, J]
+        target = shifted_targets(codes[idx], J)
+        match = pred == target
+        layer_ok = match.all(1) & valid  # [B, L, J]
+        pos += (match.float().mean(1) * valid).sum((0, 1))
+        whole += layer_ok.float().sum((0, 1))
+        guess = shifted_targets(majority[None].expand_as(codes[idx]), J)
+        chance += ((guess == target).all(1) & valid).float().sum((0, 1))
+        run += layer_ok[:, : L - 2].long().cumprod(-1).sum()
+    n = len(data) * valid.sum(0).clamp(min=1)  # blocks per offset
+    return {"agreement": (pos / n).tolist(), "layer_agreement": (whole / n).tolist(),
+            "majority_layer_agreement": (chance / n).tolist(),
+            "expected_accepted_per_pass": float(run) / (len(data) * max(L - 2, 1)),
+            "most_accepted_per_pass": float(valid[: L - 2].sum()) / max(L - 2, 1)}
+
+
+def train_heads(policy, train, val, t_train, t_val, args, rollouts=None):
+    """--heads: the heads distilled from the frozen policy's own greedy codes ``t_train`` [M, T', L]
+    (and its rollouts'); the epoch with the best validation whole-layer agreement (summed over
+    offsets, plus the held-out rollouts') is kept. Returns (heads, best epoch's metrics, history)."""
+    c, J = policy.config, args.heads
+    data_parts = [(train, t_train)] + ([(rollouts[0], rollouts[1])] if rollouts is not None else [])
+    majority = torch.cat([t for _, t in data_parts]).mode(0).values  # [T', L]
+    cfg = pm.HeadsConfig(d_model=c.d_model, latent_steps=c.latent_steps, num_layers=c.num_layers,
+                         codebook_sizes=c.codebook_sizes, offsets=J, hidden=args.heads_hidden)
+    torch.manual_seed(args.seed)
+    heads = pm.DraftHeads(cfg).to(train.obs.device)
+    valid = heads_targets(c.num_layers, J, train.obs.device)
+    opt = torch.optim.AdamW(heads.parameters(), lr=args.lr, weight_decay=0.01)
+    sizes = [len(d) for d, _ in data_parts]
+    n = sum(sizes)
+    sched = one_cycle(opt, args.lr, args.epochs * math.ceil(n / args.batch_size))
+    gen = torch.Generator().manual_seed(args.seed)
+    best, history = None, []
+    for epoch in cli.progress(range(1, args.epochs + 1), desc="heads", unit="epoch"):
+        heads.train()
+        for idx in batches(n, args.batch_size, gen):
+            loss, count = 0.0, 0
+            start = 0
+            for (data, codes), size in zip(data_parts, sizes):  # the demos' chunks, then the rollouts'
+                part = idx[(idx >= start) & (idx < start + size)] - start
+                start += size
+                if not len(part):
+                    continue
+                logits = heads(hidden_states(policy, data, codes, part), codes[part])  # [B, T', L, J, V]
+                target = shifted_targets(codes[part], J)
+                keep = valid[None, None].expand_as(target)
+                loss = loss + F.cross_entropy(logits[keep], target[keep], reduction="sum")
+                count += int(keep.sum())
+            loss = loss / max(count, 1)
+            if not torch.isfinite(loss):
+                raise ValueError(f"heads training diverged at epoch {epoch} (loss {float(loss)}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        metrics = heads_agreement(heads, policy, val, t_val, majority)
+        score = sum(metrics["layer_agreement"])
+        if rollouts is not None:
+            r = heads_agreement(heads, policy, rollouts[2], rollouts[3], majority)
+            metrics.update({f"rollout_{k}": v for k, v in r.items()})
+            score += sum(r["layer_agreement"])
+        history.append({"epoch": epoch, **metrics, "score": score})
+        if best is None or score > best["score"]:
+            best = {**history[-1], "state": {k: v.clone() for k, v in heads.state_dict().items()}}
+    heads.load_state_dict(best.pop("state"))
+    return heads.eval(), best, history
+
+
+def main_heads(args: DraftArgs, policy, pckpt, tok_path, tokenizer, data_files, train, val) -> dict:
+    """--heads: train, save and report self-drafting heads (``train_heads``)."""
+    L = policy.config.num_layers
+    if not 1 <= args.heads <= L - 2:
+        raise ValueError(f"--heads {args.heads}: a pass verifies proposals of layers up to L - 2, so heads on this "
+                         f"{L}-layer policy propose 1..{L - 2} layers ahead" if L > 2 else
+                         f"--heads: the policy {args.policy} has {L} layers; self-drafting needs at least 3")
+    t0 = time.perf_counter()
+    t_train, _ = main_targets(policy, train, L)
+    t_val, _ = main_targets(policy, val, L)
+    rollouts = None
+    if args.rollouts:
+        rollouts = rollout_data(args.rollouts, policy, tokenizer, args, k=L)
+        log.info("rollouts: %d train chunks, %d validation chunks", len(rollouts[0]), len(rollouts[2]))
+    heads, best, history = train_heads(policy, train, val, t_train, t_val, args, rollouts)
+    wall = time.perf_counter() - t0
+    metrics = {k: v for k, v in best.items() if k != "score"}
+    provenance = {"args": cli.settings_dict(args), "seed": args.seed, "policy": os.path.abspath(args.policy),
+                  "tokenizer": os.path.abspath(tok_path),
+                  "data": {"files": [os.path.abspath(p) for p in data_files]}, "metrics": metrics}
+    pm.save_heads(heads, args.output, file_sha256(args.policy), provenance)
+    result = {"heads": args.heads, **metrics, "best_epoch": best["epoch"], "history": history,
+              "chunks": {"train": len(train), "val": len(val)},
+              **({"rollout_files": [os.path.abspath(p) for p in args.rollouts],
+                  "rollout_chunks": {"train": len(rollouts[0]), "val": len(rollouts[2])}} if rollouts else {}),
+              "train_seconds": wall, "output": args.output}
+    print(f"\n{'offset':>6} | {'agree (position)':>16} | {'agree (layer)':>13} | {'most frequent code (layer)':>26}"
+          + (" | rollouts: agree (layer)" if rollouts else ""))
+    for j in range(args.heads):
+        print(f"{j + 1:>6} | {result['agreement'][j]:16.3f} | {result['layer_agreement'][j]:13.3f} | "
+              f"{result['majority_layer_agreement'][j]:26.3f}"
+              + (f" | {result['rollout_layer_agreement'][j]:.3f}" if rollouts else ""))
+    print(f"expected proposals accepted per pass on the validation demos: {result['expected_accepted_per_pass']:.3f} "
+          f"(at most {result['most_accepted_per_pass']:.3f}); wrote {args.output}")
+    cli.save_json(args.json, result, log)
+    return result
+
+
 def build_parser() -> cli.ArgsParser:
-    return cli.ArgsParser(DraftArgs, "Train the draft model that proposes the first k code layers cheaply (phase 2).")
+    return cli.ArgsParser(DraftArgs, "Train the draft model that proposes the first k code layers cheaply, or "
+                                     "self-drafting heads on the main policy (--heads) (phase 2).")
 
 def main(args: DraftArgs) -> dict:
     cli.start(args, log)
@@ -298,7 +466,7 @@ def main(args: DraftArgs) -> dict:
     policy, pckpt = pm.load_policy(args.policy)
     if policy.config.variant != "ar":
         raise ValueError(f"{args.policy} is a {policy.config.variant!r} policy; the draft serves the 'ar' policy")
-    if not 1 <= args.k <= policy.config.num_layers:
+    if args.heads is None and not 1 <= args.k <= policy.config.num_layers:
         raise ValueError(f"--k must be in 1..{policy.config.num_layers}, got {args.k}")
     tok_path = args.tokenizer or pckpt["provenance"]["tokenizer"]
     pm.load_policy(args.policy, tok_path)  # refuses a tokenizer other than the policy's
@@ -314,6 +482,8 @@ def main(args: DraftArgs) -> dict:
     policy = policy.to(args.device)
     log.info("%d train chunks, %d validation chunks; computing the main policy's codes",
              len(train), len(val))
+    if args.heads is not None:
+        return main_heads(args, policy, pckpt, tok_path, tokenizer, data_files, train, val)
     t0 = time.perf_counter()
     t_train, _ = main_targets(policy, train, args.k)
     t_val, main_top1 = main_targets(policy, val, args.k, confidence=True)

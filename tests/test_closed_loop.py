@@ -258,7 +258,12 @@ def test_mode_specs_parse_and_set_the_acceptance_rule():
     with pytest.raises(ValueError, match="--mode"):  # the expert is eval_libero's alone
         rsd_engine_core.parse_modes("dense,expert")
     assert eval_args(mode="all", parallel_policy=None).mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive"]
-    assert eval_args(mode="all", parallel_policy="par.pt").mode == list(rsd_engine_core.MODES)
+    assert eval_args(mode="all", parallel_policy="par.pt").mode == [m for m in rsd_engine_core.MODES
+                                                                     if m not in rsd_engine_core.HEADS_MODES]
+    # the heads modes only with their heads
+    assert eval_args(mode="all", parallel_policy="par.pt", heads="heads.pt").mode == list(rsd_engine_core.MODES)
+    assert eval_args(mode="all", heads="heads.pt").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree",
+                                                            "tree+adaptive", "heads", "heads+adaptive"]
     assert eval_args(mode="all,expert").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive", "expert"]
     assert eval_args(mode="rsd:2,all").mode == ["rsd:2", "dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive"]
 
@@ -522,10 +527,13 @@ def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
         eval_libero.main(wrong)
     train_draft.main(draft_args(tmp_path / "policy.pt", tmp_path / "draft.pt", "--k", "2", "--epochs", "1",
                                 "--hidden", "32", "--source", "obs", "--threads", "1"))
-    ev = eval_args(policy=str(tmp_path / "policy.pt"), draft=str(tmp_path / "draft.pt"), mode="all",
-                   task_id=[0], num_trials=1, max_steps=15, json=str(tmp_path / "e.json"))
+    train_draft.main(draft_args(tmp_path / "policy.pt", tmp_path / "heads.pt", "--heads", "1", "--epochs", "1",
+                                "--heads_hidden", "16", "--threads", "1"))
+    ev = eval_args(policy=str(tmp_path / "policy.pt"), draft=str(tmp_path / "draft.pt"),
+                   heads=str(tmp_path / "heads.pt"), mode="all", task_id=[0], num_trials=1, max_steps=15, json=str(tmp_path / "e.json"))
     out = eval_libero.main(ev)
-    assert list(out["modes"]) == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive"]
+    assert list(out["modes"]) == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive", "heads",
+                                  "heads+adaptive"]
     for m, s in out["modes"].items():
         assert s["trials"] == 1 and s["errors"] == 0, s
         assert s["chunks"] == 2  # 15 steps, the whole 10-step chunk executed by default
@@ -536,12 +544,12 @@ def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
     assert saved["config"]["init_states"] == "held_out"
     for m, s in saved["per_task"]["0"].items():
         assert s["outcomes"] == [s["successes"]]
-    # exact rsd and tree decode what dense decodes: same trial, same outcome
-    for m in ("rsd", "tree"):
+    # exact rsd, tree and heads decode what dense decodes: same trial, same outcome
+    for m in ("rsd", "tree", "heads"):
         assert saved["modes"][m]["vs_dense"]["only_this_solved"] == 0
         assert saved["modes"][m]["vs_dense"]["only_reference_solved"] == 0
     # and exact speculation with adaptive depth keeps adaptive's layers: the same outcome too
-    for m in ("rsd+adaptive", "tree+adaptive"):
+    for m in ("rsd+adaptive", "tree+adaptive", "heads+adaptive"):
         assert saved["per_task"]["0"][m]["outcomes"] == saved["per_task"]["0"]["adaptive"]["outcomes"]
     expert = eval_libero.main(eval_args(mode="expert", task_id=[0], num_trials=1))
     assert expert["modes"]["expert"]["successes"] == 1
