@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on one LIBERO suite: demos, tokenizer, policy, DAgger rounds, draft, stop model,
+# The whole pipeline on one LIBERO suite: demos, tokenizer, policy, DAgger rounds, draft, heads, stop model,
 # held-out rollouts, offline decoding benchmark, closed-loop evaluation over scene seeds, pooled table.
 #
 # Every step writes its output atomically and is skipped when that output exists, so a stopped run
@@ -28,10 +28,11 @@ ROUND_EPOCHS=${ROUND_EPOCHS:-8}
 ROUND_LR=${ROUND_LR:-1e-3}
 ROLLOUTS=${ROLLOUTS:-30}                 # the final policy's own rollouts per task (training init states)
 DRAFT_EPOCHS=${DRAFT_EPOCHS:-80}
+HEADS=${HEADS:-3}                        # self-drafting heads: layers proposed per pass (0: no heads)
 STOP_EPOCHS=${STOP_EPOCHS:-60}
 TRIALS=${TRIALS:-20}                     # held-out trials per task (init states 0..TRIALS-1)
 SEEDS=${SEEDS:-0 1 2}                    # scene seeds of the closed-loop runs
-MODES=${MODES:-dense,rsd,rsd+adaptive}
+MODES=${MODES:-dense,rsd,rsd+adaptive$([ "${HEADS:-3}" != 0 ] && echo ,heads,heads+adaptive)}
 THRESHOLD=${THRESHOLD:-0.13}             # the learned stop rule's predicted action gap
 BENCH_STATES=${BENCH_STATES:-600}
 BENCH_WARMUP=${BENCH_WARMUP:-20}         # untimed states first
@@ -78,6 +79,12 @@ step "$OUT/rollouts.hdf5" $PY collect_actions.py --policy token --checkpoint "$P
   --output "$OUT/rollouts.hdf5" --json "$OUT/rollouts.json"
 step "$OUT/draft.pt" $PY train_draft.py --policy "$POLICY" --rollouts "$OUT/rollouts.hdf5" --source embedding \
   --depth 3 --rank 64 --gt_weight 0.1 --epochs "$DRAFT_EPOCHS" --output "$OUT/draft.pt" --json "$OUT/draft.json"
+heads=()
+if [ "$HEADS" != 0 ]; then
+  step "$OUT/heads.pt" $PY train_draft.py --policy "$POLICY" --rollouts "$OUT/rollouts.hdf5" --heads "$HEADS" \
+    --epochs "$DRAFT_EPOCHS" --output "$OUT/heads.pt" --json "$OUT/heads.json"
+  heads=(--heads "$OUT/heads.pt")
+fi
 step "$OUT/stop.pt" $PY train_stop.py --policy "$POLICY" --rollouts "$OUT/rollouts.hdf5" --epochs "$STOP_EPOCHS" \
   --thresholds 0.1,0.13,0.15 --output "$OUT/stop.pt" --json "$OUT/stop.json"
 
@@ -85,14 +92,14 @@ step "$OUT/stop.pt" $PY train_stop.py --policy "$POLICY" --rollouts "$OUT/rollou
 step "$OUT/heldout.hdf5" $PY collect_actions.py --policy token --checkpoint "$POLICY" --task_suite "$SUITE" \
   --task_id "$TASKS" --init_states held_out --num_episodes "$TRIALS" --workers "$WORKERS" --resume "${steps[@]}" $EXTRA \
   --output "$OUT/heldout.hdf5" --json "$OUT/heldout.json"
-step "$OUT/bench.json" $PY bench_decoding.py --policy "$POLICY" --draft "$OUT/draft.pt" --stop_model "$OUT/stop.pt" \
+step "$OUT/bench.json" $PY bench_decoding.py --policy "$POLICY" --draft "$OUT/draft.pt" "${heads[@]}" --stop_model "$OUT/stop.pt" \
   --data "$OUT/heldout.hdf5" --mode "$MODES" --adaptive_threshold "$THRESHOLD" --max_states "$BENCH_STATES" \
   --warmup "$BENCH_WARMUP" --json "$OUT/bench.json"
 
 # Closed loop: the held-out trials once per scene seed, then pooled.
 evals=()
 for s in $SEEDS; do
-  step "$OUT/eval_s$s.json" $PY eval_libero.py --policy "$POLICY" --draft "$OUT/draft.pt" --stop_model "$OUT/stop.pt" \
+  step "$OUT/eval_s$s.json" $PY eval_libero.py --policy "$POLICY" --draft "$OUT/draft.pt" "${heads[@]}" --stop_model "$OUT/stop.pt" \
     --task_suite "$SUITE" --task_id "$TASKS" --num_trials "$TRIALS" --mode "$MODES" --adaptive_threshold "$THRESHOLD" \
     --seed "$s" --workers "$WORKERS" "${steps[@]}" --json "$OUT/eval_s$s.json" --plot "$OUT/eval_s$s.png"
   evals+=("$OUT/eval_s$s.json")

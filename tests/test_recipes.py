@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUTS = ["demos.hdf5", "tokenizer.pt", "policy0.pt", "takeover_s0.hdf5", "takeover_s1.hdf5", "policy1.pt",
-           "rollouts.hdf5", "draft.pt", "stop.pt", "heldout.hdf5", "bench.json", "eval_s0.json"]
+           "rollouts.hdf5", "draft.pt", "heads.pt", "stop.pt", "heldout.hdf5", "bench.json", "eval_s0.json"]
 
 
 def run_smoke(out):
@@ -29,11 +29,11 @@ def test_smoke_recipe_runs_the_pipeline_end_to_end_and_resumes(tmp_path):
     for name in OUTPUTS:
         assert (out / name).exists(), f"{name} missing"
     result = json.loads((out / "eval_s0.json").read_text())
-    assert list(result["modes"]) == ["dense", "rsd", "rsd+adaptive"]
+    assert list(result["modes"]) == ["dense", "rsd", "rsd+adaptive", "heads"]
     assert all(m["trials"] == 4 and m["errors"] == 0 for m in result["modes"].values())
     # exact speculation decodes what dense decoding decodes, state by state
     bench = json.loads((out / "bench.json").read_text())
-    assert bench["modes"]["rsd"]["same_codes_as_dense"] == 1.0
+    assert bench["modes"]["rsd"]["same_codes_as_dense"] == 1.0 and bench["modes"]["heads"]["same_codes_as_dense"] == 1.0
     second = run_smoke(out)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("[skip]") == len(OUTPUTS)
