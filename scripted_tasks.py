@@ -24,7 +24,7 @@ libero_object tasks to ``ScriptedExpert`` unchanged and libero_goal tasks to ``T
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -34,7 +34,7 @@ from scripted_expert import (GRIPPER_CLOSE, GRIPPER_OPEN, RADIANS_PER_ACTION, Fi
                              GraspGeometry, PlaceGeometry, ScriptedExpert, draw_style, object_kind,
                              quat_xyzw_to_rotation)
 
-TASK_SUITES = ("libero_goal",)
+TASK_SUITES = ("libero_goal", "libero_10")
 SUPPORTED_SUITES = se.SUPPORTED_SUITES + TASK_SUITES
 # take_over() (DAgger data) needs the phase machine to infer where a task stands: pick and place only.
 TAKEOVER_SUITES = se.SUPPORTED_SUITES
@@ -46,7 +46,49 @@ TASK_OBJECT_GEOMETRY = {
     # neck 1.1 cm wide up to 15.8 cm. Taken by the neck, 2.5 cm below its top (the palm clears it).
     "wine_bottle": GraspGeometry(grasp_height=0.133, rim_offset=0.0, rim_height=0.0, bottom=0.0,
                                  yaws=(0.0, se.ALONG_X)),
+    # libero_10's mugs, too wide for the open fingers (cups 9.6 and 10.6 cm across): taken by
+    # the cup's wall like a bowl's rim, the EEF 1.7 cm below the rim, away from the handle.
+    # Origin at the bottom, between the cup's centre and the handle. White mug: cup centred 1.25
+    # cm along its own x, rim 10.8 cm up, handle toward -x; yellow-white mug: cup centred 1.85 cm
+    # along -x, rim 10.3 cm up, handle toward +x.
+    "porcelain_mug": GraspGeometry(grasp_height=-0.017, rim_offset=0.042, rim_height=0.108, bottom=0.0,
+                                   rim_centre=(0.0125, 0.0), handle=(-1.0, 0.0)),
+    "white_yellow_mug": GraspGeometry(grasp_height=-0.017, rim_offset=0.047, rim_height=0.103, bottom=0.0,
+                                      rim_centre=(-0.0185, 0.0), handle=(1.0, 0.0)),
 }
+
+# Grasps that differ in a suite's scenes: libero_10's living room crowds the flat boxes between
+# tall bottles and cartons (7-8 cm from a box's centre), where the hand's 21 cm long body or an
+# open finger meets them. The hand may also turn BOX_TURN (rad) off the box's width (the box
+# is then 6.4-7.1 cm across the fingers, which open to 7.7 cm; closing turns it square) and
+# shift 1.2 cm along the fingers' axis (the open fingers leave ~1.7 cm beside a box 4-4.6 cm wide).
+BOX_TURN = 0.35
+SUITE_OBJECT_GEOMETRY = {
+    "libero_10": {kind: replace(se.OBJECT_GEOMETRY[kind], shift=0.012, yaws=(0.0, -BOX_TURN, BOX_TURN))
+                  for kind in ("cream_cheese", "butter", "chocolate_pudding")},
+}
+
+# The arm's shoulder (robot base + 0.333 m, world xyz) per LIBERO scene, for the suites whose
+# tasks are set in more than one scene (libero_10): the robot stands at another place and
+# height in each (measured: base at (-0.51, 0, 0.42) in the living room, (-0.66, 0, 0.912) in
+# the kitchen, (-0.75, 0, 0.912) in the study). See scripted_expert.SHOULDER.
+SCENE_SHOULDER = {
+    "LIVING_ROOM": np.array([-0.51, 0.0, 0.753]),
+    "KITCHEN": np.array([-0.66, 0.0, 1.245]),
+    "STUDY": np.array([-0.75, 0.0, 1.245]),
+}
+
+
+def task_shoulder(task) -> np.ndarray:
+    """The shoulder [3] of ``task``'s scene: per suite (scripted_expert.SHOULDER) or, in
+    libero_10, from the scene named at the start of the task's name (``KITCHEN_SCENE3_...``)."""
+    if task.suite in se.SHOULDER:
+        return se.SHOULDER[task.suite]
+    m = re.match(r"^(?P<scene>[A-Z_]+?)_SCENE\d+_", task.name)
+    if m is None or m.group("scene") not in SCENE_SHOULDER:
+        raise ValueError(f"no arm placement known for the scene of {task.suite} task {task.task_id} "
+                         f"({task.name!r}); known scenes: {', '.join(SCENE_SHOULDER)}")
+    return SCENE_SHOULDER[m.group("scene")]
 
 
 @dataclass(frozen=True)
@@ -88,6 +130,25 @@ PLACES = {
     "wine_rack_top_region": RegionPlace(PlaceGeometry(surface=0.0, clear_height=0.05, xy_tolerance=0.03),
                                         shift=(0.05, 0.017, 0.03), lay_along=(0.0, 0.855, 0.519)),
 }
+
+# Places that differ in a suite's scenes (keyed like PLACES): libero_10's living room has mugs
+# 10.8 cm tall on the table, which a mug carried to a plate must pass over.
+SUITE_PLACES = {
+    "libero_10": {
+        "plate": RegionPlace(PlaceGeometry(surface=0.012, clear_height=0.13, xy_tolerance=0.03)),
+    },
+}
+# libero_10's living-room places.
+PLACES.update({
+    # The basket's contain region: its site 7.2 cm above the basket's origin (the basket's floor
+    # 1 cm above that, its walls up to 14.6 cm); scripted_expert.TARGET_GEOMETRY["basket"].
+    "basket_contain_region": RegionPlace(PlaceGeometry(surface=-0.062, clear_height=0.093, xy_tolerance=0.04)),
+    # The table region right of the plate (+-5 cm, its site 2.6 cm below the table top, the
+    # plate's rim reaching 2 cm into it): toward the region's far side from the plate.
+    "living_room_table_plate_right_region": RegionPlace(PlaceGeometry(surface=0.026, clear_height=0.13,
+                                                                      xy_tolerance=0.03),
+                                                        shift=(0.0, 0.02, 0.0)),
+})
 
 # Objects that are pushed, not carried, into their region.
 PUSHED = ("plate",)
@@ -195,9 +256,9 @@ def plan_stages(task) -> list[Stage]:
             if kind in PUSHED:
                 stages.append(Stage("push", obj=obj, target=target))
                 continue
-            if kind not in se.OBJECT_GEOMETRY and kind not in TASK_OBJECT_GEOMETRY:
+            if grasp_for(task.suite, obj) is None:
                 raise ValueError(f"no grasp geometry for object {obj!r} ({task.suite} task {task.task_id})")
-            if target_kind(target) not in PLACES:
+            if place_for(task.suite, target) is None:
                 raise ValueError(f"no place geometry for target {target!r} ({task.suite} task {task.task_id}); "
                                  f"known: {', '.join(sorted(PLACES))}")
             drawer = _DRAWER_REGION.match(target)
@@ -208,6 +269,19 @@ def plan_stages(task) -> list[Stage]:
             raise ValueError(f"the scripted expert cannot do {predicate!r} ({task.suite} task {task.task_id}: "
                              f"{task.instruction!r})")
     return stages
+
+
+def grasp_for(suite: str, obj: str) -> GraspGeometry | None:
+    """How to grasp ``obj`` in ``suite``, or None if unknown."""
+    kind = object_kind(obj)
+    return (SUITE_OBJECT_GEOMETRY.get(suite, {}).get(kind) or TASK_OBJECT_GEOMETRY.get(kind)
+            or se.OBJECT_GEOMETRY.get(kind))
+
+
+def place_for(suite: str, target: str) -> RegionPlace | None:
+    """Where a carried object goes on or in ``target`` in ``suite``, or None if unknown."""
+    kind = target_kind(target)
+    return SUITE_PLACES.get(suite, {}).get(kind) or PLACES.get(kind)
 
 
 def _yaw_rotation(obs, fixture: str) -> Rotation:
@@ -250,6 +324,7 @@ class TaskExpert(ScriptedExpert):
     def reset(self, task, rng: np.random.Generator) -> None:
         self.stages = plan_stages(task)
         self.task = task
+        self.shoulder = task_shoulder(task)
         self.style = draw_style(rng, self.noise)
         self._reset_motion()
         self.obj = self.target = ""
@@ -282,8 +357,8 @@ class TaskExpert(ScriptedExpert):
         if st.kind == "pick":
             self.obj, self.target = st.obj, st.target
             kind = object_kind(st.obj)
-            self.grasp = TASK_OBJECT_GEOMETRY.get(kind) or se.OBJECT_GEOMETRY[kind]
-            self.region = PLACES[target_kind(st.target)]
+            self.grasp = grasp_for(self.task.suite, st.obj)
+            self.region = place_for(self.task.suite, st.target)
             self.place = self.region.place
             self._reset_pick()
             self.start_phase = "approach"
@@ -309,6 +384,9 @@ class TaskExpert(ScriptedExpert):
         return super().act(obs)
 
     # ------------------------------------------------------------------ geometry
+    def _shoulder(self) -> np.ndarray:
+        return self.shoulder
+
     def _is_neighbour(self, key: str) -> bool:
         if not self.task.objects:
             return super()._is_neighbour(key)
@@ -383,7 +461,7 @@ class TaskExpert(ScriptedExpert):
     def _reach_left(self, eef, limit: float = se.REACH_LIMIT) -> float:
         """As ScriptedExpert's, with the wrist where the tilted hand puts it (WRIST_ABOVE_EEF
         along the hand's axis, not straight above the EEF)."""
-        shoulder = se.SHOULDER.get(self.task.suite)
+        shoulder = self._shoulder()
         if shoulder is None:
             return np.inf
         up = Rotation.from_rotvec(self.tilt_axis * self.ref_tilt).apply([0.0, 0.0, 1.0])
@@ -644,7 +722,7 @@ class TaskExpert(ScriptedExpert):
         """Reach left (m) of the arm with the fingertips at tip [3], leaning tilt toward d [2]."""
         up = np.array([d[0] * np.sin(tilt), d[1] * np.sin(tilt), np.cos(tilt)])
         wrist = np.asarray(tip, dtype=np.float64) + (se.WRIST_ABOVE_EEF + se.FINGERTIP_DEPTH) * up
-        return se.REACH_GUARD - float(np.linalg.norm(wrist - se.SHOULDER[self.task.suite]))
+        return se.REACH_GUARD - float(np.linalg.norm(wrist - self._shoulder()))
 
     def _phase_push_approach(self, obs, eef):
         if self.phase_t == 0:
