@@ -57,6 +57,19 @@ TASK_OBJECT_GEOMETRY = {
                                       rim_centre=(-0.0185, 0.0), handle=(1.0, 0.0)),
 }
 
+# Objects too wide for the open fingers (7.7 cm) everywhere but at a handle, and light enough to
+# hang from it: taken by the handle from above, the fingers closing across it. Per kind: the
+# handle's grasped point (x, y) and the fingers' closing axis (x, y), both in the object's own
+# frame; the height is the GraspGeometry's grasp_height.
+HANDLE_GRASPS = {
+    # Moka pot (68 g): an octagonal body 7.4-8 cm across, 15.2 cm tall, origin 6.6 cm above its
+    # bottom; a handle ~1.5 cm thick sticks out 4-5.5 cm along its own +y, its top 6.7 cm above
+    # the origin near the body. The EEF 2.2 cm below the handle's top, 6.5 cm out from the axis
+    # (the palm, 3 cm above the EEF, clears the lid's top).
+    "moka_pot": ((0.0, 0.065), (1.0, 0.0)),
+}
+TASK_OBJECT_GEOMETRY["moka_pot"] = GraspGeometry(grasp_height=0.045, rim_offset=0.0, rim_height=0.0, bottom=0.066)
+
 # Grasps that differ in a suite's scenes: libero_10's living room crowds the flat boxes between
 # tall bottles and cartons (7-8 cm from a box's centre), where the hand's 21 cm long body or an
 # open finger meets them. The hand may also turn BOX_TURN (rad) off the box's width (the box
@@ -138,6 +151,19 @@ SUITE_PLACES = {
         "plate": RegionPlace(PlaceGeometry(surface=0.012, clear_height=0.13, xy_tolerance=0.03)),
     },
 }
+# libero_10's kitchen: a moka pot (15.2 cm tall) is carried over the other pot.
+SUITE_PLACES["libero_10"]["flat_stove_cook_region"] = RegionPlace(
+    PlaceGeometry(surface=0.025, clear_height=0.17, xy_tolerance=0.05))
+# Targets that take more than one object side by side: the n-th pick stage onto the same target
+# adds the n-th shift (m, in the fixture's frame) to the place's own. Two moka pots on the
+# stove's cook region (+-7.5 cm): one behind the other along the stove's x axis (away from the
+# robot in libero_10). The hand holds a pot by its handle, beside the pot, and the pots' handles
+# point along the stove's -y there, so side by side along y the fingers would meet the first pot;
+# the far slot first, so that the arm does not come down over a placed pot.
+SHARED_PLACE_SLOTS = {
+    "flat_stove_cook_region": ((0.045, 0.0, 0.0), (-0.045, 0.0, 0.0)),
+}
+
 # libero_10's living-room places.
 PLACES.update({
     # The basket's contain region: its site 7.2 cm above the basket's origin (the basket's floor
@@ -359,6 +385,13 @@ class TaskExpert(ScriptedExpert):
             kind = object_kind(st.obj)
             self.grasp = grasp_for(self.task.suite, st.obj)
             self.region = place_for(self.task.suite, st.target)
+            slots = SHARED_PLACE_SLOTS.get(target_kind(st.target))
+            if slots is not None:
+                n = sum(1 for s in self.stages[: self.stage_index] if s.kind == "pick" and s.target == st.target)
+                if n >= len(slots):
+                    raise ValueError(f"no room for {st.obj!r} on {st.target!r}: {len(slots)} objects at most "
+                                     f"({self.task.suite} task {self.task.task_id})")
+                self.region = replace(self.region, shift=tuple(np.add(self.region.shift, slots[n])))
             self.place = self.region.place
             self._reset_pick()
             self.start_phase = "approach"
@@ -392,6 +425,24 @@ class TaskExpert(ScriptedExpert):
             return super()._is_neighbour(key)
         name = key[: -len("_pos")]
         return key.endswith("_pos") and name in self.task.objects and name != self.obj
+
+    def _grasp_candidates(self, obs):
+        """ScriptedExpert's candidates, or for an object in HANDLE_GRASPS the one grasp of its
+        handle (as a centre grasp: the handle's offset from the origin and the hand's yaw
+        follow the object's current pose)."""
+        handle = HANDLE_GRASPS.get(object_kind(self.obj))
+        if handle is None:
+            yield from super()._grasp_candidates(obs)
+            return
+        point_local, axis_local = handle
+        rot = quat_xyzw_to_rotation(obs[f"{self.obj}_quat"])
+        offset = rot.apply([*point_local, 0.0])[:2]
+        axis = rot.apply([*axis_local, 0.0])[:2]
+        axis = axis / np.linalg.norm(axis)
+        point = self._obj_pos(obs) + np.array([offset[0], offset[1], self.grasp.grasp_height])
+        fingers = [point[:2] + se.FINGER_OPEN_OFFSET * axis, point[:2] - se.FINGER_OPEN_OFFSET * axis]
+        yaw = se.finger_yaw(float(np.arctan2(axis[1], axis[0])))
+        yield ("centre", (offset[0], offset[1]), yaw, "open"), point, axis, fingers, None
 
     def _target_pos(self, obs) -> np.ndarray:
         p = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)

@@ -184,6 +184,12 @@ LIBERO_10_STAGES = {
     6: [st.Stage("pick", obj="porcelain_mug_1", target="plate_1"),
         st.Stage("pick", obj="chocolate_pudding_1", target="living_room_table_plate_right_region")],
     7: [st.Stage("pick", obj="alphabet_soup_1", target=BASKET), st.Stage("pick", obj="cream_cheese_1", target=BASKET)],
+    # The stove first, then the pot; in task 8 the goal lists the knob last.
+    2: [st.Stage("turn_on", fixture="flat_stove_1"),
+        st.Stage("pick", obj="moka_pot_1", target="flat_stove_1_cook_region")],
+    8: [st.Stage("pick", obj="moka_pot_1", target="flat_stove_1_cook_region"),
+        st.Stage("pick", obj="moka_pot_2", target="flat_stove_1_cook_region"),
+        st.Stage("turn_on", fixture="flat_stove_1")],
 }
 
 
@@ -192,7 +198,7 @@ def test_plan_stages_of_libero_10_follow_the_goal_in_order(task_id):
     task = libero_10_task(task_id)
     assert st.plan_stages(task) == LIBERO_10_STAGES[task_id]
     # Every stage has its grasp and place, and the arm's shoulder is known for the scene.
-    for stage in st.plan_stages(task):
+    for stage in (s for s in st.plan_stages(task) if s.kind == "pick"):
         assert st.grasp_for(task.suite, stage.obj) is not None
         assert st.place_for(task.suite, stage.target) is not None
     assert st.task_shoulder(task).shape == (3,)
@@ -226,6 +232,33 @@ def test_mug_rim_grasps_keep_off_the_handle():
     # The grasped rim lies around the cup's centre, not the mug's origin.
     rims = [expert._rim_point(obs, d)[:2] for d in directions]
     np.testing.assert_allclose([np.linalg.norm(r - centre) for r in rims], expert.grasp.rim_offset, atol=1e-9)
+
+
+def test_two_pots_on_the_stove_go_to_separate_places():
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(libero_10_task(8), np.random.default_rng(0))
+    first = np.array(expert.region.shift)
+    expert._next_stage()
+    assert expert.stage.obj == "moka_pot_2"
+    second = np.array(expert.region.shift)
+    # Both origins well within the cook region (+-7.5 cm), at least a pot's width (8 cm) apart.
+    assert np.linalg.norm(first - second) >= 0.08
+    assert np.all(np.abs(first[:2]) <= 0.05) and np.all(np.abs(second[:2]) <= 0.05)
+
+
+def test_handle_grasp_follows_the_pot():
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(libero_10_task(2), np.random.default_rng(0))
+    expert._next_stage()
+    assert expert.stage.obj == "moka_pot_1"
+    pot = np.array([0.03, -0.01, 0.966])
+    for yaw in (np.pi, np.pi / 2):
+        obs = {"moka_pot_1_pos": pot, "moka_pot_1_quat": Rotation.from_euler("z", yaw).as_quat()}
+        (choice, point, axis, _, _), = expert._grasp_candidates(obs)
+        handle = Rotation.from_euler("z", yaw).apply([0.0, 1.0, 0.0])
+        # At the handle, 6.5 cm out from the pot's axis, the fingers closing across it.
+        np.testing.assert_allclose(point[:2] - pot[:2], 0.065 * handle[:2], atol=1e-9)
+        assert abs(np.dot(axis, handle[:2])) < 1e-9
 
 
 @pytest.mark.parametrize("task_id", [3, 5, 9])
