@@ -154,8 +154,8 @@ SUITE_PLACES = {
 # libero_10's kitchen: a moka pot (15.2 cm tall) is carried over the other pot.
 SUITE_PLACES["libero_10"]["flat_stove_cook_region"] = RegionPlace(
     PlaceGeometry(surface=0.025, clear_height=0.17, xy_tolerance=0.05))
-# Targets that take more than one object side by side: the n-th pick stage onto the same target
-# adds the n-th shift (m, in the fixture's frame) to the place's own. Two moka pots on the
+# Targets that take more than one object side by side: when a task puts several objects there,
+# the n-th pick stage onto the target adds the n-th shift (m, in the fixture's frame) to the place's own. Two moka pots on the
 # stove's cook region (+-7.5 cm): one behind the other along the stove's x axis (away from the
 # robot in libero_10). The hand holds a pot by its handle, beside the pot, and the pots' handles
 # point along the stove's -y there, so side by side along y the fingers would meet the first pot;
@@ -386,8 +386,9 @@ class TaskExpert(ScriptedExpert):
             self.grasp = grasp_for(self.task.suite, st.obj)
             self.region = place_for(self.task.suite, st.target)
             slots = SHARED_PLACE_SLOTS.get(target_kind(st.target))
-            if slots is not None:
-                n = sum(1 for s in self.stages[: self.stage_index] if s.kind == "pick" and s.target == st.target)
+            sharing = [i for i, s in enumerate(self.stages) if s.kind == "pick" and s.target == st.target]
+            if slots is not None and len(sharing) > 1:  # a single object keeps the place's own spot
+                n = sharing.index(self.stage_index)
                 if n >= len(slots):
                     raise ValueError(f"no room for {st.obj!r} on {st.target!r}: {len(slots)} objects at most "
                                      f"({self.task.suite} task {self.task.task_id})")

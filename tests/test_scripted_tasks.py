@@ -251,6 +251,7 @@ def test_handle_grasp_follows_the_pot():
     expert.reset(libero_10_task(2), np.random.default_rng(0))
     expert._next_stage()
     assert expert.stage.obj == "moka_pot_1"
+    assert expert.region.shift == (0.0, 0.0, 0.0)  # the only pot: the cook region's centre
     pot = np.array([0.03, -0.01, 0.966])
     for yaw in (np.pi, np.pi / 2):
         obs = {"moka_pot_1_pos": pot, "moka_pot_1_quat": Rotation.from_euler("z", yaw).as_quat()}
