@@ -9,11 +9,13 @@ observation of these suites (``FIXTURE_OBS_SUITES``): ``<fixture>_pos``, ``<fixt
 A task's BDDL goal becomes a list of stages, done in order::
 
     open     turn the hand to point at the cabinet, grip the drawer's handle, pull it out
+    close    lean the closed hand toward the cabinet and push the drawer's handle in
     pick     the pick-and-place phases of ScriptedExpert, onto an object or into a region
     turn_on  grip the stove's knob from above and turn the hand about the vertical
     push     lower the closed hand behind a dish and push it across the table into a region
 
-("in the top drawer" is preceded by opening that drawer when it is closed.) Each stage checks
+("in the top drawer" is preceded by opening that drawer when it is closed; a drawer is closed
+after what goes into it.) Each stage checks
 its own result from the observation and repeats its motion when it failed (the drawer did not
 open far enough, the knob slipped, the plate stopped short).
 
@@ -164,6 +166,17 @@ SHARED_PLACE_SLOTS = {
     "flat_stove_cook_region": ((0.045, 0.0, 0.0), (-0.045, 0.0, 0.0)),
 }
 
+# libero_10's kitchen: the white cabinet's open bottom drawer (the same drawers and handles as
+# the wooden cabinet's). Its region's site moves with the drawer, 2.6 cm above the drawer's floor,
+# 8.35 cm behind the drawer's front wall; walls 3 cm above the site. Pulled out 14-16 cm, the
+# drawer leaves no room for the bowl (10.7 cm) between its front wall and the handle of the
+# drawer above, which the bowl's far rim passes in the last 3-5 cm of its descent: the bowl goes
+# 1.8 cm out from the site, ~1.2 cm clear of the front wall, and its rim scrapes past the handle
+# (placed 2.6 cm out, the bowl landed on the front wall in 2 of 5 episodes, tilted, and its rim
+# then caught the shelf above when the drawer was pushed in).
+PLACES["white_cabinet_bottom_region"] = RegionPlace(
+    PlaceGeometry(surface=-0.026, clear_height=0.045, xy_tolerance=0.05), shift=(0.0, -0.018, 0.0))
+
 # libero_10's living-room places.
 PLACES.update({
     # The basket's contain region: its site 7.2 cm above the basket's origin (the basket's floor
@@ -197,6 +210,19 @@ HANDLE_STANDOFF = 0.06
 PULL_SPEED = 0.7  # action units
 TILT_SPEED = 0.8  # fastest tilt of the hand, action units (1.0 ~ 4.8 degrees per step)
 TILT_TOLERANCE = 0.12  # rad of tilt error at which the hand may go in for the handle
+
+# Closing a drawer: the closed fingers, leaning CLOSE_TILT (rad) toward the cabinet (the wrist
+# and palm away from the handles above), push the front of the handle bar (HANDLE_FRONT m in front
+# of its centre) at its height until the joint passes DRAWER_CLOSED_QPOS (LIBERO counts a drawer
+# closed above 0; its stop is at 0.01). They start CLOSE_STANDOFF in front of the bar.
+CLOSE_TILT = 0.8
+HANDLE_FRONT = 0.008
+CLOSE_STANDOFF = 0.025
+DRAWER_CLOSED_QPOS = 0.004
+DRAWER_CLOSE_TO = 0.012  # the push aims this far (joint position) into the cabinet: past the stop
+CLOSE_SPEED = 0.6  # action units
+# A drawer already out this far (m, joint position) has room for an object: no need to pull it.
+DRAWER_ROOM_QPOS = -0.13
 
 # The stove's knob: a hinge about the vertical at the stove's origin; LIBERO counts the stove on
 # at a joint angle >= 0.5 rad (its stop is 2.1). Its grip ridge runs along KNOB_RIDGE_AXIS
@@ -232,7 +258,7 @@ PUSH_END_SLACK = 0.02
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a task. kind: pick | open | turn_on | push; obj: the object moved (pick,
+    """One step of a task. kind: pick | open | close | turn_on | push; obj: the object moved (pick,
     push); target: where it goes (an object or a region site); fixture, part: the fixture acted
     on (a cabinet and its drawer 'top' / 'middle' / 'bottom'; a stove)."""
 
@@ -269,11 +295,15 @@ def plan_stages(task) -> list[Stage]:
             f"{task.instruction!r}); supported suites: {', '.join(SUPPORTED_SUITES)}"
         )
     stages = []
+    closing = []  # (drawer region, close stage), placed once the other stages are known
     for predicate in task.goal:
         name = predicate[0].lower()
         if name == "open" and _DRAWER_REGION.match(predicate[1]):
             m = _DRAWER_REGION.match(predicate[1])
             stages.append(Stage("open", fixture=m.group("fixture"), part=m.group("part")))
+        elif name == "close" and _DRAWER_REGION.match(predicate[1]):
+            m = _DRAWER_REGION.match(predicate[1])
+            closing.append((predicate[1], Stage("close", fixture=m.group("fixture"), part=m.group("part"))))
         elif name == "turnon" and target_kind(predicate[1]) == "flat_stove":
             stages.append(Stage("turn_on", fixture=predicate[1]))
         elif name in ("on", "in") and len(predicate) == 3:
@@ -294,6 +324,11 @@ def plan_stages(task) -> list[Stage]:
         else:
             raise ValueError(f"the scripted expert cannot do {predicate!r} ({task.suite} task {task.task_id}: "
                              f"{task.instruction!r})")
+    # A drawer is closed after the objects that go into it ("put the bowl in the drawer and close
+    # it" lists the close first), else where the goal lists it.
+    for region, stage in closing:
+        into = [i for i, s in enumerate(stages) if s.kind == "pick" and s.target == region]
+        stages.insert(into[-1] + 1 if into else len(stages), stage)
     return stages
 
 
@@ -324,6 +359,8 @@ FIXTURE_BOXES = {
     "flat_stove": ((-0.06, 0.25), (-0.1, 0.1), 0.045),
     # The wine rack's stand, slanted shelves and the post between them.
     "wine_rack": ((-0.14, 0.14), (-0.12, 0.08), 0.33),
+    # libero_10's white cabinet: its carcass (the closed drawers' fronts and handles 3 cm in front).
+    "white_cabinet": ((-0.118, 0.118), (-0.112, 0.11), 0.222),
 }
 
 
@@ -398,6 +435,8 @@ class TaskExpert(ScriptedExpert):
             self.start_phase = "approach"
         elif st.kind == "open":
             self.start_phase = "handle_approach"
+        elif st.kind == "close":
+            self.start_phase = "close_approach"
         elif st.kind == "turn_on":
             self.start_phase = "knob_approach"
         else:
@@ -552,7 +591,7 @@ class TaskExpert(ScriptedExpert):
 
     def _phase_handle_approach(self, obs, eef):
         handle, out, q = self._drawer(obs)
-        if q < DRAWER_OPEN_QPOS:  # already open
+        if q < DRAWER_OPEN_QPOS or (q < DRAWER_ROOM_QPOS and self._drawer_receives_object()):  # already open
             self.hold_point = eef.copy()
             self._enter("handle_back")
             return eef, 0.0, 0.0, GRIPPER_OPEN
@@ -615,6 +654,67 @@ class TaskExpert(ScriptedExpert):
                 self.tries += 1
                 self._enter("handle_approach")
         return target, self.style.speed, 0.0, GRIPPER_OPEN
+
+    def _drawer_receives_object(self) -> bool:
+        """Whether the next stage puts an object into the drawer of the current stage."""
+        st = self.stage
+        nxt = self.stages[self.stage_index + 1] if self.stage_index + 1 < len(self.stages) else None
+        return nxt is not None and nxt.kind == "pick" and nxt.target == f"{st.fixture}_{st.part}_region"
+
+    # ------------------------------------------------------------------ phases: close a drawer
+    def _close_point(self, obs, ahead: float) -> tuple:
+        """(EEF position [3] with the leaning fingertips ``ahead`` m in front of the handle bar's
+        front, at its height; the drawer's joint position). Also sets the hand's lean and yaw."""
+        handle, out, q = self._drawer(obs)
+        d = -out  # the push: into the cabinet
+        tip = handle + out * (HANDLE_FRONT + ahead)
+        axis = np.cross([0.0, 0.0, -1.0], d)
+        self.tilt_axis, self.tilt_goal = axis / np.linalg.norm(axis), CLOSE_TILT
+        self.grasp_yaw = se.finger_yaw(float(np.arctan2(d[1], d[0])) + np.pi / 2)  # fingers side by side
+        pointing = d * np.sin(CLOSE_TILT) - np.array([0.0, 0.0, np.cos(CLOSE_TILT)])
+        return tip - pointing * se.FINGERTIP_DEPTH, q
+
+    def _phase_close_approach(self, obs, eef):
+        start, q = self._close_point(obs, CLOSE_STANDOFF)
+        if q > DRAWER_CLOSED_QPOS:
+            self.hold_point = eef.copy()
+            self._enter("idle")
+            return eef, 0.0, 0.0, GRIPPER_CLOSE
+        above = start + np.array([0.0, 0.0, self.style.approach_height])
+        if np.linalg.norm(above - eef) < 0.015 and self._tilt_error(obs) < TILT_TOLERANCE:
+            self._enter("close_descend")
+        return above, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_CLOSE
+
+    def _phase_close_descend(self, obs, eef):
+        start, _ = self._close_point(obs, CLOSE_STANDOFF)
+        if np.linalg.norm(start - eef) < se.GRASP_TOLERANCE or self.stall >= se.STALL_STEPS:
+            self._enter("close_push")
+        return start, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_close_push(self, obs, eef):
+        """Push toward where the bar's front is once the drawer is in, past its stop."""
+        _, q = self._close_point(obs, 0.0)
+        _, out, _ = self._drawer(obs)
+        goal, _ = self._close_point(obs, -(DRAWER_CLOSE_TO - q))
+        stalled = self.stall >= se.STALL_STEPS * 2 and self.phase_t > 15
+        if q > DRAWER_CLOSED_QPOS or stalled or self.phase_t > 120:
+            self.hold_point = eef + out * 0.05
+            self._enter("close_retreat")
+        return goal, CLOSE_SPEED, 0.0, GRIPPER_CLOSE
+
+    def _phase_close_retreat(self, obs, eef):
+        _, _, q = self._drawer(obs)
+        target = self.hold_point + (np.array([0.0, 0.0, 0.06]) if self.phase_t > 6 else 0.0)
+        if self.phase_t > 6:
+            self.tilt_goal = 0.0
+        if self.phase_t > 6 and abs(self.ref_tilt) < 0.05 and np.linalg.norm(target - eef) < 0.03:
+            if q > DRAWER_CLOSED_QPOS:
+                self.hold_point = eef - np.array([0.0, 0.0, 0.08])
+                self._enter("idle")
+            else:
+                self.tries += 1
+                self._enter("close_approach")
+        return target, self.style.speed, 0.0, GRIPPER_CLOSE
 
     # ------------------------------------------------------------------ phases: turn the knob
     def _knob(self, obs):
