@@ -1,5 +1,6 @@
-"""Scripted expert for LIBERO's libero_goal suite: objects placed on or in fixtures' regions,
-a cabinet drawer pulled open, the stove's knob turned, a plate pushed across the table.
+"""Scripted expert for LIBERO's libero_goal and libero_10 suites: objects placed on or in
+fixtures' regions, a cabinet drawer pulled open or pushed shut, the stove's knob turned, a plate
+pushed across the table, several objects placed in turn (libero_10's two-step goals).
 
 It extends ``scripted_expert.ScriptedExpert`` (smooth reference motion, per-episode style,
 grasp choice, regrasps) and also reads the fixtures' state that ``collect_actions`` adds to the
@@ -19,8 +20,15 @@ after what goes into it.) Each stage checks
 its own result from the observation and repeats its motion when it failed (the drawer did not
 open far enough, the knob slipped, the plate stopped short).
 
+A libero_10 goal lists several predicates; they are done in the listed order (a drawer's close
+after what goes into it), and each stage leaves the earlier ones' results alone, since LIBERO
+checks all predicates at once. libero_10's tasks 5 (a book into the caddy) and 9 (a mug into the
+microwave, then close it) are refused: the hand, pointing down, cannot put an object inside the
+caddy's slot or the microwave.
+
 ``SuiteExpert`` is the scripted expert of every supported suite: it hands libero_spatial and
-libero_object tasks to ``ScriptedExpert`` unchanged and libero_goal tasks to ``TaskExpert``.
+libero_object tasks to ``ScriptedExpert`` unchanged and libero_goal and libero_10 tasks to
+``TaskExpert``.
 """
 
 from __future__ import annotations
@@ -381,7 +389,7 @@ def scene_fixtures(obs) -> tuple:
 
 
 class TaskExpert(ScriptedExpert):
-    """Closed-loop expert for the stages of a libero_goal task; see the module docstring."""
+    """Closed-loop expert for the stages of a libero_goal or libero_10 task; see the module docstring."""
 
     # ------------------------------------------------------------------ episode set-up
     def reset(self, task, rng: np.random.Generator) -> None:
@@ -932,7 +940,7 @@ class TaskExpert(ScriptedExpert):
 
 class SuiteExpert:
     """The scripted expert of every supported suite: ``reset`` picks ScriptedExpert (pick and
-    place: libero_spatial, libero_object) or TaskExpert (libero_goal) for the task's suite;
+    place: libero_spatial, libero_object) or TaskExpert (libero_goal, libero_10) for the task's suite;
     everything else is the chosen expert's."""
 
     def __init__(self, noise: float = 1.0):
