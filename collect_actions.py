@@ -9,7 +9,7 @@
 
 Every later phase imports this module and nothing else from LIBERO; the demo file format itself
 lives in ``demos.py`` (no simulator needed to read it). The scripted expert's task logic lives
-in ``scripted_expert.py`` (pick and place) and ``scripted_tasks.py`` (libero_goal's drawers, knob,
+in ``scripted_expert.py`` (pick and place) and ``scripted_tasks.py`` (libero_goal's and libero_10's drawers, knob,
 push and regions); it sees only observations and the task's goal. ``--policy token``
 rolls out a trained main policy (dense greedy decoding); ``--takeover FIRST:LAST`` lets it drive
 until a step drawn in [FIRST, LAST] and then hands over to the scripted expert, recording only

@@ -99,6 +99,13 @@ class GraspGeometry:
         only those across which the object is narrower than the open fingers (7.7 cm).
     slide: centre grasps: the hand may also shift this far (m) along the object's long side
         to keep clear of neighbours.
+    shift: centre grasps: after the grasps above, the hand may also shift this far (m) along
+        the fingers' closing axis (one finger nearer the object) to keep the other clear of a
+        neighbour; 0: never.
+    rim_centre: rim grasps: centre (x, y) of the rim in the object's own frame (a mug's cup
+        sits off its origin, which lies between the cup and the handle).
+    handle: rim grasps: direction (x, y) of a handle in the object's own frame; rims within
+        HANDLE_KEEP_OUT of it are not taken (a finger would land on the handle).
     """
 
     grasp_height: float
@@ -107,6 +114,9 @@ class GraspGeometry:
     bottom: float
     yaws: tuple = (0.0,)
     slide: float = 0.0
+    shift: float = 0.0
+    rim_centre: tuple = (0.0, 0.0)
+    handle: tuple | None = None
 
 
 ALONG_X = np.pi / 2  # hand yaw at which the fingers close along world x
@@ -268,6 +278,8 @@ FINGERTIP_DEPTH = 0.01
 # direction. The rim nearest the robot (-x, angle pi) comes first, then its neighbours: the
 # hand then stays closest to the robot at both ends, and the arm cannot reach a hand held
 # 5 cm beyond a plate at the far side.
+# A rim grasp keeps the fingers this far (rad, about the rim's centre) from a mug's handle.
+HANDLE_KEEP_OUT = np.deg2rad(50)
 RIM_ANGLES = tuple(sorted((np.pi * (1 - k / 8) for k in range(16)), key=lambda a: abs(np.pi - a % (2 * np.pi))))
 
 # A grasp whose open hand keeps this gap (m) to everything tall enough to touch it (and its
@@ -580,6 +592,8 @@ class ScriptedExpert:
         if g.rim_offset > 0:
             for angle in RIM_ANGLES:
                 d, yaw = np.array([np.cos(angle), np.sin(angle)]), finger_yaw(angle)
+                if g.handle is not None and self._near_handle(obs, d):
+                    continue
                 rim = self._rim_point(obs, d)
                 point = rim + np.array([0.0, 0.0, g.grasp_height])
                 # The finger inside the bowl touches nothing; the palm spans the whole bowl,
@@ -588,14 +602,18 @@ class ScriptedExpert:
                        self._rim_top_under_palm(obs, rim[:2], d))
             return
         p = self._obj_pos(obs)
-        for yaw in g.yaws:
-            axis = np.array([-np.sin(yaw), np.cos(yaw)])  # the fingers close along this
-            across = np.array([axis[1], -axis[0]])
-            for slide in dict.fromkeys((0.0, -g.slide, g.slide)):
-                offset = slide * across
-                point = p + np.array([offset[0], offset[1], g.grasp_height])
-                fingers = [point[:2] + FINGER_OPEN_OFFSET * axis, point[:2] - FINGER_OPEN_OFFSET * axis]
-                yield ("centre", (offset[0], offset[1]), yaw, "open"), point, axis, fingers, None
+        shifts = (0.0,) if g.shift == 0 else (0.0, -g.shift, g.shift)
+        for shift in shifts:  # the unshifted grasps first
+            for yaw in g.yaws:
+                axis = np.array([-np.sin(yaw), np.cos(yaw)])  # the fingers close along this
+                across = np.array([axis[1], -axis[0]])
+                for slide in dict.fromkeys((0.0, -g.slide, g.slide)):
+                    if shift != 0 and slide != 0:
+                        continue
+                    offset = slide * across + shift * axis
+                    point = p + np.array([offset[0], offset[1], g.grasp_height])
+                    fingers = [point[:2] + FINGER_OPEN_OFFSET * axis, point[:2] - FINGER_OPEN_OFFSET * axis]
+                    yield ("centre", (offset[0], offset[1]), yaw, "open"), point, axis, fingers, None
 
     def _choose_grasp(self, obs) -> tuple:
         """The first candidate grasp that keeps the open hand GRASP_CLEARANCE from fixtures and
@@ -637,11 +655,15 @@ class ScriptedExpert:
 
     def _reach_left(self, eef, limit: float = REACH_LIMIT) -> float:
         """limit minus the wrist's distance (m) from the shoulder for the EEF at eef [3]."""
-        shoulder = SHOULDER.get(self.task.suite)
+        shoulder = self._shoulder()
         if shoulder is None:
             return np.inf
         wrist = np.asarray(eef, dtype=np.float64) + np.array([0.0, 0.0, WRIST_ABOVE_EEF])
         return limit - float(np.linalg.norm(wrist - shoulder))
+
+    def _shoulder(self) -> np.ndarray | None:
+        """World position [3] of the arm's shoulder in this task's scene (None: not modelled)."""
+        return SHOULDER.get(self.task.suite)
 
     def _grasp_clearance(self, obs, grasp_xy, d, eef_z, fingers) -> float:
         """Smallest horizontal gap (m) between the open hand (closing along d at grasp_xy,
@@ -680,9 +702,18 @@ class ScriptedExpert:
         under = [p[2] for p in tops if abs(np.dot(p[:2] - grasp_xy, across)) < HAND_HALF_WIDTH + 0.01]
         return max(under, default=-np.inf)
 
+    def _near_handle(self, obs, direction) -> bool:
+        """Whether horizontal direction [2] from the rim's centre points within HANDLE_KEEP_OUT
+        of the object's handle."""
+        h = quat_xyzw_to_rotation(obs[f"{self.obj}_quat"]).apply([*self.grasp.handle, 0.0])[:2]
+        cos = float(np.dot(h, direction)) / max(float(np.linalg.norm(h) * np.linalg.norm(direction)), 1e-9)
+        return cos > np.cos(HANDLE_KEEP_OUT)
+
     def _rim_point(self, obs, direction) -> np.ndarray:
         """Point [3] of the object's rim toward horizontal direction [2], following its tilt."""
         p = self._obj_pos(obs)
+        if any(self.grasp.rim_centre):
+            p = p + quat_xyzw_to_rotation(obs[f"{self.obj}_quat"]).apply([*self.grasp.rim_centre, 0.0])
         up = quat_xyzw_to_rotation(obs[f"{self.obj}_quat"]).as_matrix()[:, 2]  # bowls tilt on a ramekin
         d = np.array([direction[0], direction[1], 0.0])
         d = d - d.dot(up) * up
@@ -786,7 +817,7 @@ class ScriptedExpert:
         self.ref = self.ref + self.ref_vel
         over = -self._reach_left(self.ref, REACH_GUARD)
         if over > 0:  # keep the reference where the arm can follow without straightening
-            shoulder = SHOULDER[self.task.suite]
+            shoulder = self._shoulder()
             wrist = self.ref + np.array([0.0, 0.0, WRIST_ABOVE_EEF])
             self.ref = shoulder + (wrist - shoulder) * (REACH_GUARD / (REACH_GUARD + over)) \
                 - np.array([0.0, 0.0, WRIST_ABOVE_EEF])

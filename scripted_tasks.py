@@ -1,5 +1,6 @@
-"""Scripted expert for LIBERO's libero_goal suite: objects placed on or in fixtures' regions,
-a cabinet drawer pulled open, the stove's knob turned, a plate pushed across the table.
+"""Scripted expert for LIBERO's libero_goal and libero_10 suites: objects placed on or in
+fixtures' regions, a cabinet drawer pulled open or pushed shut, the stove's knob turned, a plate
+pushed across the table, several objects placed in turn (libero_10's two-step goals).
 
 It extends ``scripted_expert.ScriptedExpert`` (smooth reference motion, per-episode style,
 grasp choice, regrasps) and also reads the fixtures' state that ``collect_actions`` adds to the
@@ -9,24 +10,33 @@ observation of these suites (``FIXTURE_OBS_SUITES``): ``<fixture>_pos``, ``<fixt
 A task's BDDL goal becomes a list of stages, done in order::
 
     open     turn the hand to point at the cabinet, grip the drawer's handle, pull it out
+    close    lean the closed hand toward the cabinet and push the drawer's handle in
     pick     the pick-and-place phases of ScriptedExpert, onto an object or into a region
     turn_on  grip the stove's knob from above and turn the hand about the vertical
     push     lower the closed hand behind a dish and push it across the table into a region
 
-("in the top drawer" is preceded by opening that drawer when it is closed.) Each stage checks
+("in the top drawer" is preceded by opening that drawer when it is closed; a drawer is closed
+after what goes into it.) Each stage checks
 its own result from the observation and repeats its motion when it failed (the drawer did not
 open far enough, the knob slipped, the plate stopped short). The same checks let the expert take
 over an episode another policy started (``TaskExpert.take_over``, DAgger data): the stages whose
 result holds are done, the first one left starts from wherever the hand is.
 
+A libero_10 goal lists several predicates; they are done in the listed order (a drawer's close
+after what goes into it), and each stage leaves the earlier ones' results alone, since LIBERO
+checks all predicates at once. libero_10's tasks 5 (a book into the caddy) and 9 (a mug into the
+microwave, then close it) are refused: the hand, pointing down, cannot put an object inside the
+caddy's slot or the microwave.
+
 ``SuiteExpert`` is the scripted expert of every supported suite: it hands libero_spatial and
-libero_object tasks to ``ScriptedExpert`` unchanged and libero_goal tasks to ``TaskExpert``.
+libero_object tasks to ``ScriptedExpert`` unchanged and libero_goal and libero_10 tasks to
+``TaskExpert``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -36,7 +46,7 @@ from scripted_expert import (GRIPPER_CLOSE, GRIPPER_OPEN, RADIANS_PER_ACTION, Fi
                              GraspGeometry, PlaceGeometry, ScriptedExpert, draw_style, object_kind,
                              quat_xyzw_to_rotation)
 
-TASK_SUITES = ("libero_goal",)
+TASK_SUITES = ("libero_goal", "libero_10")
 SUPPORTED_SUITES = se.SUPPORTED_SUITES + TASK_SUITES
 
 # Objects of the libero_goal scene that the pick-and-place tables of scripted_expert lack.
@@ -46,7 +56,62 @@ TASK_OBJECT_GEOMETRY = {
     # neck 1.1 cm wide up to 15.8 cm. Taken by the neck, 2.5 cm below its top (the palm clears it).
     "wine_bottle": GraspGeometry(grasp_height=0.133, rim_offset=0.0, rim_height=0.0, bottom=0.0,
                                  yaws=(0.0, se.ALONG_X)),
+    # libero_10's mugs, too wide for the open fingers (cups 9.6 and 10.6 cm across): taken by
+    # the cup's wall like a bowl's rim, the EEF 1.7 cm below the rim, away from the handle.
+    # Origin at the bottom, between the cup's centre and the handle. White mug: cup centred 1.25
+    # cm along its own x, rim 10.8 cm up, handle toward -x; yellow-white mug: cup centred 1.85 cm
+    # along -x, rim 10.3 cm up, handle toward +x.
+    "porcelain_mug": GraspGeometry(grasp_height=-0.017, rim_offset=0.042, rim_height=0.108, bottom=0.0,
+                                   rim_centre=(0.0125, 0.0), handle=(-1.0, 0.0)),
+    "white_yellow_mug": GraspGeometry(grasp_height=-0.017, rim_offset=0.047, rim_height=0.103, bottom=0.0,
+                                      rim_centre=(-0.0185, 0.0), handle=(1.0, 0.0)),
 }
+
+# Objects too wide for the open fingers (7.7 cm) everywhere but at a handle, and light enough to
+# hang from it: taken by the handle from above, the fingers closing across it. Per kind: the
+# handle's grasped point (x, y) and the fingers' closing axis (x, y), both in the object's own
+# frame; the height is the GraspGeometry's grasp_height.
+HANDLE_GRASPS = {
+    # Moka pot (68 g): an octagonal body 7.4-8 cm across, 15.2 cm tall, origin 6.6 cm above its
+    # bottom; a handle ~1.5 cm thick sticks out 4-5.5 cm along its own +y, its top 6.7 cm above
+    # the origin near the body. The EEF 2.2 cm below the handle's top, 6.5 cm out from the axis
+    # (the palm, 3 cm above the EEF, clears the lid's top).
+    "moka_pot": ((0.0, 0.065), (1.0, 0.0)),
+}
+TASK_OBJECT_GEOMETRY["moka_pot"] = GraspGeometry(grasp_height=0.045, rim_offset=0.0, rim_height=0.0, bottom=0.066)
+
+# Grasps that differ in a suite's scenes: libero_10's living room crowds the flat boxes between
+# tall bottles and cartons (7-8 cm from a box's centre), where the hand's 21 cm long body or an
+# open finger meets them. The hand may also turn BOX_TURN (rad) off the box's width (the box
+# is then 6.4-7.1 cm across the fingers, which open to 7.7 cm; closing turns it square) and
+# shift 1.2 cm along the fingers' axis (the open fingers leave ~1.7 cm beside a box 4-4.6 cm wide).
+BOX_TURN = 0.35
+SUITE_OBJECT_GEOMETRY = {
+    "libero_10": {kind: replace(se.OBJECT_GEOMETRY[kind], shift=0.012, yaws=(0.0, -BOX_TURN, BOX_TURN))
+                  for kind in ("cream_cheese", "butter", "chocolate_pudding")},
+}
+
+# The arm's shoulder (robot base + 0.333 m, world xyz) per LIBERO scene, for the suites whose
+# tasks are set in more than one scene (libero_10): the robot stands at another place and
+# height in each (measured: base at (-0.51, 0, 0.42) in the living room, (-0.66, 0, 0.912) in
+# the kitchen, (-0.75, 0, 0.912) in the study). See scripted_expert.SHOULDER.
+SCENE_SHOULDER = {
+    "LIVING_ROOM": np.array([-0.51, 0.0, 0.753]),
+    "KITCHEN": np.array([-0.66, 0.0, 1.245]),
+    "STUDY": np.array([-0.75, 0.0, 1.245]),
+}
+
+
+def task_shoulder(task) -> np.ndarray:
+    """The shoulder [3] of ``task``'s scene: per suite (scripted_expert.SHOULDER) or, in
+    libero_10, from the scene named at the start of the task's name (``KITCHEN_SCENE3_...``)."""
+    if task.suite in se.SHOULDER:
+        return se.SHOULDER[task.suite]
+    m = re.match(r"^(?P<scene>[A-Z_]+?)_SCENE\d+_", task.name)
+    if m is None or m.group("scene") not in SCENE_SHOULDER:
+        raise ValueError(f"no arm placement known for the scene of {task.suite} task {task.task_id} "
+                         f"({task.name!r}); known scenes: {', '.join(SCENE_SHOULDER)}")
+    return SCENE_SHOULDER[m.group("scene")]
 
 
 @dataclass(frozen=True)
@@ -89,6 +154,49 @@ PLACES = {
                                         shift=(0.05, 0.017, 0.03), lay_along=(0.0, 0.855, 0.519)),
 }
 
+# Places that differ in a suite's scenes (keyed like PLACES): libero_10's living room has mugs
+# 10.8 cm tall on the table, which a mug carried to a plate must pass over.
+SUITE_PLACES = {
+    "libero_10": {
+        "plate": RegionPlace(PlaceGeometry(surface=0.012, clear_height=0.13, xy_tolerance=0.03)),
+    },
+}
+# libero_10's kitchen: a moka pot (15.2 cm tall) is carried over the other pot.
+SUITE_PLACES["libero_10"]["flat_stove_cook_region"] = RegionPlace(
+    PlaceGeometry(surface=0.025, clear_height=0.17, xy_tolerance=0.05))
+# Targets that take more than one object side by side: when a task puts several objects there,
+# the n-th pick stage onto the target adds the n-th shift (m, in the fixture's frame) to the place's own. Two moka pots on the
+# stove's cook region (+-7.5 cm): one behind the other along the stove's x axis (away from the
+# robot in libero_10). The hand holds a pot by its handle, beside the pot, and the pots' handles
+# point along the stove's -y there, so side by side along y the fingers would meet the first pot;
+# the far slot first, so that the arm does not come down over a placed pot.
+SHARED_PLACE_SLOTS = {
+    "flat_stove_cook_region": ((0.045, 0.0, 0.0), (-0.045, 0.0, 0.0)),
+}
+
+# libero_10's kitchen: the white cabinet's open bottom drawer (the same drawers and handles as
+# the wooden cabinet's). Its region's site moves with the drawer, 2.6 cm above the drawer's floor,
+# 8.35 cm behind the drawer's front wall; walls 3 cm above the site. Pulled out 14-16 cm, the
+# drawer leaves no room for the bowl (10.7 cm) between its front wall and the handle of the
+# drawer above, which the bowl's far rim passes in the last 3-5 cm of its descent: the bowl goes
+# 1.8 cm out from the site, ~1.2 cm clear of the front wall, and its rim scrapes past the handle
+# (placed 2.6 cm out, the bowl landed on the front wall in 2 of 5 episodes, tilted, and its rim
+# then caught the shelf above when the drawer was pushed in).
+PLACES["white_cabinet_bottom_region"] = RegionPlace(
+    PlaceGeometry(surface=-0.026, clear_height=0.045, xy_tolerance=0.05), shift=(0.0, -0.018, 0.0))
+
+# libero_10's living-room places.
+PLACES.update({
+    # The basket's contain region: its site 7.2 cm above the basket's origin (the basket's floor
+    # 1 cm above that, its walls up to 14.6 cm); scripted_expert.TARGET_GEOMETRY["basket"].
+    "basket_contain_region": RegionPlace(PlaceGeometry(surface=-0.062, clear_height=0.093, xy_tolerance=0.04)),
+    # The table region right of the plate (+-5 cm, its site 2.6 cm below the table top, the
+    # plate's rim reaching 2 cm into it): toward the region's far side from the plate.
+    "living_room_table_plate_right_region": RegionPlace(PlaceGeometry(surface=0.026, clear_height=0.13,
+                                                                      xy_tolerance=0.03),
+                                                        shift=(0.0, 0.02, 0.0)),
+})
+
 # Objects that are pushed, not carried, into their region.
 PUSHED = ("plate",)
 
@@ -111,6 +219,19 @@ PULL_SPEED = 0.7  # action units
 RISE_STEPS = 60  # longest rise (steps) after a take-over, before the stage starts anyway
 TILT_SPEED = 0.8  # fastest tilt of the hand, action units (1.0 ~ 4.8 degrees per step)
 TILT_TOLERANCE = 0.12  # rad of tilt error at which the hand may go in for the handle
+
+# Closing a drawer: the closed fingers, leaning CLOSE_TILT (rad) toward the cabinet (the wrist
+# and palm away from the handles above), push the front of the handle bar (HANDLE_FRONT m in front
+# of its centre) at its height until the joint passes DRAWER_CLOSED_QPOS (LIBERO counts a drawer
+# closed above 0; its stop is at 0.01). They start CLOSE_STANDOFF in front of the bar.
+CLOSE_TILT = 0.8
+HANDLE_FRONT = 0.008
+CLOSE_STANDOFF = 0.025
+DRAWER_CLOSED_QPOS = 0.004
+DRAWER_CLOSE_TO = 0.012  # the push aims this far (joint position) into the cabinet: past the stop
+CLOSE_SPEED = 0.6  # action units
+# A drawer already out this far (m, joint position) has room for an object: no need to pull it.
+DRAWER_ROOM_QPOS = -0.13
 
 # The stove's knob: a hinge about the vertical at the stove's origin; LIBERO counts the stove on
 # at a joint angle >= 0.5 rad (its stop is 2.1). Its grip ridge runs along KNOB_RIDGE_AXIS
@@ -146,7 +267,7 @@ PUSH_END_SLACK = 0.02
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a task. kind: pick | open | turn_on | push; obj: the object moved (pick,
+    """One step of a task. kind: pick | open | close | turn_on | push; obj: the object moved (pick,
     push); target: where it goes (an object or a region site); fixture, part: the fixture acted
     on (a cabinet and its drawer 'top' / 'middle' / 'bottom'; a stove)."""
 
@@ -183,11 +304,15 @@ def plan_stages(task) -> list[Stage]:
             f"{task.instruction!r}); supported suites: {', '.join(SUPPORTED_SUITES)}"
         )
     stages = []
+    closing = []  # (drawer region, close stage), placed once the other stages are known
     for predicate in task.goal:
         name = predicate[0].lower()
         if name == "open" and _DRAWER_REGION.match(predicate[1]):
             m = _DRAWER_REGION.match(predicate[1])
             stages.append(Stage("open", fixture=m.group("fixture"), part=m.group("part")))
+        elif name == "close" and _DRAWER_REGION.match(predicate[1]):
+            m = _DRAWER_REGION.match(predicate[1])
+            closing.append((predicate[1], Stage("close", fixture=m.group("fixture"), part=m.group("part"))))
         elif name == "turnon" and target_kind(predicate[1]) == "flat_stove":
             stages.append(Stage("turn_on", fixture=predicate[1]))
         elif name in ("on", "in") and len(predicate) == 3:
@@ -196,9 +321,9 @@ def plan_stages(task) -> list[Stage]:
             if kind in PUSHED:
                 stages.append(Stage("push", obj=obj, target=target))
                 continue
-            if kind not in se.OBJECT_GEOMETRY and kind not in TASK_OBJECT_GEOMETRY:
+            if grasp_for(task.suite, obj) is None:
                 raise ValueError(f"no grasp geometry for object {obj!r} ({task.suite} task {task.task_id})")
-            if target_kind(target) not in PLACES:
+            if place_for(task.suite, target) is None:
                 raise ValueError(f"no place geometry for target {target!r} ({task.suite} task {task.task_id}); "
                                  f"known: {', '.join(sorted(PLACES))}")
             drawer = _DRAWER_REGION.match(target)
@@ -208,7 +333,25 @@ def plan_stages(task) -> list[Stage]:
         else:
             raise ValueError(f"the scripted expert cannot do {predicate!r} ({task.suite} task {task.task_id}: "
                              f"{task.instruction!r})")
+    # A drawer is closed after the objects that go into it ("put the bowl in the drawer and close
+    # it" lists the close first), else where the goal lists it.
+    for region, stage in closing:
+        into = [i for i, s in enumerate(stages) if s.kind == "pick" and s.target == region]
+        stages.insert(into[-1] + 1 if into else len(stages), stage)
     return stages
+
+
+def grasp_for(suite: str, obj: str) -> GraspGeometry | None:
+    """How to grasp ``obj`` in ``suite``, or None if unknown."""
+    kind = object_kind(obj)
+    return (SUITE_OBJECT_GEOMETRY.get(suite, {}).get(kind) or TASK_OBJECT_GEOMETRY.get(kind)
+            or se.OBJECT_GEOMETRY.get(kind))
+
+
+def place_for(suite: str, target: str) -> RegionPlace | None:
+    """Where a carried object goes on or in ``target`` in ``suite``, or None if unknown."""
+    kind = target_kind(target)
+    return SUITE_PLACES.get(suite, {}).get(kind) or PLACES.get(kind)
 
 
 def split_yaw(rotation: Rotation) -> tuple[float, np.ndarray]:
@@ -234,6 +377,8 @@ FIXTURE_BOXES = {
     "flat_stove": ((-0.06, 0.25), (-0.1, 0.1), 0.045),
     # The wine rack's stand, slanted shelves and the post between them.
     "wine_rack": ((-0.14, 0.14), (-0.12, 0.08), 0.33),
+    # libero_10's white cabinet: its carcass (the closed drawers' fronts and handles 3 cm in front).
+    "white_cabinet": ((-0.118, 0.118), (-0.112, 0.11), 0.222),
 }
 
 
@@ -254,12 +399,13 @@ def scene_fixtures(obs) -> tuple:
 
 
 class TaskExpert(ScriptedExpert):
-    """Closed-loop expert for the stages of a libero_goal task; see the module docstring."""
+    """Closed-loop expert for the stages of a libero_goal or libero_10 task; see the module docstring."""
 
     # ------------------------------------------------------------------ episode set-up
     def reset(self, task, rng: np.random.Generator) -> None:
         self.stages = plan_stages(task)
         self.task = task
+        self.shoulder = task_shoulder(task)
         self.style = draw_style(rng, self.noise)
         self._reset_motion()
         self.obj = self.target = ""
@@ -285,8 +431,8 @@ class TaskExpert(ScriptedExpert):
         """Continue, from the state ``obs``, an episode that another policy started in
         ``first_obs`` (call right after ``reset``); returns the phase it starts in.
 
-        The stages whose result already holds (a drawer open, the knob on, the dish in its
-        region, an object in place and out of the hand) are done, except the last. The first
+        The stages whose result already holds (a drawer open or closed, the knob on, the dish in
+        its region, an object in place and out of the hand) are done, except the last. The first
         stage left starts afresh: a pick stage from the hand's current pose, or, its object
         hanging in the hand, from the lift (``ScriptedExpert.take_over``); any other stage after
         the hand has risen to the episode's starting height (phase ``rise``). The hand's orientation
@@ -321,6 +467,8 @@ class TaskExpert(ScriptedExpert):
         kind = self.stage.kind
         if kind == "open":
             return self._drawer(obs)[2] < DRAWER_OPEN_QPOS
+        if kind == "close":
+            return self._drawer(obs)[2] > DRAWER_CLOSED_QPOS
         if kind == "turn_on":
             return self._knob(obs)[2] >= KNOB_ON
         if kind == "push":
@@ -334,13 +482,23 @@ class TaskExpert(ScriptedExpert):
         if st.kind == "pick":
             self.obj, self.target = st.obj, st.target
             kind = object_kind(st.obj)
-            self.grasp = TASK_OBJECT_GEOMETRY.get(kind) or se.OBJECT_GEOMETRY[kind]
-            self.region = PLACES[target_kind(st.target)]
+            self.grasp = grasp_for(self.task.suite, st.obj)
+            self.region = place_for(self.task.suite, st.target)
+            slots = SHARED_PLACE_SLOTS.get(target_kind(st.target))
+            sharing = [i for i, s in enumerate(self.stages) if s.kind == "pick" and s.target == st.target]
+            if slots is not None and len(sharing) > 1:  # a single object keeps the place's own spot
+                n = sharing.index(self.stage_index)
+                if n >= len(slots):
+                    raise ValueError(f"no room for {st.obj!r} on {st.target!r}: {len(slots)} objects at most "
+                                     f"({self.task.suite} task {self.task.task_id})")
+                self.region = replace(self.region, shift=tuple(np.add(self.region.shift, slots[n])))
             self.place = self.region.place
             self._reset_pick()
             self.start_phase = "approach"
         elif st.kind == "open":
             self.start_phase = "handle_approach"
+        elif st.kind == "close":
+            self.start_phase = "close_approach"
         elif st.kind == "turn_on":
             self.start_phase = "knob_approach"
         else:
@@ -361,11 +519,32 @@ class TaskExpert(ScriptedExpert):
         return super().act(obs)
 
     # ------------------------------------------------------------------ geometry
+    def _shoulder(self) -> np.ndarray:
+        return self.shoulder
+
     def _is_neighbour(self, key: str) -> bool:
         if not self.task.objects:
             return super()._is_neighbour(key)
         name = key[: -len("_pos")]
         return key.endswith("_pos") and name in self.task.objects and name != self.obj
+
+    def _grasp_candidates(self, obs):
+        """ScriptedExpert's candidates, or for an object in HANDLE_GRASPS the one grasp of its
+        handle (as a centre grasp: the handle's offset from the origin and the hand's yaw
+        follow the object's current pose)."""
+        handle = HANDLE_GRASPS.get(object_kind(self.obj))
+        if handle is None:
+            yield from super()._grasp_candidates(obs)
+            return
+        point_local, axis_local = handle
+        rot = quat_xyzw_to_rotation(obs[f"{self.obj}_quat"])
+        offset = rot.apply([*point_local, 0.0])[:2]
+        axis = rot.apply([*axis_local, 0.0])[:2]
+        axis = axis / np.linalg.norm(axis)
+        point = self._obj_pos(obs) + np.array([offset[0], offset[1], self.grasp.grasp_height])
+        fingers = [point[:2] + se.FINGER_OPEN_OFFSET * axis, point[:2] - se.FINGER_OPEN_OFFSET * axis]
+        yaw = se.finger_yaw(float(np.arctan2(axis[1], axis[0])))
+        yield ("centre", (offset[0], offset[1]), yaw, "open"), point, axis, fingers, None
 
     def _target_pos(self, obs) -> np.ndarray:
         p = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)
@@ -435,7 +614,7 @@ class TaskExpert(ScriptedExpert):
     def _reach_left(self, eef, limit: float = se.REACH_LIMIT) -> float:
         """As ScriptedExpert's, with the wrist where the tilted hand puts it (WRIST_ABOVE_EEF
         along the hand's axis, not straight above the EEF)."""
-        shoulder = se.SHOULDER.get(self.task.suite)
+        shoulder = self._shoulder()
         if shoulder is None:
             return np.inf
         up = Rotation.from_rotvec(self.tilt_axis * self.ref_tilt).apply([0.0, 0.0, 1.0])
@@ -481,7 +660,7 @@ class TaskExpert(ScriptedExpert):
 
     def _phase_handle_approach(self, obs, eef):
         handle, out, q = self._drawer(obs)
-        if q < DRAWER_OPEN_QPOS:  # already open
+        if q < DRAWER_OPEN_QPOS or (q < DRAWER_ROOM_QPOS and self._drawer_receives_object()):  # already open
             self.hold_point = eef.copy()
             self._enter("handle_back")
             return eef, 0.0, 0.0, GRIPPER_OPEN
@@ -544,6 +723,67 @@ class TaskExpert(ScriptedExpert):
                 self.tries += 1
                 self._enter("handle_approach")
         return target, self.style.speed, 0.0, GRIPPER_OPEN
+
+    def _drawer_receives_object(self) -> bool:
+        """Whether the next stage puts an object into the drawer of the current stage."""
+        st = self.stage
+        nxt = self.stages[self.stage_index + 1] if self.stage_index + 1 < len(self.stages) else None
+        return nxt is not None and nxt.kind == "pick" and nxt.target == f"{st.fixture}_{st.part}_region"
+
+    # ------------------------------------------------------------------ phases: close a drawer
+    def _close_point(self, obs, ahead: float) -> tuple:
+        """(EEF position [3] with the leaning fingertips ``ahead`` m in front of the handle bar's
+        front, at its height; the drawer's joint position). Also sets the hand's lean and yaw."""
+        handle, out, q = self._drawer(obs)
+        d = -out  # the push: into the cabinet
+        tip = handle + out * (HANDLE_FRONT + ahead)
+        axis = np.cross([0.0, 0.0, -1.0], d)
+        self.tilt_axis, self.tilt_goal = axis / np.linalg.norm(axis), CLOSE_TILT
+        self.grasp_yaw = se.finger_yaw(float(np.arctan2(d[1], d[0])) + np.pi / 2)  # fingers side by side
+        pointing = d * np.sin(CLOSE_TILT) - np.array([0.0, 0.0, np.cos(CLOSE_TILT)])
+        return tip - pointing * se.FINGERTIP_DEPTH, q
+
+    def _phase_close_approach(self, obs, eef):
+        start, q = self._close_point(obs, CLOSE_STANDOFF)
+        if q > DRAWER_CLOSED_QPOS:
+            self.hold_point = eef.copy()
+            self._enter("idle")
+            return eef, 0.0, 0.0, GRIPPER_CLOSE
+        above = start + np.array([0.0, 0.0, self.style.approach_height])
+        if np.linalg.norm(above - eef) < 0.015 and self._tilt_error(obs) < TILT_TOLERANCE:
+            self._enter("close_descend")
+        return above, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_CLOSE
+
+    def _phase_close_descend(self, obs, eef):
+        start, _ = self._close_point(obs, CLOSE_STANDOFF)
+        if np.linalg.norm(start - eef) < se.GRASP_TOLERANCE or self.stall >= se.STALL_STEPS:
+            self._enter("close_push")
+        return start, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_close_push(self, obs, eef):
+        """Push toward where the bar's front is once the drawer is in, past its stop."""
+        _, q = self._close_point(obs, 0.0)
+        _, out, _ = self._drawer(obs)
+        goal, _ = self._close_point(obs, -(DRAWER_CLOSE_TO - q))
+        stalled = self.stall >= se.STALL_STEPS * 2 and self.phase_t > 15
+        if q > DRAWER_CLOSED_QPOS or stalled or self.phase_t > 120:
+            self.hold_point = eef + out * 0.05
+            self._enter("close_retreat")
+        return goal, CLOSE_SPEED, 0.0, GRIPPER_CLOSE
+
+    def _phase_close_retreat(self, obs, eef):
+        _, _, q = self._drawer(obs)
+        target = self.hold_point + (np.array([0.0, 0.0, 0.06]) if self.phase_t > 6 else 0.0)
+        if self.phase_t > 6:
+            self.tilt_goal = 0.0
+        if self.phase_t > 6 and abs(self.ref_tilt) < 0.05 and np.linalg.norm(target - eef) < 0.03:
+            if q > DRAWER_CLOSED_QPOS:
+                self.hold_point = eef - np.array([0.0, 0.0, 0.08])
+                self._enter("idle")
+            else:
+                self.tries += 1
+                self._enter("close_approach")
+        return target, self.style.speed, 0.0, GRIPPER_CLOSE
 
     # ------------------------------------------------------------------ phases: turn the knob
     def _knob(self, obs):
@@ -703,7 +943,7 @@ class TaskExpert(ScriptedExpert):
         """Reach left (m) of the arm with the fingertips at tip [3], leaning tilt toward d [2]."""
         up = np.array([d[0] * np.sin(tilt), d[1] * np.sin(tilt), np.cos(tilt)])
         wrist = np.asarray(tip, dtype=np.float64) + (se.WRIST_ABOVE_EEF + se.FINGERTIP_DEPTH) * up
-        return se.REACH_GUARD - float(np.linalg.norm(wrist - se.SHOULDER[self.task.suite]))
+        return se.REACH_GUARD - float(np.linalg.norm(wrist - self._shoulder()))
 
     def _phase_push_approach(self, obs, eef):
         if self.phase_t == 0:
@@ -761,7 +1001,7 @@ class TaskExpert(ScriptedExpert):
 
 class SuiteExpert:
     """The scripted expert of every supported suite: ``reset`` picks ScriptedExpert (pick and
-    place: libero_spatial, libero_object) or TaskExpert (libero_goal) for the task's suite;
+    place: libero_spatial, libero_object) or TaskExpert (libero_goal, libero_10) for the task's suite;
     everything else is the chosen expert's."""
 
     def __init__(self, noise: float = 1.0):

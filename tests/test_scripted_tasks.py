@@ -40,11 +40,21 @@ def test_plan_stages_of_every_kind_of_goal():
 
 def test_plan_stages_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="close"):
-        st.plan_stages(goal_task(("close", "wooden_cabinet_1_top_region")))
+        st.plan_stages(goal_task(("close", "microwave_1")))
     with pytest.raises(ValueError, match="popcorn_1"):
         st.plan_stages(goal_task(("on", "popcorn_1", "plate_1")))
     with pytest.raises(ValueError, match="microwave_1"):
         st.plan_stages(goal_task(("in", "akita_black_bowl_1", "microwave_1_heating_region")))
+
+
+def test_a_drawer_is_closed_after_what_goes_into_it():
+    close = ("close", "wooden_cabinet_1_top_region")
+    stages = st.plan_stages(goal_task(close, ("in", "akita_black_bowl_1", "wooden_cabinet_1_top_region"),
+                                      ("on", "cream_cheese_1", "plate_1")))
+    assert [s.kind for s in stages] == ["open", "pick", "close", "pick"]
+    assert stages[2] == st.Stage("close", fixture="wooden_cabinet_1", part="top")
+    # Nothing goes in: closed where the goal lists it.
+    assert [s.kind for s in st.plan_stages(goal_task(("on", "cream_cheese_1", "plate_1"), close))] == ["pick", "close"]
 
 
 def test_target_kind_and_region_fixture():
@@ -56,13 +66,13 @@ def test_target_kind_and_region_fixture():
     assert st.region_fixture("main_table_stove_front_region", task) is None
 
 
-@pytest.mark.parametrize("suite", ["libero_10", "libero_90"])
+@pytest.mark.parametrize("suite", ["libero_90"])
 def test_suite_expert_refuses_unsupported_suites(suite):
     task = TaskInfo(suite=suite, task_id=3, name="x", instruction="open the drawer", bddl_file="",
                     max_steps=300, goal=(("open", "wooden_cabinet_1_top_region"),))
     with pytest.raises(ValueError, match=suite) as err:
         st.SuiteExpert().reset(task, np.random.default_rng(0))
-    assert all(s in str(err.value) for s in ("libero_spatial", "libero_object", "libero_goal"))
+    assert all(s in str(err.value) for s in ("libero_spatial", "libero_object", "libero_goal", "libero_10"))
 
 
 def test_suite_expert_picks_the_expert_per_suite():
@@ -231,5 +241,139 @@ def test_expert_takes_over_a_libero_goal_episode_another_policy_started():
         episode = ca.run_episode(env, policy, 0, seed=1, max_steps=300, scene_seed=1)
         assert policy.takeover_step == 40 and policy.expert.stage.kind == "turn_on"
         assert episode.success, f"not solved in {len(episode.actions)} steps (phase {policy.expert.phase})"
+    finally:
+        env.close()
+
+
+def libero_10_task(task_id: int) -> TaskInfo:
+    """A libero_10 task with the goal and objects of its BDDL file (parsed without a simulator)."""
+    from libero.libero.envs.bddl_utils import robosuite_parse_problem
+
+    from collect_actions import get_task
+
+    task = get_task("libero_10", task_id)
+    problem = robosuite_parse_problem(task.bddl_file)
+    objects = tuple(name for names in problem["objects"].values() for name in names)
+    return TaskInfo(**{**task.__dict__, "goal": tuple(tuple(p) for p in problem["goal_state"]),
+                       "objects": objects})
+
+
+BASKET = "basket_1_contain_region"
+LIBERO_10_STAGES = {
+    0: [st.Stage("pick", obj="alphabet_soup_1", target=BASKET), st.Stage("pick", obj="tomato_sauce_1", target=BASKET)],
+    1: [st.Stage("pick", obj="cream_cheese_1", target=BASKET), st.Stage("pick", obj="butter_1", target=BASKET)],
+    4: [st.Stage("pick", obj="porcelain_mug_1", target="plate_1"),
+        st.Stage("pick", obj="white_yellow_mug_1", target="plate_2")],
+    6: [st.Stage("pick", obj="porcelain_mug_1", target="plate_1"),
+        st.Stage("pick", obj="chocolate_pudding_1", target="living_room_table_plate_right_region")],
+    7: [st.Stage("pick", obj="alphabet_soup_1", target=BASKET), st.Stage("pick", obj="cream_cheese_1", target=BASKET)],
+    # The goal lists the close first: the bowl goes into the (already open) drawer, then it is closed.
+    3: [st.Stage("open", fixture="white_cabinet_1", part="bottom"),
+        st.Stage("pick", obj="akita_black_bowl_1", target="white_cabinet_1_bottom_region"),
+        st.Stage("close", fixture="white_cabinet_1", part="bottom")],
+    # The stove first, then the pot; in task 8 the goal lists the knob last.
+    2: [st.Stage("turn_on", fixture="flat_stove_1"),
+        st.Stage("pick", obj="moka_pot_1", target="flat_stove_1_cook_region")],
+    8: [st.Stage("pick", obj="moka_pot_1", target="flat_stove_1_cook_region"),
+        st.Stage("pick", obj="moka_pot_2", target="flat_stove_1_cook_region"),
+        st.Stage("turn_on", fixture="flat_stove_1")],
+}
+
+
+@pytest.mark.parametrize("task_id", sorted(LIBERO_10_STAGES))
+def test_plan_stages_of_libero_10_follow_the_goal_in_order(task_id):
+    task = libero_10_task(task_id)
+    assert st.plan_stages(task) == LIBERO_10_STAGES[task_id]
+    # Every stage has its grasp and place, and the arm's shoulder is known for the scene.
+    for stage in (s for s in st.plan_stages(task) if s.kind == "pick"):
+        assert st.grasp_for(task.suite, stage.obj) is not None
+        assert st.place_for(task.suite, stage.target) is not None
+    assert st.task_shoulder(task).shape == (3,)
+
+
+def test_task_shoulder_follows_the_scene():
+    living, kitchen = libero_10_task(0), libero_10_task(3)
+    assert st.task_shoulder(living)[2] < 0.8 < st.task_shoulder(kitchen)[2]  # the living room's table is low
+    np.testing.assert_array_equal(st.task_shoulder(goal_task(("turnon", "flat_stove_1"))), se.SHOULDER["libero_goal"])
+    unknown = TaskInfo(**{**living.__dict__, "name": "GARAGE_SCENE1_put_the_can_in_the_basket"})
+    with pytest.raises(ValueError, match="GARAGE_SCENE1"):
+        st.task_shoulder(unknown)
+
+
+def test_mug_rim_grasps_keep_off_the_handle():
+    task = libero_10_task(4)
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(task, np.random.default_rng(0))
+    assert expert.stage.obj == "porcelain_mug_1"
+    # The mug turned 90 degrees: its handle (own -x) points along world -y.
+    yaw = Rotation.from_euler("z", np.pi / 2)
+    mug = np.array([0.0, -0.15, 0.434])
+    obs = {"porcelain_mug_1_pos": mug, "porcelain_mug_1_quat": yaw.as_quat(),
+           "robot0_eef_pos": np.array([-0.05, 0.0, 0.69])}
+    handle = yaw.apply([-1.0, 0.0, 0.0])[:2]
+    centre = mug[:2] + yaw.apply([*expert.grasp.rim_centre, 0.0])[:2]
+    directions = [np.array(choice[1]) for choice, *_ in expert._grasp_candidates(obs)]
+    assert len(directions) >= 8
+    for d in directions:
+        assert np.dot(d, handle) < np.cos(se.HANDLE_KEEP_OUT) + 1e-9
+    # The grasped rim lies around the cup's centre, not the mug's origin.
+    rims = [expert._rim_point(obs, d)[:2] for d in directions]
+    np.testing.assert_allclose([np.linalg.norm(r - centre) for r in rims], expert.grasp.rim_offset, atol=1e-9)
+
+
+def test_two_pots_on_the_stove_go_to_separate_places():
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(libero_10_task(8), np.random.default_rng(0))
+    first = np.array(expert.region.shift)
+    expert._next_stage()
+    assert expert.stage.obj == "moka_pot_2"
+    second = np.array(expert.region.shift)
+    # Both origins well within the cook region (+-7.5 cm), at least a pot's width (8 cm) apart.
+    assert np.linalg.norm(first - second) >= 0.08
+    assert np.all(np.abs(first[:2]) <= 0.05) and np.all(np.abs(second[:2]) <= 0.05)
+
+
+def test_handle_grasp_follows_the_pot():
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(libero_10_task(2), np.random.default_rng(0))
+    expert._next_stage()
+    assert expert.stage.obj == "moka_pot_1"
+    assert expert.region.shift == (0.0, 0.0, 0.0)  # the only pot: the cook region's centre
+    pot = np.array([0.03, -0.01, 0.966])
+    for yaw in (np.pi, np.pi / 2):
+        obs = {"moka_pot_1_pos": pot, "moka_pot_1_quat": Rotation.from_euler("z", yaw).as_quat()}
+        (choice, point, axis, _, _), = expert._grasp_candidates(obs)
+        handle = Rotation.from_euler("z", yaw).apply([0.0, 1.0, 0.0])
+        # At the handle, 6.5 cm out from the pot's axis, the fingers closing across it.
+        np.testing.assert_allclose(point[:2] - pot[:2], 0.065 * handle[:2], atol=1e-9)
+        assert abs(np.dot(axis, handle[:2])) < 1e-9
+
+
+@pytest.mark.parametrize("task_id", [5, 9])
+def test_plan_stages_refuses_the_libero_10_tasks_it_cannot_do(task_id):
+    task = libero_10_task(task_id)
+    with pytest.raises(ValueError, match=f"libero_10 task {task_id}"):
+        st.plan_stages(task)
+
+
+@pytest.mark.integration
+def test_expert_solves_libero_10_episode():
+    """Task 6: the white mug on the plate, then the chocolate pudding right of the plate."""
+    from collect_actions import LiberoEnv
+
+    env = LiberoEnv("libero_10", 6)
+    try:
+        obs = env.reset(0)
+        expert = st.SuiteExpert(noise=1.0)
+        expert.reset(env.task, np.random.default_rng(0))
+        success, steps = False, 0
+        while not success and steps < env.task.max_steps:
+            for action in expert.act(obs):
+                obs, success = env.step(action)
+                steps += 1
+                if success:
+                    break
+        assert success, f"libero_10 task 6: not solved in {steps} steps (stage {expert.stage}, phase {expert.phase})"
+        assert expert.stage_index == 1
     finally:
         env.close()
