@@ -45,8 +45,9 @@ TASK_OBJECT_GEOMETRY = {
     # Plate: a 6 cm base and a rim of eight slats rising at 20 degrees from r = 3 cm to its edge at
     # r = 6.6 cm, 1.6 cm up; it weighs ~10 g. Far too wide for the fingers (7.8 cm), it is pinched
     # at the rim: the hand centred 5.8 cm out, the outer finger beyond the edge, the inner one's
-    # tip just above the base, meeting the slat from inside as the fingers close.
-    "plate": GraspGeometry(grasp_height=0.018, rim_offset=0.058, rim_height=0.0, bottom=0.001),
+    # tip down on the base, so that it meets the slat near its foot as the fingers close and they
+    # hold the whole slat (taken 6 mm higher, the fingers held only its edge: 14 of 20 lifts).
+    "plate": GraspGeometry(grasp_height=0.012, rim_offset=0.058, rim_height=0.0, bottom=0.001),
     # Wine bottle: origin at its bottom, body 3 cm wide up to 7.3 cm, a 2.3 cm ring up to 10 cm,
     # neck 1.1 cm wide up to 15.8 cm. Taken by the neck, 2.5 cm below its top (the palm clears it).
     "wine_bottle": GraspGeometry(grasp_height=0.133, rim_offset=0.0, rim_height=0.0, bottom=0.0,
