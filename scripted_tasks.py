@@ -90,8 +90,7 @@ PLACES = {
                                            shift=(0.06, -0.04, 0.0)),
     # The open top drawer: its site 2.7 cm above the floor, in the middle of the drawer; walls
     # ~3.5 cm above the site. Placed toward the drawer's front, clear of the cabinet's plank.
-    "wooden_cabinet_top_region": RegionPlace(PlaceGeometry(surface=-0.027, clear_height=0.045, xy_tolerance=0.05),
-                                             shift=(0.0, -0.02, 0.0)),
+    "wooden_cabinet_top_region": RegionPlace(PlaceGeometry(surface=-0.027, clear_height=0.045, xy_tolerance=0.05)),
     # The wine rack: an upper shelf rising at 31 degrees along the rack's y axis with a lip at its
     # low end, where the region's site is (a slab 20 cm along the lip, 4.4 cm across, reaching
     # 9.75 cm up the shelf). The bottle is laid on the shelf, its bottom just above the lip, to
@@ -119,6 +118,14 @@ DRAWER_HANDLE = {"top": (-0.003, -0.1016, 0.1839), "middle": (-0.003, -0.1016, 0
                  "bottom": (-0.003, -0.1016, 0.0411)}
 DRAWER_JOINT = {"top": 0, "middle": 1, "bottom": 2}  # index in <cabinet>_qpos
 DRAWER_OPEN_QPOS = -0.14
+# Where a bowl fits into a drawer (cabinet frame, distances out of the cabinet, at a closed drawer):
+# the region's centre DRAWER_REGION_Y, the front wall's inside DRAWER_FRONT_INNER, the top plank's
+# front edge PLANK_EDGE. LIBERO counts the bowl in once its base is between the walls; there its
+# body, BOWL_UNDER_PLANK (m) wide from the centre at the plank's height, must be clear of the plank.
+DRAWER_REGION_Y = 0.01128
+DRAWER_FRONT_INNER = 0.0725
+PLANK_EDGE = 0.078
+BOWL_UNDER_PLANK = 0.04
 DRAWER_PULL_TO = -0.155  # pulled this far (m) to be safely open
 # The hand points at the drawer's front (turned 90 degrees from pointing down) so that its
 # fingers close vertically on the horizontal handle bar: pointing down, its 21 cm long body
@@ -344,7 +351,21 @@ class TaskExpert(ScriptedExpert):
         fixture = region_fixture(self.target, self.task)
         if fixture is None:
             return p + np.asarray(self.region.shift)
-        return p + _yaw_rotation(obs, fixture).apply(self.region.shift)
+        shift = np.asarray(self.region.shift, dtype=np.float64)
+        drawer = _DRAWER_REGION.match(self.target)
+        if drawer is not None:
+            shift = shift + np.array([0.0, -self._drawer_place_out(obs, drawer.group("fixture"), drawer.group("part")), 0.0])
+        return p + _yaw_rotation(obs, fixture).apply(shift)
+
+    def _drawer_place_out(self, obs, fixture: str, part: str) -> float:
+        """How far (m) out of the cabinet from the drawer region's centre a bowl goes in: midway
+        between the cabinet's top plank and the drawer's front wall at the drawer's opening now
+        (the hand on its way to the bowl may have pushed the drawer partly shut), but never under
+        the plank."""
+        q = float(np.asarray(obs[f"{fixture}_qpos"])[DRAWER_JOINT[part]])
+        back = PLANK_EDGE + BOWL_UNDER_PLANK
+        front = DRAWER_FRONT_INNER - q - se.BOWL_RADIUS
+        return max(back, 0.5 * (back + front)) - (-DRAWER_REGION_Y - q)
 
     def _lay_rotation(self, obs) -> Rotation | None:
         """The tilt that lays the held object along the region's lay_along direction, or None."""

@@ -212,3 +212,27 @@ def test_expert_solves_libero_goal_episode(task_id):
         assert success, f"libero_goal task {task_id}: not solved in {steps} steps (phase {expert.phase})"
     finally:
         env.close()
+
+
+def test_a_bowl_goes_into_the_drawer_where_it_fits_at_the_drawer_s_opening_now():
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(goal_task(("in", "akita_black_bowl_1", "wooden_cabinet_1_top_region")), np.random.default_rng(0))
+    cabinet = np.array([0.03, -0.24, 0.905])
+    site = {"top": st.DRAWER_REGION_Y}
+
+    def bowl_out(q):
+        """Where the bowl's centre goes, m out of the cabinet (its frame faces +y: out is world +y)."""
+        obs = {"wooden_cabinet_1_pos": cabinet, "wooden_cabinet_1_quat": CABINET_YAW_PI,
+               "wooden_cabinet_1_qpos": np.array([q, 0.0, 0.0]),
+               "wooden_cabinet_1_top_region_pos": cabinet + [0.0, -(site["top"] + q), 0.186]}
+        expert.obj, expert.target = "akita_black_bowl_1", "wooden_cabinet_1_top_region"
+        expert.region = st.PLACES["wooden_cabinet_top_region"]
+        return float(expert._target_pos(obs)[1] - cabinet[1])
+
+    back = st.PLANK_EDGE + st.BOWL_UNDER_PLANK
+    # Fully open: midway between the plank and the front wall, the whole bowl between the walls.
+    full = bowl_out(-0.155)
+    assert back < full < st.DRAWER_FRONT_INNER + 0.155 - se.BOWL_RADIUS
+    # Pushed partly shut, the bowl goes further back with the drawer, but never under the plank.
+    assert bowl_out(-0.12) < full
+    assert bowl_out(-0.09) == pytest.approx(back)
