@@ -99,9 +99,10 @@ PLACES = {
                                         shift=(0.05, 0.017, 0.03), lay_along=(0.0, 0.855, 0.519)),
 }
 
-# Objects that are pushed, not carried, into their region. None: the plate, pushed, reached the
-# region in front of the stove from 6 of 20 held-out init states, pinched and carried from 14.
+# Objects that are pushed, not carried, into their region.
 PUSHED = ()
+# (None: the plate, pushed, reached the region in front of the stove from 6 of 20 held-out init
+# states, pinched at its rim and carried from 20.)
 # Dishes taken by a pinch of their rim (see TASK_OBJECT_GEOMETRY): one hangs from the fingers
 # and, as the lift starts, pivots on its far edge, so its origin rises about half as fast as the
 # hand (at least PINCHED_RISE_MIN (m) once the hand has risen se.LIFT_CHECK_RISE); it swings
@@ -139,6 +140,20 @@ PULL_SPEED = 0.7  # action units
 # to the next stage (the hand points down again on its way there).
 HANDLE_BACK_STEPS = 8
 TILT_DONE = 0.05  # rad of tilt left at which a hand pointing down again may go down to a grasp
+# The open top drawer may overhang the bowl on the table beside the cabinet (its floor 15 cm up,
+# the bowl 5.2 cm tall): lifted straight up, the bowl's rim met the drawer's floor and was pulled
+# out of the fingers. A grasped object whose footprint comes within DRAWER_MARGIN (m) of an open
+# drawer (pulled out more than DRAWER_PULLED) is first slid straight away from it on the table, at
+# SLIDE_OUT_SPEED (action units), at most SLIDE_OUT_MAX (m). Cabinet frame: a drawer as wide as
+# DRAWER_HALF_WIDTH either side, from the carcass's front (CABINET_FRONT) to HANDLE_TO_FRONT behind
+# its handle's centre (from the collision boxes).
+CABINET_FRONT = -0.112
+DRAWER_HALF_WIDTH = 0.11
+HANDLE_TO_FRONT = 0.024
+DRAWER_MARGIN = 0.01
+DRAWER_PULLED = 0.03
+SLIDE_OUT_SPEED = 0.4
+SLIDE_OUT_MAX = 0.06
 TILT_SPEED = 0.8  # fastest tilt of the hand, action units (1.0 ~ 4.8 degrees per step)
 TILT_TOLERANCE = 0.12  # rad of tilt error at which the hand may go in for the handle
 
@@ -426,6 +441,56 @@ class TaskExpert(ScriptedExpert):
 
     def _fixture_frame(self, obs, fixture: str) -> tuple[np.ndarray, Rotation]:
         return np.asarray(obs[f"{fixture}_pos"], dtype=np.float64), _yaw_rotation(obs, fixture)
+
+    def _open_drawer_footprints(self, obs) -> list:
+        """Footprints [4, 2] (world xy) of every cabinet drawer pulled out more than DRAWER_PULLED."""
+        out = []
+        for key in obs:
+            m = re.match(r"^(?P<fixture>.+_cabinet_\d+)_qpos$", key)
+            if m is None or f"{m.group('fixture')}_pos" not in obs:
+                continue
+            pos, rot = self._fixture_frame(obs, m.group("fixture"))
+            qpos = np.asarray(obs[key], dtype=np.float64)
+            for part, joint in DRAWER_JOINT.items():
+                if joint < len(qpos) and qpos[joint] < -DRAWER_PULLED:
+                    front = DRAWER_HANDLE[part][1] + qpos[joint] + HANDLE_TO_FRONT
+                    corners = np.array([[-DRAWER_HALF_WIDTH, front], [DRAWER_HALF_WIDTH, front],
+                                        [DRAWER_HALF_WIDTH, CABINET_FRONT], [-DRAWER_HALF_WIDTH, CABINET_FRONT]])
+                    out.append(corners @ rot.as_matrix()[:2, :2].T + pos[:2])
+        return out
+
+    def _slide_out(self, obs) -> np.ndarray:
+        """Horizontal move [2] (m) that takes the grasped object's footprint DRAWER_MARGIN clear of
+        every open drawer, straight away from the nearest one; zero when it is clear."""
+        p = self._obj_pos(obs)[:2]
+        radius = se.NEIGHBOUR_SIZE.get(object_kind(self.obj), se.DEFAULT_NEIGHBOUR_SIZE)[0]
+        footprints = self._open_drawer_footprints(obs)
+        if not footprints:
+            return np.zeros(2)
+        nearest = min(footprints, key=lambda f: se.polygon_distance(p, f))
+        gap = se.polygon_distance(p, nearest)
+        if gap >= radius + DRAWER_MARGIN or gap <= 0.0:
+            return np.zeros(2)
+        eps = 1e-4  # the direction in which the gap grows fastest
+        grad = np.array([se.polygon_distance(p + [eps, 0.0], nearest) - gap,
+                         se.polygon_distance(p + [0.0, eps], nearest) - gap])
+        return grad / max(float(np.linalg.norm(grad)), 1e-9) * min(radius + DRAWER_MARGIN - gap, SLIDE_OUT_MAX)
+
+    def _phase_close(self, obs, eef):
+        out = super()._phase_close(obs, eef)
+        if self.phase == "lift":
+            move = self._slide_out(obs)
+            if np.any(move):
+                self.slide_target = self.hold_point + np.r_[move, 0.003]
+                self._enter("slide")
+        return out
+
+    def _phase_slide(self, obs, eef):
+        """Slide the held object out from under an open drawer, then lift."""
+        if np.linalg.norm(self.slide_target - eef) < 0.004 or self.phase_t > 25:
+            self.hold_point = self.slide_target
+            self._enter("lift")
+        return self.slide_target, SLIDE_OUT_SPEED, 0.0, GRIPPER_CLOSE
 
     def _phase_approach(self, obs, eef):
         """As ScriptedExpert's, but going down to the grasp only once the hand points down

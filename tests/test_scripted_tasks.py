@@ -192,28 +192,6 @@ def test_a_plate_pinched_at_its_rim_may_pivot_on_the_lift_and_swing_on_the_way()
     assert not plate._attached({"robot0_eef_pos": eef, "plate_1_pos": eef - [0.08, 0.0, 0.06]})
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("task_id", [0, 1])  # open the middle drawer; put the bowl on the stove
-def test_expert_solves_libero_goal_episode(task_id):
-    from collect_actions import LiberoEnv
-
-    env = LiberoEnv("libero_goal", task_id)
-    try:
-        obs = env.reset(0)
-        expert = st.SuiteExpert(noise=1.0)
-        expert.reset(env.task, np.random.default_rng(0))
-        success, steps = False, 0
-        while not success and steps < env.task.max_steps:
-            for action in expert.act(obs):
-                obs, success = env.step(action)
-                steps += 1
-                if success:
-                    break
-        assert success, f"libero_goal task {task_id}: not solved in {steps} steps (phase {expert.phase})"
-    finally:
-        env.close()
-
-
 def test_a_bowl_goes_into_the_drawer_where_it_fits_at_the_drawer_s_opening_now():
     expert = st.TaskExpert(noise=0.0)
     expert.reset(goal_task(("in", "akita_black_bowl_1", "wooden_cabinet_1_top_region")), np.random.default_rng(0))
@@ -236,3 +214,46 @@ def test_a_bowl_goes_into_the_drawer_where_it_fits_at_the_drawer_s_opening_now()
     # Pushed partly shut, the bowl goes further back with the drawer, but never under the plank.
     assert bowl_out(-0.12) < full
     assert bowl_out(-0.09) == pytest.approx(back)
+
+
+def test_a_bowl_under_the_open_drawer_is_slid_out_before_the_lift():
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(goal_task(("in", "akita_black_bowl_1", "wooden_cabinet_1_top_region")), np.random.default_rng(0))
+    expert._next_stage()  # the pick
+    cabinet = np.array([0.03, -0.24, 0.905])
+    obs = {"wooden_cabinet_1_pos": cabinet, "wooden_cabinet_1_quat": CABINET_YAW_PI,
+           "wooden_cabinet_1_qpos": np.array([-0.155, 0.0, 0.0]),
+           "akita_black_bowl_1_pos": np.array([-0.09, 0.0, 0.898])}
+    # Fully open, the drawer's front is at y ~ -0.01 and it reaches x ~ -0.08: over the bowl's edge.
+    move = expert._slide_out(obs)
+    assert np.linalg.norm(move) > 0.02 and move[1] > 0.0
+    fronts = expert._open_drawer_footprints(obs)
+    radius = se.NEIGHBOUR_SIZE["akita_black_bowl"][0]
+    moved = obs["akita_black_bowl_1_pos"][:2] + move
+    assert min(se.polygon_distance(moved, f) for f in fronts) >= radius + st.DRAWER_MARGIN - 1e-6
+    # Closed, or a bowl well away from it: lifted where it stands.
+    assert not np.any(expert._slide_out({**obs, "wooden_cabinet_1_qpos": np.zeros(3)}))
+    assert not np.any(expert._slide_out({**obs, "akita_black_bowl_1_pos": np.array([-0.2, 0.15, 0.898])}))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("task_id", [0, 1])  # open the middle drawer; put the bowl on the stove
+def test_expert_solves_libero_goal_episode(task_id):
+    from collect_actions import LiberoEnv
+
+    env = LiberoEnv("libero_goal", task_id)
+    try:
+        obs = env.reset(0)
+        expert = st.SuiteExpert(noise=1.0)
+        expert.reset(env.task, np.random.default_rng(0))
+        success, steps = False, 0
+        while not success and steps < env.task.max_steps:
+            for action in expert.act(obs):
+                obs, success = env.step(action)
+                steps += 1
+                if success:
+                    break
+        assert success, f"libero_goal task {task_id}: not solved in {steps} steps (phase {expert.phase})"
+    finally:
+        env.close()
+
