@@ -256,4 +256,3 @@ def test_expert_solves_libero_goal_episode(task_id):
         assert success, f"libero_goal task {task_id}: not solved in {steps} steps (phase {expert.phase})"
     finally:
         env.close()
-
