@@ -32,8 +32,9 @@ def test_plan_stages_of_every_kind_of_goal():
         st.Stage("open", fixture="wooden_cabinet_1", part="top"),
         st.Stage("pick", obj="akita_black_bowl_1", target="wooden_cabinet_1_top_region")]
     assert st.plan_stages(goal_task(("turnon", "flat_stove_1"))) == [st.Stage("turn_on", fixture="flat_stove_1")]
+    # The plate is carried, pinched at its rim.
     assert st.plan_stages(goal_task(("on", "plate_1", "main_table_stove_front_region"))) == [
-        st.Stage("push", obj="plate_1", target="main_table_stove_front_region")]
+        st.Stage("pick", obj="plate_1", target="main_table_stove_front_region")]
     for target in ("plate_1", "flat_stove_1_cook_region", "wooden_cabinet_1_top_side"):
         assert st.plan_stages(goal_task(("on", "akita_black_bowl_1", target)))[0].kind == "pick"
 
@@ -205,6 +206,101 @@ def test_take_over_skips_stages_already_done():
     assert expert.take_over(opened, obs) == "approach" and expert.stage.kind == "pick"
     with pytest.raises(RuntimeError, match="before reset"):
         st.TaskExpert().take_over(obs, obs)
+
+
+def test_drawer_stage_hands_over_before_the_hand_points_down_and_the_grasp_waits_for_it():
+    world = ToyDrawerWorld()
+    expert = st.TaskExpert(noise=1.0)
+    expert.reset(goal_task(("open", "wooden_cabinet_1_middle_region"), ("on", "akita_black_bowl_1", "plate_1")),
+                 np.random.default_rng(3))
+    bowl = {"akita_black_bowl_1_pos": np.array([-0.09, 0.1, 0.898]), "akita_black_bowl_1_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+            "plate_1_pos": np.array([0.05, 0.2, 0.903]), "plate_1_quat": np.array([0.0, 0.0, 0.0, 1.0])}
+    handover_tilt, descend_tilts = None, []
+    for _ in range(400):
+        world.step(expert.act({**world.obs(), **bowl})[0])
+        if expert.stage_index == 1 and handover_tilt is None:
+            handover_tilt = abs(expert.ref_tilt)
+        if expert.phase == "descend":
+            descend_tilts.append(abs(expert.ref_tilt))
+            break
+    assert world.qpos[1] < st.DRAWER_OPEN_QPOS
+    # The pick started while the hand still pointed at the cabinet, and went down only once it pointed down.
+    assert handover_tilt is not None and handover_tilt > 1.0
+    assert descend_tilts and descend_tilts[0] <= st.TILT_DONE
+
+
+def _pinched_plate_expert(kind_obj="plate_1"):
+    expert = st.TaskExpert(noise=0.0)
+    target = "main_table_stove_front_region" if kind_obj == "plate_1" else "plate_1"
+    expert.reset(goal_task(("on", kind_obj, target)), np.random.default_rng(0))
+    return expert
+
+
+def test_a_plate_pinched_at_its_rim_may_pivot_on_the_lift_and_swing_on_the_way():
+    eef0, obj0 = np.array([0.0, 0.0, 0.921]), np.array([0.05, -0.03, 0.903])
+    lifted = {"robot0_eef_pos": eef0 + [0.0, 0.0, 0.035], "robot0_gripper_qpos": np.array([0.01, -0.01])}
+
+    def lift(expert, obj):
+        expert.phase, expert.lift_start, expert.hold_point = "lift", (eef0[2], obj0[2]), eef0.copy()
+        expert.hold_offset, expert.pick_xy, expert.start_bottom = None, obj[:2].copy(), float(obj[2])
+        obs = {**lifted, f"{expert.obj}_pos": obj, f"{expert.target}_pos": np.array([-0.05, 0.21, 0.895])}
+        expert._phase_lift(obs, obs["robot0_eef_pos"])
+        return expert
+
+    # The plate's far edge still on the table: its centre rose 0.8 cm while the hand rose 3.5 cm.
+    plate = lift(_pinched_plate_expert(), obj0 + [0.0, 0.0, 0.008])
+    assert plate.phase == "lift" and plate.hold_offset is not None
+    # A bowl that rose as little slipped out: regrasp.
+    bowl = lift(_pinched_plate_expert("akita_black_bowl_1"), np.array([0.0, -0.05, 0.898 + 0.008]))
+    assert bowl.phase == "regrasp"
+    # Swung 5 cm under the hand it is still held; 10 cm away it fell.
+    eef = lifted["robot0_eef_pos"]
+    assert plate._attached({"robot0_eef_pos": eef, "plate_1_pos": eef - [0.02, -0.03, 0.035]})
+    assert not plate._attached({"robot0_eef_pos": eef, "plate_1_pos": eef - [0.08, 0.0, 0.06]})
+
+
+def test_a_bowl_goes_into_the_drawer_where_it_fits_at_the_drawer_s_opening_now():
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(goal_task(("in", "akita_black_bowl_1", "wooden_cabinet_1_top_region")), np.random.default_rng(0))
+    cabinet = np.array([0.03, -0.24, 0.905])
+    site = {"top": st.DRAWER_REGION_Y}
+
+    def bowl_out(q):
+        """Where the bowl's centre goes, m out of the cabinet (its frame faces +y: out is world +y)."""
+        obs = {"wooden_cabinet_1_pos": cabinet, "wooden_cabinet_1_quat": CABINET_YAW_PI,
+               "wooden_cabinet_1_qpos": np.array([q, 0.0, 0.0]),
+               "wooden_cabinet_1_top_region_pos": cabinet + [0.0, -(site["top"] + q), 0.186]}
+        expert.obj, expert.target = "akita_black_bowl_1", "wooden_cabinet_1_top_region"
+        expert.region = st.PLACES["wooden_cabinet_top_region"]
+        return float(expert._target_pos(obs)[1] - cabinet[1])
+
+    back = st.PLANK_EDGE + st.BOWL_UNDER_PLANK
+    # Fully open: midway between the plank and the front wall, the whole bowl between the walls.
+    full = bowl_out(-0.155)
+    assert back < full < st.DRAWER_FRONT_INNER + 0.155 - se.BOWL_RADIUS
+    # Pushed partly shut, the bowl goes further back with the drawer, but never under the plank.
+    assert bowl_out(-0.12) < full
+    assert bowl_out(-0.09) == pytest.approx(back)
+
+
+def test_a_bowl_under_the_open_drawer_is_slid_out_before_the_lift():
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(goal_task(("in", "akita_black_bowl_1", "wooden_cabinet_1_top_region")), np.random.default_rng(0))
+    expert._next_stage()  # the pick
+    cabinet = np.array([0.03, -0.24, 0.905])
+    obs = {"wooden_cabinet_1_pos": cabinet, "wooden_cabinet_1_quat": CABINET_YAW_PI,
+           "wooden_cabinet_1_qpos": np.array([-0.155, 0.0, 0.0]),
+           "akita_black_bowl_1_pos": np.array([-0.09, 0.0, 0.898])}
+    # Fully open, the drawer's front is at y ~ -0.01 and it reaches x ~ -0.08: over the bowl's edge.
+    move = expert._slide_out(obs)
+    assert np.linalg.norm(move) > 0.02 and move[1] > 0.0
+    fronts = expert._open_drawer_footprints(obs)
+    radius = se.NEIGHBOUR_SIZE["akita_black_bowl"][0]
+    moved = obs["akita_black_bowl_1_pos"][:2] + move
+    assert min(se.polygon_distance(moved, f) for f in fronts) >= radius + st.DRAWER_MARGIN - 1e-6
+    # Closed, or a bowl well away from it: lifted where it stands.
+    assert not np.any(expert._slide_out({**obs, "wooden_cabinet_1_qpos": np.zeros(3)}))
+    assert not np.any(expert._slide_out({**obs, "akita_black_bowl_1_pos": np.array([-0.2, 0.15, 0.898])}))
 
 
 @pytest.mark.integration
