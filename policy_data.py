@@ -148,6 +148,17 @@ def one_cycle(opt, lr: float, total_steps: int):
     return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=total_steps, pct_start=pct)
 
 
+def optimizer_step(opt, sched, loss: torch.Tensor, what: str, epoch: int) -> None:
+    """One step of a training loop: refuse a loss that is not finite (naming ``what`` was trained
+    and the epoch), then backward, the optimizer's step and the schedule's."""
+    if not torch.isfinite(loss):
+        raise ValueError(f"{what} training diverged at epoch {epoch} (loss {float(loss)}); lower --lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def batches(n: int, batch_size: int, gen: torch.Generator | None = None, shuffle: bool = True):
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):

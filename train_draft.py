@@ -57,7 +57,7 @@ import policy_models as pm
 from cli import arg
 from demos import episode_key, load_episodes, split_by_episode
 from fileio import check_outputs, file_sha256
-from policy_data import ChunkDataset, batches, build_dataset, one_cycle, training_rollouts
+from policy_data import ChunkDataset, batches, build_dataset, one_cycle, optimizer_step, training_rollouts
 from rvq_tokenizer import load_tokenizer
 from timing import interleaved_median_seconds
 
@@ -217,12 +217,7 @@ def train_one(source, policy, train, val, t_train, t_val, args, n_tasks, rollout
                 g_logits = (draft(f_train[idx][gt], task_train[idx][gt], g_codes) if args.chained
                             else logits[gt])
                 loss = loss + args.gt_weight * F.cross_entropy(g_logits.flatten(0, 2), g_codes.flatten())
-            if not torch.isfinite(loss):
-                raise ValueError(f"draft training diverged at epoch {epoch} (loss {float(loss)}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(opt, sched, loss, "draft", epoch)
         per_pos, per_layer, acc = agreement(draft, f_val, val.task, t_val)
         history.append({"epoch": epoch, "agreement": per_pos, "layer_agreement": per_layer,
                         "expected_acceptance": acc})
@@ -396,12 +391,7 @@ def train_heads(policy, train, val, t_train, t_val, args, rollouts=None):
                 loss = loss + F.cross_entropy(logits[keep], target[keep], reduction="sum")
                 count += int(keep.sum())
             loss = loss / max(count, 1)
-            if not torch.isfinite(loss):
-                raise ValueError(f"heads training diverged at epoch {epoch} (loss {float(loss)}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(opt, sched, loss, "heads", epoch)
         metrics = heads_agreement(heads, policy, val, t_val, majority)
         score = sum(metrics["layer_agreement"])
         if rollouts is not None:

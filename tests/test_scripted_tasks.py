@@ -304,11 +304,15 @@ def test_a_bowl_under_the_open_drawer_is_slid_out_before_the_lift():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("task_id", [0, 1])  # open the middle drawer; put the bowl on the stove
-def test_expert_solves_libero_goal_episode(task_id):
+@pytest.mark.parametrize("suite, task_id", [
+    ("libero_goal", 0),  # open the middle drawer
+    ("libero_goal", 1),  # put the bowl on the stove
+    ("libero_10", 6),    # the white mug on the plate, then the chocolate pudding right of the plate
+])
+def test_expert_solves_a_multi_stage_episode(suite, task_id):
     from collect_actions import LiberoEnv
 
-    env = LiberoEnv("libero_goal", task_id)
+    env = LiberoEnv(suite, task_id)
     try:
         obs = env.reset(0)
         expert = st.SuiteExpert(noise=1.0)
@@ -320,7 +324,8 @@ def test_expert_solves_libero_goal_episode(task_id):
                 steps += 1
                 if success:
                     break
-        assert success, f"libero_goal task {task_id}: not solved in {steps} steps (phase {expert.phase})"
+        assert success, f"{suite} task {task_id}: not solved in {steps} steps (stage {expert.stage}, phase {expert.phase})"
+        assert expert.stage_index == len(expert.stages) - 1  # every stage was done
     finally:
         env.close()
 
@@ -450,26 +455,3 @@ def test_plan_stages_refuses_the_libero_10_tasks_it_cannot_do(task_id):
     task = libero_10_task(task_id)
     with pytest.raises(ValueError, match=f"libero_10 task {task_id}"):
         st.plan_stages(task)
-
-
-@pytest.mark.integration
-def test_expert_solves_libero_10_episode():
-    """Task 6: the white mug on the plate, then the chocolate pudding right of the plate."""
-    from collect_actions import LiberoEnv
-
-    env = LiberoEnv("libero_10", 6)
-    try:
-        obs = env.reset(0)
-        expert = st.SuiteExpert(noise=1.0)
-        expert.reset(env.task, np.random.default_rng(0))
-        success, steps = False, 0
-        while not success and steps < env.task.max_steps:
-            for action in expert.act(obs):
-                obs, success = env.step(action)
-                steps += 1
-                if success:
-                    break
-        assert success, f"libero_10 task 6: not solved in {steps} steps (stage {expert.stage}, phase {expert.phase})"
-        assert expert.stage_index == 1
-    finally:
-        env.close()
