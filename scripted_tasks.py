@@ -1,6 +1,6 @@
 """Scripted expert for LIBERO's libero_goal and libero_10 suites: objects placed on or in
 fixtures' regions, a cabinet drawer pulled open or pushed shut, the stove's knob turned, a plate
-pushed across the table, several objects placed in turn (libero_10's two-step goals).
+carried by its rim, several objects placed in turn (libero_10's two-step goals).
 
 It extends ``scripted_expert.ScriptedExpert`` (smooth reference motion, per-episode style,
 grasp choice, regrasps) and also reads the fixtures' state that ``collect_actions`` adds to the
@@ -13,12 +13,11 @@ A task's BDDL goal becomes a list of stages, done in order::
     close    lean the closed hand toward the cabinet and push the drawer's handle in
     pick     the pick-and-place phases of ScriptedExpert, onto an object or into a region
     turn_on  grip the stove's knob from above and turn the hand about the vertical
-    push     lower the closed hand behind a dish and push it across the table into a region
 
 ("in the top drawer" is preceded by opening that drawer when it is closed; a drawer is closed
 after what goes into it.) Each stage checks
 its own result from the observation and repeats its motion when it failed (the drawer did not
-open far enough, the knob slipped, the plate stopped short). The same checks let the expert take
+open far enough, the knob slipped, the object slipped out). The same checks let the expert take
 over an episode another policy started (``TaskExpert.take_over``, DAgger data): the stages whose
 result holds are done, the first one left starts from wherever the hand is.
 
@@ -207,10 +206,8 @@ PLACES.update({
                                                         shift=(0.0, 0.02, 0.0)),
 })
 
-# Objects that are pushed, not carried, into their region.
-PUSHED = ()
-# (None: the plate, pushed, reached the region in front of the stove from 6 of 20 held-out init
-# states, pinched at its rim and carried from 20.)
+# (The plate is pinched at its rim and carried into the region in front of the stove: pushed, it
+# got there from 6 of 20 held-out init states, carried from 20; see the libero_goal notebook note.)
 # Dishes taken by a pinch of their rim (see TASK_OBJECT_GEOMETRY): one hangs from the fingers
 # and, as the lift starts, pivots on its far edge, so its origin rises about half as fast as the
 # hand (at least PINCHED_RISE_MIN (m) once the hand has risen se.LIFT_CHECK_RISE); it swings
@@ -289,32 +286,12 @@ KNOB_ON = 0.5
 KNOB_TURN = 1.0
 KNOB_TURNED = 0.75
 
-# Pushing a dish (the plate: 7 cm radius, rim 1.7 cm tall): the closed fingertips go down
-# PUSH_GAP behind its rim, PUSH_HEIGHT (m) above its origin, and push it toward each waypoint,
-# aiming PUSH_LEAD inside the rim. The hand leans PUSH_TILT (rad) so that the fingertips trail
-# the wrist: upright, the wrist stood over the fingertips and caught the handle of the cabinet the
-# plate stands in front of. (Dragging the plate by the inside of its rim, or by its rim held
-# between the fingers, did not move it: the shallow rim turns the push into pressing the plate
-# onto the table, and slips out of the fingers.) The dish is there when its centre is within
-# PUSH_DONE of the route's end.
-PUSH_HEIGHT = 0.003
-PUSH_GAP = 0.015
-PUSH_LEAD = 0.05
-PUSH_TILT = 0.6
-PUSH_TILT_RANGE = 0.12  # m from a fixture's footprint within which the hand leans fully
-PUSH_DONE = 0.012
-PUSH_INSIDE = 0.03
-PUSH_STUCK_STEPS = 15  # a dish far from its waypoint that moved < 5 mm in this many steps is stuck  # m from the region's centre along x and y (LIBERO's table regions: +-4 cm)
-PUSH_SPEED = 1.0
-# The route may end this far (m, along x and y) from the region's centre (LIBERO's table
-# regions are +-4 cm) to keep the dish clear of the objects beside the region.
-PUSH_END_SLACK = 0.02
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a task. kind: pick | open | close | turn_on | push; obj: the object moved (pick,
-    push); target: where it goes (an object or a region site); fixture, part: the fixture acted
+    """One step of a task. kind: pick | open | close | turn_on; obj: the object moved (pick);
+    target: where it goes (an object or a region site); fixture, part: the fixture acted
     on (a cabinet and its drawer 'top' / 'middle' / 'bottom'; a stove)."""
 
     kind: str
@@ -364,9 +341,6 @@ def plan_stages(task) -> list[Stage]:
         elif name in ("on", "in") and len(predicate) == 3:
             obj, target = predicate[1], predicate[2]
             kind = object_kind(obj)
-            if kind in PUSHED:
-                stages.append(Stage("push", obj=obj, target=target))
-                continue
             if grasp_for(task.suite, obj) is None:
                 raise ValueError(f"no grasp geometry for object {obj!r} ({task.suite} task {task.task_id})")
             if place_for(task.suite, target) is None:
@@ -467,23 +441,19 @@ class TaskExpert(ScriptedExpert):
         self.start_phase = "approach"
         self.tries = 0  # repeats of the current stage's motion
         self.grip_point = None  # where the hand took hold of a handle, a knob [3]
-        self.push_route = []  # waypoints [2] of a pushed dish's centre
-        self.push_from = None  # where the dish's current leg started [2]
-        self.push_dir = None  # the direction [2] the hand pushes in
-        self.push_track = []  # the dish's xy [2] at each step of the current push
         self._next_stage()
 
     def take_over(self, obs: dict, first_obs: dict) -> str:
         """Continue, from the state ``obs``, an episode that another policy started in
         ``first_obs`` (call right after ``reset``); returns the phase it starts in.
 
-        The stages whose result already holds (a drawer open or closed, the knob on, the dish in
-        its region, an object in place and out of the hand) are done, except the last. The first
+        The stages whose result already holds (a drawer open or closed, the knob on, an object
+        in place and out of the hand) are done, except the last. The first
         stage left starts afresh: a pick stage from the hand's current pose, or, its object
         hanging in the hand, from the lift (``ScriptedExpert.take_over``); any other stage after
         the hand has risen to the episode's starting height (phase ``rise``). The hand's orientation
         is split into a turn about the vertical (the reference yaw) and a lean (the tilt the
-        drawer and push phases use), which the first stage then steers to its own goal.
+        drawer phases use), which the first stage then steers to its own goal.
         """
         if self.task is None:
             raise RuntimeError("TaskExpert.take_over() called before reset(task, rng)")
@@ -517,8 +487,6 @@ class TaskExpert(ScriptedExpert):
             return self._drawer(obs)[2] > DRAWER_CLOSED_QPOS
         if kind == "turn_on":
             return self._knob(obs)[2] >= KNOB_ON
-        if kind == "push":
-            return self._push_done(obs)
         return self._goal_reached(obs) and not self._held_at_take_over(obs, first_obs)
 
     def _next_stage(self) -> None:
@@ -545,11 +513,8 @@ class TaskExpert(ScriptedExpert):
             self.start_phase = "handle_approach"
         elif st.kind == "close":
             self.start_phase = "close_approach"
-        elif st.kind == "turn_on":
+        else:  # turn_on
             self.start_phase = "knob_approach"
-        else:
-            self.obj, self.target = st.obj, st.target
-            self.start_phase = "push_approach"
         if self.stage_index > 0:
             ScriptedExpert._enter(self, self.start_phase)
 
@@ -994,153 +959,6 @@ class TaskExpert(ScriptedExpert):
                 self._enter("knob_approach")
         return target, self.style.speed, 0.0, GRIPPER_OPEN
 
-    # ------------------------------------------------------------------ phases: push
-    def _push_route(self, obs) -> list:
-        """Waypoints [2] for the dish's centre to the region: straight, or via one corner, ending
-        near the region's centre; the route whose dish keeps the most room to the other objects
-        and the fixtures (a little shorter breaks ties)."""
-        p = self._obj_pos(obs)[:2]
-        g = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)[:2]
-        radius = se.NEIGHBOUR_SIZE.get(object_kind(self.obj), se.DEFAULT_NEIGHBOUR_SIZE)[0]
-        others = [(np.asarray(v, dtype=np.float64)[:2], se.NEIGHBOUR_SIZE.get(object_kind(k[:-4]),
-                                                                              se.DEFAULT_NEIGHBOUR_SIZE)[0])
-                  for k, v in obs.items() if self._is_neighbour(k)]
-
-        depth = float(np.sqrt(max(radius**2 - se.FINGER_OPEN_OFFSET**2, 0.0))) + PUSH_GAP
-        z = float(self._obj_pos(obs)[2]) + PUSH_HEIGHT + se.FINGERTIP_DEPTH
-
-        def room(route):
-            gap, length = np.inf, 0.0
-            for a, b in zip([p] + route[:-1], route):
-                length += float(np.linalg.norm(b - a))
-                u = (b - a) / max(float(np.linalg.norm(b - a)), 1e-9)
-                for c in (a, b):  # the hand behind the dish at both ends of the leg must be in reach
-                    tip = np.array([*(c - u * depth), z])
-                    gap = min(gap, 0.5 * max(self._push_reach(tip, u, t) for t in (0.0, PUSH_TILT)))
-                for f in np.linspace(0.0, 1.0, max(2, int(np.linalg.norm(b - a) / 0.01))):
-                    c = a + f * (b - a)
-                    for q, r in others:
-                        gap = min(gap, float(np.linalg.norm(c - q)) - radius - r)
-                    for fixture in self.fixtures:
-                        gap = min(gap, se.polygon_distance(c, fixture.footprint) - radius)
-            return min(gap, 0.03) - 0.05 * length
-
-        best, best_room = None, -np.inf
-        for ex in (-PUSH_END_SLACK, 0.0, PUSH_END_SLACK):
-            for ey in (-PUSH_END_SLACK, 0.0, PUSH_END_SLACK, 1.5 * PUSH_END_SLACK):
-                end = g + np.array([ex, ey])
-                vias = [None] + [np.array([p[0] + dx, end[1]]) for dx in (-0.06, -0.03, 0.03, 0.06)] \
-                    + [np.array([end[0], p[1] + dy]) for dy in (-0.06, -0.03, 0.03, 0.06)]
-                for via in vias:
-                    route = [end] if via is None else [via, end]
-                    r = room(route)
-                    if r > best_room:
-                        best, best_room = route, r
-        return best
-
-    def _push_done(self, obs) -> bool:
-        """The dish's centre is at the route's end, or well inside the region."""
-        p = self._obj_pos(obs)[:2]
-        g = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)[:2]
-        inside = np.abs(p - g)
-        return bool(np.all(inside < PUSH_INSIDE) or (np.all(inside < PUSH_INSIDE + 0.005) and len(self.push_route) == 1
-                                                     and np.linalg.norm(self.push_route[0] - p) < PUSH_DONE))
-
-    def _push_line(self, obs):
-        """(object centre [3], its current waypoint [2], unit push direction [2], whether that
-        waypoint is the last)."""
-        p = self._obj_pos(obs)
-        while len(self.push_route) > 1 and (np.linalg.norm(self.push_route[0] - p[:2]) < 2 * PUSH_DONE
-                                            or np.dot(self.push_route[0] - p[:2], self.push_route[0] - self.push_from) < 0):
-            self.push_from = self.push_route.pop(0)  # reached or passed: on to the next
-        w = self.push_route[0]
-        d = w - p[:2]
-        n = float(np.linalg.norm(d))
-        return p, w, (d / n if n > 1e-6 else np.array([1.0, 0.0])), len(self.push_route) == 1
-
-    def _push_point(self, obs, lead: float) -> np.ndarray:
-        """EEF position [3] with the closed fingertips PUSH_HEIGHT above the dish's origin, lead
-        (m) inside its rim on the side away from the waypoint (negative: behind the rim); also
-        sets the hand's tilt (fingertips trailing the wrist)."""
-        p, _, d, _ = self._push_line(obs)
-        radius = se.NEIGHBOUR_SIZE.get(object_kind(self.obj), se.DEFAULT_NEIGHBOUR_SIZE)[0]
-        d3 = np.array([d[0], d[1], 0.0])
-        # The open fingers, FINGER_OPEN_OFFSET either side of the line, meet the rim this far
-        # behind the centre: two contacts keep the dish centred on the line.
-        depth = float(np.sqrt(max(radius**2 - se.FINGER_OPEN_OFFSET**2, 0.0)))
-        tip = np.array([*(p[:2] - d * (depth - lead)), p[2] + PUSH_HEIGHT])
-        tilt = self._push_tilt(tip, d)
-        axis = np.cross([0.0, 0.0, -1.0], -d3)
-        self.tilt_axis, self.tilt_goal = axis / np.linalg.norm(axis), tilt
-        pointing = -d3 * np.sin(tilt) - np.array([0.0, 0.0, np.cos(tilt)])
-        return tip - pointing * se.FINGERTIP_DEPTH
-
-    def _push_tilt(self, tip, d) -> float:
-        """Lean (rad) of the pushing hand: full near a fixture (the wrist away from it) or where
-        leaning brings the wrist within the arm's reach (pushing toward the robot), else none."""
-        near = min((se.polygon_distance(tip[:2], f.footprint) for f in self.fixtures), default=np.inf)
-        if near < PUSH_TILT_RANGE:
-            return PUSH_TILT
-        return PUSH_TILT if self._push_reach(tip, d, PUSH_TILT) > self._push_reach(tip, d, 0.0) else 0.0
-
-    def _push_reach(self, tip, d, tilt: float) -> float:
-        """Reach left (m) of the arm with the fingertips at tip [3], leaning tilt toward d [2]."""
-        up = np.array([d[0] * np.sin(tilt), d[1] * np.sin(tilt), np.cos(tilt)])
-        wrist = np.asarray(tip, dtype=np.float64) + (se.WRIST_ABOVE_EEF + se.FINGERTIP_DEPTH) * up
-        return se.REACH_GUARD - float(np.linalg.norm(wrist - self._shoulder()))
-
-    def _phase_push_approach(self, obs, eef):
-        if self.phase_t == 0:
-            self.push_route = self._push_route(obs)
-            self.push_from = self._obj_pos(obs)[:2]
-        if self._push_done(obs):
-            self.hold_point = eef - np.array([0.0, 0.0, 0.08])
-            self._enter("idle")
-            return eef, 0.0, 0.0, GRIPPER_OPEN
-        start = self._push_point(obs, -PUSH_GAP)
-        if self.phase_t == 0:  # the fingers side by side across the push
-            d = self._push_line(obs)[2]
-            self.grasp_yaw = se.finger_yaw(float(np.arctan2(d[1], d[0])) + np.pi / 2)
-        above = start + np.array([0.0, 0.0, self.style.approach_height])
-        if np.linalg.norm(start[:2] - eef[:2]) < 0.01:
-            self._enter("push_descend")
-        return above, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_OPEN
-
-    def _phase_push_descend(self, obs, eef):
-        start = self._push_point(obs, -PUSH_GAP)
-        if np.linalg.norm(start - eef) < se.GRASP_TOLERANCE or self.stall >= se.STALL_STEPS:
-            self._enter("push")
-        return start, self.style.fine_speed, 0.0, GRIPPER_OPEN
-
-    def _phase_push(self, obs, eef):
-        """Push the dish's rim: the fingertips aim PUSH_LEAD inside the rim on the line from the
-        waypoint through the dish's centre (re-aimed every step)."""
-        p, w, d, last = self._push_line(obs)
-        if self.phase_t == 0:
-            self.push_dir = d
-            self.push_track = []
-        self.push_track.append(p[:2].copy())
-        stuck = len(self.push_track) > 2 * PUSH_STUCK_STEPS and np.linalg.norm(w - p[:2]) > 0.04 and \
-            np.linalg.norm(self.push_track[-1] - self.push_track[-1 - PUSH_STUCK_STEPS]) < 0.005
-        remaining = float(np.linalg.norm(w - p[:2]))
-        target = self._push_point(obs, PUSH_LEAD)
-        # Overshot, or the next leg turns sharply: the hand must go round the dish first.
-        turned = np.dot(d, self.push_dir) < 0.5 and np.linalg.norm(w - p[:2]) > 0.03
-        if self._push_done(obs) or turned or stuck:
-            self.hold_point = eef.copy()
-            self._enter("push_retreat")
-        self.push_dir = d if np.dot(d, self.push_dir) >= 0.5 else self.push_dir
-        # Slow down on the last few cm: the dish stops when the hand does.
-        speed = float(np.clip(remaining / 0.06, 0.3, 1.0)) * PUSH_SPEED
-        return target, speed, 0.0, GRIPPER_OPEN
-
-    def _phase_push_retreat(self, obs, eef):
-        self.tilt_goal = 0.0
-        target = self.hold_point + np.array([0.0, 0.0, 0.06])
-        if eef[2] > target[2] - 0.015:
-            self.tries += 1
-            self._enter("push_approach")
-        return target, self.style.speed, 0.0, GRIPPER_OPEN
 
 
 class SuiteExpert:
