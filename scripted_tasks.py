@@ -871,8 +871,7 @@ class TaskExpert(ScriptedExpert):
 
     def _phase_close_push(self, obs, eef):
         """Push toward where the bar's front is once the drawer is in, past its stop."""
-        _, q = self._close_point(obs, 0.0)
-        _, out, _ = self._drawer(obs)
+        _, out, q = self._drawer(obs)
         goal, _ = self._close_point(obs, -(DRAWER_CLOSE_TO - q))
         stalled = self.stall >= se.STALL_STEPS * 2 and self.phase_t > 15
         if q > DRAWER_CLOSED_QPOS or stalled or self.phase_t > 120:
