@@ -835,6 +835,60 @@ class DraftHeads(nn.Module):
             out.append(logits.masked_fill(self.invalid[t], float("-inf")).argmax(-1))
         return torch.stack(out, -1)
 
+    def fused(self) -> "FusedHeads":
+        """The batch-1 inference form of these heads as their weights are now (``FusedHeads``)."""
+        return FusedHeads(self)
+
+
+class FusedHeads:
+    """``DraftHeads.propose`` folded for batch-1 inference: the same proposal in fewer operations.
+
+    Head j's logits for target layer t are (x + g W2 + b2) H_t^T + c_t with g = gelu(x W1 + b1);
+    the product is linear after the gelu, so it is x H_t^T + g (W2 H_t^T) + (b2 H_t^T + c_t). For
+    every layer l the heads' tables of targets l + 1.., the folded W2 H^T and the biases (codes a
+    layer cannot emit get -inf) are stacked over j, so n heads take one batched product for their
+    gelu inputs and two for their logits, whatever n is. Logits equal ``DraftHeads``' up to float
+    rounding (tested); a proposal's argmax can differ only at a near-tie, which costs a rejected
+    proposal, never a wrong code: the main pass verifies every proposal. A snapshot of the weights.
+    """
+
+    def __init__(self, heads: DraftHeads):
+        c = heads.config
+        J, L = c.offsets, c.num_layers
+        self.config = c
+        with torch.no_grad():
+            self.code_emb, self.offsets = heads.code_emb.weight.detach().clone(), heads.offsets.clone()
+            self.up_w, self.up_b = heads.up_w.detach().clone(), heads.up_b.detach()[:, None].clone()  # [J, d, w], [J, 1, w]
+            # per layer l: head j's target l + j + 1 (layers past L - 1 are never asked for; zero rows)
+            self.table, self.folded, self.bias = [], [], []
+            for l in range(L):
+                table = heads.head_w.new_zeros(J, c.d_model, heads.vocab)
+                folded = heads.head_w.new_zeros(J, c.hidden, heads.vocab)
+                bias = heads.head_w.new_full((J, 1, heads.vocab), float("-inf"))
+                for j in range(J):
+                    t = l + j + 1
+                    if t >= L:
+                        break
+                    h = heads.head_w[j, t].T                               # [d, vocab]
+                    table[j], folded[j] = h, heads.down_w[j] @ h
+                    bias[j, 0] = (heads.down_b[j] @ h + heads.head_b[j, t]).masked_fill(heads.invalid[t], float("-inf"))
+                self.table.append(table)
+                self.folded.append(folded)
+                self.bias.append(bias)
+
+    def propose(self, hidden: torch.Tensor, code: torch.Tensor, layer: int, n: int) -> torch.Tensor:
+        """Same as ``DraftHeads.propose``: hidden [B, T', d], codes [B, T'] -> codes [B, T', n]."""
+        c = self.config
+        if not (1 <= n <= c.offsets and layer + n < c.num_layers):
+            raise ValueError(f"the heads propose 1..{c.offsets} layers after layer {layer}, up to layer "
+                             f"{c.num_layers - 1}; asked for {n}")
+        B, T = code.shape
+        x = (hidden + self.code_emb[self.offsets[layer] + code]).reshape(1, B * T, -1).expand(n, -1, -1)
+        g = F.gelu(torch.baddbmm(self.up_b[:n], x, self.up_w[:n]))                   # [n, B*T', w]
+        logits = torch.baddbmm(torch.baddbmm(self.bias[layer][:n], x, self.table[layer][:n]), g,
+                               self.folded[layer][:n])                               # [n, B*T', vocab]
+        return logits.argmax(-1).T.reshape(B, T, n)
+
 
 # --------------------------------------------------------------------------- checkpoints
 

@@ -482,7 +482,7 @@ class RSDEngine:
         # the draft runs in its folded inference form (the same function in fewer operations)
         self.draft_fn = None if draft is None else self.draft.fused()
         self.parallel_policy = on(parallel_policy)
-        self.heads = on(heads)
+        self.heads = on(heads)  # proposes through its folded form (``heads_propose``)
         c = policy.config
         if policy.config.variant != "ar":
             raise ValueError("the main policy must be the layer-autoregressive variant 'ar'")
@@ -524,6 +524,20 @@ class RSDEngine:
                              f"tokenizer give {LearnedStop.input_size(self)}")
 
     # ------------------------------------------------------------------ helpers
+
+    @property
+    def heads(self) -> DraftHeads | None:
+        return self._heads
+
+    @heads.setter
+    def heads(self, heads) -> None:
+        """Self-drafting heads; ``DraftHeads`` propose through their folded inference form (a
+        snapshot: set the heads again after changing their weights), anything else with a
+        ``propose(hidden, code, layer, n)`` (perfect heads in the benchmark) as it is."""
+        self._heads = heads
+        self.heads_propose = (None if heads is None else
+                              heads.fused().propose if isinstance(heads, DraftHeads) else heads.propose)
+
     def _inputs(self, obs: np.ndarray, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One state on the engine's device: obs [1, obs_dim], task [1]."""
         return (torch.as_tensor(obs, dtype=torch.float32, device=self.device)[None],
@@ -861,7 +875,7 @@ class RSDEngine:
             proposal = None
             if n_next >= 1:
                 t0 = time.perf_counter()
-                proposal = self.heads.propose(hidden[:, :, len(kept) - 1], codes[-1], last, n_next)
+                proposal = self.heads_propose(hidden[:, :, len(kept) - 1], codes[-1], last, n_next)
                 self._sync()
                 stats.draft_seconds += time.perf_counter() - t0
                 stats.draft_passes += 1

@@ -107,6 +107,43 @@ def test_perfect_heads_are_always_accepted_and_cut_the_passes(L):
         assert counted >= 5
 
 
+def test_the_folded_heads_propose_what_the_heads_propose():
+    """``FusedHeads`` (the engine's inference form) gives ``DraftHeads.propose``'s codes for every
+    layer and number of proposed layers, on random heads; the engine proposes through it, and a
+    snapshot taken before the weights change proposes the old codes (why the engine's setter
+    folds the heads again)."""
+    for seed in range(30):
+        L, J = 8, 3
+        heads = pm.DraftHeads(pm.HeadsConfig(d_model=24, latent_steps=3, num_layers=L, codebook_sizes=(5, 16, 9, 16, 16, 7, 16, 16),
+                                             offsets=J, hidden=16))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.normal_(0, 0.5)
+        fused = heads.fused()
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(5):
+            hidden, code = torch.randn(2, 3, 24, generator=g), torch.randint(0, 5, (2, 3), generator=g)
+            for layer in range(L - 1):
+                for n in range(1, min(J, L - 1 - layer) + 1):
+                    want = heads.propose(hidden, code, layer, n)
+                    assert torch.equal(fused.propose(hidden, code, layer, n), want), (seed, layer, n)
+                    assert all(int(want[..., j].max()) < heads.config.codebook_sizes[layer + j + 1] for j in range(n))
+        with pytest.raises(ValueError, match="propose 1..3 layers after layer 6"):
+            fused.propose(hidden, code, 6, 2)
+    policy = make_policy(make_tokenizer(K=4, L=6, Tp=2))
+    engine = RSDEngine(policy, make_tokenizer(K=4, L=6, Tp=2), heads=make_heads(policy, 3))
+    assert isinstance(engine.heads_propose.__self__, pm.FusedHeads)
+    hidden, code = torch.randn(1, 2, 32), torch.randint(0, 4, (1, 2))
+    before = engine.heads_propose(hidden, code, 0, 3)
+    with torch.no_grad():
+        engine.heads.head_w.neg_()
+    assert torch.equal(engine.heads_propose(hidden, code, 0, 3), before)
+    engine.heads = engine.heads
+    assert torch.equal(engine.heads_propose(hidden, code, 0, 3), engine.heads.propose(hidden, code, 0, 3))
+    assert not torch.equal(engine.heads_propose(hidden, code, 0, 3), before)
+
+
 def test_a_breach_of_acceptance_or_of_the_guard_would_be_seen(monkeypatch):
     """The exactness tests can fail: accepting every proposal, or taking choices without the tie
     guard off a near-tie, gives codes other than dense decoding's on these models."""
