@@ -31,20 +31,21 @@ DRAFT_EPOCHS=${DRAFT_EPOCHS:-80}
 HEADS=${HEADS:-3}                        # self-drafting heads: layers proposed per pass (0: no heads)
 STOP_EPOCHS=${STOP_EPOCHS:-60}
 TRIALS=${TRIALS:-20}                     # held-out trials per task (init states 0..TRIALS-1)
-SEEDS=${SEEDS:-0 1 2}                    # scene seeds of the closed-loop runs
+SEEDS=${SEEDS-0 1 2}                     # scene seeds of the closed-loop runs (set but empty: none)
 MODES=${MODES:-dense,rsd,rsd+adaptive$([ "${HEADS:-3}" != 0 ] && echo ,heads,heads+adaptive)}
 THRESHOLD=${THRESHOLD:-0.13}             # the learned stop rule's predicted action gap
 BENCH_STATES=${BENCH_STATES:-600}
 BENCH_WARMUP=${BENCH_WARMUP:-20}         # untimed states first
 MAX_STEPS=${MAX_STEPS:-}                 # per rollout / trial; empty: the suite's standard limit (demos always)
 EXTRA=${EXTRA:-}                         # flags added to every collection and evaluation (e.g. --no_progress)
+UNTIL=${UNTIL:-}                         # stop once this output (a file name in OUT, e.g. policy0.pt) exists
 
 mkdir -p "$OUT"
 step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
   local out=$1; shift
-  if [ -e "$out" ]; then echo "[skip] $out exists"; return; fi
-  echo "[$(date +%T)] $*"
-  "$@"
+  if [ -e "$out" ]; then echo "[skip] $out exists"
+  else echo "[$(date +%T)] $*"; "$@"; fi
+  if [ -n "$UNTIL" ] && [ "$(basename "$out")" = "$UNTIL" ]; then echo "[$(date +%T)] stopped after $out (UNTIL)"; exit 0; fi
 }
 steps=(); [ -n "$MAX_STEPS" ] && steps=(--max_steps "$MAX_STEPS")
 
