@@ -37,8 +37,8 @@ can be on this CPU whatever the draft. ``--oracle_noise S`` blurs its logits (on
 Gaussian noise of standard deviation S), so that its first choice is sometimes wrong and the
 right code is often among its next ones: how far ``tree``'s extra candidates make up for it.
 
-``--heads PATH`` adds self-drafting heads (``train_draft.py --heads``) for the modes ``heads:J`` and
-``heads+adaptive``; ``--oracle_heads`` replaces them by perfect ones (the main policy's own greedy
+``--heads PATH`` adds self-drafting heads (``train_draft.py --heads``) for the modes ``heads:J``,
+``heads+adaptive`` and (with ``--draft``) ``rsd+heads``, ``rsd+heads+adaptive``; ``--oracle_heads`` replaces them by perfect ones (the main policy's own greedy
 codes, proposed at no cost): every proposal is accepted, so ``heads:J`` shows how fast proposing at
 every pass can be on this CPU, 1 + ceil((L - 1) / (J + 1)) main passes per chunk of L layers.
 
@@ -91,8 +91,8 @@ class BenchArgs(DecodingArgs):
                                     "speed-up for any k; give the k as rsd:K)")
     oracle_noise: float = arg(0.0, "--oracle_draft: standard deviation of Gaussian noise added to its one-hot "
                                     "logits (an imperfect draft whose misses are near-misses)")
-    heads: str | None = arg(None, "self-drafting heads checkpoint (train_draft.py --heads; the modes heads and "
-                                  "heads+adaptive)", metavar="PATH")
+    heads: str | None = arg(None, "self-drafting heads checkpoint (train_draft.py --heads; the modes heads, "
+                                  "heads+adaptive, rsd+heads, rsd+heads+adaptive)", metavar="PATH")
     oracle_heads: bool = arg(False, "instead of --heads, perfect self-drafting heads: they propose the main policy's "
                                     "own greedy codes of the state, at no cost (an upper bound of the heads modes' "
                                     "speed-up; give the layers proposed per pass as heads:J)")

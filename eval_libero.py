@@ -74,7 +74,8 @@ class EvalArgs(DecodingArgs, workers.WorkersArgs):
     task_id: list[int] | str = arg("all", "a task id, a comma list of ids, or 'all'", type=ca.parse_task_ids)
     num_trials: int = arg(20, "trials per task; trial i starts from the held-out init state i (0-19)")
     mode: list[str] = arg(None, "'all' (dense, parallel, rsd, adaptive, rsd+adaptive, tree, tree+adaptive, heads, "
-                                "heads+adaptive; parallel only with --parallel_policy, the heads modes only with "
+                                "heads+adaptive, rsd+heads, rsd+heads+adaptive; parallel only with --parallel_policy, "
+                                "the heads modes only with "
                                 "--heads), or a comma list of MODE[@ACCEPTANCE][:K][/C] and 'expert', "
                                 "e.g. dense,rsd:3,rsd+adaptive@relaxed,expert",
                           factory=lambda: ["rsd"], type=mode_list)
@@ -83,8 +84,8 @@ class EvalArgs(DecodingArgs, workers.WorkersArgs):
                                    "openpi's websocket server (--host, --port): the mode 'openpi'", metavar="PATH")
     draft: str | None = arg(None, "draft checkpoint (the speculative modes: rsd, tree and their +adaptive)", metavar="PATH")
     parallel_policy: str | None = arg(None, "parallel-variant policy checkpoint (mode parallel)", metavar="PATH")
-    heads: str | None = arg(None, "self-drafting heads checkpoint (train_draft.py --heads; the modes heads and "
-                                  "heads+adaptive)", metavar="PATH")
+    heads: str | None = arg(None, "self-drafting heads checkpoint (train_draft.py --heads; the modes heads, "
+                                  "heads+adaptive, rsd+heads, rsd+heads+adaptive)", metavar="PATH")
     tokenizer: str | None = arg(None, "tokenizer checkpoint (default: the one recorded in the policy, "
                                       "hash-checked)", metavar="PATH")
     host: str = arg("localhost", "openpi policy server host (mode openpi)")

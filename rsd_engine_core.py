@@ -42,6 +42,10 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
   always accepted a chunk takes 1 + ceil((L - 1) / (J + 1)) passes instead of L. Exact
   acceptance only.
 - ``heads+adaptive``: both; the stop test runs on every kept layer in turn.
+- ``rsd+heads``, ``rsd+heads+adaptive``: ``heads`` whose first pass also verifies the draft's
+  proposal for layers 0..k-1 (``rsd``'s, k all the draft predicts), so the first pass is not
+  spent on layer 0 alone: with every proposal accepted a chunk takes
+  1 + ceil((L - 1 - k) / (J + 1)) passes. Exact acceptance only.
 
 A multi-token pass rounds differently from the one-block passes of dense decoding (other matmul
 shapes, a longer masked attention row), and the dense passes after it read keys and values it
@@ -96,10 +100,12 @@ from cli import arg
 from policy_data import ActionHistory, obs_vector
 from policy_models import DraftHeads, DraftModel, StopModel, TokenPolicy
 
-MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive", "heads", "heads+adaptive")
-SPECULATIVE_MODES = ("rsd", "rsd+adaptive", "tree", "tree+adaptive")  # the modes of a separate draft
+MODES = ("dense", "parallel", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive", "heads", "heads+adaptive",
+         "rsd+heads", "rsd+heads+adaptive")
+DRAFT_FIRST_MODES = ("rsd+heads", "rsd+heads+adaptive")  # the draft's proposal in the first pass, then the heads'
+SPECULATIVE_MODES = ("rsd", "rsd+adaptive", "tree", "tree+adaptive") + DRAFT_FIRST_MODES  # the modes of a separate draft
 TREE_MODES = ("tree", "tree+adaptive")
-HEADS_MODES = ("heads", "heads+adaptive")  # self-drafting heads on the main policy
+HEADS_MODES = ("heads", "heads+adaptive") + DRAFT_FIRST_MODES  # self-drafting heads on the main policy
 ACCEPTANCE = ("exact", "sample", "relaxed")
 STOP_RULES = ("expected_norm", "learned", "oracle")
 
@@ -110,7 +116,7 @@ STOP_RULES = ("expected_norm", "learned", "oracle")
 def split_spec(spec: str) -> tuple[str, str, int | None, int | None]:
     """'MODE[@ACCEPTANCE][:K][/C]' -> (mode, acceptance or '', k or None, c or None); a bad spec
     is a ValueError naming it and what is allowed. K: the layers a draft proposes (draft modes),
-    or the heads per pass (heads modes)."""
+    or the heads per pass (heads modes, ``rsd+heads`` too: its draft proposes every layer it predicts)."""
     rest, slash, c = spec.partition("/")
     rest, colon, k = rest.partition(":")
     mode, _, acc = rest.partition("@")
@@ -308,13 +314,18 @@ class EngineConfig:
         return self.mode in HEADS_MODES
 
     @property
+    def draft_first(self) -> bool:
+        """``rsd+heads`` modes: the draft's proposal goes into the first pass."""
+        return self.mode in DRAFT_FIRST_MODES
+
+    @property
     def guarded(self) -> bool:
         """Exact speculation: its choices come from multi-token passes, and must be dense decoding's."""
         return self.tree or self.self_draft or (self.speculative and self.acceptance == "exact")
 
     @property
     def adaptive(self) -> bool:
-        return self.mode in ("adaptive", "rsd+adaptive", "tree+adaptive", "heads+adaptive")
+        return self.mode == "adaptive" or self.mode.endswith("+adaptive")
 
     @property
     def sampling(self) -> bool:
@@ -694,7 +705,7 @@ class RSDEngine:
         codes: list[torch.Tensor] = []   # each [1, T']
         stopped = False
         if cfg.self_draft:
-            codes = self._self_draft(ctx, cache, cfg, stats, stop)
+            codes = self._self_draft(obs, task, ctx, cache, cfg, stats, stop)
         else:
             if cfg.tree:
                 codes, stopped = self._verify_tree(obs, task, ctx, cache, cfg, stats, stop)
@@ -825,15 +836,16 @@ class RSDEngine:
         self.policy.keep_path(cache, tree.size, path)
         return list(top.indices[..., 0][None, :, path].unbind(-1)), stopped  # the path's codes [1, T'] per layer
 
-    def _self_draft(self, ctx, cache, cfg, stats, stop) -> list | None:
-        """Modes ``heads``, ``heads+adaptive``: every pass verifies the heads' proposals of the pass
-        before and proposes again. The codes of every layer (until L - 1 or the stop test), or None
+    def _self_draft(self, obs, task, ctx, cache, cfg, stats, stop) -> list | None:
+        """Modes ``heads``, ``heads+adaptive`` (and ``rsd+heads``...): every pass verifies the heads'
+        proposals of the pass before and proposes again; the first pass verifies the draft's
+        proposal for layers 0..k-1 in the ``rsd+heads`` modes, and nothing in the others. The codes of every layer (until L - 1 or the stop test), or None
         when a choice is within ``cfg.tie_margin`` of a tie or the stop test cannot decide (the
         passes carry several blocks, or read a cache such passes wrote: every choice and stop
         signal is guarded, as after ``_speculate``).
 
         A pass over blocks b..b+n carries layer b - 1's code in block b (the main policy's own
-        choice; none at b = 0) and the heads' proposal for layers b..b+n-1 in blocks b+1..b+n;
+        choice; none at b = 0) and the proposal for layers b..b+n-1 in blocks b+1..b+n;
         block b + i predicts layer b + i. The accepted prefix of a proposals, then the main
         policy's prediction for the layer after it, are kept (``_accept_greedy``: blocks b..b+a
         had right inputs); the cache keeps those blocks, and the heads read the last one's hidden
@@ -843,12 +855,21 @@ class RSDEngine:
         L = self.policy.config.num_layers
         J = min(cfg.k or self.heads.config.offsets, self.heads.config.offsets)
         codes: list[torch.Tensor] = []
-        proposal = None  # [1, T', n]: the heads' codes for layers len(codes)..len(codes)+n-1
+        proposal = None  # [1, T', n]: the proposed codes for layers len(codes)..len(codes)+n-1
+        if cfg.draft_first:
+            if self.draft is None:
+                raise ValueError(f"mode {cfg.mode!r} needs a draft model")
+            t0 = time.perf_counter()
+            proposal = self.draft_proposal(obs, task, ctx, min(self.draft.config.num_layers, L - 1))[1]
+            self._sync()
+            stats.draft_seconds += time.perf_counter() - t0
+            stats.draft_passes += 1
         while len(codes) < L:
             b = len(codes)
             n = 0 if proposal is None else proposal.shape[-1]
-            # block b carries layer b - 1's code (nothing at b = 0, where nothing is proposed yet)
-            prev = torch.cat([codes[-1][..., None]] + ([proposal] if n else []), -1) if b else None
+            # block b carries layer b - 1's code (block 0 carries none: the ctx comes before it)
+            prev = (torch.cat([codes[-1][..., None] if b else torch.zeros_like(proposal[..., :1])]
+                              + ([proposal] if n else []), -1) if b or n else None)
             t0 = time.perf_counter()
             logits, hidden = self.policy.extend(cache, b, 1 + n, prev, ctx, hidden=True)  # [1, T', 1 + n, .]
             self._sync()
@@ -1030,7 +1051,7 @@ class RSDEngine:
         if cfg.speculative:
             if self.draft is None:
                 raise ValueError(f"--mode {name} needs a draft (--draft)")
-            if cfg.k is not None and cfg.k > min(self.draft.config.num_layers, L):
+            if cfg.k is not None and not cfg.self_draft and cfg.k > min(self.draft.config.num_layers, L):
                 raise ValueError(f"--mode {name}: k = {cfg.k}, but the draft proposes at most "
                                  f"{min(self.draft.config.num_layers, L)} layers")
         if cfg.self_draft:

@@ -15,5 +15,5 @@ for f in demos.hdf5 tokenizer.pt policy0.pt; do
   [ -e "$OUT/$f" ] || ln -s "$(realpath "$BASE/$f")" "$OUT/$f"
 done
 export OUT ROUNDS=0 ROLLOUTS=${ROLLOUTS:-10} TRIALS=${TRIALS:-10} SEEDS=${SEEDS-} \
-  MODES=${MODES:-dense,rsd,tree,heads:1,heads:2,heads,adaptive,rsd+adaptive,tree+adaptive,heads+adaptive}
+  MODES=${MODES:-dense,rsd,tree,heads:1,heads:2,heads,rsd+heads,adaptive,rsd+adaptive,tree+adaptive,heads+adaptive,rsd+heads+adaptive}
 exec bash recipes/pipeline.sh

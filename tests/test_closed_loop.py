@@ -263,7 +263,8 @@ def test_mode_specs_parse_and_set_the_acceptance_rule():
     # the heads modes only with their heads
     assert eval_args(mode="all", parallel_policy="par.pt", heads="heads.pt").mode == list(rsd_engine_core.MODES)
     assert eval_args(mode="all", heads="heads.pt").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree",
-                                                            "tree+adaptive", "heads", "heads+adaptive"]
+                                                            "tree+adaptive", "heads", "heads+adaptive", "rsd+heads",
+                                                            "rsd+heads+adaptive"]
     assert eval_args(mode="all,expert").mode == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive", "expert"]
     assert eval_args(mode="rsd:2,all").mode == ["rsd:2", "dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive"]
 

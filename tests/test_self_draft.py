@@ -1,4 +1,5 @@
-"""Self-drafting heads (modes ``heads``, ``heads+adaptive``): exactness against dense greedy
+"""Self-drafting heads (modes ``heads``, ``heads+adaptive``, and ``rsd+heads`` whose first pass
+verifies a draft's proposal): exactness against dense greedy
 decoding on random models, the pass count with perfect heads, near-ties, checkpoints and
 training."""
 
@@ -15,10 +16,10 @@ import policy_models as pm
 import bench_decoding
 import rsd_engine_core as core
 import train_draft
-from bench_decoding import OracleHeads
+from bench_decoding import OracleDraft, OracleHeads
 from policy_fixtures import draft_args, rollout_file, trained, workdir  # noqa: F401
 from rsd_engine_core import DecodingArgs, EngineConfig, RSDEngine
-from test_rsd_engine import make_pca_tokenizer, make_policy, make_tokenizer, random_obs
+from test_rsd_engine import make_draft, make_pca_tokenizer, make_policy, make_tokenizer, random_obs
 from rvq_tokenizer import load_tokenizer
 from test_tree_decoding import near_tie_engine
 
@@ -45,26 +46,31 @@ def oracle_engine(engine: RSDEngine, obs, task, offsets=None) -> OracleHeads:
     return oracle
 
 
-def passes_with_perfect_heads(L: int, J: int) -> int:
-    """The first pass carries the ctx and block 0 (layer 0); every later pass then yields its J
-    accepted proposals and the main policy's prediction after them (fewer near the last layer)."""
-    return 1 + math.ceil((L - 1) / (J + 1))
+def passes_with_perfect_heads(L: int, J: int, k: int = 0) -> int:
+    """The first pass carries the ctx, block 0 and the draft's k proposed layers (rsd+heads; none
+    in heads) and yields layers 0..k; every later pass then yields its J accepted proposals and
+    the main policy's prediction after them (fewer near the last layer)."""
+    return 1 + math.ceil((L - 1 - k) / (J + 1))
 
 
 # ---------------------------------------------------------------- exactness
 
 @pytest.mark.parametrize("K, Tp, L, J, spec", [(3, 1, 4, 2, "heads"), (4, 2, 6, 3, "heads"), (16, 2, 5, 2, "heads"),
-                                               (4, 1, 8, 6, "heads:2"), (8, 3, 6, 4, "heads:4")])
+                                               (4, 1, 8, 6, "heads:2"), (8, 3, 6, 4, "heads:4"),
+                                               (3, 1, 6, 2, "rsd+heads"), (4, 2, 8, 3, "rsd+heads:2"),
+                                               (16, 2, 4, 2, "rsd+heads")])
 def test_heads_equal_dense_greedy_state_by_state(K, Tp, L, J, spec):
-    """60 random models and heads per case: the heads are right sometimes (small codebooks) and
-    wrong often; the codes are dense greedy decoding's whatever they propose."""
+    """60 random models and heads (and, rsd+heads, drafts of 3 layers) per case: the heads and
+    drafts are right sometimes (small codebooks) and wrong often; the codes are dense greedy
+    decoding's whatever they propose."""
     tok = make_tokenizer(K=K, L=L, Tp=Tp)
     cfg = DecodingArgs().engine_config(spec)
     per_pass = cfg.k or J
     accepted = proposed = fallbacks = 0
     for seed in range(60):
         policy = make_policy(tok, seed=seed)
-        engine = RSDEngine(policy, tok, heads=make_heads(policy, J, seed))
+        draft = make_draft(policy, min(3, L - 1), seed) if cfg.draft_first else None
+        engine = RSDEngine(policy, tok, draft, heads=make_heads(policy, J, seed))
         obs, task = random_obs(torch.Generator().manual_seed(seed))
         dense, ds = engine.decode_codes(obs, task, EngineConfig("dense"))
         codes, st = engine.decode_codes(obs, task, cfg)
@@ -72,10 +78,12 @@ def test_heads_equal_dense_greedy_state_by_state(K, Tp, L, J, spec):
         assert ds.main_passes == L and st.layers == L
         fallbacks += st.fallbacks
         if not st.fallbacks:
-            # every pass after the first yields its accepted proposals and one layer more
+            # every pass yields its accepted proposals and one layer more
             assert st.main_passes == L - st.accepted
-            assert passes_with_perfect_heads(L, per_pass) <= st.main_passes <= L
-            assert st.draft_passes == st.main_passes - 1 or st.draft_passes == st.main_passes - 2
+            k = min(3, L - 1) if cfg.draft_first else 0
+            assert passes_with_perfect_heads(L, per_pass, k) <= st.main_passes <= L
+            heads_runs = st.draft_passes - cfg.draft_first  # the draft's one proposal, then the heads'
+            assert heads_runs == st.main_passes - 1 or heads_runs == st.main_passes - 2
             assert st.accepted <= st.proposed
         accepted, proposed = accepted + st.accepted, proposed + st.proposed
     assert proposed > 0 and fallbacks <= 3
@@ -105,6 +113,31 @@ def test_perfect_heads_are_always_accepted_and_cut_the_passes(L):
             # the heads run after every pass that leaves two layers or more to decode
             assert st.draft_passes == st.main_passes - 1 - ((L - 1) % (J + 1) == 1)
         assert counted >= 5
+
+
+@pytest.mark.parametrize("L, k", [(4, 1), (6, 3), (8, 3), (8, 7)])
+def test_a_perfect_draft_and_perfect_heads_take_the_fewest_passes(L, k):
+    """rsd+heads with a perfect draft of k layers and perfect heads: every proposal is accepted,
+    and a chunk takes 1 + ceil((L - 1 - k) / (J + 1)) passes (2 for L = 8, k = 3, J = 3: a
+    quarter of dense decoding's)."""
+    tok = make_tokenizer(K=8, L=L, Tp=2)
+    for J in range(1, L - 1):
+        counted = 0
+        for seed in range(6):
+            engine = RSDEngine(make_policy(tok, seed=seed), tok, OracleDraft(k, 8))
+            obs, task = random_obs(torch.Generator().manual_seed(seed))
+            oracle_engine(engine, obs, task, J)
+            dense, _ = engine.decode_codes(obs, task, EngineConfig("dense"))
+            engine.draft.set_codes(dense)
+            codes, st = engine.decode_codes(obs, task, EngineConfig("rsd+heads"))
+            assert torch.equal(codes, dense)
+            if st.fallbacks:
+                continue
+            counted += 1
+            assert st.main_passes == passes_with_perfect_heads(L, J, k), (L, k, J, seed)
+            assert st.accepted == st.proposed == L - st.main_passes
+        assert counted >= 5
+    assert passes_with_perfect_heads(8, 3, 3) == 2
 
 
 def test_the_folded_heads_propose_what_the_heads_propose():
@@ -189,7 +222,8 @@ def test_near_ties_do_not_flip(oracle):
 
 @pytest.mark.parametrize("pca", [False, True])
 def test_heads_adaptive_keeps_adaptives_layers(pca):
-    """heads+adaptive runs the stop test on every kept layer in order: it keeps exactly the
+    """heads+adaptive and rsd+heads+adaptive (every other seed) run the stop test on every kept
+    layer in order: they keep exactly the
     layers and codes adaptive depth alone keeps, with the threshold set to dense decoding's own
     signal at some layer (a stop at the threshold, guarded) and to a middle value; some of the
     at-threshold stops flip without the margin."""
@@ -197,10 +231,11 @@ def test_heads_adaptive_keeps_adaptives_layers(pca):
     tok = make_pca_tokenizer(K=8, L=L, Tp=2) if pca else make_tokenizer(K=8, L=L, Tp=2)
     for seed in range(40):
         policy = make_policy(tok, seed=seed)
-        engine = RSDEngine(policy, tok)
+        engine = RSDEngine(policy, tok, make_draft(policy, 2, seed))
         obs, task = random_obs(torch.Generator().manual_seed(seed))
         logits, codes, _ = engine.dense_trace(obs[0].numpy(), int(task))
         signal = engine.expected_refinements(logits, codes)
+        mode = ("heads+adaptive", "rsd+heads+adaptive")[seed % 2]
         for heads in (make_heads(policy, 3, seed), None):
             if heads is None:
                 oracle_engine(engine, obs, task, 3)
@@ -209,12 +244,11 @@ def test_heads_adaptive_keeps_adaptives_layers(pca):
             for tau in (float(signal[seed % (L - 1)]), float(signal[1:].mean())):
                 cfg = EngineConfig("adaptive", adaptive_threshold=tau, min_layers=2)
                 adaptive, _ = engine.decode_codes(obs, task, cfg)
-                both, st = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode="heads+adaptive"))
+                both, st = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode=mode))
                 assert torch.equal(both, adaptive), f"seed {seed}"
                 if not st.fallbacks and adaptive.shape[-1] < L and st.accepted > 0:
                     stopped_inside += 1
-                unguarded, _ = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode="heads+adaptive",
-                                                                                  tie_margin=0.0))
+                unguarded, _ = engine.decode_codes(obs, task, dataclasses.replace(cfg, mode=mode, tie_margin=0.0))
                 flipped += not torch.equal(unguarded, adaptive)
     assert flipped > 0 and stopped_inside > 0
 
@@ -240,6 +274,12 @@ def test_heads_mode_specs_and_checks():
     engine = RSDEngine(policy, tok, heads=make_heads(policy, 2))
     with pytest.raises(ValueError, match="--mode heads:3: k = 3, but the heads propose at most 2"):
         engine.check_config(DecodingArgs().engine_config("heads:3"), "heads:3")
+    # rsd+heads needs the draft too; its K counts the heads' layers per pass, not the draft's
+    cfg = DecodingArgs().engine_config("rsd+heads+adaptive:2")
+    assert (cfg.self_draft, cfg.draft_first, cfg.speculative, cfg.adaptive, cfg.guarded) == (True,) * 5
+    with pytest.raises(ValueError, match=r"--mode rsd\+heads needs a draft \(--draft\)"):
+        engine.check_config(DecodingArgs().engine_config("rsd+heads"), "rsd+heads")
+    RSDEngine(policy, tok, make_draft(policy, 1), heads=make_heads(policy, 2)).check_config(cfg, "rsd+heads+adaptive:2")
     other = make_policy(make_tokenizer(K=8, L=4), d=16)
     with pytest.raises(ValueError, match="the heads read a policy of width 16"):
         RSDEngine(policy, tok, heads=make_heads(other, 2))
