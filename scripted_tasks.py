@@ -564,7 +564,8 @@ class TaskExpert(ScriptedExpert):
             return p + np.asarray(self.region.shift)
         shift = np.asarray(self.region.shift, dtype=np.float64)
         drawer = _DRAWER_REGION.match(self.target)
-        if drawer is not None:
+        if drawer is not None and drawer.group("part") == "top":  # under the top plank (libero_10's bottom
+            #                                                         drawer has its own measured shift)
             shift = shift + np.array([0.0, -self._drawer_place_out(obs, drawer.group("fixture"), drawer.group("part")), 0.0])
         return p + _yaw_rotation(obs, fixture).apply(shift)
 

@@ -283,6 +283,22 @@ def test_a_bowl_goes_into_the_drawer_where_it_fits_at_the_drawer_s_opening_now()
     assert bowl_out(-0.09) == pytest.approx(back)
 
 
+def test_libero_10_s_bottom_drawer_keeps_its_own_place():
+    """The top drawer's rule (plank constants) leaves libero_10's bottom drawer alone: the bowl goes
+    its measured 1.8 cm out from the region's site, however far the drawer is out (placed 0.6 cm
+    further out by the top drawer's rule, it landed on the front wall: 16/20 instead of 18/20)."""
+    expert = st.TaskExpert(noise=0.0)
+    expert.reset(goal_task(("in", "akita_black_bowl_1", "white_cabinet_1_bottom_region")), np.random.default_rng(0))
+    cabinet = np.array([0.03, 0.3, 0.905])
+    expert.obj, expert.target = "akita_black_bowl_1", "white_cabinet_1_bottom_region"
+    expert.region = st.PLACES["white_cabinet_bottom_region"]
+    for q in (-0.16, -0.146, -0.12):
+        site = cabinet + [0.0, -(st.DRAWER_REGION_Y + q), 0.04]
+        obs = {"white_cabinet_1_pos": cabinet, "white_cabinet_1_quat": CABINET_YAW_PI,
+               "white_cabinet_1_qpos": np.array([0.0, 0.0, q]), "white_cabinet_1_bottom_region_pos": site}
+        assert expert._target_pos(obs)[1] - site[1] == pytest.approx(0.018)
+
+
 def test_a_bowl_under_the_open_drawer_is_slid_out_before_the_lift():
     expert = st.TaskExpert(noise=0.0)
     expert.reset(goal_task(("in", "akita_black_bowl_1", "wooden_cabinet_1_top_region")), np.random.default_rng(0))
