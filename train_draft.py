@@ -312,10 +312,15 @@ def heads_targets(L: int, J: int, device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hidden_states(policy: pm.TokenPolicy, data: ChunkDataset, codes: torch.Tensor, idx) -> torch.Tensor:
-    """The frozen policy's final hidden states [B, T', L, d] of chunks ``idx``, teacher-forced
-    with its own greedy codes ``codes`` [M, T', L]."""
-    return policy(data.obs[idx], data.task[idx], codes[idx], hidden=True)[1]
+def hidden_states(policy: pm.TokenPolicy, data: ChunkDataset, codes: torch.Tensor) -> torch.Tensor:
+    """The frozen policy's final hidden states [M, T', L, d] of every chunk, teacher-forced with
+    its own greedy codes ``codes`` [M, T', L]. Computed once: the heads read them every epoch
+    (float32, M x T' x L x d x 4 bytes: 0.6 GB for 50 000 chunks of the default policy)."""
+    policy.eval()
+    c = policy.config
+    parts = [policy(data.obs[idx], data.task[idx], codes[idx], hidden=True)[1]
+             for idx in batches(len(data), 1024, shuffle=False)]
+    return torch.cat(parts) if parts else torch.zeros(0, c.latent_steps, c.num_layers, c.d_model)
 
 
 def shifted_targets(codes: torch.Tensor, J: int) -> torch.Tensor:
@@ -326,8 +331,7 @@ def shifted_targets(codes: torch.Tensor, J: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heads_agreement(heads: pm.DraftHeads, policy, data: ChunkDataset, codes: torch.Tensor,
-                    majority: torch.Tensor) -> dict:
+def heads_agreement(heads: pm.DraftHeads, hidden: torch.Tensor, codes: torch.Tensor, majority: torch.Tensor) -> dict:
     """Per offset j (1..J), over the blocks whose proposals a pass verifies: agreement with the main
     policy's greedy codes per position and per whole layer, the whole-layer agreement of always
     proposing ``majority`` [T', L] (each target layer's most frequent code per position in the
@@ -340,8 +344,8 @@ def heads_agreement(heads: pm.DraftHeads, policy, data: ChunkDataset, codes: tor
     whole = torch.zeros(J, device=codes.device)
     chance = torch.zeros(J, device=codes.device)
     run = torch.zeros((), device=codes.device)
-    for idx in batches(len(data), 1024, shuffle=False):
-        pred = heads(hidden_states(policy, data, codes, idx), codes[idx]).argmax(-1)  # [B, T', L, J]
+    for idx in batches(len(codes), 1024, shuffle=False):
+        pred = heads(hidden[idx], codes[idx]).argmax(-1)  # [B, T', L, J]
         target = shifted_targets(codes[idx], J)
         match = pred == target
         layer_ok = match.all(1) & valid  # [B, L, J]
@@ -350,10 +354,10 @@ def heads_agreement(heads: pm.DraftHeads, policy, data: ChunkDataset, codes: tor
         guess = shifted_targets(majority[None].expand_as(codes[idx]), J)
         chance += ((guess == target).all(1) & valid).float().sum((0, 1))
         run += layer_ok[:, : L - 2].long().cumprod(-1).sum()
-    n = len(data) * valid.sum(0).clamp(min=1)  # blocks per offset
+    n = len(codes) * valid.sum(0).clamp(min=1)  # blocks per offset
     return {"agreement": (pos / n).tolist(), "layer_agreement": (whole / n).tolist(),
             "majority_layer_agreement": (chance / n).tolist(),
-            "expected_accepted_per_pass": float(run) / (len(data) * max(L - 2, 1)),
+            "expected_accepted_per_pass": float(run) / (len(codes) * max(L - 2, 1)),
             "most_accepted_per_pass": float(valid[: L - 2].sum()) / max(L - 2, 1)}
 
 
@@ -364,13 +368,17 @@ def train_heads(policy, train, val, t_train, t_val, args, rollouts=None):
     c, J = policy.config, args.heads
     data_parts = [(train, t_train)] + ([(rollouts[0], rollouts[1])] if rollouts is not None else [])
     majority = torch.cat([t for _, t in data_parts]).mode(0).values  # [T', L]
+    # the policy is frozen: its hidden states once, for every epoch
+    data_parts = [(hidden_states(policy, data, codes), codes) for data, codes in data_parts]
+    h_val = hidden_states(policy, val, t_val)
+    h_rollout_val = None if rollouts is None else hidden_states(policy, rollouts[2], rollouts[3])
     cfg = pm.HeadsConfig(d_model=c.d_model, latent_steps=c.latent_steps, num_layers=c.num_layers,
                          codebook_sizes=c.codebook_sizes, offsets=J, hidden=args.heads_hidden)
     torch.manual_seed(args.seed)
     heads = pm.DraftHeads(cfg).to(train.obs.device)
     valid = heads_targets(c.num_layers, J, train.obs.device)
     opt = torch.optim.AdamW(heads.parameters(), lr=args.lr, weight_decay=0.01)
-    sizes = [len(d) for d, _ in data_parts]
+    sizes = [len(codes) for _, codes in data_parts]
     n = sum(sizes)
     sched = one_cycle(opt, args.lr, args.epochs * math.ceil(n / args.batch_size))
     gen = torch.Generator().manual_seed(args.seed)
@@ -380,22 +388,22 @@ def train_heads(policy, train, val, t_train, t_val, args, rollouts=None):
         for idx in batches(n, args.batch_size, gen):
             loss, count = 0.0, 0
             start = 0
-            for (data, codes), size in zip(data_parts, sizes):  # the demos' chunks, then the rollouts'
+            for (hidden, codes), size in zip(data_parts, sizes):  # the demos' chunks, then the rollouts'
                 part = idx[(idx >= start) & (idx < start + size)] - start
                 start += size
                 if not len(part):
                     continue
-                logits = heads(hidden_states(policy, data, codes, part), codes[part])  # [B, T', L, J, V]
+                logits = heads(hidden[part], codes[part])  # [B, T', L, J, V]
                 target = shifted_targets(codes[part], J)
                 keep = valid[None, None].expand_as(target)
                 loss = loss + F.cross_entropy(logits[keep], target[keep], reduction="sum")
                 count += int(keep.sum())
             loss = loss / max(count, 1)
             optimizer_step(opt, sched, loss, "heads", epoch)
-        metrics = heads_agreement(heads, policy, val, t_val, majority)
+        metrics = heads_agreement(heads, h_val, t_val, majority)
         score = sum(metrics["layer_agreement"])
         if rollouts is not None:
-            r = heads_agreement(heads, policy, rollouts[2], rollouts[3], majority)
+            r = heads_agreement(heads, h_rollout_val, rollouts[3], majority)
             metrics.update({f"rollout_{k}": v for k, v in r.items()})
             score += sum(r["layer_agreement"])
         history.append({"epoch": epoch, **metrics, "score": score})
