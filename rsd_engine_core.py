@@ -43,9 +43,10 @@ Decoding modes (codes ``[1, T', l]`` out, then the tokenizer turns them into act
   acceptance only.
 - ``heads+adaptive``: both; the stop test runs on every kept layer in turn.
 - ``rsd+heads``, ``rsd+heads+adaptive``: ``heads`` whose first pass also verifies the draft's
-  proposal for layers 0..k-1 (``rsd``'s, k all the draft predicts), so the first pass is not
-  spent on layer 0 alone: with every proposal accepted a chunk takes
-  1 + ceil((L - 1 - k) / (J + 1)) passes. Exact acceptance only.
+  proposal for layers 0..k-1 (``rsd``'s), so the first pass is not spent on layer 0 alone; K
+  is the layers proposed per pass, by the draft in the first pass and the heads after it (by
+  default all the draft predicts, and all the heads' offsets). With every proposal accepted a
+  chunk takes 1 + ceil((L - 1 - k) / (J + 1)) passes. Exact acceptance only.
 
 A multi-token pass rounds differently from the one-block passes of dense decoding (other matmul
 shapes, a longer masked attention row), and the dense passes after it read keys and values it
@@ -116,7 +117,7 @@ STOP_RULES = ("expected_norm", "learned", "oracle")
 def split_spec(spec: str) -> tuple[str, str, int | None, int | None]:
     """'MODE[@ACCEPTANCE][:K][/C]' -> (mode, acceptance or '', k or None, c or None); a bad spec
     is a ValueError naming it and what is allowed. K: the layers a draft proposes (draft modes),
-    or the heads per pass (heads modes, ``rsd+heads`` too: its draft proposes every layer it predicts)."""
+    or the heads per pass (heads modes; ``rsd+heads``: both)."""
     rest, slash, c = spec.partition("/")
     rest, colon, k = rest.partition(":")
     mode, _, acc = rest.partition("@")
@@ -860,7 +861,7 @@ class RSDEngine:
             if self.draft is None:
                 raise ValueError(f"mode {cfg.mode!r} needs a draft model")
             t0 = time.perf_counter()
-            proposal = self.draft_proposal(obs, task, ctx, min(self.draft.config.num_layers, L - 1))[1]
+            proposal = self.draft_proposal(obs, task, ctx, min(cfg.k or L, self.draft.config.num_layers, L - 1))[1]
             self._sync()
             stats.draft_seconds += time.perf_counter() - t0
             stats.draft_passes += 1
@@ -1051,7 +1052,7 @@ class RSDEngine:
         if cfg.speculative:
             if self.draft is None:
                 raise ValueError(f"--mode {name} needs a draft (--draft)")
-            if cfg.k is not None and not cfg.self_draft and cfg.k > min(self.draft.config.num_layers, L):
+            if cfg.k is not None and cfg.k > min(self.draft.config.num_layers, L):
                 raise ValueError(f"--mode {name}: k = {cfg.k}, but the draft proposes at most "
                                  f"{min(self.draft.config.num_layers, L)} layers")
         if cfg.self_draft:

@@ -80,7 +80,7 @@ def test_heads_equal_dense_greedy_state_by_state(K, Tp, L, J, spec):
         if not st.fallbacks:
             # every pass yields its accepted proposals and one layer more
             assert st.main_passes == L - st.accepted
-            k = min(3, L - 1) if cfg.draft_first else 0
+            k = min(cfg.k or L, 3, L - 1) if cfg.draft_first else 0  # the draft's layers in the first pass
             assert passes_with_perfect_heads(L, per_pass, k) <= st.main_passes <= L
             heads_runs = st.draft_passes - cfg.draft_first  # the draft's one proposal, then the heads'
             assert heads_runs == st.main_passes - 1 or heads_runs == st.main_passes - 2
@@ -274,12 +274,14 @@ def test_heads_mode_specs_and_checks():
     engine = RSDEngine(policy, tok, heads=make_heads(policy, 2))
     with pytest.raises(ValueError, match="--mode heads:3: k = 3, but the heads propose at most 2"):
         engine.check_config(DecodingArgs().engine_config("heads:3"), "heads:3")
-    # rsd+heads needs the draft too; its K counts the heads' layers per pass, not the draft's
+    # rsd+heads needs the draft too; its K counts the draft's layers and the heads' per pass
     cfg = DecodingArgs().engine_config("rsd+heads+adaptive:2")
     assert (cfg.self_draft, cfg.draft_first, cfg.speculative, cfg.adaptive, cfg.guarded) == (True,) * 5
     with pytest.raises(ValueError, match=r"--mode rsd\+heads needs a draft \(--draft\)"):
         engine.check_config(DecodingArgs().engine_config("rsd+heads"), "rsd+heads")
-    RSDEngine(policy, tok, make_draft(policy, 1), heads=make_heads(policy, 2)).check_config(cfg, "rsd+heads+adaptive:2")
+    with pytest.raises(ValueError, match=r"--mode rsd\+heads\+adaptive:2: k = 2, but the draft proposes at most 1"):
+        RSDEngine(policy, tok, make_draft(policy, 1), heads=make_heads(policy, 2)).check_config(cfg, "rsd+heads+adaptive:2")
+    RSDEngine(policy, tok, make_draft(policy, 2), heads=make_heads(policy, 2)).check_config(cfg, "rsd+heads+adaptive:2")
     other = make_policy(make_tokenizer(K=8, L=4), d=16)
     with pytest.raises(ValueError, match="the heads read a policy of width 16"):
         RSDEngine(policy, tok, heads=make_heads(other, 2))
