@@ -23,9 +23,10 @@ result holds are done, the first one left starts from wherever the hand is.
 
 A libero_10 goal lists several predicates; they are done in the listed order (a drawer's close
 after what goes into it), and each stage leaves the earlier ones' results alone, since LIBERO
-checks all predicates at once. libero_10's tasks 5 (a book into the caddy) and 9 (a mug into the
-microwave, then close it) are refused: the hand, pointing down, cannot put an object inside the
-caddy's slot or the microwave.
+checks all predicates at once. In task 5 the upright book, taken by its top edge, is turned on the
+way until it lies along the caddy's back compartment and lowered into it (``RegionPlace.turn_along``).
+libero_10's task 9 (a mug into the microwave, then close it) is refused: the hand, pointing down,
+cannot put an object inside the microwave.
 
 ``SuiteExpert`` is the scripted expert of every supported suite: it hands libero_spatial and
 libero_object tasks to ``ScriptedExpert`` unchanged and libero_goal and libero_10 tasks to
@@ -84,6 +85,14 @@ HANDLE_GRASPS = {
     "moka_pot": ((0.0, 0.065), (1.0, 0.0)),
 }
 TASK_OBJECT_GEOMETRY["moka_pot"] = GraspGeometry(grasp_height=0.045, rim_offset=0.0, rim_height=0.0, bottom=0.066)
+# libero_10's black book (43 g) stands upright on its bottom edge: a box 2.87 cm thick (its own x),
+# 11.04 cm wide (own y) and 13.44 cm tall, its origin at the bottom, 1.2 cm off the box's centre
+# along its own -y, the box's bottom 0.2 cm above the origin (from its collision box). Taken from
+# above at its top edge like a handle (the same point of its own frame, the fingers closing across
+# its thickness, the hand's yaw following the book's): the box's centre line, the EEF 2.8 cm below
+# the top edge (the palm, 3 cm above the EEF, just clear of it).
+HANDLE_GRASPS["black_book"] = ((-0.0005, -0.012), (1.0, 0.0))
+TASK_OBJECT_GEOMETRY["black_book"] = GraspGeometry(grasp_height=0.108, rim_offset=0.0, rim_height=0.0, bottom=-0.002)
 
 # Grasps that differ in a suite's scenes: libero_10's living room crowds the flat boxes between
 # tall bottles and cartons (7-8 cm from a box's centre), where the hand's 21 cm long body or an
@@ -130,11 +139,18 @@ class RegionPlace:
     lay_along: None (the object is put down upright) or [3] the direction, in the fixture's
         frame, along which the object's own vertical axis is laid (a bottle on a slanted rack):
         the hand tilts the held object that way during the carry.
+    turn_along: None or [2] a horizontal direction in the fixture's frame (a narrow slot's
+        width): during the carry the hand turns the held object about the vertical until its own
+        x axis lies along it (either way, the smaller turn) and brings the object's grasped point
+        (HANDLE_GRASPS, at its bottom) over the place, measured from the object's observed pose;
+        it goes down only once both are within SLOT_YAW_TOLERANCE and SLOT_XY_TOLERANCE, with no
+        place offset of the episode's style.
     """
 
     place: PlaceGeometry
     shift: tuple = (0.0, 0.0, 0.0)
     lay_along: tuple | None = None
+    turn_along: tuple | None = None
 
 
 # Keyed by target_kind(name). Heights measured from the collision geometry of the goal scene.
@@ -193,6 +209,26 @@ SHARED_PLACE_SLOTS = {
 # then caught the shelf above when the drawer was pushed in).
 PLACES["white_cabinet_bottom_region"] = RegionPlace(
     PlaceGeometry(surface=-0.026, clear_height=0.045, xy_tolerance=0.05), shift=(0.0, -0.018, 0.0))
+
+# libero_10's study: the desk caddy's back compartment (caddy frame, from its collision boxes): a
+# slot 6.0 cm across (x, between the middle divider, 9.9 cm tall, and the back wall, 16.8 cm) and
+# 12.9 cm long (y, between side walls 15-16.8 cm tall), its floor 1.4 cm above the caddy's origin.
+# The region's site is 8.6 cm above the origin, 0.1 cm behind and 0.3 cm beside the slot's centre;
+# LIBERO counts the book in while its origin (at its bottom) is within +-2.8 x +-6.2 cm of the site
+# and between 7.05 cm below it and 6 cm above it: from the moment its bottom enters the slot 2.2 cm
+# below the back wall's top until it stands on the floor, where its origin, 0.2 cm below its box,
+# is 0.35 cm too low (measured: out again once released). LIBERO ends an episode at its first
+# success, with the book held in the slot. The book (2.87 x 11.04 cm) goes down upright, its
+# thickness across the slot and its centre over the slot's centre: 0.9 cm to spare along the slot,
+# 1.6 cm across it. Carried with its bottom 10 cm above the site, 1.4 cm above the walls.
+PLACES["desk_caddy_back_contain_region"] = RegionPlace(
+    PlaceGeometry(surface=-0.0718, clear_height=0.10, xy_tolerance=0.0275),
+    shift=(-0.001, 0.0032, 0.0), turn_along=(1.0, 0.0))
+# A slotted place (RegionPlace.turn_along): the held object goes down once its axis is within
+# SLOT_YAW_TOLERANCE (rad) of the slot's and its grasped point within SLOT_XY_TOLERANCE (m) of the
+# place (a book 5 degrees off the slot's axis spans 11.25 x 3.8 cm of the 12.9 x 6 cm slot).
+SLOT_YAW_TOLERANCE = 0.05
+SLOT_XY_TOLERANCE = 0.004
 
 # libero_10's living-room places.
 PLACES.update({
@@ -588,7 +624,28 @@ class TaskExpert(ScriptedExpert):
         axis = np.cross([0.0, 0.0, 1.0], u)
         return Rotation.from_rotvec(axis / np.linalg.norm(axis) * float(np.arccos(np.clip(u[2], -1.0, 1.0))))
 
+    def _grasped_point(self, obs) -> np.ndarray:
+        """World position [3] of the held object's grasped point of HANDLE_GRASPS at the height of
+        its origin (a book's: the centre of its bottom), or its origin."""
+        handle = HANDLE_GRASPS.get(object_kind(self.obj))
+        local = (0.0, 0.0) if handle is None else handle[0]
+        return self._obj_pos(obs) + quat_xyzw_to_rotation(obs[f"{self.obj}_quat"]).apply([*local, 0.0])
+
+    def _slot_turn(self, obs) -> float:
+        """Turn (rad, about the vertical, in [-pi/2, pi/2)) that lays the held object's own x axis
+        along the place's turn_along direction, either way."""
+        along = _yaw_rotation(obs, region_fixture(self.target, self.task)).apply([*self.region.turn_along, 0.0])
+        own_x = quat_xyzw_to_rotation(obs[f"{self.obj}_quat"]).apply([1.0, 0.0, 0.0])
+        turn = float(np.arctan2(along[1], along[0]) - np.arctan2(own_x[1], own_x[0]))
+        return (turn + np.pi / 2) % np.pi - np.pi / 2
+
     def _place_point(self, obs) -> np.ndarray:
+        if self.region.turn_along is not None:  # the grasped point over the place, from where it is now
+            eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+            t = self._target_pos(obs)
+            xy = eef[:2] + t[:2] - self._grasped_point(obs)[:2]
+            z = t[2] + self.place.surface + self.style.release_height + self._eef_above_bottom(obs)
+            return np.array([xy[0], xy[1], z])
         lay = self._lay_rotation(obs)
         if lay is None:
             return super()._place_point(obs)
@@ -619,6 +676,8 @@ class TaskExpert(ScriptedExpert):
         return bool(np.linalg.norm(np.asarray(obs["robot0_eef_pos"]) - self._obj_pos(obs) - held) < 1.5 * se.SLIP_DISTANCE)
 
     def _phase_carry(self, obs, eef):
+        if self.region.turn_along is not None and self._attached(obs):
+            return self._carry_into_slot(obs, eef)
         if self._pinched() and self._attached(obs):
             self.hold_offset = eef - self._obj_pos(obs)
         lay = self._lay_rotation(obs)
@@ -626,6 +685,21 @@ class TaskExpert(ScriptedExpert):
             rv = lay.as_rotvec()
             self.tilt_axis, self.tilt_goal = rv / np.linalg.norm(rv), float(np.linalg.norm(rv))
         return super()._phase_carry(obs, eef)
+
+    def _carry_into_slot(self, obs, eef):
+        """The carry to a slotted place: the hand turns the held object about the vertical until it
+        lies along the slot (its yaw goal: the hand's observed yaw plus the object's remaining turn),
+        and goes down only once the object is turned and over the place (RegionPlace.turn_along)."""
+        turn = self._slot_turn(obs)
+        hand_yaw, _ = split_yaw(quat_xyzw_to_rotation(obs["robot0_eef_quat"]) * self.ref_rotation.inv())
+        self.grasp_yaw = hand_yaw + turn - self.style.yaw_offset
+        phase_t = self.phase_t
+        out = super()._phase_carry(obs, eef)
+        if self.phase == "lower":
+            off = float(np.linalg.norm(self._place_point(obs)[:2] - eef[:2]))
+            if abs(turn) > SLOT_YAW_TOLERANCE or off > SLOT_XY_TOLERANCE:
+                self.phase, self.phase_t = "carry", phase_t  # not yet: keep turning and lining up
+        return out
 
     def _restart(self) -> None:
         self.tilt_goal = 0.0  # an object slipped out of a tilted hand: point it down again
