@@ -25,8 +25,10 @@ A libero_10 goal lists several predicates; they are done in the listed order (a 
 after what goes into it), and each stage leaves the earlier ones' results alone, since LIBERO
 checks all predicates at once. In task 5 the upright book, taken by its top edge, is turned on the
 way until it lies along the caddy's back compartment and lowered into it (``RegionPlace.turn_along``).
-libero_10's task 9 (a mug into the microwave, then close it) is refused: the hand, pointing down,
-cannot put an object inside the microwave.
+In task 9 the hand, pointing down, cannot reach under the microwave's roof: the mug is taken by its
+handle, lowered in front of the opening and slid in, released, pushed deeper by the closed hand
+leaning toward the microwave until its handle clears the door, and the door is then pushed shut
+from outside along its arc (stages ``microwave_in``, ``microwave_push``, ``microwave_close``).
 
 ``SuiteExpert`` is the scripted expert of every supported suite: it hands libero_spatial and
 libero_object tasks to ``ScriptedExpert`` unchanged and libero_goal and libero_10 tasks to
@@ -322,11 +324,65 @@ KNOB_ON = 0.5
 KNOB_TURN = 1.0
 KNOB_TURNED = 0.75
 
+# libero_10 task 9: the white-yellow mug into the microwave, the door shut. Microwave frame (its
+# collision boxes in microwave.xml; the microwave stands unturned, its opening toward -y): cavity
+# floor at z 0.024, roof from z 0.168 to 0.187, floor and roof end at the front at y -0.088, side
+# walls' inner faces at x -0.1435 and +0.0635; the door (25.9 cm, its outer face 2.5 cm from the
+# hinge line, 19 cm tall) hinges about the vertical at MICROWAVE_HINGE, open at -1.33 to -2.06 rad
+# in init states 0-19, shut at 0; LIBERO counts it closed above MICROWAVE_CLOSED_QPOS. The open door
+# stands beside the opening on the robot's side, its top at z 0.19: the hand moves between the
+# stages at MICROWAVE_CLEAR_Z. Any part of the palm (3 cm above the EEF and up) under the roof
+# meets it, and no pointing-down grasp of the mug's rim can set it on the floor (the palm's front
+# stays 3.5 cm short of the roof's edge): the mug is taken by its handle (MICROWAVE_HANDLE_GRASPS),
+# the cup ahead of the hand, lowered in front of the opening, slid in with the hand's front
+# MICROWAVE_SLIDE_GAP short of the roof's edge, released on the floor, and then pushed in by the
+# closed hand leaning CLOSE_TILT toward the microwave until the handle's end is behind the door
+# (MICROWAVE_PUSH_TO); last, the door is pushed shut from outside along its arc.
+# Measured with a waypoint probe of these steps (notebook/2026-12-03-libero-10-microwave.md).
+MICROWAVE_SUITES = ("libero_10",)
+MICROWAVE_HINGE = (-0.1725, -0.088, 0.096)
+MICROWAVE_CLOSED_QPOS = -0.005
+MICROWAVE_CLEAR_Z = 0.34  # the hand's height between the stages (0.15 m over the door's top)
+MICROWAVE_CARRY_Z = 0.31  # EEF height carrying the mug: its bottom 5 cm over the door's top
+MICROWAVE_CAVITY_X = -0.04  # the cavity's middle (x)
+MICROWAVE_ENTRY_Y = -0.25  # EEF y in front of the opening, the cup (ahead of the hand) clear of it
+MICROWAVE_ROOF_FRONT = -0.088
+MICROWAVE_FLOOR = 0.024
+MICROWAVE_SLIDE_GAP = 0.01  # the palm's front (se.HAND_HALF_WIDTH ahead of the EEF) this far short of the roof
+MICROWAVE_LIFT_OFF = 0.008  # the mug's bottom this far above the floor while slid in, then set down
+MICROWAVE_BACK_Y = -0.23  # EEF y after letting go: the fingers out of the handle, in front of the opening
+# Pushing the mug in: the leaning fingertips from MICROWAVE_PUSH_START_Y to MICROWAVE_PUSH_TO (EEF y,
+# 1.5 cm behind the roof's edge), MICROWAVE_PUSH_Z above the microwave's origin (the handle's middle
+# with the mug on the floor): the mug slid 6.8 cm deeper in the probe, its handle's end 1.5-2.5 cm
+# behind the door's inner face (y -0.089). Done once that end is MICROWAVE_DOOR_CLEAR behind it.
+MICROWAVE_PUSH_START_Y = -0.20
+MICROWAVE_PUSH_TO = -0.073
+MICROWAVE_PUSH_Z = 0.08
+MICROWAVE_DOOR_INNER = -0.089
+MICROWAVE_DOOR_CLEAR = 0.005
+# Shutting the door: the closed hand, its long side along the door, pushes the door's outer face
+# DOOR_PUSH_RADIUS from the hinge (inside the door's handle bar, 23.75 cm out), its EEF DOOR_PUSH_OUT
+# from the hinge line (0.5 cm into the outer face: it presses) and DOOR_PUSH_DROP below the hinge's
+# height, aiming DOOR_PUSH_LEAD rad ahead of the door's angle (never past shut); it starts
+# DOOR_STANDOFF further out. Probe: shut in 20/20 init states, 61-79 steps of pushing.
+DOOR_PUSH_RADIUS = 0.18
+DOOR_PUSH_OUT = 0.03
+DOOR_PUSH_DROP = 0.02
+DOOR_PUSH_LEAD = 0.25
+DOOR_STANDOFF = 0.06
+MICROWAVE_TRIES = 3  # repeats of a stalled push
+# Objects taken by their handle for the microwave (HANDLE_GRASPS' form, in this task only: task 4
+# takes the same mug by its rim): the white-yellow mug's handle is a vertical bar at its own
+# (0.064, 0), 1.75 cm wide along its own y, from 2.7 to 8.5 cm up; the EEF 7 cm up (the palm above
+# the cup's rim, 10.3 cm), the fingers closing along its own y. The handle's end is 6.8 cm out.
+MICROWAVE_HANDLE_GRASPS = {"white_yellow_mug": ((0.064, 0.0), (0.0, 1.0), 0.07, 0.068)}
+
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a task. kind: pick | open | close | turn_on; obj: the object moved (pick);
+    """One step of a task. kind: pick | open | close | turn_on | microwave_in | microwave_push |
+    microwave_close; obj: the object moved (pick, microwave_in/_push);
     target: where it goes (an object or a region site); fixture, part: the fixture acted
     on (a cabinet and its drawer 'top' / 'middle' / 'bottom'; a stove)."""
 
@@ -338,6 +394,7 @@ class Stage:
 
 
 _DRAWER_REGION = re.compile(r"^(?P<fixture>.+_cabinet_\d+)_(?P<part>top|middle|bottom)_region$")
+_MICROWAVE_REGION = re.compile(r"^(?P<fixture>microwave_\d+)_heating_region$")
 
 
 def target_kind(name: str) -> str:
@@ -374,6 +431,13 @@ def plan_stages(task) -> list[Stage]:
             closing.append((predicate[1], Stage("close", fixture=m.group("fixture"), part=m.group("part"))))
         elif name == "turnon" and target_kind(predicate[1]) == "flat_stove":
             stages.append(Stage("turn_on", fixture=predicate[1]))
+        elif name == "close" and task.suite in MICROWAVE_SUITES and target_kind(predicate[1]) == "microwave":
+            stages.append(Stage("microwave_close", fixture=predicate[1]))
+        elif (name == "in" and len(predicate) == 3 and task.suite in MICROWAVE_SUITES
+              and _MICROWAVE_REGION.match(predicate[2]) and object_kind(predicate[1]) in MICROWAVE_HANDLE_GRASPS):
+            fixture = _MICROWAVE_REGION.match(predicate[2]).group("fixture")
+            stages.append(Stage("microwave_in", obj=predicate[1], target=predicate[2], fixture=fixture))
+            stages.append(Stage("microwave_push", obj=predicate[1], target=predicate[2], fixture=fixture))
         elif name in ("on", "in") and len(predicate) == 3:
             obj, target = predicate[1], predicate[2]
             kind = object_kind(obj)
@@ -523,6 +587,10 @@ class TaskExpert(ScriptedExpert):
             return self._drawer(obs)[2] > DRAWER_CLOSED_QPOS
         if kind == "turn_on":
             return self._knob(obs)[2] >= KNOB_ON
+        if kind == "microwave_close":
+            return self._door(obs)[1] > MICROWAVE_CLOSED_QPOS
+        if kind in ("microwave_in", "microwave_push"):
+            return self._mug_behind_door(obs) and not self._held_at_take_over(obs, first_obs)
         return self._goal_reached(obs) and not self._held_at_take_over(obs, first_obs)
 
     def _next_stage(self) -> None:
@@ -549,6 +617,10 @@ class TaskExpert(ScriptedExpert):
             self.start_phase = "handle_approach"
         elif st.kind == "close":
             self.start_phase = "close_approach"
+        elif st.kind.startswith("microwave"):
+            self.obj, self.target = st.obj, st.target
+            self.start_phase = {"microwave_in": "mw_rise", "microwave_push": "push_rise",
+                                "microwave_close": "door_over"}[st.kind]
         else:  # turn_on
             self.start_phase = "knob_approach"
         if self.stage_index > 0:
@@ -1033,6 +1105,217 @@ class TaskExpert(ScriptedExpert):
                 self._enter("knob_approach")
         return target, self.style.speed, 0.0, GRIPPER_OPEN
 
+    # ------------------------------------------------------------------ phases: the microwave
+    def _mw(self, obs, local) -> np.ndarray:
+        """World position [3] of ``local`` [3] in the frame of the stage's microwave."""
+        pos, rot = self._fixture_frame(obs, self.stage.fixture)
+        return pos + rot.apply(np.asarray(local, dtype=np.float64))
+
+    def _mw_local(self, obs, world) -> np.ndarray:
+        pos, rot = self._fixture_frame(obs, self.stage.fixture)
+        return rot.inv().apply(np.asarray(world, dtype=np.float64) - pos)
+
+    def _mug_handle(self, obs) -> tuple:
+        """(the handle's grasped point [3], the hand's yaw for it, the handle's end [3] at the
+        grasped height) of the stage's object, from its observed pose."""
+        (px, py), axis_local, height, end = MICROWAVE_HANDLE_GRASPS[object_kind(self.obj)]
+        rot = quat_xyzw_to_rotation(obs[f"{self.obj}_quat"])
+        origin = self._obj_pos(obs)
+        axis = rot.apply([*axis_local, 0.0])
+        yaw = se.finger_yaw(float(np.arctan2(axis[1], axis[0])))
+        return origin + rot.apply([px, py, height]), yaw, origin + rot.apply([end, py, height])
+
+    def _mug_behind_door(self, obs) -> bool:
+        """Whether the mug stands in the microwave with its handle's end behind the shut door's place."""
+        _, _, end = self._mug_handle(obs)
+        origin = self._mw_local(obs, self._obj_pos(obs))
+        return bool(self._mw_local(obs, end)[1] > MICROWAVE_DOOR_INNER + MICROWAVE_DOOR_CLEAR
+                    and origin[2] < MICROWAVE_FLOOR + 0.01 and origin[1] > MICROWAVE_ROOF_FRONT)
+
+    def _mw_grasp_local(self) -> float:
+        """EEF height above the mug's bottom while it hangs from the hand."""
+        return MICROWAVE_HANDLE_GRASPS[object_kind(self.obj)][2]
+
+    def _phase_mw_rise(self, obs, eef):
+        """Straight up first: the hand starts over the open door's free end, and turning there
+        swings the palm into the door."""
+        self.grasp_yaw = self.ref_yaw - self.style.yaw_offset
+        target = np.array([eef[0], eef[1], self._mw(obs, [0.0, 0.0, MICROWAVE_CLEAR_Z])[2]])
+        if self.phase_t == 0:
+            self.hold_point = target
+        if np.linalg.norm(self.hold_point - eef) < 0.02 or self.phase_t > RISE_STEPS:
+            self._enter("mw_over")
+        return self.hold_point, self.style.speed, 0.0, GRIPPER_OPEN
+
+    def _phase_mw_over(self, obs, eef):
+        grip, yaw, _ = self._mug_handle(obs)
+        self.grasp_yaw = yaw
+        above = np.array([grip[0], grip[1], self._mw(obs, [0.0, 0.0, MICROWAVE_CLEAR_Z])[2]])
+        if np.linalg.norm(above[:2] - eef[:2]) < 0.01 and abs(self.ref_yaw - yaw - self.style.yaw_offset) < 0.1:
+            self._enter("mw_descend")
+        return above, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_OPEN
+
+    def _phase_mw_descend(self, obs, eef):
+        grip, _, _ = self._mug_handle(obs)
+        if np.linalg.norm(grip - eef) < se.GRASP_TOLERANCE or (self.stall >= se.STALL_STEPS and self.phase_t > 5):
+            self.grip_point, self.lift_start = eef.copy(), (eef[2], self._obj_pos(obs)[2])
+            self._enter("mw_grip")
+        return grip, self.style.speed if eef[2] > grip[2] + 0.05 else self.style.fine_speed, 0.0, GRIPPER_OPEN
+
+    def _phase_mw_grip(self, obs, eef):
+        if self.phase_t >= self.style.close_steps:
+            self._enter("mw_lift")
+        return self.grip_point, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_mw_lift(self, obs, eef):
+        target = np.array([self.grip_point[0], self.grip_point[1], self._mw(obs, [0.0, 0.0, MICROWAVE_CARRY_Z])[2]])
+        if eef[2] - self.lift_start[0] > se.LIFT_CHECK_RISE and \
+                self._obj_pos(obs)[2] - self.lift_start[1] < 0.5 * (eef[2] - self.lift_start[0]):
+            self.tries += 1  # the handle slipped out: let go and take it again
+            self.hold_point = eef.copy()
+            self._enter("mw_drop")
+        elif np.linalg.norm(target - eef) < 0.02:
+            self._enter("mw_front")
+        return target, self.style.speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_mw_drop(self, obs, eef):
+        if self.phase_t >= self.style.release_steps:
+            self._enter("mw_rise")
+        return self.hold_point, self.style.fine_speed, 0.0, GRIPPER_OPEN
+
+    def _phase_mw_front(self, obs, eef):
+        target = self._mw(obs, [MICROWAVE_CAVITY_X, MICROWAVE_ENTRY_Y, MICROWAVE_CARRY_Z])
+        if np.linalg.norm(target - eef) < 0.015:
+            self._enter("mw_lower")
+        return target, self.style.speed, self._fade(np.linalg.norm(target - eef)), GRIPPER_CLOSE
+
+    def _mw_low(self) -> float:
+        return MICROWAVE_FLOOR + MICROWAVE_LIFT_OFF + self._mw_grasp_local()
+
+    def _phase_mw_lower(self, obs, eef):
+        target = self._mw(obs, [MICROWAVE_CAVITY_X, MICROWAVE_ENTRY_Y, self._mw_low()])
+        if np.linalg.norm(target - eef) < 0.01 or (self.stall >= se.STALL_STEPS and self.phase_t > 10):
+            self._enter("mw_slide")
+        return target, self.style.speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_mw_slide(self, obs, eef):
+        y = MICROWAVE_ROOF_FRONT - se.HAND_HALF_WIDTH - MICROWAVE_SLIDE_GAP
+        target = self._mw(obs, [MICROWAVE_CAVITY_X, y, self._mw_low()])
+        if np.linalg.norm(target - eef) < 0.008 or (self.stall >= se.STALL_STEPS and self.phase_t > 10):
+            self.hold_point = target - np.array([0.0, 0.0, MICROWAVE_LIFT_OFF])
+            self._enter("mw_set")
+        return target, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_mw_set(self, obs, eef):
+        if np.linalg.norm(self.hold_point - eef) < 0.004 or self.phase_t > 8:
+            self._enter("mw_release")
+        return self.hold_point, self.style.fine_speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_mw_release(self, obs, eef):
+        if self.phase_t >= self.style.release_steps:
+            self._enter("mw_back")
+        return self.hold_point, self.style.fine_speed, 0.0, GRIPPER_OPEN
+
+    def _phase_mw_back(self, obs, eef):
+        target = self._mw(obs, [MICROWAVE_CAVITY_X, MICROWAVE_BACK_Y, self._mw_low()])
+        if np.linalg.norm(target - eef) < 0.015 or self.phase_t > 40:
+            self.hold_point = eef.copy()
+            self._enter("idle")
+        return target, self.style.speed, 0.0, GRIPPER_OPEN
+
+    def _phase_push_rise(self, obs, eef):
+        """Up in front of the opening, the closed hand leaning toward the microwave."""
+        _, rot = self._fixture_frame(obs, self.stage.fixture)
+        into = rot.apply([0.0, 1.0, 0.0])
+        axis = np.cross([0.0, 0.0, -1.0], into)
+        self.tilt_axis, self.tilt_goal = axis / np.linalg.norm(axis), CLOSE_TILT
+        local = self._mw_local(obs, eef)
+        target = self._mw(obs, [MICROWAVE_CAVITY_X, min(local[1], MICROWAVE_PUSH_START_Y), MICROWAVE_CLEAR_Z - 0.06])
+        if self.phase_t == 0:
+            self.hold_point = target
+        if np.linalg.norm(self.hold_point - eef) < 0.03 and self._tilt_error(obs) < TILT_TOLERANCE:
+            self._enter("push_descend")
+        return self.hold_point, self.style.speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_push_descend(self, obs, eef):
+        target = self._mw(obs, [MICROWAVE_CAVITY_X, MICROWAVE_PUSH_START_Y, MICROWAVE_PUSH_Z])
+        if np.linalg.norm(target - eef) < 0.015 or (self.stall >= se.STALL_STEPS and self.phase_t > 10):
+            self._enter("push_in")
+        return target, self.style.speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_push_in(self, obs, eef):
+        target = self._mw(obs, [MICROWAVE_CAVITY_X, MICROWAVE_PUSH_TO, MICROWAVE_PUSH_Z])
+        stalled = self.stall >= se.STALL_STEPS * 2 and self.phase_t > 15
+        if np.linalg.norm(target - eef) < 0.008 or stalled or self.phase_t > 120:
+            self._enter("push_out")
+        return target, CLOSE_SPEED, 0.0, GRIPPER_CLOSE
+
+    def _phase_push_out(self, obs, eef):
+        target = self._mw(obs, [MICROWAVE_CAVITY_X, MICROWAVE_PUSH_START_Y, MICROWAVE_PUSH_Z])
+        if np.linalg.norm(target - eef) < 0.015 or self.phase_t > 40:
+            if self._mug_behind_door(obs) or self.tries >= MICROWAVE_TRIES:
+                self._enter("push_up")
+            else:
+                self.tries += 1
+                self._enter("push_in")
+        return target, self.style.speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_push_up(self, obs, eef):
+        self.tilt_goal = 0.0
+        target = self._mw(obs, [MICROWAVE_CAVITY_X, MICROWAVE_PUSH_START_Y, MICROWAVE_CLEAR_Z])
+        if np.linalg.norm(target - eef) < 0.03 and abs(self.ref_tilt) < TILT_DONE:
+            self.hold_point = eef.copy()
+            self._enter("idle")
+        return target, self.style.speed, 0.0, GRIPPER_CLOSE
+
+    def _door(self, obs):
+        """((hinge [3], the door's direction from the hinge [3], its outer face's normal [3]), the
+        door's joint position)."""
+        q = float(np.asarray(obs[f"{self.stage.fixture}_qpos"])[0])
+        return self._door_at(obs, q), q
+
+    def _door_at(self, obs, angle: float) -> tuple:
+        hinge = self._mw(obs, MICROWAVE_HINGE)
+        _, rot = self._fixture_frame(obs, self.stage.fixture)
+        along = rot.apply([np.cos(angle), np.sin(angle), 0.0])
+        out = rot.apply([np.sin(angle), -np.cos(angle), 0.0])
+        return hinge, along, out
+
+    def _door_point(self, obs, angle: float, out_by: float) -> np.ndarray:
+        """EEF position [3] pushing the door's outer face at ``angle``, ``out_by`` m from the hinge line;
+        sets the hand's yaw (its long side along the door)."""
+        hinge, along, out = self._door_at(obs, angle)
+        _, rot = self._fixture_frame(obs, self.stage.fixture)
+        self.grasp_yaw = angle + np.pi / 2 + float(rot.as_rotvec()[2])  # at angle -pi/2 the start's yaw
+        return hinge + DOOR_PUSH_RADIUS * along + out_by * out - np.array([0.0, 0.0, DOOR_PUSH_DROP])
+
+    def _phase_door_over(self, obs, eef):
+        _, q = self._door(obs)
+        if q > MICROWAVE_CLOSED_QPOS:
+            self.hold_point = eef.copy()
+            self._enter("idle")
+            return eef, 0.0, 0.0, GRIPPER_CLOSE
+        start = self._door_point(obs, q, DOOR_PUSH_OUT + DOOR_STANDOFF)
+        above = np.array([start[0], start[1], self._mw(obs, [0.0, 0.0, MICROWAVE_CLEAR_Z])[2]])
+        if np.linalg.norm(above - eef) < 0.02:
+            self._enter("door_down")
+        return above, self.style.speed, self._fade(np.linalg.norm(above - eef)), GRIPPER_CLOSE
+
+    def _phase_door_down(self, obs, eef):
+        _, q = self._door(obs)
+        start = self._door_point(obs, q, DOOR_PUSH_OUT + DOOR_STANDOFF)
+        if np.linalg.norm(start - eef) < 0.02 or (self.stall >= se.STALL_STEPS and self.phase_t > 10):
+            self._enter("door_push")
+        return start, self.style.speed, 0.0, GRIPPER_CLOSE
+
+    def _phase_door_push(self, obs, eef):
+        _, q = self._door(obs)
+        goal = self._door_point(obs, min(q + DOOR_PUSH_LEAD, 0.0), DOOR_PUSH_OUT)
+        stalled = self.stall >= se.STALL_STEPS * 2 and self.phase_t > 15
+        if q <= MICROWAVE_CLOSED_QPOS and (stalled or self.phase_t > 150) and self.tries < MICROWAVE_TRIES:
+            self.tries += 1
+            self._enter("door_over")
+        return goal, CLOSE_SPEED, 0.0, GRIPPER_CLOSE
 
 
 class SuiteExpert:
