@@ -29,6 +29,7 @@ ROUND_LR=${ROUND_LR:-1e-3}
 ROLLOUTS=${ROLLOUTS:-30}                 # the final policy's own rollouts per task (training init states)
 DRAFT_EPOCHS=${DRAFT_EPOCHS:-80}
 HEADS=${HEADS:-3}                        # self-drafting heads: layers proposed per pass (0: no heads)
+HEADS_EPOCHS=${HEADS_EPOCHS:-$DRAFT_EPOCHS}
 STOP_EPOCHS=${STOP_EPOCHS:-60}
 TRIALS=${TRIALS:-20}                     # held-out trials per task (init states 0..TRIALS-1)
 SEEDS=${SEEDS-0 1 2}                     # scene seeds of the closed-loop runs (set but empty: none)
@@ -83,7 +84,7 @@ step "$OUT/draft.pt" $PY train_draft.py --policy "$POLICY" --rollouts "$OUT/roll
 heads=()
 if [ "$HEADS" != 0 ]; then
   step "$OUT/heads.pt" $PY train_draft.py --policy "$POLICY" --rollouts "$OUT/rollouts.hdf5" --heads "$HEADS" \
-    --epochs "$DRAFT_EPOCHS" --output "$OUT/heads.pt" --json "$OUT/heads.json"
+    --epochs "$HEADS_EPOCHS" --output "$OUT/heads.pt" --json "$OUT/heads.json"
   heads=(--heads "$OUT/heads.pt")
 fi
 step "$OUT/stop.pt" $PY train_stop.py --policy "$POLICY" --rollouts "$OUT/rollouts.hdf5" --epochs "$STOP_EPOCHS" \
