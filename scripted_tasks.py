@@ -349,7 +349,9 @@ MICROWAVE_ENTRY_Y = -0.25  # EEF y in front of the opening, the cup (ahead of th
 MICROWAVE_ROOF_FRONT = -0.088
 MICROWAVE_FLOOR = 0.024
 MICROWAVE_SLIDE_GAP = 0.01  # the palm's front (se.HAND_HALF_WIDTH ahead of the EEF) this far short of the roof
-MICROWAVE_LIFT_OFF = 0.008  # the mug's bottom this far above the floor while slid in, then set down
+MICROWAVE_LIFT_OFF = 0.02  # the mug's bottom this far above the floor while slid in, then set down (at 0.8 cm the slide
+# stalled 6 cm short in init states 1 and 17, likely the cup, pitched down about the handle, against the floor's front
+# edge, and the released mug fell off that edge)
 MICROWAVE_BACK_Y = -0.23  # EEF y after letting go: the fingers out of the handle, in front of the opening
 # Pushing the mug in: the leaning fingertips from MICROWAVE_PUSH_START_Y to MICROWAVE_PUSH_TO (EEF y,
 # 1.5 cm behind the roof's edge), MICROWAVE_PUSH_Z above the microwave's origin (the handle's middle
