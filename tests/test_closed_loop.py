@@ -534,7 +534,7 @@ def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
                    heads=str(tmp_path / "heads.pt"), mode="all", task_id=[0], num_trials=1, max_steps=15, json=str(tmp_path / "e.json"))
     out = eval_libero.main(ev)
     assert list(out["modes"]) == ["dense", "rsd", "adaptive", "rsd+adaptive", "tree", "tree+adaptive", "heads",
-                                  "heads+adaptive"]
+                                  "heads+adaptive", "rsd+heads", "rsd+heads+adaptive"]
     for m, s in out["modes"].items():
         assert s["trials"] == 1 and s["errors"] == 0, s
         assert s["chunks"] == 2  # 15 steps, the whole 10-step chunk executed by default
@@ -545,12 +545,12 @@ def test_eval_runs_closed_loop_in_libero(trained, tmp_path):
     assert saved["config"]["init_states"] == "held_out"
     for m, s in saved["per_task"]["0"].items():
         assert s["outcomes"] == [s["successes"]]
-    # exact rsd, tree and heads decode what dense decodes: same trial, same outcome
-    for m in ("rsd", "tree", "heads"):
+    # exact rsd, tree, heads and rsd+heads decode what dense decodes: same trial, same outcome
+    for m in ("rsd", "tree", "heads", "rsd+heads"):
         assert saved["modes"][m]["vs_dense"]["only_this_solved"] == 0
         assert saved["modes"][m]["vs_dense"]["only_reference_solved"] == 0
     # and exact speculation with adaptive depth keeps adaptive's layers: the same outcome too
-    for m in ("rsd+adaptive", "tree+adaptive", "heads+adaptive"):
+    for m in ("rsd+adaptive", "tree+adaptive", "heads+adaptive", "rsd+heads+adaptive"):
         assert saved["per_task"]["0"][m]["outcomes"] == saved["per_task"]["0"]["adaptive"]["outcomes"]
     expert = eval_libero.main(eval_args(mode="expert", task_id=[0], num_trials=1))
     assert expert["modes"]["expert"]["successes"] == 1
