@@ -838,10 +838,10 @@ class RSDEngine:
         return list(top.indices[..., 0][None, :, path].unbind(-1)), stopped  # the path's codes [1, T'] per layer
 
     def _self_draft(self, obs, task, ctx, cache, cfg, stats, stop) -> list | None:
-        """Modes ``heads``, ``heads+adaptive`` (and ``rsd+heads``...): every pass verifies the heads'
-        proposals of the pass before and proposes again; the first pass verifies the draft's
-        proposal for layers 0..k-1 in the ``rsd+heads`` modes, and nothing in the others. The codes of every layer (until L - 1 or the stop test), or None
-        when a choice is within ``cfg.tie_margin`` of a tie or the stop test cannot decide (the
+        """The heads modes: every pass verifies the heads' proposals of the pass before and proposes
+        again; the first pass verifies the draft's proposal for layers 0..k-1 in the ``rsd+heads``
+        modes, and nothing in the others. The codes of every layer (until L - 1 or the stop test),
+        or None when a choice is within ``cfg.tie_margin`` of a tie or the stop test cannot decide (the
         passes carry several blocks, or read a cache such passes wrote: every choice and stop
         signal is guarded, as after ``_speculate``).
 
