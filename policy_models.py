@@ -763,6 +763,13 @@ class FusedStop:
         return float(torch.addmm(self.b2, F.gelu(torch.addmm(self.b1[layer], x, self.w1)), self.w2))
 
 
+def _check_proposal(c: HeadsConfig, layer: int, n: int) -> None:
+    """Heads of ``c`` propose 1..J layers after ``layer``, none past the last: else a ValueError."""
+    if not (1 <= n <= c.offsets and layer + n < c.num_layers):
+        raise ValueError(f"the heads propose 1..{c.offsets} layers after layer {layer}, up to layer "
+                         f"{c.num_layers - 1}; asked for {n}")
+
+
 class DraftHeads(nn.Module):
     """Self-drafting heads on a main policy (Medusa-style: Cai et al. 2024): from the final
     hidden state h of the block that predicts layer l, at every latent position, and the codes
@@ -823,10 +830,7 @@ class DraftHeads(nn.Module):
     def propose(self, hidden: torch.Tensor, code: torch.Tensor, layer: int, n: int) -> torch.Tensor:
         """From the block of layer ``layer`` (hidden [B, T', d]) and the codes chosen for the layer
         [B, T']: the argmax proposal for layers layer+1..layer+n, codes [B, T', n]."""
-        c = self.config
-        if not (1 <= n <= c.offsets and layer + n < c.num_layers):
-            raise ValueError(f"the heads propose 1..{c.offsets} layers after layer {layer}, up to layer "
-                             f"{c.num_layers - 1}; asked for {n}")
+        _check_proposal(self.config, layer, n)
         x = hidden + self.code_emb.weight[self.offsets[layer] + code]
         out = []
         for j in range(n):
@@ -878,10 +882,7 @@ class FusedHeads:
 
     def propose(self, hidden: torch.Tensor, code: torch.Tensor, layer: int, n: int) -> torch.Tensor:
         """Same as ``DraftHeads.propose``: hidden [B, T', d], codes [B, T'] -> codes [B, T', n]."""
-        c = self.config
-        if not (1 <= n <= c.offsets and layer + n < c.num_layers):
-            raise ValueError(f"the heads propose 1..{c.offsets} layers after layer {layer}, up to layer "
-                             f"{c.num_layers - 1}; asked for {n}")
+        _check_proposal(self.config, layer, n)
         B, T = code.shape
         x = (hidden + self.code_emb[self.offsets[layer] + code]).reshape(1, B * T, -1).expand(n, -1, -1)
         g = F.gelu(torch.baddbmm(self.up_b[:n], x, self.up_w[:n]))                   # [n, B*T', w]
