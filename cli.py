@@ -333,6 +333,21 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError, IsADire
                NotADirectoryError)
 
 
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ctrl-C, or an error a library raised because Ctrl-C reached it.
+
+    IMPORTANT: a KeyboardInterrupt that lands inside a numba-compiled function (robosuite's
+    OSC controller, ``opspace_matrices``) comes out as ``SystemError: ... returned a result
+    with an exception set``, chained to the interrupt."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def run(main, parser: argparse.ArgumentParser, argv=None, extra_errors: tuple = ()) -> None:
     """``main(parser.parse_args(argv))`` with one-line errors: a bad input exits 2 with
     ``error: ...`` naming it, Ctrl-C exits 130."""
@@ -342,7 +357,12 @@ def run(main, parser: argparse.ArgumentParser, argv=None, extra_errors: tuple = 
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)
-    except USER_ERRORS + tuple(extra_errors) as exc:
+    except Exception as exc:
+        if caused_by_interrupt(exc):
+            print(f"{name}: interrupted", file=sys.stderr)
+            sys.exit(130)
+        if not isinstance(exc, USER_ERRORS + tuple(extra_errors)):
+            raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"{name}: error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -837,9 +837,11 @@ def collect(args: CollectArgs) -> dict:
     except BaseException as exc:
         bar.close()
         kept = writer.abandon()
-        log.error("collection stopped after %d complete episode(s) (%s%s); they are kept in %s "
+        why = ("interrupted" if cli.caused_by_interrupt(exc)
+               else f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        log.error("collection stopped after %d complete episode(s) (%s); they are kept in %s "
                   "(--resume continues; load_episodes reads it); %s was not touched",
-                  writer.count, type(exc).__name__, f": {exc}" if str(exc) else "", kept, args.output)
+                  writer.count, why, kept, args.output)
         raise
     bar.close()
     writer.finish()

@@ -60,11 +60,12 @@ def one_trial(delay: float, workdir: str, workers: int) -> dict:
             in_partial = len([k for k in f["data"] if k.startswith("demo_")]) if "data" in f else 0
     with open(out, "rb") as f:
         untouched = f.read() == b"earlier output"
-    ok = (stop <= STOP_LIMIT_S and untouched and "Traceback" not in err
+    ok = (stop <= STOP_LIMIT_S and untouched and "Traceback" not in err and proc.returncode == 130
           and (in_partial or 0) == (int(kept_claim.group(1)) if kept_claim else 0))
     return {"delay": round(delay, 2), "stop_seconds": round(stop, 2), "returncode": proc.returncode,
             "episodes_kept": in_partial, "episodes_reported": int(kept_claim.group(1)) if kept_claim else None,
-            "output_untouched": untouched, "traceback": "Traceback" in err, "ok": ok}
+            "output_untouched": untouched, "traceback": "Traceback" in err, "ok": ok,
+            **({} if ok else {"stderr_tail": err[-3000:]})}
 
 
 def main(argv=None) -> dict:
