@@ -38,8 +38,11 @@ def one_trial(delay: float, workdir: str, workers: int) -> dict:
         f.write(b"earlier output")
     cmd = [sys.executable, os.path.join(ROOT, "collect_actions.py"), "--task_id", "0", "--num_episodes", "40",
            "--noise", "0.3", "--workers", str(workers), "--output", out, "--no_progress"]
+    # A shell without job control starts background jobs with SIGINT ignored, and a process that
+    # starts so never sees Ctrl-C: the collection gets SIGINT's default, as from a terminal.
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     if proc.poll() is not None:
         return {"delay": delay, "error": "finished before the interrupt"}
