@@ -33,7 +33,7 @@ HEADS_EPOCHS=${HEADS_EPOCHS:-$DRAFT_EPOCHS}
 STOP_EPOCHS=${STOP_EPOCHS:-60}
 TRIALS=${TRIALS:-20}                     # held-out trials per task (init states 0..TRIALS-1)
 SEEDS=${SEEDS-0 1 2}                     # scene seeds of the closed-loop runs (set but empty: none)
-MODES=${MODES:-dense,rsd,rsd+adaptive$([ "${HEADS:-3}" != 0 ] && echo ,heads,heads+adaptive)}
+MODES=${MODES:-dense,rsd,rsd+adaptive$([ "${HEADS:-3}" = 0 ] || echo ,heads,heads+adaptive)}
 THRESHOLD=${THRESHOLD:-0.13}             # the learned stop rule's predicted action gap
 BENCH_STATES=${BENCH_STATES:-600}
 BENCH_WARMUP=${BENCH_WARMUP:-20}         # untimed states first
