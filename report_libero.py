@@ -5,6 +5,7 @@
     python report_libero.py --compare run.json run.json --modes dense@sample rsd@sample   # two modes
     python report_libero.py --pool eval_s0.json eval_s1.json eval_s2.json --json pooled.json
     python report_libero.py --suites spatial.json object.json goal.json long.json   # the four-suite table
+    python report_libero.py --suites spatial.json object.json --expert expert_spatial.json expert_object.json
 
 Nothing is run: every number comes from result files that ``eval_libero.py`` wrote (see
 ``results.py`` for the statistics). ``--compare`` pairs two results of the same trials (suite,
@@ -13,7 +14,8 @@ solved, and the exact McNemar test. ``--pool`` pools results of the same trials 
 over other scene seeds, mode by mode: successes, interval, the paired test against dense over
 all trials, each run's own speed-up, passes and acceptance over all chunks. ``--suites`` sets
 results of different suites side by side in the layout papers use (a column per suite and the
-average), published image-based policies below for scale.
+average), the scripted expert's row from its collections (``collect_actions.py --json``) with
+``--expert``, published image-based policies below for scale.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 import cli
 from cli import arg
 from fileio import check_outputs, write_json
-from results import (add_statistics, compare_runs, load_result, pool_runs, print_comparison, print_suite_table,
-                     report, suite_table)
+from results import (add_statistics, compare_runs, load_expert_result, load_result, pool_runs, print_comparison,
+                     print_suite_table, report, suite_table)
 
 log = logging.getLogger("report_libero")
 
@@ -41,6 +43,8 @@ class ReportArgs:
     pool: bool = arg(False, "pool results of the same trials and settings over other scene seeds")
     suites: bool = arg(False, "set results of different suites side by side (one result, or pooled result, per "
                               "suite)")
+    expert: list[str] = arg(None, "with --suites: collect_actions.py --json results of the scripted expert (one per "
+                                  "suite), set as a row beside the policies", factory=list, nargs="+", metavar="JSON")
     json: str | None = cli.json_arg()
     plot: str | None = arg(None, "success (95% interval) against latency per mode, and per task", metavar="PNG")
 
@@ -57,6 +61,7 @@ class ReportArgs:
             cli.require(len(self.results) == 1,
                         f"give one result (or --compare / --pool / --suites), got {len(self.results)}")
         cli.require(self.modes is None or self.compare, "--modes pairs two modes with --compare")
+        cli.require(not self.expert or self.suites, "--expert adds a row to the --suites table")
 
 
 def main(args: ReportArgs) -> dict:
@@ -71,7 +76,8 @@ def main(args: ReportArgs) -> dict:
             write_json(args.json, {"first": names[0], "second": names[1], "modes": out})
         return out
     if args.suites:
-        table = suite_table([load_result(p, "--suites") for p in args.results], list(args.results))
+        table = suite_table([load_result(p, "--suites") for p in args.results], list(args.results),
+                            [load_expert_result(p) for p in args.expert], list(args.expert))
         print_suite_table(table)
         if args.json:
             write_json(args.json, table)

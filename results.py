@@ -417,7 +417,49 @@ PUBLISHED_LIBERO = (
 )
 
 
-def suite_table(results: list[dict], names: list[str]) -> dict:
+def load_expert_result(path: str, flag: str = "--expert") -> dict:
+    """A JSON written by ``collect_actions.py --json`` for the scripted expert, checked enough to
+    set beside the policies in the four-suite table."""
+    try:
+        with open(path) as fh:
+            result = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag}: no such file: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag} {path}: not valid JSON ({exc})") from None
+    if not isinstance(result, dict) or not {"suite", "policy", "successes", "episodes", "per_task"} <= set(result):
+        raise ValueError(f"{flag} {path}: not a collect_actions.py --json result (needs suite, policy, successes, "
+                         "episodes and per_task)")
+    if result["policy"] != "scripted":
+        raise ValueError(f"{flag} {path}: collected by the {result['policy']!r} policy, not the scripted expert")
+    return result
+
+
+def expert_cells(results: list[dict], names: list[str]) -> dict:
+    """The scripted expert's row of the four-suite table: per suite its success over the
+    collection's episodes, the tasks it covered and the collection's wall time."""
+    cells: dict[str, dict] = {}
+    runs: dict[str, str] = {}
+    for name, r in zip(names, results):
+        suite = r["suite"]
+        if suite in runs:
+            raise ValueError(f"--expert: {runs[suite]} and {name} are both {suite}; give one collection per suite")
+        runs[suite] = name
+        tasks = len(r["per_task"])
+        cells[suite] = {"successes": r["successes"], "trials": r["episodes"],
+                        "success_rate": r["successes"] / r["episodes"] if r["episodes"] else 0.0,
+                        "tasks": tasks, "all_tasks": tasks == SUITE_TASKS.get(suite),
+                        "init_states": r.get("settings", {}).get("init_states"),
+                        "min_task_success_rate": min(t["success_rate"] for t in r["per_task"].values()),
+                        "wall_seconds": r.get("wall_seconds"), "speedup_vs_dense": None,
+                        "main_passes_per_chunk": None, "vs_dense": None}
+    four = [cells[s]["success_rate"] for s in SUITE_COLUMNS if s in cells]
+    cells["average"] = float(np.mean(four)) if len(four) == len(SUITE_COLUMNS) else None
+    return {"cells": cells, "runs": runs}
+
+
+def suite_table(results: list[dict], names: list[str], experts: list[dict] | None = None,
+                expert_names: list[str] | None = None) -> dict:
     """Closed-loop results of different suites side by side (one result per suite, a single run
     or a pool): per mode and suite the success, the speed-up against dense and the main passes
     per chunk, and per mode the average success over the four standard suites when it ran in
@@ -445,13 +487,18 @@ def suite_table(results: list[dict], names: list[str]) -> dict:
                 "tasks": tasks, "all_tasks": tasks == SUITE_TASKS.get(suite),
                 "speedup_vs_dense": speedups or None,
                 "main_passes_per_chunk": s.get("main_passes_per_chunk"),
-                "vs_dense": s.get("vs_dense")}
+                "vs_dense": s.get("vs_dense"), "wall_seconds": r["config"].get("wall_seconds")}
     for cells in modes.values():
         four = [cells[s]["success_rate"] for s in SUITE_COLUMNS if s in cells]
         cells["average"] = float(np.mean(four)) if len(four) == len(SUITE_COLUMNS) else None
     published = [{"name": n, "source": src, "success_pct": dict(zip(SUITE_COLUMNS, pct)),
                   "average": round(float(np.mean(pct)), 2)} for n, src, pct in PUBLISHED_LIBERO]
-    return {"suites": order, "runs": runs, "modes": modes, "published": published}
+    table = {"suites": order, "runs": runs, "modes": modes, "published": published}
+    if experts:
+        expert = expert_cells(experts, list(expert_names or [str(i) for i in range(len(experts))]))
+        table["expert"], table["expert_runs"] = expert["cells"], expert["runs"]
+        table["suites"] = order + [s for s in expert["runs"] if s not in order]
+    return table
 
 
 def print_suite_table(table: dict) -> None:
@@ -466,12 +513,18 @@ def print_suite_table(table: dict) -> None:
             out += f" {lo:.2f}x" if abs(hi - lo) < 0.005 else f" {lo:.2f}-{hi:.2f}x"
         if c["main_passes_per_chunk"] is not None:
             out += f" {c['main_passes_per_chunk']:.2f}p"
+        if c.get("vs_dense") and c["vs_dense"].get("mcnemar_p") is not None:
+            out += f" (p={c['vs_dense']['mcnemar_p']:.2f})"
         return out
 
     suites = table["suites"]
     rows = [[m] + [cell(cells.get(s)) for s in suites]
             + ["-" if cells["average"] is None else f"{100 * cells['average']:.1f}%"]
             for m, cells in table["modes"].items()]
+    if table.get("expert"):
+        cells = table["expert"]
+        rows.append(["scripted expert"] + [cell(cells.get(s)) for s in suites]
+                    + ["-" if cells["average"] is None else f"{100 * cells['average']:.1f}%"])
     published = [[f"{p['name']} ({p['source']})"] + [f"{p['success_pct'][s]:.1f}%" if s in p["success_pct"] else "-"
                                                      for s in suites] + [f"{p['average']:.1f}%"]
                  for p in table["published"]]
@@ -488,4 +541,14 @@ def print_suite_table(table: dict) -> None:
         print(line(r))
     print("A cell: success over the run's trials (* not every task of the suite), speed-up of the median "
           "latency per chunk against dense in the same run (a range over pooled runs), main passes per "
-          "chunk. average: over the four standard suites.")
+          "chunk, (p=) the exact McNemar test against dense on the same trials. average: over the four standard "
+          "suites.")
+    walls = []
+    for s in suites:
+        ev = next((c[s]["wall_seconds"] for c in table["modes"].values() if s in c and c[s].get("wall_seconds")), None)
+        ex = (table.get("expert") or {}).get(s, {}).get("wall_seconds")
+        if ev or ex:
+            walls.append(f"{s}: " + ", ".join(([f"evaluation {ev / 60:.0f} min"] if ev else [])
+                                               + ([f"expert collection {ex / 60:.0f} min"] if ex else [])))
+    if walls:
+        print("wall time: " + "; ".join(walls))

@@ -319,3 +319,47 @@ def test_suites_table_sets_suites_side_by_side_in_the_standard_order(tmp_path, c
         report("--suites", tmp_path / "old.json", paths[1])
     with pytest.raises(ValueError, match="give one of --compare, --pool and --suites"):
         report("--suites", "--pool", *paths)
+
+
+def expert_collection(suite: str, per_task: list[tuple[int, int]], policy: str = "scripted") -> dict:
+    return {"suite": suite, "policy": policy, "episodes": sum(n for n, _ in per_task),
+            "successes": sum(k for _, k in per_task), "wall_seconds": 600.0,
+            "settings": {"init_states": "held_out"},
+            "per_task": {str(i): {"episodes": n, "successes": k, "success_rate": k / n}
+                         for i, (n, k) in enumerate(per_task)}}
+
+
+def test_suites_table_sets_the_scripted_expert_and_the_paired_test_beside_the_policies(tmp_path, capsys):
+    """--expert adds the expert's row from its collections (its suites' columns even where no policy
+    ran), with its lowest task; a speculative cell carries its McNemar p against dense; the wall
+    times of the evaluations and collections are printed; a policy's collection is refused."""
+    r = suite_result("libero_spatial", [1, 1, 1, 0], [1, 1, 0, 0])
+    r["config"]["wall_seconds"] = 1800.0
+    r["modes"]["rsd"]["vs_dense"] = {"trials": 4, "only_this_solved": 0, "only_reference_solved": 1,
+                                     "difference_points": -25.0, "mcnemar_p": 1.0}
+    (tmp_path / "spatial.json").write_text(json.dumps(r))
+    experts = {"spatial": expert_collection("libero_spatial", [(20, 20)] * 10),
+               "goal": expert_collection("libero_goal", [(20, 19)] * 9 + [(20, 16)])}
+    for name, e in experts.items():
+        (tmp_path / f"expert_{name}.json").write_text(json.dumps(e))
+    out = report("--suites", tmp_path / "spatial.json", "--expert", tmp_path / "expert_spatial.json",
+                 tmp_path / "expert_goal.json")
+    assert out["suites"] == ["libero_spatial", "libero_goal"]
+    assert out["expert"]["libero_goal"]["success_rate"] == pytest.approx(187 / 200)
+    assert out["expert"]["libero_goal"]["min_task_success_rate"] == pytest.approx(0.8)
+    assert out["expert"]["average"] is None
+    table = capsys.readouterr().out
+    expert_row = next(line for line in table.splitlines() if line.startswith("scripted expert"))
+    assert "100.0%" in expert_row and "93.5%" in expert_row
+    rsd_row = next(line for line in table.splitlines() if line.startswith("rsd "))
+    assert "50.0% 1.20x 7.00p (p=1.00)" in rsd_row
+    assert "libero_spatial: evaluation 30 min, expert collection 10 min" in table
+    assert "libero_goal: expert collection 10 min" in table
+    (tmp_path / "learner.json").write_text(json.dumps(expert_collection("libero_goal", [(20, 5)], policy="token")))
+    with pytest.raises(ValueError, match="learner.json: collected by the 'token' policy, not the scripted expert"):
+        report("--suites", tmp_path / "spatial.json", "--expert", tmp_path / "learner.json")
+    with pytest.raises(ValueError, match="both libero_goal"):
+        report("--suites", tmp_path / "spatial.json", "--expert", tmp_path / "expert_goal.json",
+                tmp_path / "expert_goal.json")
+    with pytest.raises(ValueError, match="--expert adds a row to the --suites table"):
+        report(tmp_path / "spatial.json", "--expert", tmp_path / "expert_goal.json")
