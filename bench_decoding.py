@@ -31,6 +31,13 @@ it carries and against batch rows, beside the FLOP-bound time of each pass (``pa
 of the policy given, or without ``--policy`` of a randomly initialised one of the default
 architecture (its times only; the output names the model timed).
 
+``--coverage`` asks, without timing anything, how wide a token tree must be: on the same states,
+for every layer the draft proposes, how often the main policy's greedy codes of that layer (dense
+decoding of the state) are among the draft's N most probable whole-layer candidates (the order in
+which ``tree`` offers them; a chained draft given the dense codes below), how many leading layers
+a tree with N candidates on every layer could accept at most, and the main policy's own mean top-1
+probability per layer (how undecided the choice a proposal must foresee is).
+
 ``--oracle_draft`` replaces the draft by a perfect one (the main policy's own greedy codes,
 proposed at no cost): ``rsd:K`` then shows how fast exact speculation with K proposed layers
 can be on this CPU whatever the draft. ``--oracle_noise S`` blurs its logits (one-hot plus
@@ -51,6 +58,7 @@ episodes started from.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -65,7 +73,8 @@ from cli import arg
 from demos import HELD_OUT_INIT_STATES, load_episodes
 from fileio import check_outputs
 from policy_data import policy_states
-from rsd_engine_core import DecodingArgs, RSDEngine, base_mode, build_engine, chunk_summary, parse_modes
+from rsd_engine_core import (DecodingArgs, RSDEngine, base_mode, build_engine, chunk_summary, parse_modes,
+                             top_candidates)
 from stop_study import layer_signals, print_stop_rules, study_rows
 
 log = logging.getLogger("bench_decoding")
@@ -115,6 +124,10 @@ class BenchArgs(DecodingArgs):
                                   "carries and against batch rows, with each pass's FLOP-bound time (without "
                                   "--policy: a randomly initialised policy of the default architecture)")
     pass_repeats: int = arg(200, "--pass_costs: timed passes per row (median)")
+    coverage: bool = arg(False, "instead of timing modes: how often the main policy's greedy codes of each proposed "
+                                "layer are among the draft's N best whole-layer candidates (N in --coverage_sizes)")
+    coverage_sizes: list[int] = arg(None, "comma list of candidate counts N for --coverage",
+                                    factory=lambda: [1, 2, 4, 8, 16, 32, 64], type=cli.int_list)
     max_states: int = arg(2000, "decode at most this many states (a random subset)")
     warmup: int = arg(20, "untimed states first")
     seed: int = cli.seed_arg()
@@ -131,8 +144,14 @@ class BenchArgs(DecodingArgs):
         cli.require(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
         cli.require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         cli.require(self.pass_repeats >= 1, f"--pass_repeats must be >= 1, got {self.pass_repeats}")
+        cli.require(self.pass_costs + self.stop_study + self.coverage <= 1,
+                    "give one of --pass_costs, --stop_study and --coverage")
+        if self.coverage:
+            cli.require(bool(self.draft) or self.oracle_draft,
+                        "--coverage measures a draft: give --draft or --oracle_draft")
+            cli.require(not self.draft or len(self.draft) == 1,
+                        f"--coverage measures one draft, got {len(self.draft or [])}")
         if self.pass_costs:
-            cli.require(not self.stop_study, "give --pass_costs or --stop_study, not both")
             cli.require(self.device == "cpu", f"--pass_costs measures passes on the CPU, got --device {self.device}")
         else:
             cli.require(self.policy is not None, "--policy is required (except with --pass_costs)")
@@ -252,6 +271,16 @@ def main(args: BenchArgs) -> dict:
         engine = build_engine(args.policy, stop_model=args.stop_model, tokenizer=args.tokenizer, device=args.device)
         episodes, obs, order, tasks = recorded_states(args, engine)
         return stop_study(args, engine, episodes, obs[order[args.warmup:]], tasks[args.warmup:])
+    if args.coverage:
+        engine = build_engine(args.policy, draft=None if args.oracle_draft else args.draft[0], tokenizer=args.tokenizer,
+                              device=args.device)
+        oracle = None
+        if args.oracle_draft:
+            pc = engine.policy.config
+            oracle = OracleDraft(pc.num_layers, pc.vocab, args.oracle_noise, args.seed)
+            engine = RSDEngine(engine.policy, engine.tokenizer, oracle, device=args.device)
+        episodes, obs, order, tasks = recorded_states(args, engine)
+        return coverage_study(args, engine, episodes, obs[order[args.warmup:]], tasks[args.warmup:], oracle)
     oracle = oracle_heads = None
     if args.oracle_draft or args.oracle_heads:
         base = build_engine(args.policy, draft=None if args.oracle_draft or not args.draft else args.draft[0],
@@ -394,6 +423,67 @@ def stop_study(args: BenchArgs, engine: RSDEngine, episodes: list, obs: np.ndarr
           f"all {L} (normalized units); the rules but fixed keep at least {args.min_layers} layers"
           + (f"; learned: {args.stop_model}, stopping at a predicted gap <= the parameter" if args.stop_model else ""))
     print_stop_rules(result["rules"])
+    cli.save_json(args.json, result, log)
+    return result
+
+
+@torch.no_grad()
+def layer_coverage(engine: RSDEngine, obs: np.ndarray, task: int, n: int,
+                   oracle: OracleDraft | None = None) -> tuple[list[int | None], np.ndarray]:
+    """One state: for each layer the draft proposes, the rank of the main policy's greedy codes of
+    the layer among the draft's n most probable whole-layer candidates (``top_candidates``; None
+    when not among them), and the main policy's top-1 probability per layer [L] (mean over the
+    T' positions). A chained draft is given the dense codes of the layers below."""
+    logits, codes, _ = engine.dense_trace(obs, task)
+    top1 = torch.softmax(logits.float(), -1).amax(-1).mean(dim=(1, 2)).cpu().numpy()
+    if oracle is not None:
+        oracle.set_codes(codes)
+    k = engine.draft.config.num_layers
+    o, t = engine._inputs(obs, task)
+    ctx = engine.policy.embed_obs(o, t)
+    if getattr(engine.draft.config, "chained", False):
+        draft, per_layer = engine.draft_fn, []
+        z = draft._trunk(*engine._draft_inputs(o, t, ctx))
+        for j in range(k):
+            per_layer.append(top_candidates(draft._step(z, j)[0], n))
+            if j + 1 < k:
+                z = draft._add_codes(z, j, codes[..., j])
+    else:
+        d_logits = engine.draft_proposal(o, t, ctx, k)[0][0]  # [T', k, vocab]
+        per_layer = [top_candidates(d_logits[:, j], n) for j in range(k)]
+    ranks = []
+    for j, candidates in enumerate(per_layer):
+        target = tuple(codes[0, :, j].tolist())
+        ranks.append(next((r for r, (_, c) in enumerate(candidates) if c == target), None))
+    return ranks, top1
+
+
+def coverage_study(args: BenchArgs, engine: RSDEngine, episodes: list, obs: np.ndarray, tasks: list[int],
+                   oracle: OracleDraft | None = None) -> dict:
+    sizes = sorted(set(args.coverage_sizes))
+    ranks, top1 = zip(*(layer_coverage(engine, o, t, max(sizes), oracle)
+                        for o, t in cli.progress(list(zip(obs, tasks)), desc="states", unit="state")))
+    ranks = np.array([[math.inf if r is None else r for r in row] for row in ranks])  # [states, k]
+    covered = ranks[:, :, None] < np.array(sizes)  # [states, k, sizes]
+    leading = np.cumprod(covered, axis=1).sum(axis=1)  # [states, sizes]: leading layers all covered
+    result = {"sizes": sizes,
+              "covered": {str(j + 1): dict(zip(map(str, sizes), covered[:, j].mean(0).tolist()))
+                          for j in range(ranks.shape[1])},
+              "leading_layers_covered_mean": dict(zip(map(str, sizes), leading.mean(0).tolist())),
+              "main_top1_probability_mean": np.stack(top1).mean(0).tolist(),
+              "draft": "oracle" + (f" blurred by noise {args.oracle_noise}" if args.oracle_noise else "")
+              if oracle is not None else args.draft[0]}
+    result["data"] = data_summary(args, episodes, len(ranks))
+    result["config"] = cli.settings_dict(args)
+    print(f"\n{len(ranks)} states; share of states whose main-policy greedy codes of a layer are among the draft's N "
+          "most probable candidates for it:")
+    print("layer | " + " | ".join(f"N={n:<4d}" for n in sizes))
+    for j in range(ranks.shape[1]):
+        print(f"{j + 1:5d} | " + " | ".join(f"{v:6.3f}" for v in covered[:, j].mean(0)))
+    print("leading layers covered (what a tree with N candidates on every layer could accept at most): "
+          + ", ".join(f"N={n}: {v:.2f}" for n, v in zip(sizes, leading.mean(0))))
+    print("main policy's mean top-1 probability per layer: "
+          + ", ".join(f"{p:.2f}" for p in result["main_top1_probability_mean"]))
     cli.save_json(args.json, result, log)
     return result
 

@@ -160,6 +160,17 @@ def float_list(value: str) -> list[float]:
     return out
 
 
+def int_list(value: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4], every value an integer >= 1."""
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of whole numbers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of whole numbers >= 1, got {value!r}")
+    return out
+
+
 def require(condition: bool, message: str) -> None:
     """Settings checks: ``require(x >= 1, f"--workers must be >= 1, got {x}")``."""
     if not condition:

@@ -153,6 +153,45 @@ def test_bench_decoding_with_a_perfect_draft_accepts_every_proposed_layer(traine
         dataclasses.replace(args, draft=None, mode=["rsd@sample:2"])
 
 
+def test_coverage_ranks_the_dense_codes_among_the_draft_candidates(trained, draft, tmp_path):
+    """--coverage: a perfect draft covers every layer with its first candidate; a blurred one
+    covers more with more candidates and every layer once N spans all whole-layer codes; a trained
+    draft's leading layers covered by its first candidates are exactly the layers rsd accepts on the
+    same states (rsd proposes those candidates, exact acceptance keeps the leading matches)."""
+    d, _, _ = trained
+    policy, tok = models(d)
+    roll = rollout_file(tmp_path / "held_out.hdf5", policy, tok, init_states=[0, 1], n=4)
+    c = policy.config
+    every = c.vocab ** c.latent_steps
+    args = bench_args("--policy", d / "policy.pt", "--oracle_draft", "--data", roll, "--warmup", "1",
+                      "--coverage", "--coverage_sizes", f"1,2,{every}", "--json", tmp_path / "coverage.json")
+    perfect = bench_decoding.main(args)
+    assert all(v == 1.0 for layer in perfect["covered"].values() for v in layer.values())
+    assert perfect["leading_layers_covered_mean"]["1"] == c.num_layers
+    assert len(perfect["main_top1_probability_mean"]) == c.num_layers
+    assert json.loads((tmp_path / "coverage.json").read_text())["sizes"] == [1, 2, every]
+    blurred = bench_decoding.main(dataclasses.replace(args, oracle_noise=0.7))
+    for layer in blurred["covered"].values():
+        assert layer["1"] <= layer["2"] <= layer[str(every)] == 1.0
+    assert min(layer["1"] for layer in blurred["covered"].values()) < 1.0
+    chained = tmp_path / "chained.pt"
+    train_draft.main(draft_args(d / "policy.pt", chained, "--k", "2", "--epochs", "20", "--hidden", "32",
+                                "--threads", "1", "--source", "embedding", "--chained"))
+    for path in (draft, chained):
+        covered = bench_decoding.main(dataclasses.replace(args, oracle_draft=False, draft=[str(path)]))
+        timed = bench_decoding.main(dataclasses.replace(args, oracle_draft=False, draft=[str(path)], coverage=False,
+                                                        mode=["rsd"]))["modes"]["rsd"]
+        assert timed["fallbacks_per_chunk"] == 0
+        assert covered["leading_layers_covered_mean"]["1"] == pytest.approx(timed["accepted_layers_per_chunk"])
+        assert 0 < timed["accepted_layers_per_chunk"] < len(covered["covered"])
+    with pytest.raises(ValueError, match="give one of --pass_costs, --stop_study and --coverage"):
+        dataclasses.replace(args, stop_study=True)
+    with pytest.raises(ValueError, match="--coverage measures a draft"):
+        dataclasses.replace(args, oracle_draft=False)
+    with pytest.raises(SystemExit):
+        bench_args("--policy", d / "policy.pt", "--oracle_draft", "--data", roll, "--coverage", "--coverage_sizes", "0,4")
+
+
 # ---------------------------------------------------------------- the stop rule study
 
 
