@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -37,3 +38,37 @@ def test_smoke_recipe_runs_the_pipeline_end_to_end_and_resumes(tmp_path):
     second = run_smoke(out)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("[skip]") == len(OUTPUTS)
+
+
+TOY = dict(TASKS="0", WORKERS="1", DEMOS="2", NOISE="0.3", POLICY_EPOCHS="1", ROUNDS="0", ROLLOUTS="2",
+           TOKENIZER_FLAGS="--encoder mlp --latent_steps 3 --codebook_size 16 --num_layers 4 --epochs 1 --batch_size 64",
+           DRAFT_EPOCHS="1", STOP_EPOCHS="2", TRIALS="2", BENCH_STATES="10", BENCH_WARMUP="2", MAX_STEPS="40",
+           EXPERT_EPISODES="1", EXTRA="--no_progress")
+
+
+def run_suites(runs):
+    env = dict(os.environ, RUNS=str(runs), PY=sys.executable, SUITES="libero_object libero_goal", **TOY)
+    return subprocess.run(["bash", os.path.join(ROOT, "recipes", "libero_suites.sh")], env=env, capture_output=True,
+                          text=True, timeout=1500)
+
+
+@pytest.mark.integration
+def test_suites_recipe_sets_every_suite_and_the_expert_in_one_table_and_resumes(tmp_path):
+    """recipes/libero_suites.sh at toy sizes on two suites: the expert's collection and the pipeline
+    in a folder per suite, then the four-suite table of their closed-loop runs with the expert's row;
+    a second run skips every step."""
+    first = run_suites(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    table = json.loads((tmp_path / "suites.json").read_text())
+    assert table["suites"] == ["libero_object", "libero_goal"]
+    assert list(table["modes"]) == ["dense", "rsd", "rsd+adaptive"]
+    for suite in table["suites"]:
+        assert table["modes"]["dense"][suite]["trials"] == 2 and not table["modes"]["dense"][suite]["all_tasks"]
+        assert table["expert"][suite]["trials"] == 1
+        assert table["runs"][suite] == str(tmp_path / suite / "eval_s0.json")
+    assert "scripted expert" in first.stdout and "from camera images" in first.stdout
+    second = run_suites(tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("expert.json exists") == 2
+    ran = [line for line in second.stdout.splitlines() if re.match(r"\[\d\d:\d\d:\d\d\] (?!done: )", line)]
+    assert not ran, ran
