@@ -26,9 +26,7 @@ for suite in $SUITES; do
       --init_states held_out --workers "$WORKERS" --resume "${steps[@]}" ${EXTRA:-} --output "$out/expert.hdf5" \
       --json "$out/expert.json"
   fi
-  # a libero_10 take-over runs the learner's steps and then the expert's two stages
-  takeover_steps=${TAKEOVER_MAX_STEPS:-$([ "$suite" = libero_10 ] && echo 700 || echo 400)}
-  SUITE=$suite OUT=$out TAKEOVER_MAX_STEPS=$takeover_steps bash recipes/pipeline.sh
+  SUITE=$suite OUT=$out bash recipes/pipeline.sh
   seeds=($SEEDS)
   [ "${#seeds[@]}" -ge 1 ] || { echo "SEEDS is empty: no closed-loop run to set in the table" >&2; exit 2; }
   evals+=("$out/$([ "${#seeds[@]}" -ge 2 ] && echo eval_pooled.json || echo "eval_s${seeds[0]}.json")")

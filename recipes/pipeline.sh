@@ -23,7 +23,8 @@ POLICY_EPOCHS=${POLICY_EPOCHS:-18}
 ROUNDS=${ROUNDS:-3}                      # DAgger rounds, each fine-tuning the previous round's policy
 TAKEOVER_EPISODES=${TAKEOVER_EPISODES:-30}   # per task and seed, two seeds per round
 TAKEOVER=${TAKEOVER:-10:160}             # the expert takes over at a step drawn in this range
-TAKEOVER_MAX_STEPS=${TAKEOVER_MAX_STEPS:-400}
+# a libero_10 take-over runs the learner's steps and then the expert's two stages (about 250-410 steps)
+TAKEOVER_MAX_STEPS=${TAKEOVER_MAX_STEPS:-$([ "$SUITE" = libero_10 ] && echo 700 || echo 400)}
 ROUND_EPOCHS=${ROUND_EPOCHS:-8}
 ROUND_LR=${ROUND_LR:-1e-3}
 ROLLOUTS=${ROLLOUTS:-30}                 # the final policy's own rollouts per task (training init states)
