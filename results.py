@@ -497,7 +497,8 @@ def suite_table(results: list[dict], names: list[str], experts: list[dict] | Non
     if experts:
         expert = expert_cells(experts, list(expert_names or [str(i) for i in range(len(experts))]))
         table["expert"], table["expert_runs"] = expert["cells"], expert["runs"]
-        table["suites"] = order + [s for s in expert["runs"] if s not in order]
+        both = list(runs) + [s for s in expert["runs"] if s not in runs]
+        table["suites"] = [s for s in SUITE_COLUMNS if s in both] + [s for s in both if s not in SUITE_COLUMNS]
     return table
 
 

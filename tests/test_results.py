@@ -342,8 +342,8 @@ def test_suites_table_sets_the_scripted_expert_and_the_paired_test_beside_the_po
                "goal": expert_collection("libero_goal", [(20, 19)] * 9 + [(20, 16)])}
     for name, e in experts.items():
         (tmp_path / f"expert_{name}.json").write_text(json.dumps(e))
-    out = report("--suites", tmp_path / "spatial.json", "--expert", tmp_path / "expert_spatial.json",
-                 tmp_path / "expert_goal.json")
+    out = report("--suites", tmp_path / "spatial.json", "--expert", tmp_path / "expert_goal.json",
+                 tmp_path / "expert_spatial.json")
     assert out["suites"] == ["libero_spatial", "libero_goal"]
     assert out["expert"]["libero_goal"]["success_rate"] == pytest.approx(187 / 200)
     assert out["expert"]["libero_goal"]["min_task_success_rate"] == pytest.approx(0.8)
@@ -354,6 +354,11 @@ def test_suites_table_sets_the_scripted_expert_and_the_paired_test_beside_the_po
     rsd_row = next(line for line in table.splitlines() if line.startswith("rsd "))
     assert "50.0% 1.20x 7.00p (p=1.00)" in rsd_row
     assert "libero_spatial: evaluation 30 min, expert collection 10 min" in table
+    # the standard column order whatever the order of the files: an expert-only suite before a policy's
+    r["config"]["task_suite"] = "libero_10"
+    (tmp_path / "long.json").write_text(json.dumps(r))
+    assert report("--suites", tmp_path / "long.json", "--expert", tmp_path / "expert_goal.json")["suites"] == [
+        "libero_goal", "libero_10"]
     assert "libero_goal: expert collection 10 min" in table
     (tmp_path / "learner.json").write_text(json.dumps(expert_collection("libero_goal", [(20, 5)], policy="token")))
     with pytest.raises(ValueError, match="learner.json: collected by the 'token' policy, not the scripted expert"):
