@@ -75,7 +75,7 @@ def test_pass_costs_of_a_policy_checkpoint_and_bad_flags(tmp_path):
         bench_args("--data", "x.hdf5")
     with pytest.raises(ValueError, match="--data is required"):
         bench_args("--policy", path)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one of --pass_costs, --stop_study and --coverage"):
         bench_args("--pass_costs", "--stop_study")
     with pytest.raises(ValueError, match="--pass_repeats must be >= 1"):
         bench_args("--pass_costs", "--pass_repeats", "0")
