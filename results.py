@@ -220,15 +220,21 @@ def plot_results(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def load_result(path: str, flag: str = "--from_json") -> dict:
-    """A result JSON written by ``eval_libero.py``, checked enough to report."""
+def read_json(path: str, flag: str):
+    """The JSON in ``path``, given on the command line by ``flag``; a missing or broken file is an
+    error that names both."""
     try:
         with open(path) as fh:
-            result = json.load(fh)
+            return json.load(fh)
     except FileNotFoundError:
         raise FileNotFoundError(f"{flag}: no such file: {path}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{flag} {path}: not valid JSON ({exc})") from None
+
+
+def load_result(path: str, flag: str = "--from_json") -> dict:
+    """A result JSON written by ``eval_libero.py``, checked enough to report."""
+    result = read_json(path, flag)
     modes = result.get("modes") if isinstance(result, dict) else None
     if not isinstance(modes, dict) or not modes or not all(
             isinstance(s, dict) and {"successes", "trials", "success_rate"} <= set(s) for s in modes.values()):
@@ -420,13 +426,7 @@ PUBLISHED_LIBERO = (
 def load_expert_result(path: str, flag: str = "--expert") -> dict:
     """A JSON written by ``collect_actions.py --json`` for the scripted expert, checked enough to
     set beside the policies in the four-suite table."""
-    try:
-        with open(path) as fh:
-            result = json.load(fh)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{flag}: no such file: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{flag} {path}: not valid JSON ({exc})") from None
+    result = read_json(path, flag)
     if not isinstance(result, dict) or not {"suite", "policy", "successes", "episodes", "per_task"} <= set(result):
         raise ValueError(f"{flag} {path}: not a collect_actions.py --json result (needs suite, policy, successes, "
                          "episodes and per_task)")
