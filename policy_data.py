@@ -24,17 +24,61 @@ log = logging.getLogger(__name__)
 EXTREME_NORMALIZED_ACTION = 1e3
 
 
-def obs_vector(obs: dict, keys, step: int | slice | None = None) -> np.ndarray:
+# The observation key of the fixtures' state: per fixture (sorted by name) its position and, if it has
+# joints, their positions (a drawer's opening, the stove's knob, a door). LIBERO's "object-state" holds
+# only the movable objects; collect_actions.py records the fixtures' keys in FIXTURE_OBS_SUITES.
+FIXTURE_STATE = "fixture-state"
+
+
+def fixture_names(obs: dict) -> list[str]:
+    """The fixtures in an observation recorded by collect_actions.py: names with a ``_pos`` and a
+    ``_quat`` but no ``_to_robot0_eef_pos`` (that is a movable object), the robot excluded."""
+    return sorted(k[:-len("_quat")] for k in obs
+                  if k.endswith("_quat") and not k.startswith("robot0_") and not k.endswith("_to_robot0_eef_quat")
+                  and f"{k[:-len('_quat')]}_pos" in obs and f"{k[:-len('_quat')]}_to_robot0_eef_pos" not in obs)
+
+
+def fixture_state(obs: dict) -> np.ndarray:
+    """``FIXTURE_STATE`` of an episode's obs [N, ...] -> [N, F] (or of one step's obs -> [F])."""
+    names = fixture_names(obs)
+    if not names:
+        raise KeyError(f"observation key {FIXTURE_STATE!r}: the observation has no fixture keys "
+                       "(<fixture>_pos, _quat, _qpos); collect_actions.py records them for libero_goal, "
+                       "libero_10 and libero_90")
+    parts = [np.asarray(obs[f"{n}{suffix}"], dtype=np.float32) for n in names for suffix in ("_pos", "_qpos")
+             if f"{n}{suffix}" in obs]
+    return np.concatenate(parts, -1)
+
+
+def obs_vector(obs: dict, keys, step: int | slice | None = None, widths=()) -> np.ndarray:
     """Concatenate low-dim observation keys: an episode's obs [N, ...] -> [N, obs_dim] (or one
-    step's obs dict -> [obs_dim]). Raises naming the missing key."""
-    missing = [k for k in keys if k not in obs]
+    step's obs dict -> [obs_dim]). ``FIXTURE_STATE`` is built from the fixtures' keys unless it is
+    recorded. With ``widths`` (one per key, ``obs_widths``) each key's values are zero-padded to its
+    width, so that scenes with fewer objects or fixtures give vectors of one size. Raises naming the
+    missing key or a key wider than its width."""
+    missing = [k for k in keys if k not in obs and k != FIXTURE_STATE]
     if missing:
         raise KeyError(f"observation keys {missing} are missing (have: {sorted(obs)[:12]}...)")
-    parts = [np.asarray(obs[k], dtype=np.float32) for k in keys]
+    parts = [np.asarray(obs[k] if k in obs else fixture_state(obs), dtype=np.float32) for k in keys]
     if step is not None:
         parts = [p[step] for p in parts]
+    if widths:
+        parts = [_pad_last(p, w, k) for p, w, k in zip(parts, widths, keys)]
     lead = parts[0].shape[:-1] if parts[0].ndim > 1 else ()
     return np.concatenate([p.reshape(*lead, -1) if lead else p.reshape(-1) for p in parts], -1)
+
+
+def _pad_last(x: np.ndarray, width: int, key: str) -> np.ndarray:
+    if x.shape[-1] > width:
+        raise ValueError(f"observation key {key!r} has {x.shape[-1]} values, more than the {width} the policy "
+                         "was trained on (a scene with more objects or fixtures than any in its training data)")
+    return np.concatenate([x, np.zeros((*x.shape[:-1], width - x.shape[-1]), np.float32)], -1)
+
+
+def obs_widths(episodes, keys) -> tuple[int, ...]:
+    """Per key, the most values any episode's observation has: the widths ``obs_vector`` pads to
+    (the suites whose tasks play in different scenes, e.g. libero_10, differ in object count)."""
+    return tuple(max(obs_vector(ep.obs, [k], step=0).shape[-1] for ep in episodes) for k in keys)
 
 
 def action_history(actions: np.ndarray, h: int) -> np.ndarray:
@@ -91,11 +135,12 @@ def instruction_vocab(episodes: list[Episode]) -> tuple[str, ...]:
 
 def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
                   batch_size: int = 4096, targets: str = "actions", history: int = 0,
-                  num_layers: int | None = None) -> ChunkDataset:
+                  num_layers: int | None = None, widths=()) -> ChunkDataset:
     """Cut every in-demo chunk of the ``targets`` sequence (see ``episode_targets``), encode it
     with the tokenizer, keep its codes' first ``num_layers`` layers (the policy's; None: all),
     pair it with its first observation and, with ``history`` > 0, the ``history`` actions
-    executed just before it (``action_history``; obs_dim grows by history * D)."""
+    executed just before it (``action_history``; obs_dim grows by history * D); ``widths``: see
+    ``obs_vector``."""
     T = tokenizer.config.chunk_size
     index = {s: i for i, s in enumerate(instructions)}
     obs, task, actions = [], [], []
@@ -106,7 +151,10 @@ def build_dataset(episodes: list[Episode], tokenizer, obs_keys, instructions,
         if ep.instruction not in index:
             raise ValueError(f"instruction {ep.instruction!r} of {ep.source}:{ep.key} is not in "
                              f"the policy's instruction vocabulary")
-        ob = obs_vector(ep.obs, obs_keys)
+        try:
+            ob = obs_vector(ep.obs, obs_keys, widths=widths)
+        except ValueError as exc:
+            raise ValueError(f"{ep.source}:{ep.key}: {exc}") from None
         if history:
             ob = np.concatenate([ob, action_history(ep.actions, history)], axis=1)
         obs.append(ob[:n])
@@ -165,12 +213,13 @@ def batches(n: int, batch_size: int, gen: torch.Generator | None = None, shuffle
         yield order[i:i + batch_size]
 
 
-def chunk_start_states(episodes: list, keys, history: int, chunk_size: int) -> tuple[np.ndarray, list[str]]:
+def chunk_start_states(episodes: list, keys, history: int, chunk_size: int,
+                       widths=()) -> tuple[np.ndarray, list[str]]:
     """The observation vector (with the executed-action history) at steps 0, T, 2T, ... of
     every episode: [M, obs_dim], and each state's instruction."""
     obs, instructions = [], []
     for ep in episodes:
-        x = obs_vector(ep.obs, keys)
+        x = obs_vector(ep.obs, keys, widths=widths)
         if history:
             x = np.concatenate([x, action_history(ep.actions, history)], 1)
         steps = np.arange(0, len(ep), chunk_size)
@@ -184,7 +233,7 @@ def policy_states(policy_config, chunk_size: int, episodes: list, source) -> tup
     each one's task index [M]; episodes of an instruction the policy was not trained on, or
     observations of another size, are an error naming ``source``."""
     pc = policy_config
-    obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history, chunk_size)
+    obs, instructions = chunk_start_states(episodes, pc.obs_keys, pc.action_history, chunk_size, pc.obs_widths)
     unknown = sorted(set(instructions) - set(pc.instructions))
     if unknown:
         raise ValueError(f"{source}: the policy was not trained on the instruction(s) {unknown}")

@@ -71,6 +71,7 @@ class PolicyConfig:
     num_layers: int                        # L: the policy predicts the tokenizer's first L layers (train_policy --num_layers)
     codebook_sizes: tuple[int, ...]        # K_l of each of those layers
     obs_keys: tuple[str, ...] = DEFAULT_OBS_KEYS
+    obs_widths: tuple[int, ...] = ()       # each key zero-padded to this many values (policy_data.obs_vector); (): none
     action_history: int = 0                # executed actions appended to the observation (policy_data)
     variant: str = "ar"                    # "ar" (block-causal over layers) | "parallel"
     d_model: int = 128
@@ -83,6 +84,9 @@ class PolicyConfig:
         self.instructions = tuple(self.instructions)
         self.codebook_sizes = tuple(int(k) for k in self.codebook_sizes)
         self.obs_keys = tuple(self.obs_keys)
+        self.obs_widths = tuple(int(w) for w in self.obs_widths)
+        if self.obs_widths and len(self.obs_widths) != len(self.obs_keys):
+            raise ValueError(f"obs_widths {self.obs_widths} must give one width per observation key {self.obs_keys}")
         for name in ("obs_dim", "latent_steps", "num_layers", "d_model", "n_heads", "n_blocks",
                      "obs_tokens"):
             v = getattr(self, name)

@@ -1130,7 +1130,7 @@ class EnginePolicy:
         self.half_range = ((norm.high - norm.low) / 2).double().numpy()[:-1]
         self.noise_scale = self.half_range * self.action_noise
         self.perturbations: list[float] = []
-        self.keys = engine.policy.config.obs_keys
+        self.keys, self.widths = engine.policy.config.obs_keys, engine.policy.config.obs_widths
         self.history = ActionHistory(engine.policy.config.action_history, engine.tokenizer.config.action_dim)
         self.instructions = engine.policy.config.instructions
         self.gen = torch.Generator().manual_seed(seed)
@@ -1148,7 +1148,7 @@ class EnginePolicy:
         self.history.reset()
 
     def act(self, obs: dict) -> np.ndarray:
-        x = np.concatenate([obs_vector(obs, self.keys), self.history.vector()])
+        x = np.concatenate([obs_vector(obs, self.keys, widths=self.widths), self.history.vector()])
         actions, stats, _ = self.engine.act(x, self.task_index, self.cfg, self.gen)
         self.stats.append(stats)
         actions = actions[: self.replan_steps]

@@ -170,8 +170,8 @@ def rollout_data(files, policy, tokenizer, args, k: int | None = None):
     tr_eps, val_eps = split_by_episode(eps, 0.1, seed=args.seed)
     c = policy.config
     kw = dict(history=c.action_history, num_layers=c.num_layers)  # executed actions: what the history holds online too
-    tr = build_dataset(tr_eps, tokenizer, c.obs_keys, c.instructions, **kw).to(args.device)
-    val = build_dataset(val_eps, tokenizer, c.obs_keys, c.instructions, **kw).to(args.device)
+    tr = build_dataset(tr_eps, tokenizer, c.obs_keys, c.instructions, widths=c.obs_widths, **kw).to(args.device)
+    val = build_dataset(val_eps, tokenizer, c.obs_keys, c.instructions, widths=c.obs_widths, **kw).to(args.device)
     return tr, main_targets(policy, tr, k)[0], val, main_targets(policy, val, k)[0]
 
 
@@ -474,7 +474,8 @@ def main(args: DraftArgs) -> dict:
     train_eps, val_eps = split_like_policy(episodes, pckpt)
     instr = policy.config.instructions
     targets = pckpt["provenance"]["args"].get("targets", "actions")  # what the main policy imitated
-    kw = dict(targets=targets, history=policy.config.action_history, num_layers=policy.config.num_layers)
+    kw = dict(targets=targets, history=policy.config.action_history, num_layers=policy.config.num_layers,
+              widths=policy.config.obs_widths)
     train = build_dataset(train_eps, tokenizer, policy.config.obs_keys, instr, **kw).to(args.device)
     val = build_dataset(val_eps, tokenizer, policy.config.obs_keys, instr, **kw).to(args.device)
     policy = policy.to(args.device)

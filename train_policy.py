@@ -32,7 +32,7 @@ import policy_models as pm
 from cli import arg
 from demos import TARGETS, episode_identity, episode_key, load_episodes, split_by_episode
 from fileio import check_outputs, file_sha256, save_figure
-from policy_data import ChunkDataset, batches, build_dataset, instruction_vocab, one_cycle
+from policy_data import ChunkDataset, batches, build_dataset, instruction_vocab, obs_widths, one_cycle
 from rvq_tokenizer import load_tokenizer
 
 log = logging.getLogger("train_policy")
@@ -207,12 +207,14 @@ def load_data(args, tokenizer, init_ckpt: dict | None = None, num_layers: int | 
         if unknown:
             raise ValueError(f"--init {args.init!r} was trained without the instruction(s) {unknown} "
                              f"found in {args.data}")
-    kw = dict(targets=args.targets, history=args.action_history, num_layers=num_layers)
+    # scenes with fewer objects or fixtures are zero-padded to the widest (libero_10's tasks play in 6 scenes)
+    widths = tuple(init_ckpt["config"].get("obs_widths", ())) if init_ckpt else obs_widths(episodes, args.obs_keys)
+    kw = dict(targets=args.targets, history=args.action_history, num_layers=num_layers, widths=widths)
     train = build_dataset(train_eps, tokenizer, args.obs_keys, instructions, **kw)
     val = build_dataset(val_eps, tokenizer, args.obs_keys, instructions, **kw)
     log.info("%d train episodes (%d chunks), %d validation episodes (%d chunks), %d instructions",
              len(train_eps), len(train), len(val_eps), len(val), len(instructions))
-    return train_eps, val_eps, train, val, instructions
+    return train_eps, val_eps, train, val, instructions, widths
 
 
 def load_init(args) -> tuple[pm.TokenPolicy, dict]:
@@ -260,7 +262,7 @@ def main(args: PolicyArgs) -> dict:
     init, init_ckpt = load_init(args) if args.init else (None, None)
     num_layers = init.config.num_layers if init is not None else args.num_layers or tc.num_layers
     init_info = None
-    train_eps, val_eps, train, val, instructions = load_data(args, tokenizer, init_ckpt, num_layers)
+    train_eps, val_eps, train, val, instructions, widths = load_data(args, tokenizer, init_ckpt, num_layers)
     if init is not None:
         if train.obs.shape[1] != init.config.obs_dim:
             raise ValueError(f"--init {args.init!r} takes {init.config.obs_dim} observation features, "
@@ -272,7 +274,7 @@ def main(args: PolicyArgs) -> dict:
         cfg = pm.PolicyConfig(
             obs_dim=train.obs.shape[1], instructions=instructions, latent_steps=tc.latent_steps,
             num_layers=num_layers, codebook_sizes=tokenizer.layer_codebook_sizes()[:num_layers],
-            obs_keys=tuple(args.obs_keys), action_history=args.action_history, variant=args.variant,
+            obs_keys=tuple(args.obs_keys), obs_widths=widths, action_history=args.action_history, variant=args.variant,
             d_model=args.d_model, n_heads=args.n_heads, n_blocks=args.n_blocks, obs_tokens=args.obs_tokens,
             dropout=args.dropout)
         model = pm.TokenPolicy(cfg)

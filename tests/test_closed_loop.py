@@ -100,7 +100,7 @@ def test_action_noise_perturbs_the_arm_by_sigma_in_normalized_units_from_the_tri
     engine = engine_of(d)
     policy, tok = engine.policy, engine.tokenizer
     x = np.random.default_rng(0).standard_normal(policy.config.obs_dim).astype(np.float32)
-    monkeypatch.setattr(rsd_engine_core, "obs_vector", lambda obs, keys: x)  # one state, step after step
+    monkeypatch.setattr(rsd_engine_core, "obs_vector", lambda obs, keys, widths=(): x)  # one state, step after step
     task = ca.TaskInfo("libero_spatial", 0, "t", policy.config.instructions[0], "", 10)
     sigma, half = 0.05, ((tok.normalizer.high - tok.normalizer.low) / 2).double().numpy()
 

@@ -250,3 +250,21 @@ def test_scene_seed_makes_a_trial_repeatable():
             np.testing.assert_array_equal(a.obs[key], b.obs[key])
     finally:
         env.close()
+
+
+@pytest.mark.integration
+def test_libero_goal_observation_carries_the_drawer_opening():
+    """libero_goal task 3: the expert opens the top drawer; the policy's "fixture-state", built from
+    the observations the env gave, follows the drawer's joint past LIBERO's "open" threshold."""
+    from policy_data import FIXTURE_STATE, fixture_names, obs_vector
+    from scripted_tasks import DRAWER_JOINT, DRAWER_OPEN_QPOS
+    env = ca.LiberoEnv("libero_goal", 3)
+    try:
+        assert fixture_names(env.reset(0)) == ["flat_stove_1", "wine_rack_1", "wooden_cabinet_1"]
+        ep = ca.run_episode(env, ca.make_policy(ca.PolicySpec("scripted")), 0, seed=0, max_steps=110)
+    finally:
+        env.close()
+    x = obs_vector(ep.obs, [FIXTURE_STATE])
+    top = 4 + 3 + 3 + DRAWER_JOINT["top"]  # stove pos + knob, rack pos, cabinet pos, then its drawers
+    assert x.shape == (len(ep), 13)
+    assert x[0, top] > DRAWER_OPEN_QPOS and x[:, top].min() < DRAWER_OPEN_QPOS

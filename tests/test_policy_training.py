@@ -288,3 +288,55 @@ def test_one_cycle_schedule_is_the_usual_one_and_survives_short_runs():
     short = rates(lambda opt, total: one_cycle(opt, 0.1, total), 20)
     assert max(short) == pytest.approx(0.1) and short[-1] < 0.01
     assert rates(lambda opt, total: one_cycle(opt, 0.1, total), 3) == [0.1, 0.1, 0.1]
+
+
+def test_fixture_state_holds_each_fixtures_position_and_joints_in_name_order():
+    """"fixture-state": fixtures sorted by name, position then joints; objects (they have a
+    _to_robot0_eef_pos), regions (no _quat) and the robot are not fixtures."""
+    from policy_data import FIXTURE_STATE, fixture_names, obs_vector
+    n = 4
+    obs = {"robot0_eef_pos": np.zeros((n, 3)), "robot0_eef_quat": np.zeros((n, 4)),
+           "bowl_1_pos": np.ones((n, 3)), "bowl_1_quat": np.ones((n, 4)),
+           "bowl_1_to_robot0_eef_pos": np.ones((n, 3)), "bowl_1_to_robot0_eef_quat": np.ones((n, 4)),
+           "wooden_cabinet_1_pos": np.full((n, 3), 2.0), "wooden_cabinet_1_quat": np.zeros((n, 4)),
+           "wooden_cabinet_1_qpos": np.arange(3 * n, dtype=float).reshape(n, 3),
+           "flat_stove_1_pos": np.full((n, 3), 3.0), "flat_stove_1_quat": np.zeros((n, 4)),
+           "flat_stove_1_qpos": np.full((n, 1), 0.5), "flat_stove_1_cook_region_pos": np.full((n, 3), 9.0)}
+    assert fixture_names(obs) == ["flat_stove_1", "wooden_cabinet_1"]
+    x = obs_vector(obs, ["robot0_eef_pos", FIXTURE_STATE])
+    assert x.shape == (n, 3 + 4 + 6)
+    np.testing.assert_array_equal(x[:, 3:7], np.tile([3, 3, 3, 0.5], (n, 1)))
+    np.testing.assert_array_equal(x[:, 7:10], 2.0)
+    np.testing.assert_array_equal(x[:, 10:], obs["wooden_cabinet_1_qpos"])
+    one_step = {k: v[2] for k, v in obs.items()}  # a live observation: one step, the same vector
+    np.testing.assert_array_equal(obs_vector(one_step, ["robot0_eef_pos", FIXTURE_STATE]), x[2])
+    recorded = {**obs, FIXTURE_STATE: np.full((n, 2), 7.0)}  # a recorded key is read as it is
+    np.testing.assert_array_equal(obs_vector(recorded, [FIXTURE_STATE]), 7.0)
+    no_fixtures = {k: v for k, v in obs.items() if "cabinet" not in k and "stove" not in k}
+    with pytest.raises(KeyError, match="fixture-state.*no fixture keys"):
+        obs_vector(no_fixtures, [FIXTURE_STATE])
+
+
+def test_scenes_of_different_object_counts_share_one_policy(workdir, tmp_path):
+    """Demos from two scenes, 6 and 4 object values: every key is zero-padded to its widest, in
+    training, in the draft's data and in the closed loop; a scene wider than any trained on is refused."""
+    d, path = workdir
+    narrow = synthetic_demo_file(tmp_path / "narrow.hdf5", seed=1, obs_dims=(8, 4))
+    out = tmp_path / "p.pt"
+    train_policy.main(policy_args(d, path, data=[str(path), str(narrow)], output=str(out), json=None, epochs=2))
+    policy, _ = pm.load_policy(str(out))
+    assert policy.config.obs_widths == (8, 6) and policy.config.obs_dim == 14
+    train_draft.main(draft_args(out, tmp_path / "d.pt", "--k", "2", "--epochs", "1", "--hidden", "16",
+                                "--source", "obs", "--threads", "1"))
+    tok, _ = load_tokenizer(str(d / "tok.pt"))
+    engine = RSDEngine(policy, tok)
+    seen = []
+    act = engine.act
+    engine.act = lambda x, *a: (seen.append(x.copy()), act(x, *a))[1]
+    ep_policy = EnginePolicy(engine, EngineConfig("dense"), replan_steps=5, seed=0)
+    ep_policy.reset(FakeEnv().task, np.random.default_rng(0))
+    obs = {"robot0_proprio-state": np.full(8, 0.5, np.float32), "object-state": np.arange(1, 5, dtype=np.float32)}
+    ep_policy.act(obs)
+    np.testing.assert_array_equal(seen[0], [0.5] * 8 + [1, 2, 3, 4, 0, 0])
+    with pytest.raises(ValueError, match="'object-state' has 7 values, more than the 6"):
+        ep_policy.act({**obs, "object-state": np.zeros(7, np.float32)})
