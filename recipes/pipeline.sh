@@ -19,6 +19,11 @@ NOISE=${NOISE:-0.3}                      # the expert's variation
 # unset: the 16-code MLP RVQ of the current best result; set but empty: train_rvq_tokenizer.py's default
 TOKENIZER_FLAGS=${TOKENIZER_FLAGS---encoder mlp --latent_steps 3 --codebook_size 16 --epochs 20 --batch_size 256 --lr 2e-3}
 POLICY_LAYERS=${POLICY_LAYERS:-}           # the policy predicts the tokenizer's first N layers; empty: all
+# what the policy reads: the robot, the movable objects and, in the suites whose tasks play in several
+# scenes with articulated fixtures (drawers, the stove's knob, the microwave's door), the fixtures'
+# positions and joints (libero_goal's one scene: the same success without them, see RESULTS.md)
+case $SUITE in libero_10|libero_90) fixture=" fixture-state" ;; *) fixture="" ;; esac
+OBS_KEYS=${OBS_KEYS:-robot0_proprio-state object-state$fixture}
 POLICY_EPOCHS=${POLICY_EPOCHS:-18}
 ROUNDS=${ROUNDS:-3}                      # DAgger rounds, each fine-tuning the previous round's policy
 TAKEOVER_EPISODES=${TAKEOVER_EPISODES:-30}   # per task and seed, two seeds per round
@@ -57,7 +62,7 @@ step "$OUT/tokenizer.pt" $PY train_rvq_tokenizer.py --data "$OUT/demos.hdf5" $TO
   --output "$OUT/tokenizer.pt" --json "$OUT/tokenizer.json"
 layers=(); [ -n "$POLICY_LAYERS" ] && layers=(--num_layers "$POLICY_LAYERS")
 step "$OUT/policy0.pt" $PY train_policy.py --data "$OUT/demos.hdf5" --tokenizer "$OUT/tokenizer.pt" "${layers[@]}" \
-  --epochs "$POLICY_EPOCHS" --output "$OUT/policy0.pt" --json "$OUT/policy0.json"
+  --obs_keys $OBS_KEYS --epochs "$POLICY_EPOCHS" --output "$OUT/policy0.pt" --json "$OUT/policy0.json"
 
 # DAgger: in round r the policy of round r-1 drives from the training init states and the scripted
 # expert takes over (two seeds); the new policy fine-tunes it on the demos and every takeover so far.
@@ -71,7 +76,7 @@ for r in $(seq 1 "$ROUNDS"); do
     takeovers+=("$OUT/takeover_s$s.hdf5")
   done
   step "$OUT/policy$r.pt" $PY train_policy.py --data "$OUT/demos.hdf5" "${takeovers[@]}" --tokenizer "$OUT/tokenizer.pt" \
-    "${layers[@]}" --init "$OUT/policy$((r - 1)).pt" --epochs "$ROUND_EPOCHS" --lr "$ROUND_LR" --output "$OUT/policy$r.pt" \
+    "${layers[@]}" --obs_keys $OBS_KEYS --init "$OUT/policy$((r - 1)).pt" --epochs "$ROUND_EPOCHS" --lr "$ROUND_LR" --output "$OUT/policy$r.pt" \
     --json "$OUT/policy$r.json"
 done
 POLICY="$OUT/policy$ROUNDS.pt"

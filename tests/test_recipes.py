@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import policy_models as pm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUTS = ["demos.hdf5", "tokenizer.pt", "policy0.pt", "takeover_s0.hdf5", "takeover_s1.hdf5", "policy1.pt",
            "rollouts.hdf5", "draft.pt", "heads.pt", "stop.pt", "heldout.hdf5", "bench.json", "eval_s0.json"]
@@ -66,6 +68,8 @@ def test_suites_recipe_sets_every_suite_and_the_expert_in_one_table_and_resumes(
         assert table["modes"]["dense"][suite]["trials"] == 2 and not table["modes"]["dense"][suite]["all_tasks"]
         assert table["expert"][suite]["trials"] == 1
         assert table["runs"][suite] == str(tmp_path / suite / "eval_s0.json")
+    for suite in table["suites"]:  # fixture-state is added for libero_10 and libero_90 only
+        assert pm.load_policy(str(tmp_path / suite / "policy0.pt"))[0].config.obs_keys == pm.DEFAULT_OBS_KEYS
     assert "scripted expert" in first.stdout and "from camera images" in first.stdout
     second = run_suites(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
