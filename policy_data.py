@@ -38,16 +38,16 @@ def fixture_names(obs: dict) -> list[str]:
                   and f"{k[:-len('_quat')]}_pos" in obs and f"{k[:-len('_quat')]}_to_robot0_eef_pos" not in obs)
 
 
-def fixture_state(obs: dict) -> np.ndarray:
-    """``FIXTURE_STATE`` of an episode's obs [N, ...] -> [N, F] (or of one step's obs -> [F])."""
-    names = fixture_names(obs)
-    if not names:
-        raise KeyError(f"observation key {FIXTURE_STATE!r}: the observation has no fixture keys "
-                       "(<fixture>_pos, _quat, _qpos); collect_actions.py records them for libero_goal, "
-                       "libero_10 and libero_90")
-    parts = [np.asarray(obs[f"{n}{suffix}"], dtype=np.float32) for n in names for suffix in ("_pos", "_qpos")
-             if f"{n}{suffix}" in obs]
-    return np.concatenate(parts, -1)
+def fixture_state(obs: dict) -> np.ndarray | None:
+    """``FIXTURE_STATE`` of an episode's obs [N, ...] -> [N, F] (or of one step's obs -> [F]); None
+    for a scene without fixtures (half of libero_10's) or an observation recorded without them."""
+    parts = [np.asarray(obs[f"{n}{suffix}"], dtype=np.float32) for n in fixture_names(obs)
+             for suffix in ("_pos", "_qpos") if f"{n}{suffix}" in obs]
+    return np.concatenate(parts, -1) if parts else None
+
+
+def _key_values(obs: dict, key: str) -> np.ndarray | None:
+    return np.asarray(obs[key], dtype=np.float32) if key in obs else fixture_state(obs)
 
 
 def obs_vector(obs: dict, keys, step: int | slice | None = None, widths=()) -> np.ndarray:
@@ -59,9 +59,16 @@ def obs_vector(obs: dict, keys, step: int | slice | None = None, widths=()) -> n
     missing = [k for k in keys if k not in obs and k != FIXTURE_STATE]
     if missing:
         raise KeyError(f"observation keys {missing} are missing (have: {sorted(obs)[:12]}...)")
-    parts = [np.asarray(obs[k] if k in obs else fixture_state(obs), dtype=np.float32) for k in keys]
+    parts = [_key_values(obs, k) for k in keys]
     if step is not None:
-        parts = [p[step] for p in parts]
+        parts = [None if p is None else p[step] for p in parts]
+    if any(p is None for p in parts):  # no fixtures: no values (zero-padded to the key's width below)
+        ref = next((p for p in parts if p is not None), None)
+        if ref is None:
+            raise KeyError(f"observation keys {list(keys)}: {FIXTURE_STATE!r} alone, and the observation has no "
+                           "fixtures; give it with another key")
+        lead = ref.shape[:-1] if ref.ndim > 1 else ()
+        parts = [np.zeros((*lead, 0), np.float32) if p is None else p for p in parts]
     if widths:
         parts = [_pad_last(p, w, k) for p, w, k in zip(parts, widths, keys)]
     lead = parts[0].shape[:-1] if parts[0].ndim > 1 else ()
@@ -77,8 +84,18 @@ def _pad_last(x: np.ndarray, width: int, key: str) -> np.ndarray:
 
 def obs_widths(episodes, keys) -> tuple[int, ...]:
     """Per key, the most values any episode's observation has: the widths ``obs_vector`` pads to
-    (the suites whose tasks play in different scenes, e.g. libero_10, differ in object count)."""
-    return tuple(max(obs_vector(ep.obs, [k], step=0).shape[-1] for ep in episodes) for k in keys)
+    (the suites whose tasks play in different scenes, e.g. libero_10, differ in object count). A key
+    without a value in any episode (``FIXTURE_STATE`` where no scene has fixtures) is an error."""
+    widths = []
+    for k in keys:
+        parts = [_key_values(ep.obs, k) for ep in episodes]
+        w = max((p.shape[-1] for p in parts if p is not None), default=0)
+        if w == 0:
+            raise ValueError(f"observation key {k!r} has no values in any episode (a {FIXTURE_STATE!r} of data "
+                             "recorded without fixtures: collect_actions.py records them for libero_goal, "
+                             "libero_10 and libero_90)")
+        widths.append(int(w))
+    return tuple(widths)
 
 
 def action_history(actions: np.ndarray, h: int) -> np.ndarray:

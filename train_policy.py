@@ -207,7 +207,7 @@ def load_data(args, tokenizer, init_ckpt: dict | None = None, num_layers: int | 
         if unknown:
             raise ValueError(f"--init {args.init!r} was trained without the instruction(s) {unknown} "
                              f"found in {args.data}")
-    # scenes with fewer objects or fixtures are zero-padded to the widest (libero_10's tasks play in 6 scenes)
+    # scenes with fewer objects or fixtures are zero-padded to the widest (libero_10's tasks play in 9 scenes)
     widths = tuple(init_ckpt["config"].get("obs_widths", ())) if init_ckpt else obs_widths(episodes, args.obs_keys)
     kw = dict(targets=args.targets, history=args.action_history, num_layers=num_layers, widths=widths)
     train = build_dataset(train_eps, tokenizer, args.obs_keys, instructions, **kw)

@@ -293,7 +293,8 @@ def test_one_cycle_schedule_is_the_usual_one_and_survives_short_runs():
 def test_fixture_state_holds_each_fixtures_position_and_joints_in_name_order():
     """"fixture-state": fixtures sorted by name, position then joints; objects (they have a
     _to_robot0_eef_pos), regions (no _quat) and the robot are not fixtures."""
-    from policy_data import FIXTURE_STATE, fixture_names, obs_vector
+    from types import SimpleNamespace
+    from policy_data import FIXTURE_STATE, fixture_names, obs_vector, obs_widths
     n = 4
     obs = {"robot0_eef_pos": np.zeros((n, 3)), "robot0_eef_quat": np.zeros((n, 4)),
            "bowl_1_pos": np.ones((n, 3)), "bowl_1_quat": np.ones((n, 4)),
@@ -312,8 +313,16 @@ def test_fixture_state_holds_each_fixtures_position_and_joints_in_name_order():
     np.testing.assert_array_equal(obs_vector(one_step, ["robot0_eef_pos", FIXTURE_STATE]), x[2])
     recorded = {**obs, FIXTURE_STATE: np.full((n, 2), 7.0)}  # a recorded key is read as it is
     np.testing.assert_array_equal(obs_vector(recorded, [FIXTURE_STATE]), 7.0)
+    # a scene without fixtures (half of libero_10's) has no values: zeros up to the key's width
     no_fixtures = {k: v for k, v in obs.items() if "cabinet" not in k and "stove" not in k}
-    with pytest.raises(KeyError, match="fixture-state.*no fixture keys"):
+    keys = ["robot0_eef_pos", FIXTURE_STATE]
+    np.testing.assert_array_equal(obs_vector(no_fixtures, keys, widths=(3, 7)), np.zeros((n, 10)))
+    live = {k: v[0] for k, v in no_fixtures.items()}
+    np.testing.assert_array_equal(obs_vector(live, keys, widths=(3, 7)), np.zeros(10))
+    assert obs_widths([SimpleNamespace(obs=obs), SimpleNamespace(obs=no_fixtures)], keys) == (3, 10)
+    with pytest.raises(ValueError, match="'fixture-state' has no values in any episode"):
+        obs_widths([SimpleNamespace(obs=no_fixtures)], keys)
+    with pytest.raises(KeyError, match="'fixture-state' alone"):
         obs_vector(no_fixtures, [FIXTURE_STATE])
 
 
