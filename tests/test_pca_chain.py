@@ -54,7 +54,7 @@ def test_the_chain_runs_on_a_pca_tokenizer_with_a_policy_of_its_first_layers(tra
     assert ckpt["provenance"]["args"]["num_layers"] == POLICY_LAYERS
     assert len(result["val_token_accuracy"]) == POLICY_LAYERS
     # the policy was trained on the first 4 layers of the tokenizer's codes of the chunks
-    train_eps, _, data, _, _ = train_policy.load_data(policy_args(d, path), tok, num_layers=POLICY_LAYERS)
+    train_eps, _, data, _, _, _ = train_policy.load_data(policy_args(d, path), tok, num_layers=POLICY_LAYERS)
     assert data.codes.shape[1:] == (2, POLICY_LAYERS)
     assert torch.equal(data.codes[:50], tok.encode(data.actions[:50])[..., :POLICY_LAYERS])
     assert pm.load_draft(str(draft), policy_path)[0].config.num_layers == 3
